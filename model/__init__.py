@@ -1,0 +1,22 @@
+"""tcnserve's model layer: the paper's TCN and a batched ring-buffer streaming engine.
+
+Pure PyTorch; never imports the service.
+"""
+
+from model.checkpoint import load_model, read_checkpoint_info, save_model
+from model.config import TCNConfig
+from model.streaming import PoolFullError, SlotError, StateMismatchError, StreamPool
+from model.tcn import TCN, TemporalBlock
+
+__all__ = [
+    "TCN",
+    "PoolFullError",
+    "SlotError",
+    "StateMismatchError",
+    "StreamPool",
+    "TCNConfig",
+    "TemporalBlock",
+    "load_model",
+    "read_checkpoint_info",
+    "save_model",
+]

@@ -1,0 +1,65 @@
+"""Checkpoints: config.json + model.safetensors. Loading never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import TCNConfig
+from model.tcn import TCN
+
+CHECKPOINT_FORMAT = "tcnserve/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_model(net: TCN, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the folded inference weights and the config (plus free-form metadata) to a dir."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.folded_state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+    doc = {"format": CHECKPOINT_FORMAT, "config": net.config.to_dict(), "metadata": metadata or {}}
+    (out / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+def read_checkpoint_info(directory: str | Path) -> tuple[TCNConfig, dict[str, Any]]:
+    """The config and metadata of a checkpoint, without loading weights."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} in {directory}: not a tcnserve checkpoint"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint config")
+    try:
+        config = TCNConfig.from_dict(doc["config"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: invalid config: {e}") from None
+    return config, dict(doc.get("metadata") or {})
+
+
+def load_model(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> TCN:
+    """A ready model: weight norm folded, eval mode, on `device` (and `dtype` if given)."""
+    config, _ = read_checkpoint_info(directory)
+    net = TCN(config).fold_weight_norm()
+    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory}: weights do not match config.json "
+            f"(missing: {sorted(missing)}, unexpected: {sorted(unexpected)})"
+        )
+    net = net.to(device=device, dtype=dtype) if dtype is not None else net.to(device)
+    return net.eval().requires_grad_(False)

@@ -1,0 +1,100 @@
+"""TCNConfig: the frozen description of a TCN, stored inside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "softmax", "log_softmax")
+
+
+@dataclass(frozen=True)
+class TCNConfig:
+    """Architecture of a TCN (Bai, Kolter & Koltun 2018); see `receptive_field`."""
+
+    in_channels: int
+    channels: tuple[int, ...]
+    kernel_size: int = 2
+    dilations: tuple[int, ...] | None = None  # default: 2**i for block i
+    dropout: float = 0.0  # training only; inference ignores it
+    out_channels: int | None = None  # optional per-timestep linear head
+    output_activation: str = "none"
+    vocab_size: int | None = None  # token-id input through an embedding of width in_channels
+
+    def __post_init__(self) -> None:
+        # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
+        object.__setattr__(self, "channels", _int_tuple("channels", self.channels))
+        if self.dilations is None:
+            object.__setattr__(self, "dilations", tuple(2**i for i in range(len(self.channels))))
+        else:
+            object.__setattr__(self, "dilations", _int_tuple("dilations", self.dilations))
+        _check_int("in_channels", self.in_channels, minimum=1)
+        _check_int("kernel_size", self.kernel_size, minimum=1)
+        if not self.channels:
+            raise ValueError("channels must list at least one TemporalBlock width, e.g. [64, 64]")
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must all be >= 1, got {list(self.channels)}")
+        if len(self.dilations) != len(self.channels):
+            raise ValueError(
+                f"dilations has {len(self.dilations)} entries but channels has "
+                f"{len(self.channels)}: give one dilation per TemporalBlock"
+            )
+        if any(d < 1 for d in self.dilations):
+            raise ValueError(f"dilations must all be >= 1, got {list(self.dilations)}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.out_channels is not None:
+            _check_int("out_channels", self.out_channels, minimum=1)
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; "
+                f"got {self.output_activation!r}"
+            )
+        if self.vocab_size is not None:
+            _check_int("vocab_size", self.vocab_size, minimum=1)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.channels)
+
+    @property
+    def output_size(self) -> int:
+        """Channels of the per-timestep output."""
+        return self.out_channels if self.out_channels is not None else self.channels[-1]
+
+    @property
+    def receptive_field(self) -> int:
+        """Inputs that influence one output: 1 + 2 (k - 1) * sum(dilations)."""
+        return 1 + 2 * (self.kernel_size - 1) * sum(self.dilations)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        d["dilations"] = list(self.dilations)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TCNConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TCNConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _int_tuple(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of integers, got {values!r}")
+    out = tuple(values)  # type: ignore[arg-type]
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be a list of integers, got {list(out)!r}")
+    return out

@@ -1,0 +1,383 @@
+"""StreamPool: many streams of one TCN advanced together from preallocated ring buffers.
+
+Layout. Every causal conv layer (kernel k, dilation d) owns one ring tensor of shape
+(capacity * L, C_in) with L = (k - 1) * d + 1: for each slot, L time-major rows of C_in
+contiguous values, the layer's whole receptive window (the current input and the (k-1)*d before
+it). The input of time t lives at row `slot * L + t % L`. A step first writes the new row, then
+gathers the k dilated taps `t - j*d` with one index op: each tap is a contiguous run of C_in
+values, so the gather reads k short contiguous rows per stream. A channel-major layout
+(C_in, L) would need C_in strided reads per tap instead. Keeping the current input in the ring
+(L rather than (k-1)*d rows) lets the k taps feed a single (N, k*C_in) x (k*C_in, C_out) matmul
+without a concatenation; rows of times before 0 are the zeros the ring starts with, which is the
+full forward's left padding.
+
+Per step the host only does bookkeeping (which slots are open, their positions); all index
+arithmetic runs on the pool's device, so a step issues a fixed number of kernels per layer and
+never waits on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.tcn import TCN, apply_output_activation
+
+STATE_FORMAT = "tcnserve.stream-state/1"
+
+
+class PoolFullError(RuntimeError):
+    """No free slot is left in the pool."""
+
+
+class SlotError(ValueError):
+    """A slot is unknown, closed, or named twice in one call."""
+
+
+class StateMismatchError(ValueError):
+    """An exported state does not belong to this pool's model."""
+
+
+@dataclass(frozen=True)
+class _CausalLayer:
+    """One dilated causal conv, in the two forms the pool uses."""
+
+    conv_weight: torch.Tensor  # (C_out, C_in, k): chunked pushes run F.conv1d
+    step_weight: torch.Tensor  # (k * C_in, C_out): taps oldest first, for one addmm per step
+    bias: torch.Tensor  # (C_out,)
+    dilation: int
+    ring: torch.Tensor  # (capacity * L, C_in)
+    ring_len: int  # L = (k - 1) * d + 1
+    history: torch.Tensor  # (L - 1,) offsets -(L-1) .. -1 for reading the ring in time order
+
+
+@dataclass(frozen=True)
+class _Block:
+    conv1: _CausalLayer
+    conv2: _CausalLayer
+    downsample: tuple[torch.Tensor, torch.Tensor] | None  # (C_in, C_out) weight, bias
+
+
+class StreamPool:
+    """A fixed number of stream slots of one model on one device.
+
+    Not thread-safe: drive it from one thread (the service's model worker does).
+    """
+
+    def __init__(
+        self,
+        net: TCN,
+        capacity: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        ref = next(net.parameters())
+        self.device = torch.device(device) if device is not None else ref.device
+        self.dtype = dtype if dtype is not None else ref.dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
+        self.config = net.config
+        self.capacity = capacity
+        self.fingerprint = _fingerprint(net)
+        self._open = np.zeros(capacity, dtype=bool)
+        self._positions = np.zeros(capacity, dtype=np.int64)
+        self._free = list(range(capacity - 1, -1, -1))  # a stack: open() pops the lowest slot
+        with torch.no_grad():
+            self._build(net)
+
+    def _build(self, net: TCN) -> None:
+        cfg, dev, dt = self.config, self.device, self.dtype
+        k = cfg.kernel_size
+
+        def layer(conv: torch.nn.Conv1d, dilation: int) -> _CausalLayer:
+            w = conv.weight.detach().to(dev, dt)  # (C_out, C_in, k); folds weight norm if present
+            c_out, c_in, _ = w.shape
+            ring_len = (k - 1) * dilation + 1
+            return _CausalLayer(
+                conv_weight=w.contiguous(),
+                step_weight=w.permute(2, 1, 0).reshape(k * c_in, c_out).contiguous(),
+                bias=conv.bias.detach().to(dev, dt).contiguous(),
+                dilation=dilation,
+                ring=torch.zeros(self.capacity * ring_len, c_in, device=dev, dtype=dt),
+                ring_len=ring_len,
+                history=torch.arange(1 - ring_len, 0, device=dev),
+            )
+
+        blocks = []
+        for block, dilation in zip(net.blocks, cfg.dilations, strict=True):
+            ds = None
+            if block.downsample is not None:
+                ds = (
+                    block.downsample.weight.detach()[:, :, 0].T.to(dev, dt).contiguous(),
+                    block.downsample.bias.detach().to(dev, dt),
+                )
+            blocks.append(_Block(layer(block.conv1, dilation), layer(block.conv2, dilation), ds))
+        self._blocks: tuple[_Block, ...] = tuple(blocks)
+        self._layers = tuple(layer for b in blocks for layer in (b.conv1, b.conv2))
+        # Per layer: how far back each tap reaches (oldest first), and the ring length.
+        dilations = torch.tensor([[layer.dilation] for layer in self._layers])  # (layers, 1)
+        self._tap_offsets = (dilations * torch.arange(k - 1, -1, -1))[:, None, :].to(dev)
+        lengths = torch.tensor([layer.ring_len for layer in self._layers])[:, None]
+        self._ring_lengths = lengths.to(dev)  # (layers, 1)
+        self._tap_lengths = lengths[:, :, None].to(dev)  # (layers, 1, 1)
+        self._embedding = (
+            net.embedding.weight.detach().to(dev, dt) if net.embedding is not None else None
+        )
+        self._head = None
+        if net.head is not None:
+            self._head = (
+                net.head.weight.detach().T.to(dev, dt).contiguous(),
+                net.head.bias.detach().to(dev, dt),
+            )
+
+    # ----- slot bookkeeping ------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Open streams."""
+        return self.capacity - len(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def state_bytes_per_stream(self) -> int:
+        """Bytes of ring buffer one stream holds: sum over conv layers of L * C_in values."""
+        return sum(layer.ring_len * layer.ring.shape[1] for layer in self._layers) * (
+            torch.finfo(self.dtype).bits // 8
+        )
+
+    def open(self) -> int:
+        """A fresh slot at position 0 (its state equals the full forward's zero padding)."""
+        if not self._free:
+            raise PoolFullError(f"all {self.capacity} stream slots are in use")
+        slot = self._free.pop()
+        self._clear(slot)
+        self._open[slot] = True
+        return slot
+
+    def close(self, slot: int) -> None:
+        self._check_slot(slot)
+        self._open[slot] = False
+        self._free.append(slot)
+
+    def reset(self, slot: int) -> None:
+        """Back to position 0, as if just opened."""
+        self._check_slot(slot)
+        self._clear(slot)
+
+    def position(self, slot: int) -> int:
+        """Timesteps this stream has consumed."""
+        self._check_slot(slot)
+        return int(self._positions[slot])
+
+    def is_open(self, slot: int) -> bool:
+        return (
+            isinstance(slot, (int, np.integer))
+            and 0 <= slot < self.capacity
+            and bool(self._open[slot])
+        )
+
+    def _clear(self, slot: int) -> None:
+        for layer in self._layers:
+            layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].zero_()
+        self._positions[slot] = 0
+
+    def _check_slot(self, slot: int) -> None:
+        if not self.is_open(slot):
+            raise SlotError(f"slot {slot!r} is not an open stream of this pool")
+
+    def _slot_array(self, slots: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(slots, torch.Tensor):
+            slots = slots.detach().cpu().numpy()
+        arr = np.asarray(slots)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            raise SlotError(f"slots must be a non-empty 1-D sequence of ints, got {arr!r}")
+        arr = arr.astype(np.int64, copy=False)
+        bad = (arr < 0) | (arr >= self.capacity)
+        if not bad.any():
+            bad = ~self._open[arr]
+        if bad.any():
+            raise SlotError(f"slots {arr[bad].tolist()} are not open streams of this pool")
+        if np.unique(arr).size != arr.size:
+            raise SlotError("a slot appears more than once in one step; push its rows in order")
+        return arr
+
+    # ----- inputs ----------------------------------------------------------------------------
+
+    def _rows(
+        self, x: torch.Tensor | np.ndarray | Sequence, n: int | None, what: str
+    ) -> torch.Tensor:
+        """Validate (n, in_channels) floats or (n,) token ids and move them to the device."""
+        x = torch.as_tensor(x)
+        cfg = self.config
+        if cfg.vocab_size is not None:
+            if x.dim() != 1 or x.dtype not in (torch.int64, torch.int32):
+                raise TypeError(
+                    f"{what}: this model takes (rows,) int64 token ids, "
+                    f"got {tuple(x.shape)} {x.dtype}"
+                )
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
+                raise ValueError(f"{what}: token ids must be in [0, {cfg.vocab_size})")
+        else:
+            if x.dim() != 2 or x.shape[1] != cfg.in_channels:
+                raise ValueError(
+                    f"{what}: expected shape (rows, {cfg.in_channels}), got {tuple(x.shape)}"
+                )
+            if not x.is_floating_point():
+                raise TypeError(f"{what}: expected floating-point rows, got {x.dtype}")
+            if not _all_finite(x):
+                raise ValueError(f"{what}: inputs must be finite (no NaN or Inf)")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what}: no rows given")
+        if n is not None and x.shape[0] != n:
+            raise ValueError(f"{what}: {x.shape[0]} rows for {n} slots")
+        if cfg.vocab_size is not None:
+            return x.to(self.device, torch.int64, non_blocking=True)
+        return x.to(self.device, self.dtype, non_blocking=True)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self._embedding) if self._embedding is not None else x
+
+    def _finish(self, h: torch.Tensor) -> torch.Tensor:  # (rows, C) -> (rows, out)
+        if self._head is not None:
+            h = torch.addmm(self._head[1], h, self._head[0])
+        return apply_output_activation(h, self.config.output_activation, dim=-1)
+
+    # ----- the hot paths ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(
+        self, slots: Sequence[int] | np.ndarray | torch.Tensor, x: torch.Tensor | np.ndarray
+    ) -> torch.Tensor:
+        """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
+        slot_np = self._slot_array(slots)
+        h = self._embed(self._rows(x, slot_np.size, "step"))
+        n = slot_np.size
+        where = torch.from_numpy(np.stack([slot_np, self._positions[slot_np]])).to(
+            self.device, non_blocking=True
+        )  # (2, N): slot, time
+        s, t = where[0], where[1]
+        # Ring rows for every layer at once, so each layer below reads a contiguous view.
+        base = s * self._ring_lengths  # (layers, N)
+        writes = torch.remainder(t, self._ring_lengths).add_(base).unbind(0)  # layers x (N,)
+        taps = (
+            torch.remainder(t[:, None] - self._tap_offsets, self._tap_lengths)
+            .add_(base[:, :, None])
+            .unbind(0)
+        )  # layers x (N, k)
+
+        def conv(i: int, inp: torch.Tensor) -> torch.Tensor:
+            layer = self._layers[i]
+            layer.ring.index_copy_(0, writes[i], inp)  # time t's row, then gather the k taps
+            x_taps = F.embedding(taps[i], layer.ring)  # (N, k, C_in)
+            return torch.addmm(layer.bias, x_taps.view(n, -1), layer.step_weight).relu_()
+
+        for i, block in enumerate(self._blocks):
+            out = conv(2 * i + 1, conv(2 * i, h))
+            if block.downsample is None:
+                h = out.add_(h).relu_()
+            else:
+                h = out.add_(torch.addmm(block.downsample[1], h, block.downsample[0])).relu_()
+        self._positions[slot_np] += 1
+        return self._finish(h)
+
+    @torch.inference_mode()
+    def push(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Advance one stream by a chunk: x (T, in_channels) -> y (T, out), as one batch conv."""
+        self._check_slot(slot)
+        h = self._embed(self._rows(x, None, "push")).T  # (C, T)
+        steps = h.shape[1]
+        t0 = int(self._positions[slot])
+
+        def conv(layer: _CausalLayer, inp: torch.Tensor) -> torch.Tensor:  # (C_in, T)
+            base = slot * layer.ring_len
+            past = layer.ring[base + torch.remainder(t0 + layer.history, layer.ring_len)]
+            seq = torch.cat([past.T, inp], dim=1)  # (C_in, L - 1 + T), oldest first
+            # Keep the L - 1 newest rows; the ring's remaining row is the next step's to write.
+            newest = seq[:, seq.shape[1] - layer.history.numel() :].T
+            when = torch.remainder(t0 + steps + layer.history, layer.ring_len)
+            layer.ring.index_copy_(0, base + when, newest.contiguous())
+            return F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[
+                0
+            ].relu_()  # (C_out, T)
+
+        for block in self._blocks:
+            out = conv(block.conv2, conv(block.conv1, h))
+            if block.downsample is None:
+                h = out.add_(h).relu_()
+            else:
+                res = torch.addmm(block.downsample[1], h.T, block.downsample[0]).T
+                h = out.add_(res).relu_()
+        self._positions[slot] += steps
+        return self._finish(h.T.contiguous())
+
+    # ----- state transfer --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def export_state(self, slot: int) -> dict:
+        """A self-contained copy of one stream's state (CPU tensors plus its position)."""
+        self._check_slot(slot)
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "position": int(self._positions[slot]),
+            "rings": [
+                layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].cpu().clone()
+                for layer in self._layers
+            ],
+        }
+
+    @torch.no_grad()
+    def import_state(self, state: dict) -> int:
+        """Open a slot holding an exported state; refuses a state of another model."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise StateMismatchError(f"not a stream state of format {STATE_FORMAT!r}")
+        if state.get("fingerprint") != self.fingerprint:
+            raise StateMismatchError("this state was exported from a different model")
+        rings, position = state.get("rings"), state.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise StateMismatchError(f"invalid position {position!r}")
+        if not isinstance(rings, (list, tuple)) or len(rings) != len(self._layers):
+            raise StateMismatchError(f"expected {len(self._layers)} ring buffers")
+        for ring, layer in zip(rings, self._layers, strict=True):
+            expected = (layer.ring_len, layer.ring.shape[1])
+            if not isinstance(ring, torch.Tensor) or tuple(ring.shape) != expected:
+                raise StateMismatchError(f"ring buffer shape differs from {expected}")
+            if not ring.is_floating_point():
+                raise StateMismatchError("ring buffers must be floating point")
+        slot = self.open()
+        for ring, layer in zip(rings, self._layers, strict=True):
+            layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].copy_(ring)
+        self._positions[slot] = position
+        return slot
+
+
+def _fingerprint(net: TCN) -> str:
+    """Identifies a model by config and effective weights, so states stay with their model."""
+    digest = hashlib.sha256(repr(sorted(net.config.to_dict().items())).encode())
+    with torch.no_grad():
+        tensors = [net.embedding.weight] if net.embedding is not None else []
+        for block in net.blocks:
+            tensors += [block.conv1.weight, block.conv1.bias, block.conv2.weight, block.conv2.bias]
+            if block.downsample is not None:
+                tensors += [block.downsample.weight, block.downsample.bias]
+        if net.head is not None:
+            tensors += [net.head.weight, net.head.bias]
+        for t in tensors:
+            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # numpy answers in about a microsecond for host rows; torch's reduction costs tens.
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16):
+        return bool(np.isfinite(x.numpy()).all())
+    return bool(torch.isfinite(x).all())

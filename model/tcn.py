@@ -1,0 +1,152 @@
+"""The paper's Temporal Convolutional Network: dilated causal convs in residual blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from model.config import TCNConfig
+
+
+class CausalConv1d(nn.Conv1d):
+    """A dilated conv that sees only the present and the past, via explicit left padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int):
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        self.left_padding = (kernel_size - 1) * dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
+        return super().forward(F.pad(x, (self.left_padding, 0)))
+
+
+class TemporalBlock(nn.Module):
+    """Two weight-normed dilated causal convs (ReLU, dropout) plus a residual connection."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int, dropout: float
+    ):
+        super().__init__()
+        self.conv1 = weight_norm(CausalConv1d(in_channels, out_channels, kernel_size, dilation))
+        self.conv2 = weight_norm(CausalConv1d(out_channels, out_channels, kernel_size, dilation))
+        self.dropout = nn.Dropout(dropout)
+        # 1x1 conv on the residual path only when the channel count changes, as in the paper.
+        self.downsample = (
+            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
+        h = self.dropout(F.relu(self.conv1(x)))
+        h = self.dropout(F.relu(self.conv2(h)))
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.relu(h + residual)
+
+
+class TCN(nn.Module):
+    """A stack of TemporalBlocks with an optional embedding input and per-timestep head."""
+
+    def __init__(self, config: TCNConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = (
+            nn.Embedding(config.vocab_size, config.in_channels)
+            if config.vocab_size is not None
+            else None
+        )
+        widths = (config.in_channels, *config.channels)
+        self.blocks = nn.ModuleList(
+            TemporalBlock(
+                widths[i], widths[i + 1], config.kernel_size, config.dilations[i], config.dropout
+            )
+            for i in range(config.num_blocks)
+        )
+        self.head = (
+            nn.Linear(config.channels[-1], config.out_channels)
+            if config.out_channels is not None
+            else None
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The reference code's N(0, 0.01) init; weight norm then learns the scale.
+        for block in self.blocks:
+            for conv in (block.conv1, block.conv2):
+                with torch.no_grad():
+                    v = torch.randn_like(conv.parametrizations.weight.original1) * 0.01
+                    conv.weight = v  # weight_norm's right-inverse sets g = |v|, v = v
+            if block.downsample is not None:
+                nn.init.normal_(block.downsample.weight, 0.0, 0.01)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, 0.0, 0.01)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.config.receptive_field
+
+    @property
+    def weight_norm_folded(self) -> bool:
+        return not any(parametrize.is_parametrized(b.conv1) for b in self.blocks)
+
+    def fold_weight_norm(self) -> TCN:
+        """Replace g * v / |v| with the plain weight it computes; inference gets one conv."""
+        for block in self.blocks:
+            for conv in (block.conv1, block.conv2):
+                if parametrize.is_parametrized(conv, "weight"):
+                    parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+        return self
+
+    def folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The inference weights (weight norm applied), without changing this module."""
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            if ".parametrizations.weight." not in name:
+                state[name] = tensor
+        for name, module in self.named_modules():
+            if parametrize.is_parametrized(module, "weight"):
+                with torch.no_grad():
+                    state[f"{name}.weight"] = module.weight.detach().clone()
+        return state
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the input and return it as floats, (B, in_channels, T)."""
+        c = self.config
+        if c.vocab_size is not None:
+            if x.dim() != 2 or x.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"this model takes token ids of shape (B, T) int64, got {tuple(x.shape)} "
+                    f"{x.dtype}"
+                )
+            return self.embedding(x).transpose(1, 2)  # (B, T, C) -> (B, C, T)
+        if x.dim() != 3 or x.shape[1] != c.in_channels:
+            raise ValueError(
+                f"expected input of shape (B, {c.in_channels}, T), got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {x.dtype}")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, T) floats or (B, T) token ids -> (B, output_size, T)."""
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        if self.head is not None:
+            h = self.head(h.transpose(1, 2)).transpose(1, 2)  # (B, T, C) -> (B, out, T)
+        return apply_output_activation(h, self.config.output_activation, dim=1)
+
+
+def apply_output_activation(y: torch.Tensor, activation: str, dim: int) -> torch.Tensor:
+    """The config's output activation, taken over the channel dimension `dim`."""
+    if activation == "none":
+        return y
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "tanh":
+        return torch.tanh(y)
+    if activation == "softmax":
+        return torch.softmax(y, dim=dim)
+    if activation == "log_softmax":
+        return torch.log_softmax(y, dim=dim)
+    raise ValueError(f"unknown output activation {activation!r}")

@@ -1,0 +1,1 @@
+"""tcnserve's service layer: FastAPI app, session manager, micro-batcher, CLI."""

@@ -1,0 +1,36 @@
+"""The `tcnserve` command line: each subcommand lives in its own module under commands/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.commands.serve", "start the HTTP/WebSocket server"),
+    "convert": ("service.commands.convert", "convert a locuslab/TCN or pytorch-tcn state_dict"),
+    "train": ("service.commands.train", "train a TCN on one of the paper's synthetic tasks"),
+    "predict": ("service.commands.client", "send a whole sequence file to a server"),
+    "stream": ("service.commands.client", "stream rows to a server session, print outputs"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tcnserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd, name)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `tcnserve` CLI, one module each."""
