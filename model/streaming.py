@@ -30,6 +30,11 @@ from model.tcn import TCN, apply_output_activation
 
 STATE_FORMAT = "tcnserve.stream-state/1"
 
+# addmm with the ReLU fused in (cuBLASLt epilogue on CUDA, one dispatch on CPU).
+_addmm_relu = getattr(torch, "_addmm_activation", None) or (
+    lambda bias, a, w: torch.addmm(bias, a, w).relu_()
+)
+
 
 class PoolFullError(RuntimeError):
     """No free slot is left in the pool."""
@@ -122,11 +127,24 @@ class StreamPool:
         self._blocks: tuple[_Block, ...] = tuple(blocks)
         self._layers = tuple(layer for b in blocks for layer in (b.conv1, b.conv2))
         # Per layer: how far back each tap reaches (oldest first), and the ring length.
-        dilations = torch.tensor([[layer.dilation] for layer in self._layers])  # (layers, 1)
-        self._tap_offsets = (dilations * torch.arange(k - 1, -1, -1))[:, None, :].to(dev)
-        lengths = torch.tensor([layer.ring_len for layer in self._layers])[:, None]
-        self._ring_lengths = lengths.to(dev)  # (layers, 1)
-        self._tap_lengths = lengths[:, :, None].to(dev)  # (layers, 1, 1)
+        dilations = np.array([[layer.dilation] for layer in self._layers])  # (layers, 1)
+        self._tap_offsets_np = (dilations * np.arange(k - 1, -1, -1))[:, None, :]  # (layers,1,k)
+        self._ring_lengths_np = np.array([[layer.ring_len] for layer in self._layers])
+        self._tap_offsets = torch.from_numpy(self._tap_offsets_np).to(dev)
+        self._ring_lengths = torch.from_numpy(self._ring_lengths_np).to(dev)  # (layers, 1)
+        # Flat per-block operands for the step loop: no attribute lookups on the hot path.
+        self._step_plan = tuple(
+            (
+                b.conv1.ring,
+                b.conv1.step_weight,
+                b.conv1.bias,
+                b.conv2.ring,
+                b.conv2.step_weight,
+                b.conv2.bias,
+                b.downsample,
+            )
+            for b in self._blocks
+        )
         self._embedding = (
             net.embedding.weight.detach().to(dev, dt) if net.embedding is not None else None
         )
@@ -253,6 +271,27 @@ class StreamPool:
 
     # ----- the hot paths ---------------------------------------------------------------------
 
+    def _ring_rows(self, slot_np: np.ndarray) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Ring rows for every layer at once: writes[l] (N,) for time t, taps[l] (N, k)."""
+        pos = self._positions[slot_np]
+        if self.device.type == "cpu":  # a few numpy ops beat a dozen torch dispatches here
+            lengths, offsets = self._ring_lengths_np, self._tap_offsets_np
+            base = slot_np * lengths  # (layers, N)
+            writes = torch.from_numpy(pos % lengths + base)
+            taps = torch.from_numpy(
+                (pos[:, None] - offsets) % lengths[:, :, None] + base[:, :, None]
+            )
+        else:  # compute on the device: only 2N integers cross the bus
+            where = torch.from_numpy(np.stack([slot_np, pos])).to(self.device, non_blocking=True)
+            s, t = where[0], where[1]
+            lengths = self._ring_lengths
+            base = s * lengths
+            writes = torch.remainder(t, lengths).add_(base)
+            taps = torch.remainder(t[:, None] - self._tap_offsets, lengths[:, :, None]).add_(
+                base[:, :, None]
+            )
+        return writes.unbind(0), taps.unbind(0)
+
     @torch.inference_mode()
     def step(
         self, slots: Sequence[int] | np.ndarray | torch.Tensor, x: torch.Tensor | np.ndarray
@@ -261,31 +300,15 @@ class StreamPool:
         slot_np = self._slot_array(slots)
         h = self._embed(self._rows(x, slot_np.size, "step"))
         n = slot_np.size
-        where = torch.from_numpy(np.stack([slot_np, self._positions[slot_np]])).to(
-            self.device, non_blocking=True
-        )  # (2, N): slot, time
-        s, t = where[0], where[1]
-        # Ring rows for every layer at once, so each layer below reads a contiguous view.
-        base = s * self._ring_lengths  # (layers, N)
-        writes = torch.remainder(t, self._ring_lengths).add_(base).unbind(0)  # layers x (N,)
-        taps = (
-            torch.remainder(t[:, None] - self._tap_offsets, self._tap_lengths)
-            .add_(base[:, :, None])
-            .unbind(0)
-        )  # layers x (N, k)
-
-        def conv(i: int, inp: torch.Tensor) -> torch.Tensor:
-            layer = self._layers[i]
-            layer.ring.index_copy_(0, writes[i], inp)  # time t's row, then gather the k taps
-            x_taps = F.embedding(taps[i], layer.ring)  # (N, k, C_in)
-            return torch.addmm(layer.bias, x_taps.view(n, -1), layer.step_weight).relu_()
-
-        for i, block in enumerate(self._blocks):
-            out = conv(2 * i + 1, conv(2 * i, h))
-            if block.downsample is None:
-                h = out.add_(h).relu_()
-            else:
-                h = out.add_(torch.addmm(block.downsample[1], h, block.downsample[0])).relu_()
+        writes, taps = self._ring_rows(slot_np)
+        for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(self._step_plan):
+            # Each conv: write time t's row, gather its k dilated taps, one fused matmul + ReLU.
+            ring1.index_copy_(0, writes[2 * i], h)
+            a = _addmm_relu(b1, F.embedding(taps[2 * i], ring1).view(n, -1), w1)
+            ring2.index_copy_(0, writes[2 * i + 1], a)
+            a = _addmm_relu(b2, F.embedding(taps[2 * i + 1], ring2).view(n, -1), w2)
+            residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
+            h = a.add_(residual).relu_()
         self._positions[slot_np] += 1
         return self._finish(h)
 
