@@ -148,6 +148,15 @@ class StreamPool:
         self._embedding = (
             net.embedding.weight.detach().to(dev, dt) if net.embedding is not None else None
         )
+        # The last R - 1 raw inputs of each stream: all a stream's future outputs depend on,
+        # so they rebuild its state anywhere (see `history`). Token models keep the ids.
+        self.history_len = cfg.receptive_field - 1
+        shape = (self.capacity * self.history_len,)
+        if cfg.vocab_size is None:
+            shape += (cfg.in_channels,)
+        self._history = torch.zeros(
+            shape, device=dev, dtype=dt if cfg.vocab_size is None else torch.int64
+        )
         self._head = None
         if net.head is not None:
             self._head = (
@@ -167,17 +176,31 @@ class StreamPool:
 
     @property
     def state_bytes_per_stream(self) -> int:
-        """Bytes of ring buffer one stream holds: sum over conv layers of L * C_in values."""
+        """Bytes of conv ring buffer one stream holds: sum over conv layers of L * C_in values."""
         return sum(layer.ring_len * layer.ring.shape[1] for layer in self._layers) * (
             torch.finfo(self.dtype).bits // 8
         )
 
-    def open(self) -> int:
-        """A fresh slot at position 0 (its state equals the full forward's zero padding)."""
+    @property
+    def history_bytes_per_stream(self) -> int:
+        """Bytes of the input history (last R - 1 raw inputs) one stream keeps."""
+        return self._history[: self.history_len].numel() * self._history.element_size()
+
+    def open(self, position: int = 0) -> int:
+        """A fresh slot: a stream at `position` whose whole past is the zero left padding.
+
+        With position > 0 this is the start of a restore: push the last inputs of the stream
+        being rebuilt (see `history`) and the state equals the original's.
+        """
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+            raise ValueError(f"position must be an integer >= 0, got {position!r}")
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
         if not self._free:
             raise PoolFullError(f"all {self.capacity} stream slots are in use")
         slot = self._free.pop()
         self._clear(slot)
+        self._positions[slot] = position
         self._open[slot] = True
         return slot
 
@@ -206,7 +229,21 @@ class StreamPool:
     def _clear(self, slot: int) -> None:
         for layer in self._layers:
             layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].zero_()
+        self._history[slot * self.history_len : (slot + 1) * self.history_len].zero_()
         self._positions[slot] = 0
+
+    @torch.no_grad()
+    def history(self, slot: int) -> torch.Tensor:
+        """The stream's last min(position, R - 1) inputs, oldest first, on the CPU.
+
+        A TCN's output at t depends on inputs t - R + 1 .. t only, so every future output of
+        this stream is a function of these rows: `open(position - len(rows))` followed by
+        `push(rows)` rebuilds the stream exactly, in any pool of the same model.
+        """
+        self._check_slot(slot)
+        pos, size = int(self._positions[slot]), self.history_len
+        rows = np.arange(pos - min(pos, size), pos) % max(size, 1) + slot * size
+        return self._history[torch.from_numpy(rows).to(self.device)].cpu()
 
     def _check_slot(self, slot: int) -> None:
         if not self.is_open(slot):
@@ -271,9 +308,14 @@ class StreamPool:
 
     # ----- the hot paths ---------------------------------------------------------------------
 
-    def _ring_rows(self, slot_np: np.ndarray) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """Ring rows for every layer at once: writes[l] (N,) for time t, taps[l] (N, k)."""
+    def _ring_rows(self, slot_np: np.ndarray) -> tuple:
+        """Ring rows of one step for every layer at once.
+
+        Returns writes[l] (N,) (time t's row), taps[l] (N, k) and the input-history rows (N,)
+        (None when the receptive field is 1).
+        """
         pos = self._positions[slot_np]
+        size = self.history_len
         if self.device.type == "cpu":  # a few numpy ops beat a dozen torch dispatches here
             lengths, offsets = self._ring_lengths_np, self._tap_offsets_np
             base = slot_np * lengths  # (layers, N)
@@ -281,6 +323,7 @@ class StreamPool:
             taps = torch.from_numpy(
                 (pos[:, None] - offsets) % lengths[:, :, None] + base[:, :, None]
             )
+            remember = torch.from_numpy(pos % size + slot_np * size) if size else None
         else:  # compute on the device: only 2N integers cross the bus
             where = torch.from_numpy(np.stack([slot_np, pos])).to(self.device, non_blocking=True)
             s, t = where[0], where[1]
@@ -290,7 +333,8 @@ class StreamPool:
             taps = torch.remainder(t[:, None] - self._tap_offsets, lengths[:, :, None]).add_(
                 base[:, :, None]
             )
-        return writes.unbind(0), taps.unbind(0)
+            remember = torch.remainder(t, size).add_(s * size) if size else None
+        return writes.unbind(0), taps.unbind(0), remember
 
     @torch.inference_mode()
     def step(
@@ -298,9 +342,12 @@ class StreamPool:
     ) -> torch.Tensor:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
-        h = self._embed(self._rows(x, slot_np.size, "step"))
+        x = self._rows(x, slot_np.size, "step")
         n = slot_np.size
-        writes, taps = self._ring_rows(slot_np)
+        writes, taps, remember = self._ring_rows(slot_np)
+        if remember is not None:
+            self._history.index_copy_(0, remember, x)
+        h = self._embed(x)
         for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(self._step_plan):
             # Each conv: write time t's row, gather its k dilated taps, one fused matmul + ReLU.
             ring1.index_copy_(0, writes[2 * i], h)
@@ -316,9 +363,15 @@ class StreamPool:
     def push(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Advance one stream by a chunk: x (T, in_channels) -> y (T, out), as one batch conv."""
         self._check_slot(slot)
-        h = self._embed(self._rows(x, None, "push")).T  # (C, T)
-        steps = h.shape[1]
+        x = self._rows(x, None, "push")
+        steps = x.shape[0]
         t0 = int(self._positions[slot])
+        if self.history_len:
+            kept = min(steps, self.history_len)
+            when = np.arange(t0 + steps - kept, t0 + steps) % self.history_len
+            rows = torch.from_numpy(when + slot * self.history_len).to(self.device)
+            self._history.index_copy_(0, rows, x[steps - kept :])
+        h = self._embed(x).T  # (C, T)
 
         def conv(layer: _CausalLayer, inp: torch.Tensor) -> torch.Tensor:  # (C_in, T)
             base = slot * layer.ring_len
@@ -356,6 +409,9 @@ class StreamPool:
                 layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].cpu().clone()
                 for layer in self._layers
             ],
+            "history": self._history[slot * self.history_len : (slot + 1) * self.history_len]
+            .cpu()
+            .clone(),
         }
 
     @torch.no_grad()
@@ -376,10 +432,14 @@ class StreamPool:
                 raise StateMismatchError(f"ring buffer shape differs from {expected}")
             if not ring.is_floating_point():
                 raise StateMismatchError("ring buffers must be floating point")
-        slot = self.open()
+        history = state.get("history")
+        expected = tuple(self._history[: self.history_len].shape)
+        if not isinstance(history, torch.Tensor) or tuple(history.shape) != expected:
+            raise StateMismatchError(f"input history shape differs from {expected}")
+        slot = self.open(position)
         for ring, layer in zip(rings, self._layers, strict=True):
             layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].copy_(ring)
-        self._positions[slot] = position
+        self._history[slot * self.history_len : (slot + 1) * self.history_len].copy_(history)
         return slot
 
 
