@@ -1,0 +1,345 @@
+"""Converters: locuslab/TCN and pytorch-tcn state_dicts into a folded tcnserve TCN.
+
+A state_dict holds weights, not hyperparameters. What it cannot tell is assumed:
+- locuslab/TCN: the dilations (the paper's 2**i unless given).
+- pytorch-tcn 1.2.x: activation='relu', causal=True, the output_activation (pass it), and
+  use_skip_connections=False when all blocks have one width (otherwise its 1x1 convs give it
+  away). input_shape='NLC' only transposes: the converted model takes (B, C, T).
+  Dilations are read from the streaming padding buffers, (k - 1) * dilation steps wide.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from model.checkpoint import save_model
+from model.config import TCNConfig
+from model.tcn import TCN
+
+FORMATS = ("locuslab", "pytorch-tcn")
+WRAPPER_KEYS = ("state_dict", "model_state_dict")
+
+Tensors = dict[str, torch.Tensor]
+
+_BLOCK_KEY = re.compile(r"(.*?)network\.(\d+)\.(.+)")
+# locuslab registers conv1/conv2 twice: as attributes and inside the nn.Sequential `net`.
+_LOCUSLAB_ALIASES = {"conv1": "net.0", "conv2": "net.4"}
+# The paper's wrappers: `linear` (most tasks) or `decoder` (language models) beside `tcn`.
+_LOCUSLAB_HEADS = ("linear", "decoder")
+_LOCUSLAB_EMBEDDING = "encoder"
+# Key fragments that only pytorch-tcn's non-default options create, and the option to name.
+_PYTORCH_TCN_OPTION_KEYS = (
+    ("downsample_skip_connection.", "use_skip_connections=True"),
+    ("embedding_projection_", "embedding_shapes (embeddings)"),
+    ("running_mean", "use_norm='batch_norm'"),
+    ("norm1.", "use_norm='layer_norm'"),
+)
+
+
+def load_state_dict_file(path: str | Path) -> Tensors:
+    """Tensors from a torch.save file (loaded weights-only, never code) or a .safetensors file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise ValueError(f"{path}: not a PyTorch state_dict file: {e}") from None
+        raise ValueError(
+            f"{path}: refusing to unpickle Python objects other than tensors; a whole model "
+            "saved with torch.save(model) must be re-saved as torch.save(model.state_dict())"
+        ) from None
+    except Exception as e:  # torch.load raises KeyError, EOFError, RuntimeError on junk
+        raise ValueError(
+            f"{path}: not a PyTorch state_dict file ({type(e).__name__}: {e})"
+        ) from None
+    return unwrap_state_dict(obj, str(path))
+
+
+def unwrap_state_dict(obj: object, source: str = "input") -> Tensors:
+    """The state_dict itself, or the one a training checkpoint wraps under a known key."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: holds a {type(obj).__name__}, not a state_dict of tensors")
+    wrapped = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+    if len(wrapped) > 1:
+        raise ValueError(f"{source}: ambiguous checkpoint, both {' and '.join(wrapped)} present")
+    state = obj[wrapped[0]] if wrapped else obj
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad or not state:
+        hint = f" (non-tensor entries: {', '.join(bad[:5])})" if bad else ""
+        raise ValueError(f"{source}: not a state_dict of tensors{hint}")
+    return dict(state)
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'locuslab' or 'pytorch-tcn', from the key layout."""
+    pytorch_tcn = any(".parametrizations.weight." in k or ".padder." in k for k in state_dict)
+    locuslab = any(k.endswith((".weight_g", ".weight_v")) for k in state_dict)
+    if pytorch_tcn and locuslab:
+        raise ValueError("state_dict mixes locuslab/TCN and pytorch-tcn keys")
+    if pytorch_tcn:
+        return "pytorch-tcn"
+    if locuslab:
+        return "locuslab"
+    raise ValueError(
+        "unknown state_dict layout: expected locuslab/TCN keys (network.0.conv1.weight_g) or "
+        f"pytorch-tcn keys (network.0.conv1.parametrizations.weight.original0); got "
+        f"{', '.join(list(state_dict)[:4])}, ..."
+    )
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    format: str = "auto",
+    dilations: Sequence[int] | None = None,
+    output_activation: str = "none",
+) -> TCN:
+    """A folded, eval-mode TCN computing what the source model computes."""
+    return _convert(state_dict, format, dilations, output_activation)[0]
+
+
+def convert_file(
+    src: str | Path,
+    dst: str | Path,
+    format: str = "auto",
+    dilations: Sequence[int] | None = None,
+    output_activation: str = "none",
+) -> TCNConfig:
+    """Convert a state_dict file into a tcnserve checkpoint directory; return its config."""
+    state = load_state_dict_file(src)
+    net, fmt, dilations_from = _convert(state, format, dilations, output_activation)
+    metadata = {"source_format": fmt, "source_file": Path(src).name, "dilations": dilations_from}
+    save_model(net, dst, metadata=metadata)
+    return net.config
+
+
+def _convert(
+    state: Mapping[str, torch.Tensor],
+    format: str,
+    dilations: Sequence[int] | None,
+    output_activation: str,
+) -> tuple[TCN, str, str]:
+    fmt = detect_format(state) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be auto, {' or '.join(FORMATS)}; got {format!r}")
+    if fmt == "pytorch-tcn":
+        _refuse_pytorch_tcn_options(state)
+    prefix, blocks, rest = _split_blocks(state)
+    if fmt == "locuslab":
+        convs = [_locuslab_block(i, b) for i, b in enumerate(blocks)]
+        head, embedding = _locuslab_extras(prefix, rest)
+        found: list[int | None] = [None] * len(convs)  # the paper's weights do not record them
+    else:
+        parsed = [_pytorch_tcn_block(i, b) for i, b in enumerate(blocks)]
+        convs, found = [conv for conv, _ in parsed], [dilation for _, dilation in parsed]
+        head, embedding = _pytorch_tcn_extras(prefix, rest), None
+    if dilations is not None:
+        dilations = tuple(dilations)
+        if len(dilations) == len(found) and any(
+            f not in (None, d) for f, d in zip(found, dilations, strict=True)
+        ):
+            raise ValueError(
+                f"dilations {list(dilations)} contradict the padding buffers: {list(found)}"
+            )
+        source = "given"
+    elif any(f is not None for f in found):
+        dilations = tuple(2**i if f is None else f for i, f in enumerate(found))
+        source = "padding buffers"
+    else:
+        source = "default 2**i"
+    return _build(convs, head, embedding, dilations, output_activation), fmt, source
+
+
+def _split_blocks(state: Mapping[str, torch.Tensor]) -> tuple[str, list[Tensors], Tensors]:
+    """The TCN's key prefix, per-block tensors keyed by name within the block, other keys."""
+    prefixes: set[str] = set()
+    blocks: dict[int, Tensors] = {}
+    rest: Tensors = {}
+    for key, tensor in state.items():
+        m = _BLOCK_KEY.fullmatch(key)
+        if m is None:
+            rest[key] = tensor
+            continue
+        prefixes.add(m[1])
+        blocks.setdefault(int(m[2]), {})[m[3]] = tensor
+    if len(prefixes) != 1:
+        found = sorted(prefixes) if prefixes else "none"
+        raise ValueError(
+            f"expected the blocks of one TCN under one 'network.' prefix, found {found}"
+        )
+    if sorted(blocks) != list(range(len(blocks))):
+        raise ValueError(f"block indices must run 0..n-1, got {sorted(blocks)}")
+    return prefixes.pop(), [blocks[i] for i in range(len(blocks))], rest
+
+
+def _fold(g: torch.Tensor, v: torch.Tensor, where: str) -> torch.Tensor:
+    """Weight norm with dim=0: g * v / ||v||, the norm over all but the output channel."""
+    if v.dim() != 3 or g.shape != (v.shape[0], 1, 1):
+        raise ValueError(
+            f"{where}: weight norm g {tuple(g.shape)} / v {tuple(v.shape)}: need dim=0"
+        )
+    g, v = g.float(), v.float()
+    return g * v / torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True)
+
+
+def _take(block: Tensors, name: str, where: str) -> torch.Tensor:
+    if name not in block:
+        raise ValueError(f"{where}: missing {name}")
+    return block.pop(name)
+
+
+def _locuslab_block(i: int, block: Tensors) -> Tensors:
+    where, block, out = f"network.{i}", dict(block), {}
+    for conv, alias in _LOCUSLAB_ALIASES.items():
+        parts = {}
+        for part in ("weight_g", "weight_v", "bias"):
+            a, b = block.pop(f"{conv}.{part}", None), block.pop(f"{alias}.{part}", None)
+            if a is None and b is None:
+                raise ValueError(f"{where}: missing {conv}.{part} (or {alias}.{part})")
+            if a is not None and b is not None and not torch.equal(a, b):
+                raise ValueError(f"{where}: {conv}.{part} and its duplicate {alias}.{part} differ")
+            parts[part] = a if a is not None else b
+        out[f"{conv}.weight"] = _fold(parts["weight_g"], parts["weight_v"], f"{where}.{conv}")
+        out[f"{conv}.bias"] = parts["bias"]
+    return _with_downsample(out, block, where)
+
+
+def _pytorch_tcn_block(i: int, block: Tensors) -> tuple[Tensors, int | None]:
+    where, block, out, pads = f"network.{i}", dict(block), {}, []
+    for conv in ("conv1", "conv2"):
+        if f"{conv}.weight" in block:  # use_norm=None: a plain conv, nothing to fold
+            out[f"{conv}.weight"] = block.pop(f"{conv}.weight")
+        else:
+            g = _take(block, f"{conv}.parametrizations.weight.original0", where)
+            v = _take(block, f"{conv}.parametrizations.weight.original1", where)
+            out[f"{conv}.weight"] = _fold(g, v, where)
+        out[f"{conv}.bias"] = _take(block, f"{conv}.bias", where)
+        buffer = block.pop(f"{conv}.padder.buffer", None)  # streaming state: only its width
+        pads.append(None if buffer is None else buffer.shape[-1])
+    c1, c2 = out["conv1.weight"].shape[0], out["conv2.weight"].shape[0]
+    if c1 == 2 * c2:
+        raise ValueError(f"{where}: conv1 has twice conv2's channels: unsupported use_gate=True")
+    k = out["conv1.weight"].shape[-1]
+    # The buffers hold (k - 1) * dilation past steps; with k = 1 they say nothing.
+    widths = {p for p in pads if p is not None}
+    if len(widths) > 1 or any(k > 1 and p % (k - 1) for p in widths):
+        raise ValueError(f"{where}: padding buffers {pads} do not fit kernel_size {k}")
+    dilation = widths.pop() // (k - 1) if widths and k > 1 else None
+    return _with_downsample(out, block, where), dilation
+
+
+def _with_downsample(out: Tensors, block: Tensors, where: str) -> Tensors:
+    for part in ("weight", "bias"):
+        if f"downsample.{part}" in block:
+            out[f"downsample.{part}"] = block.pop(f"downsample.{part}")
+    if block:
+        raise ValueError(f"{where}: unrecognised keys {', '.join(sorted(block))}")
+    return out
+
+
+def _refuse_pytorch_tcn_options(state: Mapping[str, torch.Tensor]) -> None:
+    found = [opt for frag, opt in _PYTORCH_TCN_OPTION_KEYS if any(frag in k for k in state)]
+    if found:
+        raise ValueError(f"unsupported pytorch-tcn option {', '.join(found)}: only the defaults")
+
+
+def _pytorch_tcn_extras(prefix: str, rest: Tensors) -> Tensors | None:
+    head_prefix = f"{prefix}projection_out."
+    unknown = sorted(k for k in rest if k not in (f"{head_prefix}weight", f"{head_prefix}bias"))
+    if unknown:
+        raise ValueError(f"unrecognised pytorch-tcn keys: {', '.join(unknown)}")
+    return {k.removeprefix(head_prefix): v for k, v in rest.items()} or None
+
+
+def _locuslab_extras(prefix: str, rest: Tensors) -> tuple[Tensors | None, torch.Tensor | None]:
+    # The head and embedding are the TCN's siblings: tcn.network.* beside linear.*.
+    parent = prefix.rstrip(".").rpartition(".")[0]
+    parent = f"{parent}." if parent else ""
+    rest = {k.removeprefix(parent) if k.startswith(parent) else k: v for k, v in rest.items()}
+    embedding = rest.pop(f"{_LOCUSLAB_EMBEDDING}.weight", None)
+    heads = [h for h in _LOCUSLAB_HEADS if f"{h}.weight" in rest]
+    if len(heads) > 1:
+        raise ValueError(f"ambiguous head: both {' and '.join(heads)}")
+    head = {p: rest.pop(f"{heads[0]}.{p}") for p in ("weight", "bias")} if heads else None
+    if rest:
+        raise ValueError(f"unrecognised keys: {', '.join(sorted(rest))}")
+    return head, embedding
+
+
+def _build(
+    convs: list[Tensors],
+    head: Tensors | None,
+    embedding: torch.Tensor | None,
+    dilations: tuple[int, ...] | None,
+    output_activation: str,
+) -> TCN:
+    """Infer the config from tensor shapes, check every shape, and load the weights."""
+    w, head_w = convs[0]["conv1.weight"], (head or {}).get("weight")
+    if w.dim() != 3 or any(c["conv2.weight"].dim() != 3 for c in convs):
+        raise ValueError(f"conv weights must be (out, in, kernel_size), got {tuple(w.shape)}")
+    if head is not None and (head_w is None or head_w.dim() not in (2, 3)):
+        raise ValueError(f"head weight must be (out, channels), got {sorted(head)}")
+    if embedding is not None and embedding.dim() != 2:
+        raise ValueError(f"embedding must be (vocab_size, in_channels), got {embedding.shape}")
+    config = TCNConfig(
+        in_channels=w.shape[1],
+        channels=tuple(c["conv2.weight"].shape[0] for c in convs),
+        kernel_size=w.shape[2],
+        dilations=dilations,
+        out_channels=None if head_w is None else head_w.shape[0],
+        output_activation=output_activation,
+        vocab_size=None if embedding is None else embedding.shape[0],
+    )
+    state: dict[str, Any] = {}
+    widths, k = (config.in_channels, *config.channels), config.kernel_size
+    for i, block in enumerate(convs):
+        c_in, c_out = widths[i], widths[i + 1]
+        want = {
+            "conv1.weight": (c_out, c_in, k),
+            "conv1.bias": (c_out,),
+            "conv2.weight": (c_out, c_out, k),
+            "conv2.bias": (c_out,),
+        }
+        if c_in != c_out:
+            want |= {"downsample.weight": (c_out, c_in, 1), "downsample.bias": (c_out,)}
+        state |= _checked(f"network.{i}", block, want, f"blocks.{i}.")
+    if head is not None:
+        if head_w is not None and head_w.dim() == 3:  # pytorch-tcn's 1x1 conv is a Linear
+            head = {**head, "weight": head_w.squeeze(-1)}
+        want = {"weight": (config.output_size, config.channels[-1]), "bias": (config.output_size,)}
+        state |= _checked("head", head, want, "head.")
+    if embedding is not None:
+        want = {"weight": (config.vocab_size, config.in_channels)}
+        state |= _checked("embedding", {"weight": embedding}, want, "embedding.")
+    net = TCN(config).fold_weight_norm()
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def _checked(where: str, tensors: Tensors, want: dict[str, tuple[int, ...]], to: str) -> Tensors:
+    """`tensors` renamed under `to`, refused unless it holds exactly `want`'s float shapes."""
+    if set(tensors) != set(want):
+        raise ValueError(
+            f"{where}: expected {sorted(want)}, got {sorted(tensors)} (channel counts imply it)"
+        )
+    for name, shape in want.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise ValueError(
+                f"{where}.{name}: expected shape {shape}, got {tuple(t.shape)} {t.dtype}"
+            )
+    return {f"{to}{name}": t.float() for name, t in tensors.items()}

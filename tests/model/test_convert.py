@@ -1,0 +1,253 @@
+"""Converters: each source model's forward is reproduced by the converted, reloaded TCN."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.checkpoint import load_model, read_checkpoint_info
+from model.convert import convert_file, convert_state_dict, detect_format
+from service import cli
+from tests.model.locuslab_reference import (
+    PaperLanguageModel,
+    PaperSequenceModel,
+    PaperTemporalConvNet,
+    randomize_,
+)
+
+pytorch_tcn = pytest.importorskip("pytorch_tcn")
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def inputs(in_channels: int, seed: int, t: int = 48) -> torch.Tensor:
+    return torch.randn(2, in_channels, t, generator=torch.Generator().manual_seed(seed))
+
+
+def converted(tmp_path: Path, state: dict, **kwargs) -> torch.nn.Module:
+    """Save `state` with torch.save, convert the file, and load the checkpoint back."""
+    torch.save(state, tmp_path / "source.pt")
+    convert_file(tmp_path / "source.pt", tmp_path / "ckpt", **kwargs)
+    return load_model(tmp_path / "ckpt")
+
+
+def their_tcn(seed: int, *args, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = randomize_(pytorch_tcn.TCN(*args, **kwargs), seed)
+    for name, buf in net.named_buffers():  # streaming state: must not affect the conversion
+        if name.endswith("padder.buffer"):
+            buf.normal_()
+    return net
+
+
+# --- pytorch-tcn ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num_inputs", "channels", "k", "projection", "dilations"),
+    [
+        (3, [8, 8], 2, None, None),
+        (2, [4, 6, 6], 3, 5, None),
+        (1, [5, 5, 3], 4, 2, None),
+        (4, [6, 4], 5, None, None),
+        (3, [4, 4, 6], 3, 3, [1, 3, 2]),  # non-default dilations: read from the buffers
+    ],
+)
+def test_pytorch_tcn_forward_matches(tmp_path, num_inputs, channels, k, projection, dilations):
+    theirs = their_tcn(
+        0, num_inputs, channels, kernel_size=k, dilations=dilations, output_projection=projection
+    )
+    assert detect_format(theirs.state_dict()) == "pytorch-tcn"
+    ours = converted(tmp_path, theirs.state_dict())
+    assert list(ours.config.channels) == channels
+    assert ours.config.kernel_size == k
+    assert list(ours.config.dilations) == (dilations or [2**i for i in range(len(channels))])
+    assert ours.config.output_size == (projection or channels[-1])
+    x = inputs(num_inputs, seed=1)  # theirs is NCL (input_shape default), like ours
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    _, metadata = read_checkpoint_info(tmp_path / "ckpt")
+    assert metadata["source_format"] == "pytorch-tcn"
+    assert metadata["source_file"] == "source.pt"
+
+
+def test_pytorch_tcn_output_activation_and_safetensors_input(tmp_path):
+    theirs = their_tcn(1, 2, [4, 3], kernel_size=3, output_projection=2, output_activation="tanh")
+    save_file(theirs.state_dict(), str(tmp_path / "w.safetensors"))
+    convert_file(tmp_path / "w.safetensors", tmp_path / "ckpt", output_activation="tanh")
+    x = inputs(2, seed=2)
+    torch.testing.assert_close(load_model(tmp_path / "ckpt")(x), theirs(x), **TOL)
+
+
+def test_pytorch_tcn_without_weight_norm_is_a_plain_conv(tmp_path):
+    theirs = their_tcn(2, 3, [5, 5], kernel_size=2, use_norm=None)
+    x = inputs(3, seed=3)
+    torch.testing.assert_close(converted(tmp_path, theirs.state_dict())(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"use_skip_connections": True}, "use_skip_connections"),
+        ({"use_gate": True}, "use_gate"),
+        ({"use_norm": "batch_norm"}, "batch_norm"),
+        ({"use_norm": "layer_norm"}, "layer_norm"),
+        ({"embedding_shapes": [(3,)]}, "embedding_shapes"),
+    ],
+)
+def test_pytorch_tcn_unsupported_options_are_refused(kwargs, option):
+    theirs = pytorch_tcn.TCN(2, [4, 6], kernel_size=3, **kwargs)
+    with pytest.raises(ValueError, match=option):
+        convert_state_dict(theirs.state_dict())
+
+
+def test_pytorch_tcn_dilations_that_contradict_the_buffers_are_refused():
+    theirs = pytorch_tcn.TCN(2, [4, 4], kernel_size=3)
+    with pytest.raises(ValueError, match="contradict the padding buffers"):
+        convert_state_dict(theirs.state_dict(), dilations=[1, 4])
+
+
+# --- locuslab/TCN ---------------------------------------------------------------------------
+
+
+def test_locuslab_bare_network_matches_with_or_without_duplicate_keys(tmp_path):
+    theirs = randomize_(PaperTemporalConvNet(3, [6, 6, 4], kernel_size=2), seed=3)
+    state = theirs.state_dict()
+    assert "network.0.net.0.weight_g" in state and "network.0.conv1.weight_g" in state
+    assert detect_format(state) == "locuslab"
+    x = inputs(3, seed=4)
+    torch.testing.assert_close(converted(tmp_path, state)(x), theirs(x), **TOL)
+    one_copy = {k: v for k, v in state.items() if ".net." not in k}
+    torch.testing.assert_close(convert_state_dict(one_copy)(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize(("channels", "k"), [([5, 8], 3), ([4, 4, 4], 5)])
+def test_locuslab_wrapper_with_prefix_and_linear_head_matches(tmp_path, channels, k):
+    theirs = randomize_(PaperSequenceModel(2, channels, k, out=3), seed=5)
+    assert "tcn.network.0.conv1.weight_v" in theirs.state_dict()
+    ours = converted(tmp_path, theirs.state_dict())
+    assert ours.config.out_channels == 3
+    x = inputs(2, seed=6)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    _, metadata = read_checkpoint_info(tmp_path / "ckpt")
+    assert metadata == {
+        "source_format": "locuslab",
+        "source_file": "source.pt",
+        "dilations": "default 2**i",
+    }
+
+
+def test_locuslab_custom_dilations(tmp_path):
+    theirs = randomize_(PaperTemporalConvNet(2, [4, 4, 4], 3, dilations=[1, 3, 5]), seed=7)
+    ours = converted(tmp_path, theirs.state_dict(), dilations=(1, 3, 5))
+    assert ours.config.dilations == (1, 3, 5)
+    assert ours.receptive_field == 1 + 2 * 2 * 9
+    x = inputs(2, seed=8, t=80)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+def test_locuslab_language_model_with_tied_decoder(tmp_path):
+    theirs = randomize_(PaperLanguageModel(vocab=11, emb=6, channels=[8, 6], kernel_size=2), 9)
+    ours = converted(tmp_path, theirs.state_dict())
+    assert ours.config.vocab_size == 11 and ours.config.out_channels == 11
+    tokens = torch.randint(0, 11, (2, 40), generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(ours(tokens), theirs(tokens), **TOL)
+
+
+def test_locuslab_duplicates_that_differ_are_refused():
+    state = PaperTemporalConvNet(2, [4], kernel_size=2).state_dict()
+    state["network.0.net.4.bias"] = state["network.0.net.4.bias"] + 1.0
+    with pytest.raises(ValueError, match=r"conv2\.bias and its duplicate net\.4\.bias differ"):
+        convert_state_dict(state)
+
+
+# --- files and errors -----------------------------------------------------------------------
+
+
+def test_a_wrapped_training_checkpoint_is_unwrapped(tmp_path):
+    theirs = randomize_(PaperTemporalConvNet(2, [4], kernel_size=2), seed=11)
+    ours = converted(tmp_path, {"epoch": 3, "model_state_dict": theirs.state_dict()})
+    x = inputs(2, seed=12)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ([1, 2, 3], "holds a list, not a state_dict"),
+        ({"epoch": 3}, "not a state_dict of tensors"),
+        ({"state_dict": {}, "model_state_dict": {}}, "ambiguous"),
+        ({"encoder.weight": torch.zeros(2, 2)}, "unknown state_dict layout"),
+    ],
+)
+def test_files_that_are_not_a_tcn_state_dict_are_refused(tmp_path, payload, message):
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=message):
+        convert_file(tmp_path / "bad.pt", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_inconsistent_shapes_are_refused():
+    state = PaperTemporalConvNet(2, [4, 6], kernel_size=2).state_dict()
+    wrong = torch.randn(6, 5, 2)  # block 1 must take block 0's 4 channels
+    state["network.1.conv1.weight_v"] = state["network.1.net.0.weight_v"] = wrong
+    with pytest.raises(ValueError, match=r"network\.1\.conv1\.weight: expected shape \(6, 4, 2\)"):
+        convert_state_dict(state)
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("UNPICKLED CODE RAN",))
+
+
+def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, capsys):
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": _RunsCodeWhenUnpickled()}, protocol=2))
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        convert_file(tmp_path / "evil.pt", tmp_path / "ckpt")
+    assert "UNPICKLED CODE RAN" not in capsys.readouterr().out
+
+
+def test_a_whole_pickled_model_is_refused(tmp_path):
+    torch.save(PaperTemporalConvNet(2, [4], kernel_size=2), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.state_dict\(\)"):
+        convert_file(tmp_path / "model.pt", tmp_path / "ckpt")
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def convert_only_cli(monkeypatch):
+    # Other subcommands are built elsewhere; the parser imports every one of them.
+    monkeypatch.setattr(cli, "COMMANDS", {"convert": cli.COMMANDS["convert"]})
+
+
+def test_cli_converts_and_prints_a_summary(tmp_path, capsys, convert_only_cli):
+    theirs = their_tcn(12, 3, [4, 5], kernel_size=3, output_projection=2)
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    assert cli.main(["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "pytorch-tcn" in out and "receptive_field=13" in out
+    x = inputs(3, seed=13)
+    torch.testing.assert_close(load_model(tmp_path / "ckpt")(x), theirs(x), **TOL)
+
+
+def test_cli_passes_dilations_and_output_activation(tmp_path, capsys, convert_only_cli):
+    theirs = randomize_(PaperTemporalConvNet(2, [4, 4], 2, dilations=[1, 3]), seed=14)
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    argv = ["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]
+    assert cli.main([*argv, "--dilations", "1,3", "--output-activation", "sigmoid"]) == 0
+    ours = load_model(tmp_path / "ckpt")
+    assert ours.config.dilations == (1, 3) and ours.config.output_activation == "sigmoid"
+    x = inputs(2, seed=15)
+    torch.testing.assert_close(ours(x), torch.sigmoid(theirs(x)), **TOL)
+
+
+def test_cli_reports_a_bad_file_with_exit_code_2(tmp_path, capsys, convert_only_cli):
+    (tmp_path / "junk.pt").write_text("not a checkpoint\n")
+    assert cli.main(["convert", str(tmp_path / "junk.pt"), str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "junk.pt" in err
