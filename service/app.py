@@ -1,0 +1,45 @@
+"""create_app(settings): the FastAPI app, its lifespan, middleware and routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import http_errors
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.routes import health, models, predict, sessions
+from service.runtime import Runtime
+from service.sessions import Clock
+from service.settings import Settings
+
+DESCRIPTION = """Streaming inference for Temporal Convolutional Networks.
+
+A sequence is a list of T rows of `in_channels` numbers. `/predict` runs whole sequences;
+sessions keep a stream's state on the server and advance it one push at a time, micro-batched
+across sessions. One process owns its sessions: run one uvicorn worker per process.
+"""
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock = time.time) -> FastAPI:
+    """Build an app; `clock` (Unix seconds) is injectable so tests control session TTLs."""
+    runtime = Runtime(settings if settings is not None else Settings(), clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.runtime = runtime
+    http_errors.install(app)
+    for module in (health, models, predict, sessions):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)  # outermost of ours
+    return app

@@ -1,0 +1,46 @@
+"""API-key authentication: constant-time comparison, and an owner id for each key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from service.errors import Unauthorized
+
+ANONYMOUS = "anonymous"
+
+
+class ApiKeys:
+    """The configured keys; `owner` names the key a request carries (never the key itself)."""
+
+    def __init__(self, keys: list[str]):
+        # Compare fixed-length digests so neither the key's length nor its prefix leaks by time.
+        self._digests = [(_digest(k), f"key-{_digest(k).hex()[:12]}") for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def owner(self, authorization: str | None, x_api_key: str | None) -> str:
+        """The owner id for the presented key; Unauthorized when keys are on and it is wrong."""
+        if not self._digests:
+            return ANONYMOUS
+        presented = x_api_key
+        if presented is None and authorization:
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                presented = credentials.strip()
+        if not presented:
+            raise Unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key'")
+        candidate = _digest(presented)
+        match = None
+        for digest, owner in self._digests:  # no early exit: every key is compared
+            if hmac.compare_digest(candidate, digest):
+                match = owner
+        if match is None:
+            raise Unauthorized("invalid API key")
+        return match
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()

@@ -1,0 +1,197 @@
+"""ModelWorker: the one thread that runs a model, micro-batching single-step pushes.
+
+Every model call (StreamPool and TCN.forward alike) runs on the model's worker thread, so the
+pool, which is not thread-safe, has exactly one user and the event loop never runs model code.
+Single-row steps of distinct streams queued within `max_batch_delay_s` of each other are
+advanced together by one `StreamPool.step`; anything else is one call in arrival order.
+Results travel back to the event loop with one `call_soon_threadsafe` per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Call(_Job):
+    fn: Callable[[], Any] = lambda: None
+    op: str = "call"
+
+
+@dataclass
+class _Step(_Job):
+    slot: int = -1
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+_STOP = object()
+
+
+class WorkerStopped(RuntimeError):
+    """The model worker has shut down; no more model calls are taken."""
+
+
+class ModelWorker:
+    """A dedicated thread owning one model's pool; async callers await its results."""
+
+    def __init__(self, name: str, metrics: Metrics, max_batch_size: int, max_batch_delay_s: float):
+        self.name = name
+        self.pool: Any = None  # the StreamPool, set on the worker thread by `load`
+        self._metrics = metrics
+        self._max_batch = max_batch_size
+        self._delay = max_batch_delay_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"tcnserve-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish queued work, then end the thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join, timeout_s)
+
+    async def call(self, fn: Callable[[], T], op: str = "call") -> T:
+        """Run fn() on the worker thread, in queue order, and return its result."""
+        loop = asyncio.get_running_loop()
+        job = _Call(loop, loop.create_future(), fn=fn, op=op)
+        self._submit(job)
+        return await job.future
+
+    async def step(self, slot: int, row: np.ndarray) -> list[float]:
+        """Advance one stream by one timestep, batched with other streams' steps."""
+        loop = asyncio.get_running_loop()
+        job = _Step(loop, loop.create_future(), slot=slot, row=row)
+        self._submit(job)
+        return await job.future
+
+    def _submit(self, job: _Job) -> None:
+        if self._stopped:
+            raise WorkerStopped(f"model {self.name!r} is shutting down")
+        self._queue.put(job)
+
+    # ----- the worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        carried: deque = deque()  # steps whose slot was already in the previous batch
+        stopping = False
+        while not stopping:
+            job = carried.popleft() if carried else self._queue.get()
+            if job is _STOP:
+                break
+            if isinstance(job, _Call):
+                self._run_call(job)
+                continue
+            batch, later = [job], []
+            slots = {job.slot}
+            deadline = time.perf_counter() + self._delay
+            while len(batch) < self._max_batch:
+                nxt = carried.popleft() if carried else self._next_until(deadline)
+                if nxt is None:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                if isinstance(nxt, _Step) and nxt.slot not in slots:
+                    batch.append(nxt)
+                    slots.add(nxt.slot)
+                elif isinstance(nxt, _Step):
+                    carried.append(nxt)  # never two steps of one stream in one call
+                else:
+                    later.append(nxt)  # other streams' calls; no ordering between them
+            self._run_steps(batch)
+            for call in later:
+                self._run_call(call)
+        self._fail_remaining(carried)
+
+    def _next_until(self, deadline: float) -> Any:
+        timeout = deadline - time.perf_counter()
+        try:
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _run_call(self, job: _Call) -> None:
+        start = time.perf_counter()
+        self._metrics.queue_delay.labels(self.name).observe(start - job.enqueued)
+        try:
+            result, error = job.fn(), None
+        except BaseException as e:  # handed to the awaiting coroutine, which decides
+            result, error = None, e
+        self._metrics.compute.labels(self.name, job.op).observe(time.perf_counter() - start)
+        _settle(job.loop, [(job.future, result, error)])
+
+    def _run_steps(self, batch: list[_Step]) -> None:
+        start = time.perf_counter()
+        delay = self._metrics.queue_delay.labels(self.name)
+        for job in batch:
+            delay.observe(start - job.enqueued)
+        try:
+            y = self.pool.step([job.slot for job in batch], np.stack([job.row for job in batch]))
+            rows = y.float().cpu().tolist()  # (N, out); converted here, off the event loop
+            outcomes = [(job.future, row, None) for job, row in zip(batch, rows, strict=True)]
+        except BaseException as e:
+            outcomes = [(job.future, None, e) for job in batch]
+        self._metrics.compute.labels(self.name, "step").observe(time.perf_counter() - start)
+        self._metrics.step_batch_size.labels(self.name).observe(len(batch))
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(job.loop, []).append(outcome)
+        for loop, items in by_loop.items():
+            _settle(loop, items)
+
+    def _fail_remaining(self, carried: deque) -> None:
+        leftovers = list(carried)
+        while True:
+            try:
+                leftovers.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in leftovers:
+            if isinstance(job, _Job):
+                error = WorkerStopped(f"model {self.name!r} shut down")
+                _settle(job.loop, [(job.future, None, error)])
+
+
+def _settle(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle_on_loop, items)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        logger.debug("dropped %d results for a closed event loop", len(items))
+
+
+def _settle_on_loop(items: list) -> None:
+    for future, result, error in items:
+        if future.done():  # the caller was cancelled; its outcome is recorded elsewhere
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

@@ -1,0 +1,129 @@
+"""`tcnserve serve`: one uvicorn process, exactly one worker, owning its sessions in memory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import DTYPES, Settings, parse_model_specs
+
+# CLI flag -> Settings field; every one is also TCNSERVE_<FIELD> in the environment.
+FLAGS: dict[str, tuple[type, str]] = {
+    "host": (str, "address to bind (default 127.0.0.1)"),
+    "port": (int, "port (default 8000)"),
+    "max_sessions": (int, "stream slots per model (default 256)"),
+    "session_ttl_s": (float, "idle seconds before a session expires (default 600)"),
+    "max_batch_size": (int, "most streams per batched step (default 128)"),
+    "max_batch_delay_ms": (float, "longest wait to fill a step batch (default 1)"),
+    "max_timesteps_per_request": (int, "rows summed over a request (default 100000)"),
+    "max_body_bytes": (int, "largest request body (default 32 MiB)"),
+    "drain_s": (float, "seconds /readyz answers 503 after SIGTERM before exiting (default 0)"),
+    "torch_threads": (int, "intra-op threads for model compute (default: torch's)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    for field, (kind, help_text) in FLAGS.items():
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, help=help_text)
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=DIR",
+        help="serve the checkpoint DIR as NAME (repeatable; default: the built-in model)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    parser.add_argument("--dtype", choices=DTYPES, help="default float32")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {f: getattr(args, f) for f in FLAGS if getattr(args, f, None) is not None}
+    for field in ("device", "dtype", "log_level"):
+        if getattr(args, field, None) is not None:
+            overrides[field] = getattr(args, field)
+    try:
+        if args.model:
+            overrides["models"] = parse_model_specs(args.model)
+        settings = Settings(**overrides)
+    except (ValidationError, ValueError) as e:
+        print(f"tcnserve serve: {_explain(e)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = create_app(settings)
+    except (ValueError, OSError) as e:
+        print(f"tcnserve serve: refusing to start: {e}", file=sys.stderr)
+        return 2
+    runtime: Runtime = app.state.runtime
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,  # sessions live in this process's memory: never more than one worker
+        lifespan="on",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    server = DrainingServer(config, runtime, settings.drain_s)
+    server.run()
+    if runtime.load_error:
+        print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT, answer /readyz 503 for drain_s, then shut down."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_s: float):
+        super().__init__(config)
+        self.runtime = runtime
+        self.drain_s = drain_s
+        self._exit_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_s <= 0 or self._exit_at is not None:
+            self.runtime.start_draining()
+            super().handle_exit(sig, frame)
+            return
+        self.runtime.start_draining()
+        self._exit_at = time.monotonic() + self.drain_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        if self.runtime.load_error:  # a model that cannot load will not become ready
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _explain(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        parts = []
+        for err in error.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            message = str(err.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{where}: {message}" if where else message)
+        return "; ".join(parts)
+    return str(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.commands.serve`: the same command without the CLI dispatcher."""
+    parser = argparse.ArgumentParser(prog="tcnserve serve", description=__doc__)
+    add_arguments(parser, "serve")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Domain errors raised by the core; http_errors.py is the one place that maps them to HTTP."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; `code` is stable and machine-readable."""
+
+    code = "error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    code = "invalid_input"
+
+
+class TooManyTimesteps(ServiceError):
+    code = "too_many_timesteps"
+
+
+class BodyTooLarge(ServiceError):
+    code = "body_too_large"
+
+
+class ModelNotFound(ServiceError):
+    code = "model_not_found"
+
+
+class SessionNotFound(ServiceError):
+    code = "session_not_found"
+
+
+class SessionExpired(ServiceError):
+    code = "session_expired"
+
+
+class SessionExists(ServiceError):
+    code = "session_exists"
+
+
+class OffsetConflict(ServiceError):
+    """The push's offset is neither the session's position nor a replay of its last push."""
+
+    code = "offset_conflict"
+
+    def __init__(self, message: str, position: int):
+        super().__init__(message)
+        self.position = position
+
+
+class CapacityExceeded(ServiceError):
+    code = "capacity_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Draining(NotReady):
+    code = "draining"

@@ -1,0 +1,97 @@
+"""The one place that maps errors to HTTP: `{"error": {"code", "message"}}`, status, headers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import errors
+from service.schemas import ErrorBody
+
+logger = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.ServiceError], int] = {
+    errors.InvalidInput: 422,
+    errors.TooManyTimesteps: 413,
+    errors.BodyTooLarge: 413,
+    errors.ModelNotFound: 404,
+    errors.SessionNotFound: 404,
+    errors.SessionExpired: 410,
+    errors.SessionExists: 409,
+    errors.OffsetConflict: 409,
+    errors.CapacityExceeded: 429,
+    errors.Unauthorized: 401,
+    errors.NotReady: 503,
+    errors.Draining: 503,
+}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+# For the OpenAPI docs: the error body of each status a route may answer.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        401: "missing or invalid API key",
+        404: "unknown model or session",
+        409: "offset conflict or session id taken",
+        410: "session expired",
+        413: "body or timesteps over the limit",
+        422: "invalid input",
+        429: "no free session slot (see Retry-After)",
+        503: "not ready or draining (see Retry-After)",
+    }.items()
+}
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(error: errors.ServiceError) -> JSONResponse:
+    status = next((STATUS[c] for c in type(error).__mro__ if c in STATUS), 500)
+    extra: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if isinstance(error, errors.OffsetConflict):
+        extra["position"] = error.position
+    if isinstance(error, (errors.CapacityExceeded, errors.NotReady)):
+        headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, errors.Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(error.code, error.message, **extra), status, headers=headers)
+
+
+def internal_error_response() -> JSONResponse:
+    return JSONResponse(error_body("internal", "internal server error"), 500)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers; unexpected exceptions are caught by the request middleware."""
+
+    async def on_service_error(request: Request, exc: errors.ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_input", validation_message(exc)), 422)
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers or None
+        )
+
+    app.add_exception_handler(errors.ServiceError, on_service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]

@@ -1,0 +1,81 @@
+"""Prometheus metrics of one app, in its own CollectorRegistry (so tests never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Metrics:
+    """Every tcnserve_ series; labels never carry session ids."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tcnserve_requests",
+            "HTTP requests by route and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "tcnserve_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.timesteps = Counter(
+            "tcnserve_timesteps", "Timesteps processed", ["model", "mode"], registry=r
+        )
+        self.active_sessions = Gauge(
+            "tcnserve_active_sessions", "Open streaming sessions", ["model"], registry=r
+        )
+        self.sessions_created = Counter(
+            "tcnserve_sessions_created", "Sessions created", ["model"], registry=r
+        )
+        self.sessions_expired = Counter(
+            "tcnserve_sessions_expired", "Sessions closed by their TTL", ["model"], registry=r
+        )
+        self.sessions_deleted = Counter(
+            "tcnserve_sessions_deleted", "Sessions deleted by clients", ["model"], registry=r
+        )
+        self.step_batch_size = Histogram(
+            "tcnserve_step_batch_size",
+            "Streams advanced per batched step call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_delay = Histogram(
+            "tcnserve_batch_queue_delay_seconds",
+            "Time a model call waited in the queue",
+            ["model"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "tcnserve_model_compute_seconds",
+            "Model compute time per call",
+            ["model", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.models_ready = Gauge(
+            "tcnserve_models_ready", "1 once every model is loaded and warmed", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

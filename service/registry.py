@@ -1,0 +1,210 @@
+"""The served models: each one's checkpoint, metadata, device, StreamPool and worker thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import StreamPool, TCNConfig, load_model, read_checkpoint_info
+from service.batcher import ModelWorker
+from service.errors import ModelNotFound
+from service.inference import forward_sequences
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class ModelEntry:
+    """One served model. Its net and pool are touched only by its worker thread."""
+
+    name: str
+    directory: Path
+    config: TCNConfig
+    metadata: dict[str, Any]
+    evaluation: dict[str, Any] | None  # the checkpoint's metrics.json, when it has one
+    device: torch.device
+    dtype: torch.dtype
+    capacity: int
+    worker: ModelWorker
+    metrics: Metrics
+    net: Any = None
+    state_bytes_per_stream: int = 0
+    ready: bool = False
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
+
+    def info(self) -> dict[str, Any]:
+        """The public description served by /v1/models."""
+        c = self.config
+        return {
+            "name": self.name,
+            "in_channels": c.in_channels,
+            "out_channels": c.output_size,
+            "channels": list(c.channels),
+            "kernel_size": c.kernel_size,
+            "dilations": list(c.dilations),
+            "receptive_field": c.receptive_field,
+            "vocab_size": c.vocab_size,
+            "input": "token_ids" if c.vocab_size is not None else "floats",
+            "output_activation": c.output_activation,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_sessions": self.capacity,
+            "state_bytes_per_stream": self.state_bytes_per_stream,
+            "trained": bool(self.metadata.get("trained", False)),
+            "task": self.metadata.get("task"),
+            "description": self.metadata.get("description"),
+            "metadata": self.metadata,
+            "evaluation": self.evaluation,
+            "ready": self.ready,
+        }
+
+    # ----- model calls, all on the worker thread ---------------------------------------------
+
+    def _load(self) -> None:
+        self.net = load_model(self.directory, device=self.device, dtype=self.dtype)
+        pool = StreamPool(self.net, self.capacity, device=self.device, dtype=self.dtype)
+        self.worker.pool = pool
+        self.state_bytes_per_stream = pool.state_bytes_per_stream
+
+    def _warm(self) -> None:
+        """One forward and one step on a scratch slot, so the first request pays no set-up."""
+        c = self.config
+        length = min(c.receptive_field, 32)
+        if c.vocab_size is not None:
+            x = np.zeros(length, dtype=np.int64)
+        else:
+            x = np.zeros((length, c.in_channels), dtype=self.input_dtype)
+        forward_sequences(self.net, [x], self.device, self.dtype, last_only=False)
+        pool = self.worker.pool
+        slot = pool.open()
+        try:
+            pool.step([slot], x[:1])
+            pool.push(slot, x[:4])
+        finally:
+            pool.close(slot)
+
+    async def load(self) -> None:
+        self.worker.start()
+        await self.worker.call(self._load, op="load")
+        await self.worker.call(self._warm, op="warmup")
+        self.ready = True
+        logger.info(
+            "model %s ready on %s/%s: receptive field %d, %d slots of %.1f KiB",
+            self.name,
+            self.device,
+            self.dtype,
+            self.config.receptive_field,
+            self.capacity,
+            self.state_bytes_per_stream / 1024,
+        )
+
+    async def open_stream(self) -> int:
+        """A fresh pool slot (PoolFullError when none is free)."""
+        return await self.worker.call(lambda: self.worker.pool.open(), op="open")
+
+    async def close_stream(self, slot: int) -> None:
+        await self.worker.call(lambda: self.worker.pool.close(slot), op="close")
+
+    async def reset_stream(self, slot: int) -> None:
+        await self.worker.call(lambda: self.worker.pool.reset(slot), op="reset")
+
+    async def advance(self, slot: int, x: np.ndarray) -> list[list[float]]:
+        """Feed T rows to a stream: one row joins a micro-batch, a chunk is one push."""
+        if len(x) == 1:
+            rows = [await self.worker.step(slot, x[0])]
+        else:
+            rows = await self.worker.call(
+                lambda: self.worker.pool.push(slot, x).float().cpu().tolist(), op="push"
+            )
+        self.metrics.timesteps.labels(self.name, "stream").inc(len(x))
+        return rows
+
+    async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list:
+        outputs = await self.worker.call(
+            lambda: forward_sequences(self.net, sequences, self.device, self.dtype, last_only),
+            op="forward",
+        )
+        self.metrics.timesteps.labels(self.name, "predict").inc(sum(len(s) for s in sequences))
+        return outputs
+
+
+class ModelRegistry:
+    """Reads every checkpoint's config at construction; `load` builds and warms the models."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        device = torch.device(settings.resolved_device())
+        dtype = TORCH_DTYPES[settings.dtype]
+        self._entries: dict[str, ModelEntry] = {}
+        for name, directory in settings.models.items():
+            config, metadata = read_checkpoint_info(directory)
+            self._entries[name] = ModelEntry(
+                name=name,
+                directory=Path(directory),
+                config=config,
+                metadata=metadata,
+                evaluation=_read_evaluation(Path(directory)),
+                device=device,
+                dtype=dtype,
+                capacity=settings.max_sessions,
+                worker=ModelWorker(
+                    name, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000
+                ),
+                metrics=metrics,
+            )
+
+    @property
+    def ready(self) -> bool:
+        return all(e.ready for e in self._entries.values())
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"no model named {name!r}; served: {', '.join(self._entries)}"
+            ) from None
+
+    async def load(self) -> None:
+        for entry in self._entries.values():
+            await entry.load()
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            await entry.worker.stop()
+
+
+def _read_evaluation(directory: Path) -> dict[str, Any] | None:
+    path = directory / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("ignoring unreadable %s: %s", path, e)
+        return None
+    return data if isinstance(data, dict) else {"value": data}

@@ -1,0 +1,27 @@
+"""POST /v1/models/{name}/predict: whole sequences through TCN.forward, on the model's worker."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import V1_DEPENDENCIES, ReadyRuntimeDep
+from service.http_errors import ERROR_RESPONSES
+from service.inputs import check_timesteps, decode_rows
+from service.schemas import PredictRequest, PredictResponse
+
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], dependencies=V1_DEPENDENCIES, responses=ERROR_RESPONSES
+)
+
+
+@router.post("/{name}/predict", response_model=PredictResponse, summary="Run whole sequences")
+async def predict(name: str, body: PredictRequest, runtime: ReadyRuntimeDep) -> PredictResponse:
+    entry = runtime.registry.get(name)
+    limit = runtime.settings.max_timesteps_per_request
+    check_timesteps(sum(len(seq) for seq in body.inputs), limit)
+    sequences = [
+        decode_rows(seq, entry.config, entry.input_dtype, f"inputs[{i}]")
+        for i, seq in enumerate(body.inputs)
+    ]
+    outputs = await entry.predict(sequences, last_only=body.outputs == "last")
+    return PredictResponse(model=name, outputs=outputs)

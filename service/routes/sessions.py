@@ -1,0 +1,82 @@
+"""Streaming sessions: create, push rows (offsets make retries safe), inspect, reset, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from service.deps import V1_DEPENDENCIES, OwnerDep, ReadyRuntimeDep, SessionsDep
+from service.http_errors import ERROR_RESPONSES
+from service.schemas import (
+    CreateSessionRequest,
+    SessionCreated,
+    SessionInfo,
+    StepRequest,
+    StepResponse,
+)
+from service.sessions import Session
+
+router = APIRouter(
+    prefix="/v1/sessions",
+    tags=["sessions"],
+    dependencies=V1_DEPENDENCIES,
+    responses=ERROR_RESPONSES,
+)
+
+
+def _info(session: Session) -> SessionInfo:
+    return SessionInfo(
+        session_id=session.id,
+        model=session.model,
+        position=session.position,
+        created_at=session.created_at,
+        last_used_at=session.last_used_at,
+        expires_at=session.expires_at,
+        ttl_s=session.ttl_s,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SessionCreated,
+    response_model_exclude_none=True,
+    summary="Open a session, optionally warmed by prefix rows",
+)
+async def create_session(
+    body: CreateSessionRequest, owner: OwnerDep, runtime: ReadyRuntimeDep
+) -> SessionCreated:
+    runtime.check_accepting()
+    session, outputs = await runtime.sessions.create(
+        owner, body.model, body.session_id, body.ttl_s, body.prefix or ()
+    )
+    return SessionCreated(
+        session_id=session.id,
+        model=session.model,
+        position=session.position,
+        expires_at=session.expires_at,
+        outputs=outputs if body.prefix is not None else None,
+    )
+
+
+@router.post("/{session_id}/steps", response_model=StepResponse, summary="Push rows")
+async def push_steps(
+    session_id: str, body: StepRequest, owner: OwnerDep, sessions: SessionsDep
+) -> StepResponse:
+    result = await sessions.push(owner, session_id, body.inputs, body.offset)
+    return StepResponse(outputs=result.outputs, position=result.position)
+
+
+@router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")
+async def get_session(session_id: str, owner: OwnerDep, sessions: SessionsDep) -> SessionInfo:
+    return _info(await sessions.get(owner, session_id))
+
+
+@router.post("/{session_id}/reset", response_model=SessionInfo, summary="Back to position 0")
+async def reset_session(session_id: str, owner: OwnerDep, sessions: SessionsDep) -> SessionInfo:
+    return _info(await sessions.reset(owner, session_id))
+
+
+@router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Close a session")
+async def delete_session(session_id: str, owner: OwnerDep, sessions: SessionsDep) -> Response:
+    await sessions.delete(owner, session_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

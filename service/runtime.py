@@ -1,0 +1,100 @@
+"""Runtime: what one app instance owns (settings, metrics, models, sessions) and its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+import torch
+
+from service.auth import ApiKeys
+from service.errors import Draining, NotReady
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.sessions import Clock, SessionManager
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Built by create_app; `start` (in the lifespan) loads and warms the models in background."""
+
+    def __init__(self, settings: Settings, clock: Clock):
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.api_keys = ApiKeys(settings.api_key_values())
+        # Reads every checkpoint's config.json now: a bad model directory refuses to start.
+        self.registry = ModelRegistry(settings, self.metrics)
+        self.sessions = SessionManager(
+            self.registry,
+            self.metrics,
+            clock,
+            default_ttl_s=settings.session_ttl_s,
+            max_ttl_s=settings.max_session_ttl_s,
+            max_timesteps=settings.max_timesteps_per_request,
+            expired_memory=settings.expired_memory,
+            retry_after_s=settings.retry_after_s,
+        )
+        self.draining = False
+        self.load_error: str | None = None
+        self.loaded = threading.Event()  # set once loading ends, either way (tests wait on it)
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.registry.ready and not self.draining
+
+    async def start(self) -> None:
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
+        self._tasks.append(asyncio.create_task(self._load(), name="tcnserve-load"))
+        self._tasks.append(
+            asyncio.create_task(
+                self.sessions.run_sweeper(self.settings.sweep_interval_s), name="tcnserve-sweeper"
+            )
+        )
+
+    async def _load(self) -> None:
+        try:
+            await self.registry.load()
+            self.metrics.models_ready.set(1)
+        except Exception as e:
+            logger.exception("loading the models failed")
+            self.load_error = f"{type(e).__name__}: {e}"
+        finally:
+            self.loaded.set()
+
+    def start_draining(self) -> None:
+        """From now on /readyz is 503 and no new session is opened; existing ones still work."""
+        if not self.draining:
+            logger.info("draining: /readyz now answers 503")
+        self.draining = True
+
+    async def stop(self) -> None:
+        self.start_draining()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.registry.close()
+
+    def check_ready(self) -> None:
+        """Raise NotReady unless every model is loaded and warmed."""
+        if not self.registry.ready:
+            why = (
+                f"model loading failed: {self.load_error}"
+                if self.load_error
+                else "models are loading"
+            )
+            raise NotReady(why, self.settings.retry_after_s)
+
+    def check_accepting(self) -> None:
+        """Raise unless new sessions may be opened here (ready and not draining)."""
+        self.check_ready()
+        if self.draining:
+            raise Draining("this server is shutting down", self.settings.retry_after_s)

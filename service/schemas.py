@@ -1,0 +1,103 @@
+"""Request and response bodies of the HTTP API (they also document it at /docs)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Strict: a number, never a string or a bool; finite: Python's json accepts NaN and Infinity.
+Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Row = Annotated[list[Value], Field(min_length=1, description="one timestep: in_channels numbers")]
+Rows = list[Row]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Request):
+    inputs: list[Annotated[Rows, Field(min_length=1)]] = Field(
+        min_length=1,
+        description="sequences (lengths may differ), each a list of T rows",
+        examples=[[[[0.5, 1.0], [0.1, 0.0], [0.9, 1.0]]]],
+    )
+    outputs: Literal["all", "last"] = Field(
+        "all", description="'all': one output row per input row; 'last': only the last row"
+    )
+
+
+class PredictResponse(BaseModel):
+    model: str
+    outputs: list[Rows] = Field(description="per sequence, its output rows")
+
+
+class CreateSessionRequest(_Request):
+    model: str = "default"
+    session_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{8,128}$", description="client-chosen id (else generated)"
+    )
+    ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="idle timeout")
+    prefix: Rows | None = Field(None, description="history rows that warm the state")
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    model: str
+    position: int
+    expires_at: float = Field(description="Unix time, seconds")
+    outputs: Rows | None = Field(None, description="outputs of the prefix rows, if any")
+
+
+class StepRequest(_Request):
+    inputs: Annotated[Rows, Field(min_length=1)] = Field(examples=[[[0.5, 1.0]]])
+    offset: int | None = Field(
+        None, ge=0, strict=True, description="position of the first row (for safe retries)"
+    )
+
+
+class StepResponse(BaseModel):
+    outputs: Rows
+    position: int
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    model: str
+    position: int
+    created_at: float
+    last_used_at: float
+    expires_at: float
+    ttl_s: float
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    in_channels: int
+    out_channels: int
+    channels: list[int]
+    kernel_size: int
+    dilations: list[int]
+    receptive_field: int
+    device: str
+    dtype: str
+    trained: bool
+    task: str | None = None
+    metadata: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    position: int | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

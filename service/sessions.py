@@ -1,0 +1,316 @@
+"""SessionManager: streaming sessions (a pool slot plus a position), their TTLs and offsets.
+
+A session belongs to the API key that created it: sessions are keyed by (owner, session id), so
+another key's lookup simply finds nothing. One session never has two operations in flight (a
+per-session asyncio lock), which keeps per-session order; across sessions, the model worker
+batches. Each mutating operation runs as a shielded task: a client that disconnects mid-push
+cannot leave the session half-updated, and its retry finds the stored response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from model import PoolFullError
+from service.errors import (
+    CapacityExceeded,
+    InvalidInput,
+    OffsetConflict,
+    SessionExists,
+    SessionExpired,
+    SessionNotFound,
+)
+from service.inputs import check_timesteps, decode_rows
+from service.metrics import Metrics
+from service.registry import ModelEntry, ModelRegistry
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Clock = Callable[[], float]
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+
+
+@dataclass(frozen=True)
+class AppliedPush:
+    """The last push a session applied, kept so that its exact retry is answered again."""
+
+    offset: int
+    length: int
+    digest: bytes
+    outputs: list[list[float]]
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    model: str
+    ttl_s: float
+    created_at: float
+    last_used_at: float
+    slot: int = -1
+    position: int = 0
+    # The last min(position, R - 1) input rows: the whole state a TCN keeps (snapshot/restore).
+    tail: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    last_push: AppliedPush | None = None
+    closed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_used_at + self.ttl_s
+
+
+@dataclass(frozen=True)
+class PushResult:
+    outputs: list[list[float]]
+    position: int
+
+
+class SessionManager:
+    """Creates, advances and retires sessions; every model call goes through a ModelEntry."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        default_ttl_s: float,
+        max_ttl_s: float,
+        max_timesteps: int,
+        expired_memory: int,
+        retry_after_s: int,
+    ):
+        self._registry = registry
+        self._metrics = metrics
+        self._clock = clock
+        self._default_ttl = default_ttl_s
+        self._max_ttl = max_ttl_s
+        self._max_timesteps = max_timesteps
+        self._expired_memory = expired_memory
+        self._retry_after = retry_after_s
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._expired: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._tasks: set[asyncio.Task] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # ----- public operations -----------------------------------------------------------------
+
+    async def create(
+        self,
+        owner: str,
+        model: str,
+        session_id: str | None = None,
+        ttl_s: float | None = None,
+        prefix: Sequence[Sequence[float]] = (),
+    ) -> tuple[Session, list[list[float]]]:
+        """Open a session, optionally warmed by `prefix` rows; returns it and their outputs."""
+        entry = self._registry.get(model)
+        ttl = self._default_ttl if ttl_s is None else float(ttl_s)
+        if not 0 < ttl <= self._max_ttl:
+            raise InvalidInput(f"ttl_s must be in (0, {self._max_ttl}], got {ttl_s}")
+        if session_id is None:
+            session_id = secrets.token_urlsafe(24)
+        elif not SESSION_ID_RE.match(session_id):
+            raise InvalidInput("session_id must be 8-128 characters of [A-Za-z0-9_-]")
+        check_timesteps(len(prefix), self._max_timesteps)
+        x = decode_rows(prefix, entry.config, entry.input_dtype, "prefix")
+        key = (owner, session_id)
+        if key in self._sessions:
+            raise SessionExists(f"session {session_id!r} already exists")
+        now = self._clock()
+        session = Session(session_id, owner, model, ttl, created_at=now, last_used_at=now)
+        session.tail = x[:0]
+        self._sessions[key] = session  # reserve the id before the first await
+        self._expired.pop(key, None)
+        return await self._shielded(self._open(session, entry, x))
+
+    async def push(
+        self, owner: str, session_id: str, rows: Sequence[Sequence[float]], offset: int | None
+    ) -> PushResult:
+        """Apply rows at `offset` (default: the current position), or replay the last push."""
+        session = await self._find(owner, session_id)
+        entry = self._registry.get(session.model)
+        if not rows:
+            raise InvalidInput("inputs: give at least one row")
+        check_timesteps(len(rows), self._max_timesteps)
+        x = decode_rows(rows, entry.config, entry.input_dtype, "inputs")
+        return await self._shielded(
+            self._locked(session, lambda: self._apply(session, entry, x, offset))
+        )
+
+    async def get(self, owner: str, session_id: str) -> Session:
+        return await self._find(owner, session_id)
+
+    async def reset(self, owner: str, session_id: str) -> Session:
+        session = await self._find(owner, session_id)
+        entry = self._registry.get(session.model)
+
+        async def reset() -> Session:
+            await entry.reset_stream(session.slot)
+            session.position, session.tail, session.last_push = 0, session.tail[:0], None
+            session.last_used_at = self._clock()
+            return session
+
+        return await self._shielded(self._locked(session, reset))
+
+    async def delete(self, owner: str, session_id: str) -> None:
+        session = await self._find(owner, session_id)
+
+        async def delete() -> None:
+            await self._retire(session, expired=False)
+
+        await self._shielded(self._locked(session, delete))
+
+    async def sweep(self) -> int:
+        """Expire every idle session past its TTL; returns how many."""
+        now = self._clock()
+        due = [s for s in self._sessions.values() if now >= s.expires_at]
+        expired = 0
+        for session in due:
+            # Re-checked at each turn: an earlier await may have let a push touch it.
+            if not session.closed and not session.lock.locked() and now >= session.expires_at:
+                await self._retire(session, expired=True)
+                expired += 1
+        return expired
+
+    async def run_sweeper(self, interval_s: float) -> None:
+        """The timer task: sweep every interval (the TTL itself is judged by the clock)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception("session sweep failed")
+
+    # ----- internals -------------------------------------------------------------------------
+
+    async def _find(self, owner: str, session_id: str) -> Session:
+        key = (owner, session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            if key in self._expired:
+                raise SessionExpired(f"session {session_id!r} expired after its TTL")
+            raise SessionNotFound(f"no session {session_id!r}")
+        if self._clock() >= session.expires_at and not session.lock.locked():
+            await self._retire(session, expired=True)
+            raise SessionExpired(f"session {session_id!r} expired after its TTL")
+        return session
+
+    async def _locked(self, session: Session, op: Callable[[], Awaitable[T]]) -> T:
+        async with session.lock:
+            if session.closed:  # retired while this operation waited for the lock
+                key = (session.owner, session.id)
+                if key in self._expired:
+                    raise SessionExpired(f"session {session.id!r} expired after its TTL")
+                raise SessionNotFound(f"no session {session.id!r}")
+            return await op()
+
+    async def _open(
+        self, session: Session, entry: ModelEntry, x: np.ndarray
+    ) -> tuple[Session, list[list[float]]]:
+        key = (session.owner, session.id)
+        async with session.lock:
+            try:
+                session.slot = await entry.open_stream()
+            except PoolFullError:
+                del self._sessions[key]
+                raise CapacityExceeded(
+                    f"model {entry.name!r} has all {entry.capacity} session slots in use",
+                    self._retry_after,
+                ) from None
+            except BaseException:
+                del self._sessions[key]
+                raise
+            self._metrics.active_sessions.labels(entry.name).inc()
+            outputs: list[list[float]] = []
+            if len(x):
+                try:
+                    outputs = (await self._apply(session, entry, x, 0)).outputs
+                except BaseException:
+                    await self._retire(session, expired=False, count=False)
+                    raise
+            self._metrics.sessions_created.labels(entry.name).inc()
+            return session, outputs
+
+    async def _apply(
+        self, session: Session, entry: ModelEntry, x: np.ndarray, offset: int | None
+    ) -> PushResult:
+        digest = hashlib.blake2b(x.tobytes(), digest_size=16).digest()
+        last = session.last_push
+        if offset is not None and offset != session.position:
+            if last is not None and (offset, len(x)) == (last.offset, last.length):
+                if digest != last.digest:
+                    raise OffsetConflict(
+                        f"offset {offset} repeats the last push with different inputs; "
+                        f"the session is at position {session.position}",
+                        session.position,
+                    )
+                session.last_used_at = self._clock()
+                return PushResult(last.outputs, last.offset + last.length)
+            raise OffsetConflict(
+                f"offset {offset} does not match the session's position {session.position}",
+                session.position,
+            )
+        start = session.position
+        outputs = await entry.advance(session.slot, x)
+        session.position = start + len(x)
+        session.tail = _keep_last(session.tail, x, entry.config.receptive_field - 1)
+        session.last_push = AppliedPush(start, len(x), digest, outputs)
+        session.last_used_at = self._clock()
+        return PushResult(outputs, session.position)
+
+    async def _retire(self, session: Session, expired: bool, count: bool = True) -> None:
+        """Close a session: forget it (remembering expired ids for 410), free its slot."""
+        key = (session.owner, session.id)
+        session.closed = True
+        self._sessions.pop(key, None)
+        if count:
+            counter = self._metrics.sessions_expired if expired else self._metrics.sessions_deleted
+            counter.labels(session.model).inc()
+        self._metrics.active_sessions.labels(session.model).dec()
+        if expired and self._expired_memory:
+            self._expired[key] = None
+            self._expired.move_to_end(key)
+            while len(self._expired) > self._expired_memory:
+                self._expired.popitem(last=False)
+        if session.slot >= 0:
+            await self._registry.get(session.model).close_stream(session.slot)
+
+    async def _shielded(self, coro: Coroutine[Any, Any, T]) -> T:
+        # Finish the operation even if the request is cancelled (client gone): a half-applied
+        # push would desynchronise the session's position from its pool slot.
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(_forget(self._tasks))
+        return await asyncio.shield(task)
+
+
+def _keep_last(tail: np.ndarray, x: np.ndarray, keep: int) -> np.ndarray:
+    if keep <= 0:
+        return tail[:0]
+    if len(x) >= keep:
+        return x[len(x) - keep :].copy()
+    return np.concatenate([tail[max(0, len(tail) + len(x) - keep) :], x])
+
+
+def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned failure is not "never retrieved"
+
+    return done

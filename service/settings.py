@@ -1,0 +1,144 @@
+"""Service settings: pydantic-settings with the TCNSERVE_ prefix; unsafe values refuse to start."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MIN_API_KEY_LENGTH = 16
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def default_model_dir() -> Path:
+    """The small model shipped inside the package (service/default_model/)."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+class Settings(BaseSettings):
+    """Everything `tcnserve serve` can be told, each also settable as TCNSERVE_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="TCNSERVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # NAME=DIR pairs; env: TCNSERVE_MODELS='default=/models/a,fast=/models/b' or a JSON object.
+    models: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=lambda: {"default": default_model_dir()}
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    max_sessions: int = Field(256, ge=1, description="stream slots per model (preallocated)")
+    session_ttl_s: float = Field(600.0, gt=0, description="idle time before a session expires")
+    max_session_ttl_s: float = Field(86_400.0, gt=0, description="largest ttl_s a client may ask")
+    max_batch_size: int = Field(128, description="most streams advanced by one model call")
+    max_batch_delay_ms: float = Field(1.0, description="longest wait to fill a step batch")
+    max_timesteps_per_request: int = Field(100_000, description="rows summed over a request")
+    max_body_bytes: int = Field(32 * 1024 * 1024, description="largest request body")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
+    expired_memory: int = Field(10_000, ge=0, description="expired ids remembered for 410")
+    sweep_interval_s: float = Field(5.0, gt=0, description="period of the expiry sweep")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 and 503")
+    drain_s: float = Field(0.0, ge=0, description="seconds /readyz reports 503 before exit")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the model")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            return parse_model_specs([p for p in text.split(",") if p.strip()])
+        if isinstance(value, (list, tuple)):
+            return parse_model_specs(list(value))
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [k.strip() for k in text.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        problems = []
+        if not self.models:
+            problems.append("models: serve at least one model (NAME=DIR)")
+        for name, directory in self.models.items():
+            if not MODEL_NAME_RE.match(name):
+                problems.append(f"models: invalid model name {name!r} (use [A-Za-z0-9_.-])")
+            if not (Path(directory) / "config.json").is_file():
+                problems.append(f"models: {name}={directory} has no config.json checkpoint")
+        if self.max_batch_size < 1:
+            problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not 0 <= self.max_batch_delay_ms <= 1000:
+            problems.append(
+                f"max_batch_delay_ms must be in [0, 1000], got {self.max_batch_delay_ms}"
+            )
+        if self.max_timesteps_per_request < 1:
+            problems.append("max_timesteps_per_request must be >= 1")
+        if self.max_body_bytes < 1024:
+            problems.append("max_body_bytes must be >= 1024")
+        if self.session_ttl_s > self.max_session_ttl_s:
+            problems.append(
+                f"session_ttl_s ({self.session_ttl_s}) exceeds max_session_ttl_s "
+                f"({self.max_session_ttl_s})"
+            )
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if any(len(k) < MIN_API_KEY_LENGTH for k in keys):
+            problems.append(f"api_keys must each be at least {MIN_API_KEY_LENGTH} characters")
+        if len(set(keys)) != len(keys):
+            problems.append("api_keys contains a duplicate key")
+        if self.dtype == "float16" and self.device != "cuda" and not _cuda_available():
+            problems.append("dtype float16 needs device cuda; on CPU use float32 or bfloat16")
+        if self.device == "cuda" and not _cuda_available():
+            problems.append("device is cuda but torch sees no CUDA GPU (use auto or cpu)")
+        if problems:
+            raise ValueError("refusing to start: " + "; ".join(problems))
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+            logger.warning(
+                "listening on %s with no API keys: anyone who can reach it can use it", self.host
+            )
+        return self
+
+    def resolved_device(self) -> str:
+        """auto -> cuda when a GPU is visible, else cpu."""
+        if self.device == "auto":
+            return "cuda" if _cuda_available() else "cpu"
+        return self.device
+
+    def api_key_values(self) -> list[str]:
+        return [k.get_secret_value() for k in self.api_keys]
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """['NAME=DIR', ...] -> {NAME: DIR}; a bare DIR is served as `default`."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = str(spec).strip().partition("=")
+        if not sep:
+            name, directory = "default", name
+        if name in out:
+            raise ValueError(f"model name {name!r} given twice")
+        out[name.strip()] = directory.strip()
+    return out
+
+
+def _cuda_available() -> bool:
+    import torch  # deferred: settings parsing should not pay for torch unless it must
+
+    return torch.cuda.is_available()
