@@ -1,0 +1,207 @@
+"""The asyncio client: the same protocol as the blocking one, driven with await."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import httpx
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from service.client import protocol as p
+
+
+class AsyncClient:
+    """A tcnserve server, from asyncio code."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        retry: p.RetryPolicy | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.retry = retry or p.RetryPolicy()
+        self._timeout = timeout_s
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
+        )
+        self._shapes: dict[str, p.ModelShape] = {}
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def models(self) -> list[dict]:
+        return (await self.run(p.request(p.Call("GET", "/v1/models"), self.retry))).body["models"]
+
+    async def model(self, name: str) -> dict:
+        return (await self.run(p.request(p.Call("GET", f"/v1/models/{name}"), self.retry))).body
+
+    async def predict(self, model: str, sequences: Iterable[Any], outputs: str = "all") -> list:
+        shape = await self._shape(model)
+        body = {"inputs": [shape.rows(s).tolist() for s in sequences], "outputs": outputs}
+        call = p.Call("POST", f"/v1/models/{model}/predict", body)
+        reply = await self.run(p.request(call, self.retry))
+        return [np.asarray(o, dtype=np.float32) for o in reply.body["outputs"]]
+
+    async def open_session(
+        self,
+        model: str = "default",
+        prefix: Any = None,
+        session_id: str | None = None,
+        ttl_s: float | None = None,
+    ) -> AsyncSession:
+        shape = await self._shape(model)
+        rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
+        flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
+        ref, outputs = await self.run(flow)
+        return AsyncSession(self, ref, shape, np.asarray(outputs, dtype=np.float32))
+
+    async def _shape(self, model: str) -> p.ModelShape:
+        if model not in self._shapes:
+            self._shapes[model] = p.ModelShape.from_info(await self.model(model))
+        return self._shapes[model]
+
+    async def run(self, flow: p.Flow, socket: _AsyncSocket | None = None) -> Any:
+        """Drive a protocol flow to its end, awaiting the I/O it asks for."""
+        value: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                op = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            if isinstance(op, p.Wait):
+                await asyncio.sleep(op.seconds)
+            elif isinstance(op, p.Call):
+                try:
+                    value = await self._send(op)
+                except httpx.TransportError as e:
+                    error = p.TransportFailure(str(e))
+            elif socket is not None:
+                try:
+                    if isinstance(op, p.WsSend):
+                        value = await socket.send(op.data)
+                    else:
+                        value = await socket.recv()
+                except p.SocketClosed as e:
+                    error = e
+
+    async def _send(self, call: p.Call) -> p.Reply:
+        headers = {"X-Session-ID": call.session_id} if call.session_id else None
+        response = await self._http.request(call.method, call.path, json=call.json, headers=headers)
+        body = response.json() if response.content else None
+        return p.Reply(response.status_code, body, response.headers)
+
+
+class _AsyncSocket:
+    def __init__(self, client: AsyncClient, session_id: str):
+        self._url = p.websocket_url(client.base_url, session_id)
+        self._headers = {**p.auth_headers(client.api_key), "X-Session-ID": session_id}
+        self._timeout = client._timeout
+        self._conn: ClientConnection | None = None
+
+    async def send(self, data: bytes | str) -> None:
+        try:
+            if self._conn is None:
+                self._conn = await connect(
+                    self._url,
+                    additional_headers=self._headers,
+                    open_timeout=self._timeout,
+                    compression=None,
+                    max_size=None,
+                )
+            await self._conn.send(data)
+        except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as e:
+            raise await self._closed(e) from None
+
+    async def recv(self) -> bytes | str:
+        if self._conn is None:
+            raise p.SocketClosed(None, "not connected")
+        try:
+            return await asyncio.wait_for(self._conn.recv(), self._timeout)
+        except (ConnectionClosed, OSError, TimeoutError) as e:
+            raise await self._closed(e) from None
+
+    async def _closed(self, error: Exception) -> p.SocketClosed:
+        await self.close()
+        if isinstance(error, ConnectionClosed) and error.rcvd is not None:
+            return p.SocketClosed(error.rcvd.code, error.rcvd.reason)
+        return p.SocketClosed(None, str(error))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+
+class AsyncSession:
+    """The asyncio twin of `Session`."""
+
+    def __init__(self, client: AsyncClient, ref: p.SessionRef, shape: p.ModelShape, prefix_out):
+        self._client, self._ref, self._shape = client, ref, shape
+        self.prefix_outputs = prefix_out
+        self._socket = _AsyncSocket(client, ref.id)
+
+    @property
+    def id(self) -> str:
+        return self._ref.id
+
+    @property
+    def model(self) -> str:
+        return self._ref.model
+
+    @property
+    def position(self) -> int:
+        return self._ref.tracker.position
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def push(self, rows: Any) -> np.ndarray:
+        x = self._shape.rows(rows)
+        outputs = await self._client.run(p.push(self._ref, x, self._client.retry))
+        return np.asarray(outputs, dtype=np.float32)
+
+    async def step(self, row: Any) -> np.ndarray:
+        return (await self.push([row]))[0]
+
+    async def stream(
+        self, rows: Iterable[Any], chunk: int = 1, binary: bool = True
+    ) -> AsyncIterator[np.ndarray]:
+        binary = binary and not self._shape.tokens
+        for batch in p.batches(rows, chunk):
+            x = self._shape.rows(batch)
+            flow = p.stream_push(self._ref, x, binary, self._client.retry)
+            for row in await self._client.run(flow, self._socket):
+                yield row
+
+    async def snapshot(self) -> dict:
+        call = p.Call("GET", f"/v1/sessions/{self.id}/snapshot", None, self.id)
+        return (await self._client.run(p.request(call, self._client.retry))).body
+
+    async def reset(self) -> None:
+        call = p.Call("POST", f"/v1/sessions/{self.id}/reset", None, self.id)
+        await self._client.run(p.request(call, self._client.retry))
+        self._ref.tracker.reset()
+
+    async def close(self) -> None:
+        await self._socket.close()
+        call = p.Call("DELETE", f"/v1/sessions/{self.id}", None, self.id)
+        await self._client.run(p.request(call, self._client.retry, ok=(204, 404, 410)))

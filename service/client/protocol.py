@@ -1,0 +1,369 @@
+"""The client's session protocol, free of I/O: what to send, and what a reply means.
+
+Flows are generators. They yield `Call` (an HTTP request to make) or `Wait` (a pause before a
+retry) and receive a `Reply`; a transport failure is thrown into them as `TransportFailure`.
+The sync and async clients only drive them, so both behave identically.
+
+Resume by replay: a TCN's outputs after position p depend only on the last R - 1 inputs
+(R = receptive field). The client keeps those rows (`Tracker`); if the server loses the session
+(restart, lost replica, TTL) it re-creates it from them with a snapshot and carries on, and the
+caller sees the same outputs as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.wire import HEADER, ROW_DTYPE, decode_frame, encode_frame
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    json: Any = None
+    session_id: str | None = None  # also sent as X-Session-ID, for consistent-hash routing
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class TransportFailure(Exception):
+    """The request may or may not have reached the server (connection refused, reset, timeout)."""
+
+
+class ServerError(Exception):
+    """The server refused a request with an error that retrying cannot fix."""
+
+    def __init__(self, status: int, code: str, message: str, body: Any = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.body = status, code, message, body
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> ServerError:
+        error = reply.body.get("error", {}) if isinstance(reply.body, dict) else {}
+        return cls(reply.status, error.get("code", "error"), error.get("message", ""), reply.body)
+
+
+class RetriesExhausted(ConnectionError):
+    """The server could not be reached (or kept refusing) within the retry budget."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8
+    backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+
+    def delay(self, attempt: int, reply: Reply | None = None) -> float:
+        retry_after = reply.headers.get("retry-after") if reply is not None else None
+        if retry_after is not None:
+            try:
+                return min(float(retry_after), self.max_backoff_s)
+            except ValueError:
+                pass
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+
+
+RETRYABLE = frozenset({429, 502, 503, 504})
+Flow = Generator[Call | Wait, Reply | None, Any]
+
+
+def new_session_id() -> str:
+    """Client-chosen ids let a retried create be recognised and a proxy route by id."""
+    return secrets.token_urlsafe(24)
+
+
+class Tracker:
+    """What the client knows of a session: its position and the inputs that define its state."""
+
+    def __init__(self, keep: int, position: int = 0, tail: np.ndarray | None = None):
+        self.keep = keep  # R - 1
+        self.position = position
+        self.tail = tail if tail is not None else np.zeros((0, 0), dtype=np.float32)
+
+    def record(self, rows: np.ndarray) -> None:
+        if self.keep == 0:
+            self.tail = rows[:0]
+        elif len(self.tail) == 0 or len(rows) >= self.keep:
+            self.tail = rows[-self.keep :].copy()
+        else:
+            self.tail = np.concatenate([self.tail, rows])[-self.keep :]
+        self.position += len(rows)
+
+    def reset(self) -> None:
+        self.position, self.tail = 0, self.tail[:0]
+
+    def snapshot(self) -> dict:
+        return {"position": self.position, "inputs": self.tail.tolist()}
+
+
+@dataclass
+class SessionRef:
+    """The protocol's view of one session."""
+
+    id: str
+    model: str
+    tracker: Tracker
+    ttl_s: float | None = None
+
+
+def request(call: Call, policy: RetryPolicy, ok: tuple[int, ...] = (200,)) -> Flow:
+    """One request, retried on transport failures and retryable statuses."""
+    for attempt in range(policy.attempts):
+        try:
+            reply = yield call
+        except TransportFailure:
+            yield Wait(policy.delay(attempt))
+            continue
+        if reply.status in ok:
+            return reply
+        if reply.status in RETRYABLE:
+            yield Wait(policy.delay(attempt, reply))
+            continue
+        raise ServerError.from_reply(reply)
+    raise RetriesExhausted(f"{call.method} {call.path}: no answer after {policy.attempts} tries")
+
+
+def open_session(
+    model: str,
+    prefix: np.ndarray | None,
+    session_id: str | None,
+    ttl_s: float | None,
+    keep: int,
+    policy: RetryPolicy,
+) -> Flow:
+    """Create a session (with its own id, so a retry after a lost reply is recognised)."""
+    ref = SessionRef(session_id or new_session_id(), model, Tracker(keep), ttl_s)
+    body: dict[str, Any] = {"model": model, "session_id": ref.id}
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    if prefix is not None and len(prefix):
+        body["prefix"] = prefix.tolist()
+    for attempt in range(policy.attempts):
+        try:
+            reply = yield Call("POST", "/v1/sessions", body, ref.id)
+        except TransportFailure:
+            yield Wait(policy.delay(attempt))
+            continue
+        if reply.status == 409 and attempt > 0:
+            # Our earlier try was applied but its reply lost: start over, to get the outputs.
+            yield from request(
+                Call("DELETE", f"/v1/sessions/{ref.id}", None, ref.id), policy, ok=(204, 404, 410)
+            )
+            continue
+        if reply.status in RETRYABLE:
+            yield Wait(policy.delay(attempt, reply))
+            continue
+        if reply.status != 201:
+            raise ServerError.from_reply(reply)
+        outputs = reply.body.get("outputs") or []
+        if prefix is not None and len(prefix):
+            ref.tracker.record(prefix)
+        return ref, outputs
+    raise RetriesExhausted(f"POST /v1/sessions: no answer after {policy.attempts} tries")
+
+
+def restore(ref: SessionRef, policy: RetryPolicy) -> Flow:
+    """Re-create a lost session, same id, from the kept inputs at the client's position."""
+    body: dict[str, Any] = {
+        "model": ref.model,
+        "session_id": ref.id,
+        "snapshot": ref.tracker.snapshot(),
+    }
+    if ref.ttl_s is not None:
+        body["ttl_s"] = ref.ttl_s
+    reply = yield from request(Call("POST", "/v1/sessions", body, ref.id), policy, ok=(201, 409))
+    if reply.status == 409:  # it exists again (a concurrent restore): make sure it matches us
+        yield from resync(ref, 0, policy)
+
+
+def rebuild(ref: SessionRef, policy: RetryPolicy) -> Flow:
+    """Replace the server's session with one rebuilt at the client's position."""
+    path = f"/v1/sessions/{ref.id}"
+    yield from request(Call("DELETE", path, None, ref.id), policy, ok=(204, 404, 410))
+    yield from restore(ref, policy)
+
+
+def resync(ref: SessionRef, pending: int, policy: RetryPolicy) -> Flow:
+    """After an uncertain failure: make the server's session agree with the client's position.
+
+    The server may also be exactly `pending` rows ahead: the push in flight was applied and
+    its retry (same offset) is answered with the stored response. Anything else is rebuilt.
+    """
+    path = f"/v1/sessions/{ref.id}"
+    reply = yield from request(Call("GET", path, None, ref.id), policy, ok=(200, 404, 410))
+    if reply.status in (404, 410):
+        yield from restore(ref, policy)
+    elif reply.body.get("position") not in (ref.tracker.position, ref.tracker.position + pending):
+        yield from rebuild(ref, policy)
+
+
+def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
+    """Apply rows at the client's position: retried, idempotent, and restored if lost."""
+    body = {"inputs": rows.tolist(), "offset": ref.tracker.position}
+    call = Call("POST", f"/v1/sessions/{ref.id}/steps", body, ref.id)
+    for attempt in range(policy.attempts):
+        try:
+            reply = yield call
+        except TransportFailure:
+            yield Wait(policy.delay(attempt))
+            continue
+        if reply.status == 200:
+            ref.tracker.record(rows)
+            return reply.body["outputs"]
+        if reply.status in (404, 410):
+            yield from restore(ref, policy)
+            continue
+        if reply.status == 409 and attempt > 0:  # moved on without us: rebuild at our position
+            yield from rebuild(ref, policy)
+            continue
+        if reply.status in RETRYABLE:
+            yield Wait(policy.delay(attempt, reply))
+            continue
+        raise ServerError.from_reply(reply)
+    raise RetriesExhausted(f"push to session {ref.id}: no success after {policy.attempts} tries")
+
+
+# ----- WebSocket streaming -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WsSend:
+    """Send one message on the session's socket, connecting first if there is none."""
+
+    data: bytes | str
+
+
+@dataclass(frozen=True)
+class WsRecv:
+    """Receive the next message (bytes or str) from the session's socket."""
+
+
+class SocketClosed(Exception):
+    """The socket closed (or never opened); `code` is the close code, None if unknown."""
+
+    def __init__(self, code: int | None, reason: str = ""):
+        super().__init__(f"websocket closed ({code}): {reason}")
+        self.code, self.reason = code, reason
+
+
+CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_EXPIRED = 4401, 4404, 4410
+RETRYABLE_CODES = frozenset({"capacity_exceeded", "not_ready", "draining"})
+
+
+def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPolicy) -> Flow:
+    """Push rows over the session's socket and return their outputs, surviving lost sockets.
+
+    Frames always carry the offset, so a resend after a reconnect is idempotent like HTTP.
+    """
+    for attempt in range(policy.attempts):
+        offset = ref.tracker.position
+        if binary:
+            message: bytes | str = encode_frame(rows, offset)
+        else:
+            message = json.dumps({"inputs": rows.tolist(), "offset": offset})
+        try:
+            yield WsSend(message)
+            answer = yield WsRecv()
+        except SocketClosed as closed:
+            if closed.code == CLOSE_UNAUTHORIZED:
+                raise ServerError(401, "unauthorized", closed.reason) from None
+            yield Wait(policy.delay(attempt))
+            if closed.code in (CLOSE_NOT_FOUND, CLOSE_EXPIRED):
+                yield from restore(ref, policy)
+            else:  # dropped mid-push: the push may or may not have been applied
+                yield from resync(ref, len(rows), policy)
+            continue
+        if isinstance(answer, bytes):
+            _, outputs = decode_frame(answer, _width(answer, len(rows)), with_header=True)
+            ref.tracker.record(rows)
+            return outputs
+        body = json.loads(answer)
+        error = body.get("error") if isinstance(body, dict) else None
+        if error is None:
+            ref.tracker.record(rows)
+            return np.asarray(body["outputs"], dtype=np.float32)
+        if error.get("code") == "offset_conflict" and attempt > 0:
+            yield from rebuild(ref, policy)
+            continue
+        if error.get("code") in RETRYABLE_CODES:
+            yield Wait(policy.delay(attempt))
+            continue
+        raise ServerError(400, error.get("code", "error"), error.get("message", ""), body)
+    raise RetriesExhausted(f"stream to session {ref.id}: no success after {policy.attempts} tries")
+
+
+def _width(frame: bytes, rows: int) -> int:
+    """Output width of a server frame answering `rows` rows (header + rows x width float32)."""
+    return (len(frame) - HEADER.size) // (rows * ROW_DTYPE.itemsize)
+
+
+# ----- shared by both clients ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the client needs to know of a model: row width, row dtype, history to keep."""
+
+    name: str
+    width: int  # values per input row (1 for a token model: its id)
+    tokens: bool
+    receptive_field: int
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> ModelShape:
+        tokens = info.get("vocab_size") is not None
+        width = 1 if tokens else int(info["in_channels"])
+        return cls(info["name"], width, tokens, int(info["receptive_field"]))
+
+    def rows(self, rows: Any) -> np.ndarray:
+        """Rows as a (T, width) array (float32, or int64 token ids)."""
+        dtype = np.int64 if self.tokens else np.float32
+        array = np.asarray(rows, dtype=dtype)
+        if array.ndim == 1 and self.width == 1:
+            array = array[:, None]
+        if array.ndim != 2 or array.shape[1] != self.width or len(array) == 0:
+            raise ValueError(
+                f"model {self.name!r} takes rows of {self.width} values, got {array.shape}"
+            )
+        return array
+
+
+def websocket_url(base_url: str, session_id: str) -> str:
+    scheme, rest = base_url.rstrip("/").split("://", 1)
+    ws = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    return f"{ws}://{rest}/v1/sessions/{session_id}/stream?framing=offset"
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def batches(rows: Iterable[Any], size: int) -> Iterator[list]:
+    """Group an iterable of rows into lists of `size` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"chunk must be >= 1, got {size}")
+    batch: list = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
