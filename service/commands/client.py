@@ -1,0 +1,103 @@
+"""`tcnserve predict` and `tcnserve stream`: the Python client from the command line.
+
+Rows come from a CSV file (one timestep per line, comma-separated), a .npy file of shape
+(T, in_channels), or standard input as CSV (`-`). Outputs go to standard output as CSV, one line
+per timestep; progress goes to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from service.client import Client, RetriesExhausted, ServerError
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser.add_argument("--model", default="default", help="model name")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TCNSERVE_API_KEY"),
+        help="API key (default: $TCNSERVE_API_KEY)",
+    )
+    parser.add_argument("file", nargs="?", default="-", help="CSV or .npy file, or - for stdin")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if name == "predict":
+        parser.add_argument("--last", action="store_true", help="print only the last output")
+        parser.set_defaults(_action=_predict)
+    else:
+        parser.add_argument("--chunk", type=int, default=1, help="rows per message")
+        parser.add_argument("--json", action="store_true", help="JSON text frames, not binary")
+        parser.add_argument("--session-id", help="choose the session id (8-128 [A-Za-z0-9_-])")
+        parser.set_defaults(_action=_stream)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.url, args.api_key) as client:
+            args._action(client, args)
+    except (ServerError, RetriesExhausted, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _predict(client: Client, args: argparse.Namespace) -> None:
+    rows = np.asarray(list(_read_rows(args.file)))
+    outputs = client.predict(args.model, [rows], outputs="last" if args.last else "all")[0]
+    _write(outputs)
+
+
+def _stream(client: Client, args: argparse.Namespace) -> None:
+    total = _count_rows(args.file)
+    with client.open_session(args.model, session_id=args.session_id) as session:
+        rows = tqdm(
+            _read_rows(args.file),
+            total=total,
+            unit="step",
+            disable=args.quiet or not sys.stderr.isatty(),
+            file=sys.stderr,
+        )
+        for output in session.stream(rows, chunk=args.chunk, binary=not args.json):
+            _write(output[None])
+            sys.stdout.flush()
+
+
+def _read_rows(source: str) -> Iterator[np.ndarray]:
+    if source != "-" and Path(source).suffix == ".npy":
+        array = np.load(source, allow_pickle=False)
+        yield from (array[:, None] if array.ndim == 1 else array)
+        return
+    lines = sys.stdin if source == "-" else Path(source).open()  # noqa: SIM115
+    try:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                yield np.array([float(v) for v in line.split(",")], dtype=np.float32)
+            except ValueError:
+                raise ValueError(f"{source}:{number}: not a row of numbers: {line!r}") from None
+    finally:
+        if lines is not sys.stdin:
+            lines.close()
+
+
+def _count_rows(source: str) -> int | None:
+    if source == "-":
+        return None
+    if Path(source).suffix == ".npy":
+        return len(np.load(source, mmap_mode="r", allow_pickle=False))
+    return None
+
+
+def _write(rows: np.ndarray) -> None:
+    for row in rows:
+        print(",".join(f"{v:.7g}" for v in row))
