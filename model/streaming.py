@@ -26,14 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_numpy, step_torch
 from model.tcn import TCN, apply_output_activation
 
 STATE_FORMAT = "tcnserve.stream-state/1"
 
-# addmm with the ReLU fused in (cuBLASLt epilogue on CUDA, one dispatch on CPU).
-_addmm_relu = getattr(torch, "_addmm_activation", None) or (
-    lambda bias, a, w: torch.addmm(bias, a, w).relu_()
-)
+STEP_KERNELS = ("auto", "torch", "numpy")
 
 
 class PoolFullError(RuntimeError):
@@ -80,7 +78,12 @@ class StreamPool:
         capacity: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        step_kernel: str = "auto",
     ):
+        """`step_kernel`: "auto" runs small steps on CPU through numpy and the rest through
+        torch (see model/step_kernels.py); "torch" or "numpy" forces one (tests use both)."""
+        if step_kernel not in STEP_KERNELS:
+            raise ValueError(f"step_kernel must be one of {STEP_KERNELS}, got {step_kernel!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
         ref = next(net.parameters())
@@ -96,6 +99,18 @@ class StreamPool:
         self._free = list(range(capacity - 1, -1, -1))  # a stack: open() pops the lowest slot
         with torch.no_grad():
             self._build(net)
+        self._numpy_plan = None
+        self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
+        numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+        if step_kernel == "numpy" and not numpy_ok:
+            raise ValueError("the numpy step kernel needs a CPU pool of float32 or float64")
+        if numpy_ok and step_kernel != "torch":
+            self._numpy_plan = numpy_view(self._step_plan)
+            self._history_np = self._history.numpy()
+            self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
+            self._head_np = numpy_view(self._head) if self._head is not None else None
+            biggest = max(w.numel() for w in self._matrices())
+            self.numpy_max_rows = capacity if step_kernel == "numpy" else NUMPY_MAX_MACS // biggest
 
     def _build(self, net: TCN) -> None:
         cfg, dev, dt = self.config, self.device, self.dtype
@@ -163,6 +178,12 @@ class StreamPool:
                 net.head.weight.detach().T.to(dev, dt).contiguous(),
                 net.head.bias.detach().to(dev, dt),
             )
+
+    def _matrices(self) -> list[torch.Tensor]:
+        """Every weight matrix a step multiplies by."""
+        mats = [layer.step_weight for layer in self._layers]
+        mats += [b.downsample[0] for b in self._blocks if b.downsample is not None]
+        return mats + ([self._head[0]] if self._head is not None else [])
 
     # ----- slot bookkeeping ------------------------------------------------------------------
 
@@ -261,7 +282,7 @@ class StreamPool:
             bad = ~self._open[arr]
         if bad.any():
             raise SlotError(f"slots {arr[bad].tolist()} are not open streams of this pool")
-        if np.unique(arr).size != arr.size:
+        if arr.size > 1 and np.unique(arr).size != arr.size:
             raise SlotError("a slot appears more than once in one step; push its rows in order")
         return arr
 
@@ -308,33 +329,29 @@ class StreamPool:
 
     # ----- the hot paths ---------------------------------------------------------------------
 
-    def _ring_rows(self, slot_np: np.ndarray) -> tuple:
-        """Ring rows of one step for every layer at once.
+    def _ring_rows(self, slot_np: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host-side ring rows of one step, every layer at once (a few numpy ops).
 
-        Returns writes[l] (N,) (time t's row), taps[l] (N, k) and the input-history rows (N,)
-        (None when the receptive field is 1).
+        writes (layers, N): the row of time t; taps (layers, N, k): the rows of the k taps,
+        oldest first; remember (N,): the input-history row of time t.
         """
         pos = self._positions[slot_np]
-        size = self.history_len
-        if self.device.type == "cpu":  # a few numpy ops beat a dozen torch dispatches here
-            lengths, offsets = self._ring_lengths_np, self._tap_offsets_np
-            base = slot_np * lengths  # (layers, N)
-            writes = torch.from_numpy(pos % lengths + base)
-            taps = torch.from_numpy(
-                (pos[:, None] - offsets) % lengths[:, :, None] + base[:, :, None]
-            )
-            remember = torch.from_numpy(pos % size + slot_np * size) if size else None
-        else:  # compute on the device: only 2N integers cross the bus
-            where = torch.from_numpy(np.stack([slot_np, pos])).to(self.device, non_blocking=True)
-            s, t = where[0], where[1]
-            lengths = self._ring_lengths
-            base = s * lengths
-            writes = torch.remainder(t, lengths).add_(base)
-            taps = torch.remainder(t[:, None] - self._tap_offsets, lengths[:, :, None]).add_(
-                base[:, :, None]
-            )
-            remember = torch.remainder(t, size).add_(s * size) if size else None
-        return writes.unbind(0), taps.unbind(0), remember
+        lengths, size = self._ring_lengths_np, max(self.history_len, 1)
+        base = slot_np * lengths  # (layers, N)
+        writes = pos % lengths + base
+        taps = (pos[:, None] - self._tap_offsets_np) % lengths[:, :, None] + base[:, :, None]
+        return writes, taps, pos % size + slot_np * self.history_len
+
+    def _device_ring_rows(self, slot_np: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The same on the pool's device: only 2N integers cross the bus."""
+        pos = self._positions[slot_np]
+        where = torch.from_numpy(np.stack([slot_np, pos])).to(self.device, non_blocking=True)
+        s, t = where[0], where[1]
+        lengths, size = self._ring_lengths, max(self.history_len, 1)
+        base = s * lengths
+        writes = torch.remainder(t, lengths).add_(base)
+        taps = torch.remainder(t[:, None] - self._tap_offsets, lengths[:, :, None])
+        return writes, taps.add_(base[:, :, None]), torch.remainder(t, size).add_(s * size)
 
     @torch.inference_mode()
     def step(
@@ -343,21 +360,33 @@ class StreamPool:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
         x = self._rows(x, slot_np.size, "step")
-        n = slot_np.size
-        writes, taps, remember = self._ring_rows(slot_np)
-        if remember is not None:
-            self._history.index_copy_(0, remember, x)
-        h = self._embed(x)
-        for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(self._step_plan):
-            # Each conv: write time t's row, gather its k dilated taps, one fused matmul + ReLU.
-            ring1.index_copy_(0, writes[2 * i], h)
-            a = _addmm_relu(b1, F.embedding(taps[2 * i], ring1).view(n, -1), w1)
-            ring2.index_copy_(0, writes[2 * i + 1], a)
-            a = _addmm_relu(b2, F.embedding(taps[2 * i + 1], ring2).view(n, -1), w2)
-            residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
-            h = a.add_(residual).relu_()
+        if slot_np.size <= self.numpy_max_rows:
+            y = torch.from_numpy(self._step_numpy(slot_np, x.numpy()))
+            y = apply_output_activation(y, self.config.output_activation, dim=-1)
+        else:
+            y = self._finish(self._step_torch(slot_np, x))
         self._positions[slot_np] += 1
-        return self._finish(h)
+        return y
+
+    def _step_torch(self, slot_np: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            writes, taps, remember = map(torch.from_numpy, self._ring_rows(slot_np))
+        else:
+            writes, taps, remember = self._device_ring_rows(slot_np)
+        if self.history_len:
+            self._history.index_copy_(0, remember, x)
+        return step_torch(self._step_plan, self._embed(x), writes.unbind(0), taps.unbind(0))
+
+    def _step_numpy(self, slot_np: np.ndarray, x: np.ndarray) -> np.ndarray:
+        writes, taps, remember = self._ring_rows(slot_np)
+        if self.history_len:
+            self._history_np[remember] = x
+        h = self._embedding_np[x] if self._embedding is not None else x
+        h = step_numpy(self._numpy_plan, h, writes, taps)
+        if self._head is not None:
+            h = h @ self._head_np[0]
+            h += self._head_np[1]
+        return h
 
     @torch.inference_mode()
     def push(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""The two kernels behind `StreamPool.step`: one timestep of N streams from their ring buffers.
+
+Both do, per causal conv layer: write time t's input row into the ring, gather the k dilated
+taps (rows t - j*d), and one (N, k*C_in) x (k*C_in, C_out) matmul + bias + ReLU; then the
+residual add and ReLU per block. They differ only in who dispatches the ops:
+
+- `step_torch`: torch ops; any device and dtype. Each op costs a few microseconds of dispatch,
+  which dominates a step of a few streams on a CPU.
+- `step_numpy`: the same arithmetic through numpy on zero-copy views of the same CPU tensors,
+  about 1 us an op. Only for small steps: numpy's BLAS starts its own threads on large
+  products, which would fight the service's threads; `numpy_max_rows` keeps it below that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Largest per-layer product (rows x k*C_in x C_out) handed to numpy: below OpenBLAS's
+# multithreading threshold (measured to start between 2**18.8 and 2**19.1 here).
+NUMPY_MAX_MACS = 2**18
+
+# addmm with the ReLU fused in (cuBLASLt epilogue on CUDA, one dispatch on CPU).
+_addmm_relu = getattr(torch, "_addmm_activation", None) or (
+    lambda bias, a, w: torch.addmm(bias, a, w).relu_()
+)
+
+# A block's operands: (ring1, w1, b1, ring2, w2, b2, downsample (w, b) or None), where a ring is
+# (capacity * L, C_in), w is (k * C_in, C_out) with taps oldest first, b is (C_out,).
+Block = tuple[Any, ...]
+
+
+def step_torch(
+    plan: tuple[Block, ...],
+    h: torch.Tensor,  # (N, C_in) inputs of the first block
+    writes: tuple[torch.Tensor, ...],  # per layer (N,): ring row of time t
+    taps: tuple[torch.Tensor, ...],  # per layer (N, k): ring rows of the taps, oldest first
+) -> torch.Tensor:  # (N, C_last)
+    n = h.shape[0]
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
+        ring1.index_copy_(0, writes[2 * i], h)
+        a = _addmm_relu(b1, F.embedding(taps[2 * i], ring1).view(n, -1), w1)
+        ring2.index_copy_(0, writes[2 * i + 1], a)
+        a = _addmm_relu(b2, F.embedding(taps[2 * i + 1], ring2).view(n, -1), w2)
+        residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
+        h = a.add_(residual).relu_()
+    return h
+
+
+def step_numpy(
+    plan: tuple[Block, ...],
+    h: np.ndarray,  # (N, C_in)
+    writes: np.ndarray,  # (layers, N)
+    taps: np.ndarray,  # (layers, N, k)
+) -> np.ndarray:  # (N, C_last)
+    n = h.shape[0]
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
+        ring1[writes[2 * i]] = h
+        a = ring1.take(taps[2 * i], axis=0).reshape(n, -1) @ w1
+        a += b1
+        np.maximum(a, 0, out=a)
+        ring2[writes[2 * i + 1]] = a
+        out = ring2.take(taps[2 * i + 1], axis=0).reshape(n, -1) @ w2
+        out += b2
+        np.maximum(out, 0, out=out)
+        if downsample is None:
+            out += h
+        else:
+            out += h @ downsample[0]
+            out += downsample[1]
+        h = np.maximum(out, 0, out=out)
+    return h
+
+
+def numpy_view(plan: tuple[Block, ...]) -> tuple[Block, ...]:
+    """The same plan as numpy arrays sharing memory with the (CPU) tensors."""
+
+    def view(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return item.numpy()
+        if isinstance(item, tuple):
+            return tuple(view(x) for x in item)
+        return item
+
+    return view(plan)
