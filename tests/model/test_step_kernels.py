@@ -1,0 +1,68 @@
+"""The two step kernels and the two ways of computing ring rows agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import TCN, StreamPool, TCNConfig
+from model.step_kernels import NUMPY_MAX_MACS
+
+
+def _net(kernel_size: int = 3, channels=(6, 4, 4), vocab_size=None) -> TCN:
+    torch.manual_seed(1)
+    net = TCN(TCNConfig(3, channels, kernel_size, out_channels=2, vocab_size=vocab_size)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.4)
+    return net.fold_weight_norm()
+
+
+@pytest.mark.parametrize("vocab_size", [None, 5])
+def test_numpy_and_torch_kernels_agree_step_by_step(vocab_size):
+    net = _net(vocab_size=vocab_size)
+    pools = {k: StreamPool(net, 6, step_kernel=k) for k in ("numpy", "torch")}
+    slots = {k: [p.open() for _ in range(6)] for k, p in pools.items()}
+    gen = torch.Generator().manual_seed(0)
+    for t in range(40):
+        active = torch.randperm(6, generator=gen)[: 1 + t % 6].tolist()
+        if vocab_size:
+            x = torch.randint(0, vocab_size, (len(active),), generator=gen)
+        else:
+            x = torch.randn(len(active), 3, generator=gen)
+        ys = {k: pools[k].step([slots[k][i] for i in active], x) for k in pools}
+        torch.testing.assert_close(ys["numpy"], ys["torch"], atol=1e-5, rtol=1e-5)
+    for i in range(6):
+        torch.testing.assert_close(pools["numpy"].history(i), pools["torch"].history(i))
+
+
+def test_device_ring_rows_match_host_ring_rows():
+    # The on-device index arithmetic (used on CUDA) must equal the host version on any state.
+    pool = StreamPool(_net(kernel_size=4), 5)
+    for _ in range(5):
+        pool.open()
+    pool._positions[:] = [0, 3, 17, 250, 1001]
+    slots = np.array([4, 0, 2, 1])
+    host = pool._ring_rows(slots)
+    device = pool._device_ring_rows(slots)
+    for h, d in zip(host, device, strict=True):
+        np.testing.assert_array_equal(h, d.cpu().numpy())
+
+
+def test_auto_dispatch_threshold():
+    net = _net(channels=(64, 64))
+    pool = StreamPool(net, 4)
+    biggest = max(w.numel() for w in pool._matrices())
+    assert biggest == 3 * 64 * 64
+    assert pool.numpy_max_rows == NUMPY_MAX_MACS // biggest
+    assert StreamPool(net, 4, step_kernel="torch").numpy_max_rows == 0
+    assert StreamPool(net, 4, dtype=torch.bfloat16).numpy_max_rows == 0  # numpy has no bf16
+
+
+def test_bad_kernel_choices():
+    net = _net()
+    with pytest.raises(ValueError, match="step_kernel must be one of"):
+        StreamPool(net, 2, step_kernel="fast")
+    with pytest.raises(ValueError, match="numpy step kernel needs a CPU pool"):
+        StreamPool(net, 2, dtype=torch.float16, step_kernel="numpy")
