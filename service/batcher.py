@@ -5,6 +5,9 @@ pool, which is not thread-safe, has exactly one user and the event loop never ru
 Single-row steps of distinct streams queued within `max_batch_delay_s` of each other are
 advanced together by one `StreamPool.step`; anything else is one call in arrival order.
 Results travel back to the event loop with one `call_soon_threadsafe` per batch.
+
+Callers keep at most one job per stream in flight (the SessionManager's per-session lock); on
+top of that, the worker never puts two steps of one stream into one call and keeps their order.
 """
 
 from __future__ import annotations
@@ -100,20 +103,25 @@ class ModelWorker:
     # ----- the worker thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        carried: deque = deque()  # steps whose slot was already in the previous batch
+        carried: deque = deque()  # steps deferred because their stream was already in a batch
         stopping = False
         while not stopping:
-            job = carried.popleft() if carried else self._queue.get()
+            pending, carried = carried, deque()
+            job = pending.popleft() if pending else self._queue.get()
             if job is _STOP:
                 break
             if isinstance(job, _Call):
                 self._run_call(job)
+                carried = pending
                 continue
             batch, later = [job], []
             slots = {job.slot}
+            deferred_old: list = []  # from earlier rounds: older than anything still pending
+            deferred_new: list = []  # fresh from the queue: newer than everything pending
             deadline = time.perf_counter() + self._delay
             while len(batch) < self._max_batch:
-                nxt = carried.popleft() if carried else self._next_until(deadline)
+                from_pending = bool(pending)
+                nxt = pending.popleft() if from_pending else self._next_until(deadline)
                 if nxt is None:
                     break
                 if nxt is _STOP:
@@ -122,10 +130,12 @@ class ModelWorker:
                 if isinstance(nxt, _Step) and nxt.slot not in slots:
                     batch.append(nxt)
                     slots.add(nxt.slot)
-                elif isinstance(nxt, _Step):
-                    carried.append(nxt)  # never two steps of one stream in one call
+                elif isinstance(nxt, _Step):  # never two steps of one stream in one call
+                    (deferred_old if from_pending else deferred_new).append(nxt)
                 else:
                     later.append(nxt)  # other streams' calls; no ordering between them
+            # Deferred steps keep their arrival order, so each stream keeps its order.
+            carried = deque([*deferred_old, *pending, *deferred_new])
             self._run_steps(batch)
             for call in later:
                 self._run_call(call)

@@ -170,6 +170,15 @@ class ModelRegistry:
                 ),
                 metrics=metrics,
             )
+            # Create the per-model series now, so they read 0 (not absent) before any traffic.
+            metrics.step_batch_size.labels(name)
+            metrics.active_sessions.labels(name)
+            for counter in (
+                metrics.sessions_created,
+                metrics.sessions_expired,
+                metrics.sessions_deleted,
+            ):
+                counter.labels(name)
 
     @property
     def ready(self) -> bool:

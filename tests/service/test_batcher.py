@@ -1,0 +1,128 @@
+"""ModelWorker: single-row steps of distinct streams are advanced by one pool call."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from service.batcher import ModelWorker, WorkerStopped
+from service.metrics import Metrics
+
+
+class RecordingPool:
+    """Stands in for StreamPool: remembers each step call, answers slot + row."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.rows: list[list[float]] = []
+        self.fail = False
+
+    def step(self, slots, x):
+        if self.fail:
+            raise ValueError("bad rows")
+        self.calls.append(list(slots))
+        self.rows.append(np.asarray(x)[:, 0].tolist())
+        return torch.as_tensor(np.asarray(x)) + torch.tensor(slots, dtype=torch.float32)[:, None]
+
+
+async def held(worker: ModelWorker):
+    """Occupy the worker until the returned event is set, so later jobs queue up."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait(30)
+
+    blocker = asyncio.ensure_future(worker.call(hold))
+    await asyncio.to_thread(entered.wait, 30)
+    return gate, blocker
+
+
+async def until_queued(worker: ModelWorker, n: int) -> None:
+    for _ in range(100_000):
+        if worker._queue.qsize() >= n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{n} jobs never queued")
+
+
+@pytest.fixture
+def worker():
+    w = ModelWorker("m", Metrics(), max_batch_size=4, max_batch_delay_s=0.001)
+    w.pool = RecordingPool()
+    w.start()
+    yield w
+    asyncio.run(w.stop())
+
+
+@pytest.mark.asyncio
+async def test_queued_steps_become_one_call_up_to_max_batch(worker):
+    gate, blocker = await held(worker)
+    steps = [asyncio.ensure_future(worker.step(s, np.array([1.0], np.float32))) for s in range(6)]
+    await until_queued(worker, 6)
+    gate.set()
+    results = await asyncio.gather(*steps)
+    await blocker
+    assert results == [[1.0 + s] for s in range(6)]
+    assert worker.pool.calls == [[0, 1, 2, 3], [4, 5]]
+
+
+@pytest.mark.asyncio
+async def test_two_steps_of_one_stream_never_share_a_call(worker):
+    gate, blocker = await held(worker)
+    rows = [1.0, 5.0, 2.0, 3.0, 6.0, 4.0]
+    slots = [7, 3, 7, 7, 3, 7]
+    steps = [
+        asyncio.ensure_future(worker.step(s, np.array([r], np.float32)))
+        for s, r in zip(slots, rows, strict=True)
+    ]
+    await until_queued(worker, len(steps))
+    gate.set()
+    results = await asyncio.gather(*steps)
+    await blocker
+    assert results == [[r + s] for s, r in zip(slots, rows, strict=True)]
+    assert worker.pool.calls == [[7, 3], [7, 3], [7], [7]]
+    assert worker.pool.rows == [[1.0, 5.0], [2.0, 6.0], [3.0], [4.0]]  # each stream in order
+
+
+@pytest.mark.asyncio
+async def test_calls_run_in_order_and_errors_reach_every_caller(worker):
+    gate, blocker = await held(worker)
+    worker.pool.fail = True
+    steps = [asyncio.ensure_future(worker.step(s, np.array([0.0], np.float32))) for s in range(3)]
+    call = asyncio.ensure_future(worker.call(lambda: "done", op="other"))
+    await until_queued(worker, 4)
+    gate.set()
+    for step in steps:
+        with pytest.raises(ValueError, match="bad rows"):
+            await step
+    assert await call == "done"
+    await blocker
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_caller_does_not_break_the_batch(worker):
+    gate, blocker = await held(worker)
+    gone = asyncio.ensure_future(worker.step(1, np.array([0.0], np.float32)))
+    kept = asyncio.ensure_future(worker.step(2, np.array([0.0], np.float32)))
+    await until_queued(worker, 2)
+    gone.cancel()
+    gate.set()
+    assert await kept == [2.0]
+    await blocker
+    assert worker.pool.calls == [[1, 2]]  # the step was still applied: sessions record it
+
+
+@pytest.mark.asyncio
+async def test_stopped_worker_refuses_new_work():
+    w = ModelWorker("m", Metrics(), max_batch_size=4, max_batch_delay_s=0.0)
+    w.pool = RecordingPool()
+    w.start()
+    assert await w.call(lambda: 5) == 5
+    await w.stop()
+    with pytest.raises(WorkerStopped):
+        await w.call(lambda: 5)

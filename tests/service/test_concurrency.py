@@ -1,0 +1,209 @@
+"""Many sessions at once: order per session, micro-batching across sessions, safe cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.app import create_app
+from tests.service.conftest import (
+    assert_rows_close,
+    async_serving,
+    random_rows,
+    runtime_of,
+    serving,
+)
+
+
+async def expected_outputs(client, sequences: list) -> list:
+    r = await client.post("/v1/models/tiny/predict", json={"inputs": sequences})
+    assert r.status_code == 200
+    return r.json()["outputs"]
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf'^{name}{{model="tiny"}} (\S+)$', text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+@pytest.mark.asyncio
+async def test_interleaved_concurrent_sessions_equal_predict(make_settings):
+    rng = random.Random(0)
+    sequences = [random_rows(rng.randint(20, 45), seed=100 + i) for i in range(12)]
+    async with async_serving(create_app(make_settings())) as c:
+
+        async def stream(seq: list) -> list:
+            split = rng.randint(0, 5)
+            r = await c.post("/v1/sessions", json={"model": "tiny", "prefix": seq[:split]})
+            body = r.json()
+            outputs, position = list(body["outputs"]), split
+            while position < len(seq):
+                size = rng.choice([1, 1, 1, 1, 2, 3, 8])
+                chunk = seq[position : position + size]
+                r = await c.post(
+                    f"/v1/sessions/{body['session_id']}/steps",
+                    json={"inputs": chunk, "offset": position},
+                )
+                assert r.status_code == 200, r.text
+                outputs += r.json()["outputs"]
+                position += len(chunk)
+            return outputs
+
+        streamed = await asyncio.gather(*(stream(seq) for seq in sequences))
+        for got, want in zip(streamed, await expected_outputs(c, sequences), strict=True):
+            assert_rows_close(got, want)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_single_steps_are_served_by_fewer_model_calls(make_settings):
+    app = create_app(make_settings())
+    rows = [random_rows(1, seed=i) for i in range(16)]
+    async with async_serving(app) as c:
+        sids = []
+        for _ in rows:
+            sids.append((await c.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"])
+        worker = runtime_of(app).registry.get("tiny").worker
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold() -> None:  # occupy the worker so that all 16 steps are waiting together
+            entered.set()
+            gate.wait(30)
+
+        blocker = asyncio.ensure_future(worker.call(hold))
+        await asyncio.to_thread(entered.wait, 30)
+        before = (await c.get("/metrics")).text
+        pushes = [
+            asyncio.ensure_future(c.post(f"/v1/sessions/{sid}/steps", json={"inputs": row}))
+            for sid, row in zip(sids, rows, strict=True)
+        ]
+        for _ in range(100_000):
+            if worker._queue.qsize() >= len(rows):
+                break
+            await asyncio.sleep(0)
+        gate.set()
+        responses = await asyncio.gather(*pushes)
+        await blocker
+        after = (await c.get("/metrics")).text
+        calls = metric(after, "tcnserve_step_batch_size_count") - metric(
+            before, "tcnserve_step_batch_size_count"
+        )
+        streams = metric(after, "tcnserve_step_batch_size_sum") - metric(
+            before, "tcnserve_step_batch_size_sum"
+        )
+        assert streams == 16 and calls < 16
+        want = await expected_outputs(c, rows)
+        for r, expected in zip(responses, want, strict=True):
+            assert r.status_code == 200
+            assert_rows_close(r.json()["outputs"], expected)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_pushes_to_one_session_apply_one_at_a_time(make_settings):
+    rows = random_rows(6, seed=4)
+    async with async_serving(create_app(make_settings())) as c:
+        sid = (await c.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
+        url = f"/v1/sessions/{sid}/steps"
+        # Without offsets both apply, one after the other.
+        a, b = await asyncio.gather(
+            c.post(url, json={"inputs": rows[:1]}), c.post(url, json={"inputs": rows[:1]})
+        )
+        assert sorted([a.json()["position"], b.json()["position"]]) == [1, 2]
+        # The same push sent twice at once (a retry racing its original) applies once.
+        a, b = await asyncio.gather(
+            c.post(url, json={"inputs": rows[2:4], "offset": 2}),
+            c.post(url, json={"inputs": rows[2:4], "offset": 2}),
+        )
+        assert a.status_code == b.status_code == 200 and a.json() == b.json()
+        assert (await c.get(f"/v1/sessions/{sid}")).json()["position"] == 4
+
+
+@pytest.mark.asyncio
+async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_settings):
+    app = create_app(make_settings())
+    rows = random_rows(3, seed=8)
+    async with async_serving(app) as c:
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        session, _ = await sessions.create("anonymous", "tiny")
+        worker = runtime.registry.get("tiny").worker
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            gate.wait(30)
+
+        blocker = asyncio.ensure_future(worker.call(hold))
+        await asyncio.to_thread(entered.wait, 30)
+        lost = asyncio.ensure_future(sessions.push("anonymous", session.id, rows[:2], 0))
+        for _ in range(100_000):
+            if worker._queue.qsize() >= 1:
+                break
+            await asyncio.sleep(0)
+        lost.cancel()  # the client disconnected while its push waited for the model
+        gate.set()
+        await blocker
+        retry = await sessions.push("anonymous", session.id, rows[:2], 0)
+        assert retry.position == 2
+        rest = await sessions.push("anonymous", session.id, rows[2:], 2)
+        want = await expected_outputs(c, [rows])
+        assert_rows_close(retry.outputs + rest.outputs, want[0])
+
+
+@pytest.fixture(scope="module")
+def shared_client(tmp_path_factory):
+    from service.settings import Settings
+    from tests.service.conftest import TINY, write_model
+
+    directory = write_model(tmp_path_factory.mktemp("prop"), TINY, seed=1)
+    app = create_app(Settings(models={"tiny": directory}, max_sessions=8, sweep_interval_s=3600))
+    with serving(app) as c:
+        yield c
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_chunking_and_interleaving_equals_predict(shared_client, data):
+    client = shared_client
+    lengths = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=4), label="lengths")
+    plans = [
+        data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=length), label="chunks")
+        for length in lengths
+    ]
+    order = data.draw(st.permutations([i for i, p in enumerate(plans) for _ in p]), label="order")
+    sequences = [random_rows(n, seed=n * 7 + i) for i, n in enumerate(lengths)]
+    sids = [client.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"] for _ in plans]
+    positions = [0] * len(plans)
+    outputs: list[list] = [[] for _ in plans]
+    progress = [0] * len(plans)
+    try:
+        for i in order:
+            size = plans[i][progress[i]]
+            progress[i] += 1
+            chunk = sequences[i][positions[i] : positions[i] + size]
+            if not chunk:
+                continue
+            r = client.post(
+                f"/v1/sessions/{sids[i]}/steps", json={"inputs": chunk, "offset": positions[i]}
+            )
+            assert r.status_code == 200, r.text
+            outputs[i] += r.json()["outputs"]
+            positions[i] += len(chunk)
+        for i, seq in enumerate(sequences):
+            if positions[i] < len(seq):
+                r = client.post(
+                    f"/v1/sessions/{sids[i]}/steps", json={"inputs": seq[positions[i] :]}
+                )
+                outputs[i] += r.json()["outputs"]
+        r = client.post("/v1/models/tiny/predict", json={"inputs": sequences})
+        for got, want in zip(outputs, r.json()["outputs"], strict=True):
+            assert_rows_close(got, want)
+    finally:
+        for sid in sids:
+            client.delete(f"/v1/sessions/{sid}")

@@ -1,0 +1,260 @@
+"""The HTTP surface: probes, models, /predict, error bodies, request ids, body limits, docs."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from model import load_model
+from service.app import create_app
+from tests.service.conftest import (
+    TINY,
+    assert_rows_close,
+    predict,
+    random_rows,
+    runtime_of,
+    serving,
+    write_model,
+)
+
+
+def test_probes_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    models = client.get("/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["tiny"]
+    info = client.get("/v1/models/tiny").json()
+    assert info["receptive_field"] == TINY.receptive_field == 29
+    assert info["in_channels"] == 2 and info["out_channels"] == 2
+    assert info["channels"] == [6, 6, 5] and info["dilations"] == [1, 2, 4]
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["trained"] is False and info["task"] == "test"
+
+
+def test_models_report_metadata_and_evaluation(tmp_path, make_settings):
+    directory = write_model(
+        tmp_path / "m", TINY, seed=3, metadata={"task": "adding", "trained": True}
+    )
+    (directory / "metrics.json").write_text(json.dumps({"test_mse": 0.0012}))
+    with serving(create_app(make_settings(models={"adding": directory}))) as c:
+        info = c.get("/v1/models/adding").json()
+    assert info["trained"] is True and info["task"] == "adding"
+    assert info["evaluation"] == {"test_mse": 0.0012}
+
+
+def test_builtin_default_model_is_served_and_says_so():
+    from service.settings import Settings, default_model_dir
+
+    settings = Settings()
+    assert settings.models == {"default": default_model_dir()}
+    with serving(create_app(Settings(max_sessions=2))) as c:
+        info = c.get("/v1/models/default").json()
+        assert "trained" in info and info["metadata"]
+        out = predict(c, [[[0.5, 1.0], [0.2, 0.0]]], model="default")
+    assert len(out[0]) == 2
+
+
+def test_predict_matches_forward_for_ragged_batches(client, tiny_dir):
+    net = load_model(tiny_dir)
+    seqs = [random_rows(n, seed=n) for n in (1, 7, 40, 3, 40)]
+    outputs = predict(client, seqs)
+    last = predict(client, seqs, outputs="last")
+    for seq, out, tail in zip(seqs, outputs, last, strict=True):
+        expected = net(torch.tensor(seq).T[None])[0].T  # (1, C, T) -> (T, out)
+        assert_rows_close(out, expected.tolist())
+        assert_rows_close(tail, expected[-1:].tolist())
+
+
+def test_predict_token_model(make_settings, tokens_dir):
+    net = load_model(tokens_dir)
+    with serving(create_app(make_settings(models={"tok": tokens_dir}))) as c:
+        out = predict(c, [[[1], [6], [0], [3]]], model="tok")
+        bad = c.post("/v1/models/tok/predict", json={"inputs": [[[7]]]})
+        frac = c.post("/v1/models/tok/predict", json={"inputs": [[[1.5]]]})
+        info = c.get("/v1/models/tok").json()
+    expected = net(torch.tensor([[1, 6, 0, 3]]))[0].T
+    assert_rows_close(out[0], expected.tolist())
+    assert bad.status_code == 422 and "outside [0, 7)" in bad.json()["error"]["message"]
+    assert frac.status_code == 422
+    assert info["input"] == "token_ids" and info["vocab_size"] == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"inputs": []}, "at least 1"),
+        ({"inputs": [[]]}, "at least 1"),
+        ({"inputs": [[[1.0]]]}, "takes 2 per timestep"),
+        ({"inputs": [[[1.0, "2"]]]}, "valid number"),
+        ({"inputs": [[[1.0, True]]]}, "valid number"),
+        ({"inputs": [[[1.0, 2.0]]], "outputs": "first"}, "outputs"),
+        ({"inputs": [[[1.0, 2.0]]], "extra": 1}, "extra"),
+        ({"inputs": [[[1.0, 1e300]]]}, "finite"),
+    ],
+)
+def test_predict_rejects_bad_input(client, body, fragment):
+    r = client.post("/v1/models/tiny/predict", json=body)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "invalid_input" and fragment in error["message"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_predict_rejects_nan_literals(client, literal):
+    body = '{"inputs": [[[1.0, LITERAL]]]}'.replace("LITERAL", literal)
+    r = client.post(
+        "/v1/models/tiny/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and "finite" in r.json()["error"]["message"]
+
+
+def test_malformed_json_is_invalid_input(client):
+    r = client.post(
+        "/v1/models/tiny/predict", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+
+
+def test_unknown_model_and_route(client):
+    r = client.post("/v1/models/nope/predict", json={"inputs": [[[1.0, 2.0]]]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert client.get("/v1/models/nope").status_code == 404
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_timestep_limit_is_413(make_settings):
+    with serving(create_app(make_settings(max_timesteps_per_request=10))) as c:
+        r = c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(6, 1)] * 2})
+        ok = c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(5, 1)] * 2})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_timesteps"
+    assert ok.status_code == 200
+
+
+def test_body_limit_by_length_and_by_stream(make_settings):
+    with serving(create_app(make_settings(max_body_bytes=2048))) as c:
+        big = {"inputs": [random_rows(200, 1)]}
+        r = c.post("/v1/models/tiny/predict", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert r.headers["x-request-id"]
+
+        def chunks():  # no Content-Length: the limit must count the streamed body
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 500):
+                yield data[i : i + 500]
+
+        r = c.post(
+            "/v1/models/tiny/predict",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert (
+            c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(5, 1)]}).status_code
+            == 200
+        )
+
+
+def test_request_id_is_echoed_or_made(client):
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    made = client.get("/healthz").headers["x-request-id"]
+    assert len(made) == 32
+    assert (
+        client.get("/healthz", headers={"X-Request-ID": "bad id\t"}).headers["x-request-id"]
+        != "bad id\t"
+    )
+    assert client.get("/v1/models/nope").headers["x-request-id"]
+
+
+def test_unexpected_error_is_a_generic_500(client, monkeypatch):
+    entry = runtime_of(client.app).registry.get("tiny")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(entry, "info", boom)
+    r = client.get("/v1/models/tiny", headers={"X-Request-ID": "req-500"})
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal", "message": "internal server error"}}
+    assert r.headers["x-request-id"] == "req-500"
+
+
+def test_readyz_is_503_until_warmed_then_while_draining(make_settings):
+    app = create_app(make_settings())
+    entry = runtime_of(app).registry.get("tiny")
+    gate = threading.Event()
+    warm = entry._warm
+
+    def slow_warm() -> None:
+        gate.wait(30)
+        warm()
+
+    entry._warm = slow_warm  # type: ignore[method-assign]
+    with serving_unloaded(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert r.headers["retry-after"]
+        assert c.get("/healthz").status_code == 200
+        r = c.post("/v1/sessions", json={"model": "tiny"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        gate.set()
+        assert runtime_of(app).loaded.wait(30)
+        assert c.get("/readyz").status_code == 200
+        created = c.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+        runtime_of(app).start_draining()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        r = c.post("/v1/sessions", json={"model": "tiny"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        # Sessions already here keep working while the server drains.
+        r = c.post(f"/v1/sessions/{created}/steps", json={"inputs": [[0.0, 1.0]]})
+        assert r.status_code == 200
+
+
+def serving_unloaded(app):
+    """A TestClient that runs the lifespan without waiting for the models."""
+    return TestClient(app)
+
+
+def test_openapi_documents_the_api(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in (
+        "/v1/models",
+        "/v1/models/{name}",
+        "/v1/models/{name}/predict",
+        "/v1/sessions",
+        "/v1/sessions/{session_id}",
+        "/v1/sessions/{session_id}/steps",
+        "/v1/sessions/{session_id}/reset",
+    ):
+        assert path in paths
+    assert "StepRequest" in spec["components"]["schemas"]
+
+
+def test_metrics_are_exposed(client):
+    predict(client, [random_rows(5, 1)])
+    sid = client.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+    client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 1.0]]})
+    text = client.get("/metrics").text
+    for name in (
+        "tcnserve_requests_total",
+        "tcnserve_request_duration_seconds_bucket",
+        "tcnserve_timesteps_total",
+        "tcnserve_active_sessions",
+        "tcnserve_sessions_created_total",
+        "tcnserve_sessions_expired_total",
+        "tcnserve_sessions_deleted_total",
+        "tcnserve_step_batch_size_bucket",
+        "tcnserve_batch_queue_delay_seconds_bucket",
+        "tcnserve_model_compute_seconds_bucket",
+    ):
+        assert name in text, name
+    assert sid not in text  # no session-id labels
+    assert 'route="/v1/sessions/{session_id}/steps"' in text

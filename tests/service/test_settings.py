@@ -1,0 +1,75 @@
+"""Settings: environment parsing and refusal of unsafe or contradictory values."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from service.settings import Settings, default_model_dir
+
+
+def test_defaults_serve_the_builtin_model(monkeypatch):
+    settings = Settings()
+    assert settings.models == {"default": default_model_dir()}
+    assert (default_model_dir() / "config.json").is_file()
+    assert settings.host == "127.0.0.1" and settings.max_timesteps_per_request == 100_000
+    assert settings.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_environment_with_prefix(monkeypatch, tiny_dir, tokens_dir):
+    monkeypatch.setenv("TCNSERVE_MODELS", f"a={tiny_dir},b={tokens_dir}")
+    monkeypatch.setenv("TCNSERVE_API_KEYS", "k" * 16 + ",m" * 1 + "x" * 15)
+    monkeypatch.setenv("TCNSERVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("TCNSERVE_DEVICE", "cpu")
+    settings = Settings()
+    assert set(settings.models) == {"a", "b"} and settings.max_batch_size == 7
+    assert settings.api_key_values() == ["k" * 16, "m" + "x" * 15]
+    assert "kkkk" not in repr(settings)
+    monkeypatch.setenv("TCNSERVE_MODELS", f'{{"only": "{tiny_dir}"}}')
+    monkeypatch.setenv("TCNSERVE_API_KEYS", '["' + "z" * 20 + '"]')
+    settings = Settings()
+    assert list(settings.models) == ["only"] and settings.api_key_values() == ["z" * 20]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
+        ({"max_batch_delay_ms": -1}, "max_batch_delay_ms"),
+        ({"api_keys": ["short"]}, "at least 16 characters"),
+        ({"api_keys": ["x" * 16, "x" * 16]}, "duplicate"),
+        ({"models": {"m": "/does/not/exist"}}, "no config.json"),
+        ({"models": {"bad name": "."}}, "invalid model name"),
+        ({"models": {}}, "at least one model"),
+        ({"session_ttl_s": 100, "max_session_ttl_s": 10}, "exceeds max_session_ttl_s"),
+        ({"max_sessions": 0}, "max_sessions"),
+        ({"device": "tpu"}, "device"),
+        ({"max_timesteps_per_request": 0}, "max_timesteps_per_request"),
+        ({"unknown_setting": 1}, "unknown_setting"),
+    ],
+)
+def test_unsafe_settings_refuse_to_start(overrides, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        Settings(**overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cuda_without_a_gpu_refuses():
+    with pytest.raises(ValidationError, match="no CUDA GPU"):
+        Settings(device="cuda")
+    with pytest.raises(ValidationError, match="float16 needs device cuda"):
+        Settings(dtype="float16")
+    assert Settings(device="auto").resolved_device() == "cpu"
+
+
+def test_public_bind_without_keys_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="service.settings"):
+        Settings(host="0.0.0.0")
+    assert "no API keys" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="service.settings"):
+        Settings(host="0.0.0.0", api_keys=["q" * 16])
+    assert "no API keys" not in caplog.text
