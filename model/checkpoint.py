@@ -55,11 +55,19 @@ def load_model(
     config, _ = read_checkpoint_info(directory)
     net = TCN(config).fold_weight_norm()
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or reshaped:
         raise ValueError(
-            f"{directory}: weights do not match config.json "
-            f"(missing: {sorted(missing)}, unexpected: {sorted(unexpected)})"
+            f"{directory}: weights do not match config.json (missing: {missing}, "
+            f"unexpected: {unexpected}, shape mismatches: {reshaped})"
         )
+    net.load_state_dict(state)
     net = net.to(device=device, dtype=dtype) if dtype is not None else net.to(device)
     return net.eval().requires_grad_(False)

@@ -117,13 +117,15 @@ class StreamPool:
         k = cfg.kernel_size
 
         def layer(conv: torch.nn.Conv1d, dilation: int) -> _CausalLayer:
-            w = conv.weight.detach().to(dev, dt)  # (C_out, C_in, k); folds weight norm if present
+            w = conv.weight.detach().to(
+                dev, dt, copy=True
+            )  # (C_out, C_in, k); folds weight norm if present
             c_out, c_in, _ = w.shape
             ring_len = (k - 1) * dilation + 1
             return _CausalLayer(
                 conv_weight=w.contiguous(),
                 step_weight=w.permute(2, 1, 0).reshape(k * c_in, c_out).contiguous(),
-                bias=conv.bias.detach().to(dev, dt).contiguous(),
+                bias=conv.bias.detach().to(dev, dt, copy=True).contiguous(),
                 dilation=dilation,
                 ring=torch.zeros(self.capacity * ring_len, c_in, device=dev, dtype=dt),
                 ring_len=ring_len,
@@ -135,8 +137,8 @@ class StreamPool:
             ds = None
             if block.downsample is not None:
                 ds = (
-                    block.downsample.weight.detach()[:, :, 0].T.to(dev, dt).contiguous(),
-                    block.downsample.bias.detach().to(dev, dt),
+                    block.downsample.weight.detach()[:, :, 0].T.to(dev, dt, copy=True).contiguous(),
+                    block.downsample.bias.detach().to(dev, dt, copy=True),
                 )
             blocks.append(_Block(layer(block.conv1, dilation), layer(block.conv2, dilation), ds))
         self._blocks: tuple[_Block, ...] = tuple(blocks)
@@ -161,7 +163,9 @@ class StreamPool:
             for b in self._blocks
         )
         self._embedding = (
-            net.embedding.weight.detach().to(dev, dt) if net.embedding is not None else None
+            net.embedding.weight.detach().to(dev, dt, copy=True)
+            if net.embedding is not None
+            else None
         )
         # The last R - 1 raw inputs of each stream: all a stream's future outputs depend on,
         # so they rebuild its state anywhere (see `history`). Token models keep the ids.
@@ -175,8 +179,8 @@ class StreamPool:
         self._head = None
         if net.head is not None:
             self._head = (
-                net.head.weight.detach().T.to(dev, dt).contiguous(),
-                net.head.bias.detach().to(dev, dt),
+                net.head.weight.detach().T.to(dev, dt, copy=True).contiguous(),
+                net.head.bias.detach().to(dev, dt, copy=True),
             )
 
     def _matrices(self) -> list[torch.Tensor]:
@@ -243,6 +247,7 @@ class StreamPool:
     def is_open(self, slot: int) -> bool:
         return (
             isinstance(slot, (int, np.integer))
+            and not isinstance(slot, (bool, np.bool_))
             and 0 <= slot < self.capacity
             and bool(self._open[slot])
         )

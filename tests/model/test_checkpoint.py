@@ -187,11 +187,6 @@ def test_weights_that_do_not_match_the_config(checkpoint: Path, edit, message: s
         load_model(checkpoint)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_model turns only missing/unexpected keys into its ValueError; any tensor "
-    "shape mismatch escapes as torch's RuntimeError from load_state_dict(strict=False)",
-)
 @pytest.mark.parametrize(
     "edit",
     [

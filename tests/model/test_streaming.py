@@ -628,11 +628,6 @@ def test_double_close_does_not_free_the_slot_twice() -> None:
         scene.pool.open()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bool slot reaches numpy boolean indexing in StreamPool.is_open and raises a bare "
-    "'truth value of an array is ambiguous' ValueError instead of SlotError",
-)
 def test_bool_slot_is_refused_with_slot_error() -> None:
     scene = Scene(FLOAT_CONFIG)
     with pytest.raises(SlotError):
@@ -716,12 +711,6 @@ def test_numpy_and_list_inputs_are_accepted() -> None:
     torch.testing.assert_close(torch.cat(y), full_forward(net, seq), **TOL32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamPool aliases the net's folded conv weights and biases instead of copying "
-    "them: an in-place update of the net afterwards changes push (conv weight + bias) and "
-    "step (bias only), so the two paths disagree and the fingerprint goes stale",
-)
 def test_pool_snapshots_weights_at_construction() -> None:
     config = TCNConfig(in_channels=2, channels=[3, 3], kernel_size=3)
     net = random_net(config, seed=0)
