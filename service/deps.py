@@ -1,7 +1,13 @@
-"""FastAPI dependencies as Annotated aliases, so handlers take plain typed parameters."""
+"""FastAPI dependencies as Annotated aliases, so handlers take plain typed parameters.
+
+Every /v1 handler takes one `CallerDep`: the API key is checked first (401), then readiness
+(503). They are `async def` because they never block: FastAPI runs a plain `def` dependency in
+its threadpool, a thread hop per request.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -15,44 +21,39 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_owner(
-    runtime: RuntimeDep,
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated request to a ready server: who asks, and what serves them."""
+
+    owner: str
+    runtime: Runtime
+
+    @property
+    def sessions(self) -> SessionManager:
+        return self.runtime.sessions
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.runtime.registry
+
+
+async def get_caller(
+    request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key_header)],
-) -> str:
-    """The owner id of the request's API key (Unauthorized when keys are on and it is wrong)."""
+) -> Caller:
+    runtime: Runtime = request.app.state.runtime
     authorization = f"Bearer {bearer.credentials}" if bearer is not None else None
-    return runtime.api_keys.owner(authorization, api_key)
-
-
-OwnerDep = Annotated[str, Depends(get_owner)]
-
-
-def get_ready_runtime(runtime: RuntimeDep) -> Runtime:
+    owner = runtime.api_keys.owner(authorization, api_key)
     runtime.check_ready()
-    return runtime
+    return Caller(owner, runtime)
 
 
-ReadyRuntimeDep = Annotated[Runtime, Depends(get_ready_runtime)]
-
-
-def get_registry(runtime: ReadyRuntimeDep) -> ModelRegistry:
-    return runtime.registry
-
-
-def get_sessions(runtime: ReadyRuntimeDep) -> SessionManager:
-    return runtime.sessions
-
-
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-SessionsDep = Annotated[SessionManager, Depends(get_sessions)]
-
-# Every /v1 route: the API key first (401 before anything else), then readiness (503).
-V1_DEPENDENCIES = [Depends(get_owner), Depends(get_ready_runtime)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import V1_DEPENDENCIES, RegistryDep
+from service.deps import CallerDep
 from service.http_errors import ERROR_RESPONSES
 from service.schemas import ModelInfo, ModelList
 
-router = APIRouter(
-    prefix="/v1/models", tags=["models"], dependencies=V1_DEPENDENCIES, responses=ERROR_RESPONSES
-)
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("", response_model=ModelList, summary="List the served models")
-async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(models=[ModelInfo(**entry.info()) for entry in registry.entries()])
+async def list_models(caller: CallerDep) -> ModelList:
+    return ModelList(models=[ModelInfo(**entry.info()) for entry in caller.registry.entries()])
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="Describe one model")
-async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
-    return ModelInfo(**registry.get(name).info())
+async def get_model(name: str, caller: CallerDep) -> ModelInfo:
+    return ModelInfo(**caller.registry.get(name).info())

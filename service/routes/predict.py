@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import V1_DEPENDENCIES, ReadyRuntimeDep
+from service.deps import CallerDep
 from service.http_errors import ERROR_RESPONSES
 from service.inputs import check_timesteps, decode_rows
 from service.schemas import PredictRequest, PredictResponse
 
-router = APIRouter(
-    prefix="/v1/models", tags=["models"], dependencies=V1_DEPENDENCIES, responses=ERROR_RESPONSES
-)
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Run whole sequences")
-async def predict(name: str, body: PredictRequest, runtime: ReadyRuntimeDep) -> PredictResponse:
-    entry = runtime.registry.get(name)
-    limit = runtime.settings.max_timesteps_per_request
+async def predict(name: str, body: PredictRequest, caller: CallerDep) -> PredictResponse:
+    entry = caller.registry.get(name)
+    limit = caller.runtime.settings.max_timesteps_per_request
     check_timesteps(sum(len(seq) for seq in body.inputs), limit)
     sequences = [
         decode_rows(seq, entry.config, entry.input_dtype, f"inputs[{i}]")

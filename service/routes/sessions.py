@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from service.deps import V1_DEPENDENCIES, OwnerDep, ReadyRuntimeDep, SessionsDep
+from service.deps import CallerDep
 from service.http_errors import ERROR_RESPONSES
 from service.schemas import (
     CreateSessionRequest,
@@ -15,12 +15,7 @@ from service.schemas import (
 )
 from service.sessions import Session
 
-router = APIRouter(
-    prefix="/v1/sessions",
-    tags=["sessions"],
-    dependencies=V1_DEPENDENCIES,
-    responses=ERROR_RESPONSES,
-)
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
 
 
 def _info(session: Session) -> SessionInfo:
@@ -42,12 +37,10 @@ def _info(session: Session) -> SessionInfo:
     response_model_exclude_none=True,
     summary="Open a session, optionally warmed by prefix rows",
 )
-async def create_session(
-    body: CreateSessionRequest, owner: OwnerDep, runtime: ReadyRuntimeDep
-) -> SessionCreated:
-    runtime.check_accepting()
-    session, outputs = await runtime.sessions.create(
-        owner, body.model, body.session_id, body.ttl_s, body.prefix or ()
+async def create_session(body: CreateSessionRequest, caller: CallerDep) -> SessionCreated:
+    caller.runtime.check_accepting()
+    session, outputs = await caller.sessions.create(
+        caller.owner, body.model, body.session_id, body.ttl_s, body.prefix or ()
     )
     return SessionCreated(
         session_id=session.id,
@@ -59,24 +52,22 @@ async def create_session(
 
 
 @router.post("/{session_id}/steps", response_model=StepResponse, summary="Push rows")
-async def push_steps(
-    session_id: str, body: StepRequest, owner: OwnerDep, sessions: SessionsDep
-) -> StepResponse:
-    result = await sessions.push(owner, session_id, body.inputs, body.offset)
+async def push_steps(session_id: str, body: StepRequest, caller: CallerDep) -> StepResponse:
+    result = await caller.sessions.push(caller.owner, session_id, body.inputs, body.offset)
     return StepResponse(outputs=result.outputs, position=result.position)
 
 
 @router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")
-async def get_session(session_id: str, owner: OwnerDep, sessions: SessionsDep) -> SessionInfo:
-    return _info(await sessions.get(owner, session_id))
+async def get_session(session_id: str, caller: CallerDep) -> SessionInfo:
+    return _info(await caller.sessions.get(caller.owner, session_id))
 
 
 @router.post("/{session_id}/reset", response_model=SessionInfo, summary="Back to position 0")
-async def reset_session(session_id: str, owner: OwnerDep, sessions: SessionsDep) -> SessionInfo:
-    return _info(await sessions.reset(owner, session_id))
+async def reset_session(session_id: str, caller: CallerDep) -> SessionInfo:
+    return _info(await caller.sessions.reset(caller.owner, session_id))
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Close a session")
-async def delete_session(session_id: str, owner: OwnerDep, sessions: SessionsDep) -> Response:
-    await sessions.delete(owner, session_id)
+async def delete_session(session_id: str, caller: CallerDep) -> Response:
+    await caller.sessions.delete(caller.owner, session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
