@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response, status
 
 from service.deps import CallerDep
+from service.errors import InvalidInput
 from service.http_errors import ERROR_RESPONSES
 from service.schemas import (
     CreateSessionRequest,
@@ -37,10 +40,25 @@ def _info(session: Session) -> SessionInfo:
     response_model_exclude_none=True,
     summary="Open a session, optionally warmed by prefix rows",
 )
-async def create_session(body: CreateSessionRequest, caller: CallerDep) -> SessionCreated:
+async def create_session(
+    body: CreateSessionRequest,
+    caller: CallerDep,
+    x_session_id: Annotated[
+        str | None,
+        Header(
+            alias="X-Session-ID",
+            description="the session id to use (as a consistent-hash proxy routes by it)",
+        ),
+    ] = None,
+) -> SessionCreated:
     caller.runtime.check_accepting()
+    if body.session_id and x_session_id and body.session_id != x_session_id:
+        raise InvalidInput(
+            "session_id in the body differs from the X-Session-ID header; behind a proxy, "
+            "send the id you choose as X-Session-ID (the proxy routes by it)"
+        )
     session, outputs = await caller.sessions.create(
-        caller.owner, body.model, body.session_id, body.ttl_s, body.prefix or ()
+        caller.owner, body.model, body.session_id or x_session_id, body.ttl_s, body.prefix or ()
     )
     return SessionCreated(
         session_id=session.id,

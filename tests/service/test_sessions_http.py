@@ -61,6 +61,19 @@ def test_client_chosen_id_and_conflict(client):
         assert r.status_code == 422, bad
 
 
+def test_session_id_from_the_x_session_id_header(client):
+    r = client.post("/v1/sessions", json={"model": "tiny"}, headers={"X-Session-ID": "routed-0001"})
+    assert r.status_code == 201 and r.json()["session_id"] == "routed-0001"
+    same = {"model": "tiny", "session_id": "routed-0002"}
+    r = client.post("/v1/sessions", json=same, headers={"X-Session-ID": "routed-0002"})
+    assert r.status_code == 201
+    other = {"model": "tiny", "session_id": "routed-0003"}
+    r = client.post("/v1/sessions", json=other, headers={"X-Session-ID": "routed-0004"})
+    assert r.status_code == 422 and "X-Session-ID" in r.json()["error"]["message"]
+    r = client.post("/v1/sessions", json={"model": "tiny"}, headers={"X-Session-ID": "bad id"})
+    assert r.status_code == 422
+
+
 def test_replay_of_the_last_push_is_not_applied_twice(client):
     rows = random_rows(8, seed=9)
     sid = open_session(client)["session_id"]
