@@ -14,9 +14,7 @@ import hashlib
 import logging
 import re
 import secrets
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,48 +31,12 @@ from service.errors import (
 from service.inputs import check_timesteps, decode_rows
 from service.metrics import Metrics
 from service.registry import ModelEntry, ModelRegistry
+from service.session_state import AppliedPush, PushResult, RecentIds, Session, keep_last
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Clock = Callable[[], float]
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
-
-
-@dataclass(frozen=True)
-class AppliedPush:
-    """The last push a session applied, kept so that its exact retry is answered again."""
-
-    offset: int
-    length: int
-    digest: bytes
-    outputs: list[list[float]]
-
-
-@dataclass
-class Session:
-    id: str
-    owner: str
-    model: str
-    ttl_s: float
-    created_at: float
-    last_used_at: float
-    slot: int = -1
-    position: int = 0
-    # The last min(position, R - 1) input rows: the whole state a TCN keeps (snapshot/restore).
-    tail: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    last_push: AppliedPush | None = None
-    closed: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def expires_at(self) -> float:
-        return self.last_used_at + self.ttl_s
-
-
-@dataclass(frozen=True)
-class PushResult:
-    outputs: list[list[float]]
-    position: int
 
 
 class SessionManager:
@@ -98,10 +60,9 @@ class SessionManager:
         self._default_ttl = default_ttl_s
         self._max_ttl = max_ttl_s
         self._max_timesteps = max_timesteps
-        self._expired_memory = expired_memory
         self._retry_after = retry_after_s
         self._sessions: dict[tuple[str, str], Session] = {}
-        self._expired: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._expired = RecentIds(expired_memory)
         self._tasks: set[asyncio.Task] = set()
 
     def __len__(self) -> int:
@@ -135,7 +96,7 @@ class SessionManager:
         session = Session(session_id, owner, model, ttl, created_at=now, last_used_at=now)
         session.tail = x[:0]
         self._sessions[key] = session  # reserve the id before the first await
-        self._expired.pop(key, None)
+        self._expired.discard(key)
         return await self._shielded(self._open(session, entry, x))
 
     async def push(
@@ -268,7 +229,7 @@ class SessionManager:
         start = session.position
         outputs = await entry.advance(session.slot, x)
         session.position = start + len(x)
-        session.tail = _keep_last(session.tail, x, entry.config.receptive_field - 1)
+        session.tail = keep_last(session.tail, x, entry.config.receptive_field - 1)
         session.last_push = AppliedPush(start, len(x), digest, outputs)
         session.last_used_at = self._clock()
         return PushResult(outputs, session.position)
@@ -282,11 +243,8 @@ class SessionManager:
             counter = self._metrics.sessions_expired if expired else self._metrics.sessions_deleted
             counter.labels(session.model).inc()
         self._metrics.active_sessions.labels(session.model).dec()
-        if expired and self._expired_memory:
-            self._expired[key] = None
-            self._expired.move_to_end(key)
-            while len(self._expired) > self._expired_memory:
-                self._expired.popitem(last=False)
+        if expired:
+            self._expired.add(key)
         if session.slot >= 0:
             await self._registry.get(session.model).close_stream(session.slot)
 
@@ -297,14 +255,6 @@ class SessionManager:
         self._tasks.add(task)
         task.add_done_callback(_forget(self._tasks))
         return await asyncio.shield(task)
-
-
-def _keep_last(tail: np.ndarray, x: np.ndarray, keep: int) -> np.ndarray:
-    if keep <= 0:
-        return tail[:0]
-    if len(x) >= keep:
-        return x[len(x) - keep :].copy()
-    return np.concatenate([tail[max(0, len(tail) + len(x) - keep) :], x])
 
 
 def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:

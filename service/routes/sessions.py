@@ -16,7 +16,7 @@ from service.schemas import (
     StepRequest,
     StepResponse,
 )
-from service.sessions import Session
+from service.session_state import Session
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
 

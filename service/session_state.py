@@ -1,0 +1,80 @@
+"""What a session is: its state, its last applied push, and the memory of expired ids."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AppliedPush:
+    """The last push a session applied, kept so that its exact retry is answered again."""
+
+    offset: int
+    length: int
+    digest: bytes
+    outputs: list[list[float]]
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    model: str
+    ttl_s: float
+    created_at: float
+    last_used_at: float
+    slot: int = -1
+    position: int = 0
+    # The last min(position, R - 1) input rows: the whole state a TCN keeps (snapshot/restore).
+    tail: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    last_push: AppliedPush | None = None
+    closed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_used_at + self.ttl_s
+
+
+@dataclass(frozen=True)
+class PushResult:
+    outputs: list[list[float]]
+    position: int
+
+
+class RecentIds:
+    """A bounded set that forgets its oldest entries: expired ids answer 410, not forever."""
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._ids: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, key: tuple[str, str]) -> None:
+        if self._capacity <= 0:
+            return
+        self._ids[key] = None
+        self._ids.move_to_end(key)
+        while len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+    def discard(self, key: tuple[str, str]) -> None:
+        self._ids.pop(key, None)
+
+
+def keep_last(tail: np.ndarray, x: np.ndarray, keep: int) -> np.ndarray:
+    """The last `keep` rows of tail + x."""
+    if keep <= 0:
+        return tail[:0]
+    if len(x) >= keep:
+        return x[len(x) - keep :].copy()
+    return np.concatenate([tail[max(0, len(tail) + len(x) - keep) :], x])
