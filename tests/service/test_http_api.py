@@ -76,8 +76,14 @@ def test_predict_token_model(make_settings, tokens_dir):
         bad = c.post("/v1/models/tok/predict", json={"inputs": [[[7]]]})
         frac = c.post("/v1/models/tok/predict", json={"inputs": [[[1.5]]]})
         info = c.get("/v1/models/tok").json()
+        created = c.post("/v1/sessions", json={"model": "tok", "prefix": [[1]]}).json()
+        url = f"/v1/sessions/{created['session_id']}/steps"
+        streamed = created["outputs"] + c.post(url, json={"inputs": [[6]]}).json()["outputs"]
+        streamed += c.post(url, json={"inputs": [[0], [3]]}).json()["outputs"]
+        assert c.post(url, json={"inputs": [[9]]}).status_code == 422
     expected = net(torch.tensor([[1, 6, 0, 3]]))[0].T
     assert_rows_close(out[0], expected.tolist())
+    assert_rows_close(streamed, expected.tolist())
     assert bad.status_code == 422 and "outside [0, 7)" in bad.json()["error"]["message"]
     assert frac.status_code == 422
     assert info["input"] == "token_ids" and info["vocab_size"] == 7
