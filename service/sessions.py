@@ -188,12 +188,14 @@ class SessionManager:
             try:
                 session.slot = await entry.open_stream()
             except PoolFullError:
+                session.closed = True  # for any push that queued on the lock meanwhile
                 del self._sessions[key]
                 raise CapacityExceeded(
                     f"model {entry.name!r} has all {entry.capacity} session slots in use",
                     self._retry_after,
                 ) from None
             except BaseException:
+                session.closed = True
                 del self._sessions[key]
                 raise
             self._metrics.active_sessions.labels(entry.name).inc()
