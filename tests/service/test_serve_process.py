@@ -107,3 +107,40 @@ def test_unsafe_settings_exit_with_a_clear_message():
     )
     assert result.returncode == 2
     assert "refusing to start: max_batch_size must be >= 1" in result.stderr
+
+
+def test_sigterm_drains_then_exits(tiny_dir, tmp_path):
+    port = free_port()
+    with (tmp_path / "server.log").open("w") as log:
+        process = subprocess.Popen(
+            [
+                *serve_command(),
+                "--port",
+                str(port),
+                "--model",
+                f"tiny={tiny_dir}",
+                "--drain-s",
+                "2",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process)
+            sid = httpx.post(f"{url}/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+            process.send_signal(signal.SIGTERM)
+            for _ in range(100):  # the signal is handled asynchronously: wait for it
+                ready = httpx.get(f"{url}/readyz")
+                if ready.status_code == 503:
+                    break
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
+            r = httpx.post(f"{url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 1.0]]})
+            assert r.status_code == 200  # its sessions are still served while draining
+            assert httpx.post(f"{url}/v1/sessions", json={"model": "tiny"}).status_code == 503
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
