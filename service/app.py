@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from service import http_errors
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import health, models, predict, sessions
+from service.routes import health, models, predict, sessions, stream
 from service.runtime import Runtime
 from service.sessions import Clock
 from service.settings import Settings
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     app = FastAPI(title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     http_errors.install(app)
-    for module in (health, models, predict, sessions):
+    for module in (health, models, predict, sessions, stream):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)  # outermost of ours

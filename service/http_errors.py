@@ -51,6 +51,31 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+# WebSocket: errors that end the stream close the socket with these codes (documented in
+# docs/streaming.md); any other error is answered as an error message and the socket stays open.
+CLOSE_CODES: dict[type[errors.ServiceError], int] = {
+    errors.Unauthorized: 4401,
+    errors.SessionNotFound: 4404,
+    errors.ModelNotFound: 4404,
+    errors.SessionExpired: 4410,
+    errors.CapacityExceeded: 4429,
+    errors.Draining: 1001,
+    errors.NotReady: 1013,
+}
+CLOSE_INTERNAL_ERROR = 1011
+
+
+def websocket_close_code(error: errors.ServiceError) -> int | None:
+    """The close code for an error that ends a WebSocket stream, else None."""
+    return next((CLOSE_CODES[c] for c in type(error).__mro__ if c in CLOSE_CODES), None)
+
+
+def websocket_error(error: errors.ServiceError) -> dict[str, Any]:
+    """The error message a WebSocket stream answers with (the HTTP error body)."""
+    extra = {"position": error.position} if isinstance(error, errors.OffsetConflict) else {}
+    return error_body(error.code, error.message, **extra)
+
+
 def error_response(error: errors.ServiceError) -> JSONResponse:
     status = next((STATUS[c] for c in type(error).__mro__ if c in STATUS), 500)
     extra: dict[str, Any] = {}

@@ -32,6 +32,22 @@ def decode_rows(
     return array
 
 
+def check_array(x: np.ndarray, config: TCNConfig, dtype: np.dtype, what: str) -> np.ndarray:
+    """Already-decoded (T, in_channels) rows (a binary frame): width, finiteness, dtype."""
+    if config.vocab_size is not None:
+        raise InvalidInput(
+            f"{what}: binary frames carry float32 rows; this model takes token ids, so send "
+            "text frames"
+        )
+    if x.ndim != 2 or x.shape[1] != config.in_channels or len(x) == 0:
+        raise InvalidInput(
+            f"{what}: expected rows of {config.in_channels} values, got shape {x.shape}"
+        )
+    if not np.isfinite(x).all():
+        raise InvalidInput(f"{what}: values must be finite (no NaN or Inf)")
+    return x.astype(dtype, copy=False)
+
+
 def _decode_tokens(rows: Sequence[Sequence[float]], vocab_size: int, what: str) -> np.ndarray:
     ids = []
     for t, row in enumerate(rows):

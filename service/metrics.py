@@ -73,6 +73,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.websocket_connections = Gauge(
+            "tcnserve_websocket_connections", "Open WebSocket streams", registry=r
+        )
+        self.websocket_messages = Counter(
+            "tcnserve_websocket_messages",
+            "WebSocket pushes answered, by frame kind and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.models_ready = Gauge(
             "tcnserve_models_ready", "1 once every model is loaded and warmed", registry=r
         )

@@ -117,9 +117,20 @@ class ModelEntry:
             self.state_bytes_per_stream / 1024,
         )
 
-    async def open_stream(self) -> int:
-        """A fresh pool slot (PoolFullError when none is free)."""
-        return await self.worker.call(lambda: self.worker.pool.open(), op="open")
+    async def open_stream(self, position: int = 0) -> int:
+        """A fresh pool slot at `position` (PoolFullError when none is free)."""
+        return await self.worker.call(lambda: self.worker.pool.open(position), op="open")
+
+    async def stream_history(self, slot: int) -> np.ndarray:
+        """The stream's last min(position, R - 1) inputs, oldest first: its snapshot."""
+
+        def history() -> np.ndarray:
+            rows = self.worker.pool.history(slot)
+            if rows.dtype == torch.int64:  # token ids
+                return rows.numpy()
+            return rows.to(torch.float64 if self.dtype == torch.float64 else torch.float32).numpy()
+
+        return await self.worker.call(history, op="history")
 
     async def close_stream(self, slot: int) -> None:
         await self.worker.call(lambda: self.worker.pool.close(slot), op="close")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Strict: a number, never a string or a bool; finite: Python's json accepts NaN and Infinity.
 Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -32,6 +32,18 @@ class PredictResponse(BaseModel):
     outputs: list[Rows] = Field(description="per sequence, its output rows")
 
 
+class SnapshotIn(_Request):
+    position: int = Field(ge=0, strict=True, description="the position to continue from")
+    inputs: Rows = Field(description="exactly the last min(position, receptive_field - 1) rows")
+
+
+class Snapshot(BaseModel):
+    session_id: str
+    model: str
+    position: int
+    inputs: Rows = Field(description="the last min(position, receptive_field - 1) input rows")
+
+
 class CreateSessionRequest(_Request):
     model: str = "default"
     session_id: str | None = Field(
@@ -39,6 +51,15 @@ class CreateSessionRequest(_Request):
     )
     ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="idle timeout")
     prefix: Rows | None = Field(None, description="history rows that warm the state")
+    snapshot: SnapshotIn | None = Field(
+        None, description="rebuild a session at a position from its last inputs (not with prefix)"
+    )
+
+    @model_validator(mode="after")
+    def _prefix_or_snapshot(self) -> CreateSessionRequest:
+        if self.prefix is not None and self.snapshot is not None:
+            raise ValueError("give either prefix or snapshot, not both")
+        return self
 
 
 class SessionCreated(BaseModel):

@@ -6,8 +6,6 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class AppliedPush:
@@ -29,8 +27,6 @@ class Session:
     last_used_at: float
     slot: int = -1
     position: int = 0
-    # The last min(position, R - 1) input rows: the whole state a TCN keeps (snapshot/restore).
-    tail: np.ndarray = field(default_factory=lambda: np.zeros(0))
     last_push: AppliedPush | None = None
     closed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -69,12 +65,3 @@ class RecentIds:
 
     def discard(self, key: tuple[str, str]) -> None:
         self._ids.pop(key, None)
-
-
-def keep_last(tail: np.ndarray, x: np.ndarray, keep: int) -> np.ndarray:
-    """The last `keep` rows of tail + x."""
-    if keep <= 0:
-        return tail[:0]
-    if len(x) >= keep:
-        return x[len(x) - keep :].copy()
-    return np.concatenate([tail[max(0, len(tail) + len(x) - keep) :], x])

@@ -28,10 +28,10 @@ from service.errors import (
     SessionExpired,
     SessionNotFound,
 )
-from service.inputs import check_timesteps, decode_rows
+from service.inputs import check_array, check_timesteps, decode_rows
 from service.metrics import Metrics
 from service.registry import ModelEntry, ModelRegistry
-from service.session_state import AppliedPush, PushResult, RecentIds, Session, keep_last
+from service.session_state import AppliedPush, PushResult, RecentIds, Session
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,8 +77,13 @@ class SessionManager:
         session_id: str | None = None,
         ttl_s: float | None = None,
         prefix: Sequence[Sequence[float]] = (),
+        snapshot: tuple[int, Sequence[Sequence[float]]] | None = None,
     ) -> tuple[Session, list[list[float]]]:
-        """Open a session, optionally warmed by `prefix` rows; returns it and their outputs."""
+        """Open a session, optionally warmed by `prefix` rows; returns it and their outputs.
+
+        With `snapshot` = (position, rows), the session is rebuilt at `position` from the last
+        min(position, R - 1) inputs of another session (see `snapshot`), exactly.
+        """
         entry = self._registry.get(model)
         ttl = self._default_ttl if ttl_s is None else float(ttl_s)
         if not 0 < ttl <= self._max_ttl:
@@ -87,6 +92,16 @@ class SessionManager:
             session_id = secrets.token_urlsafe(24)
         elif not SESSION_ID_RE.match(session_id):
             raise InvalidInput("session_id must be 8-128 characters of [A-Za-z0-9_-]")
+        start = 0
+        if snapshot is not None:
+            position, rows = snapshot
+            expected = min(position, entry.config.receptive_field - 1)
+            if len(rows) != expected:
+                raise InvalidInput(
+                    f"snapshot.inputs: a snapshot at position {position} holds exactly the last "
+                    f"{expected} input rows (min(position, receptive_field - 1)); got {len(rows)}"
+                )
+            prefix, start = rows, position - expected
         check_timesteps(len(prefix), self._max_timesteps)
         x = decode_rows(prefix, entry.config, entry.input_dtype, "prefix")
         key = (owner, session_id)
@@ -94,10 +109,13 @@ class SessionManager:
             raise SessionExists(f"session {session_id!r} already exists")
         now = self._clock()
         session = Session(session_id, owner, model, ttl, created_at=now, last_used_at=now)
-        session.tail = x[:0]
+        session.position = start
         self._sessions[key] = session  # reserve the id before the first await
         self._expired.discard(key)
-        return await self._shielded(self._open(session, entry, x))
+        session, outputs = await self._shielded(self._open(session, entry, x))
+        if snapshot is not None:  # the rows rebuilt state; they are not a push to replay
+            session.last_push, outputs = None, []
+        return session, outputs
 
     async def push(
         self, owner: str, session_id: str, rows: Sequence[Sequence[float]], offset: int | None
@@ -113,6 +131,28 @@ class SessionManager:
             self._locked(session, lambda: self._apply(session, entry, x, offset))
         )
 
+    async def push_array(
+        self, owner: str, session_id: str, rows: np.ndarray, offset: int | None
+    ) -> PushResult:
+        """`push` for rows already decoded from a binary frame, (T, in_channels) floats."""
+        session = await self._find(owner, session_id)
+        entry = self._registry.get(session.model)
+        check_timesteps(len(rows), self._max_timesteps)
+        x = check_array(rows, entry.config, entry.input_dtype, "inputs")
+        return await self._shielded(
+            self._locked(session, lambda: self._apply(session, entry, x, offset))
+        )
+
+    async def snapshot(self, owner: str, session_id: str) -> tuple[Session, np.ndarray]:
+        """The session and its last min(position, R - 1) input rows, oldest first."""
+        session = await self._find(owner, session_id)
+        entry = self._registry.get(session.model)
+
+        async def snapshot() -> tuple[Session, np.ndarray]:
+            return session, await entry.stream_history(session.slot)
+
+        return await self._locked(session, snapshot)
+
     async def get(self, owner: str, session_id: str) -> Session:
         return await self._find(owner, session_id)
 
@@ -122,7 +162,7 @@ class SessionManager:
 
         async def reset() -> Session:
             await entry.reset_stream(session.slot)
-            session.position, session.tail, session.last_push = 0, session.tail[:0], None
+            session.position, session.last_push = 0, None
             session.last_used_at = self._clock()
             return session
 
@@ -186,7 +226,7 @@ class SessionManager:
         key = (session.owner, session.id)
         async with session.lock:
             try:
-                session.slot = await entry.open_stream()
+                session.slot = await entry.open_stream(session.position)
             except PoolFullError:
                 session.closed = True  # for any push that queued on the lock meanwhile
                 del self._sessions[key]
@@ -202,7 +242,7 @@ class SessionManager:
             outputs: list[list[float]] = []
             if len(x):
                 try:
-                    outputs = (await self._apply(session, entry, x, 0)).outputs
+                    outputs = (await self._apply(session, entry, x, session.position)).outputs
                 except BaseException:
                     await self._retire(session, expired=False, count=False)
                     raise
@@ -231,7 +271,6 @@ class SessionManager:
         start = session.position
         outputs = await entry.advance(session.slot, x)
         session.position = start + len(x)
-        session.tail = keep_last(session.tail, x, entry.config.receptive_field - 1)
         session.last_push = AppliedPush(start, len(x), digest, outputs)
         session.last_used_at = self._clock()
         return PushResult(outputs, session.position)

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
+        ws_max_size=settings.max_body_bytes,  # a larger message closes the socket with 1009
+        ws_max_queue=32,  # per connection: a client that does not read stops being read
+        ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
     server = DrainingServer(config, runtime, settings.drain_s)
     server.run()

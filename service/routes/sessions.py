@@ -13,6 +13,7 @@ from service.schemas import (
     CreateSessionRequest,
     SessionCreated,
     SessionInfo,
+    Snapshot,
     StepRequest,
     StepResponse,
 )
@@ -38,7 +39,7 @@ def _info(session: Session) -> SessionInfo:
     status_code=status.HTTP_201_CREATED,
     response_model=SessionCreated,
     response_model_exclude_none=True,
-    summary="Open a session, optionally warmed by prefix rows",
+    summary="Open a session, warmed by prefix rows or rebuilt from a snapshot",
 )
 async def create_session(
     body: CreateSessionRequest,
@@ -57,8 +58,14 @@ async def create_session(
             "session_id in the body differs from the X-Session-ID header; behind a proxy, "
             "send the id you choose as X-Session-ID (the proxy routes by it)"
         )
+    snapshot = body.snapshot
     session, outputs = await caller.sessions.create(
-        caller.owner, body.model, body.session_id or x_session_id, body.ttl_s, body.prefix or ()
+        caller.owner,
+        body.model,
+        body.session_id or x_session_id,
+        body.ttl_s,
+        body.prefix or (),
+        (snapshot.position, snapshot.inputs) if snapshot is not None else None,
     )
     return SessionCreated(
         session_id=session.id,
@@ -78,6 +85,19 @@ async def push_steps(session_id: str, body: StepRequest, caller: CallerDep) -> S
 @router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")
 async def get_session(session_id: str, caller: CallerDep) -> SessionInfo:
     return _info(await caller.sessions.get(caller.owner, session_id))
+
+
+@router.get(
+    "/{session_id}/snapshot",
+    response_model=Snapshot,
+    summary="The position and last inputs that rebuild this session anywhere",
+)
+async def get_snapshot(session_id: str, caller: CallerDep) -> Snapshot:
+    session, rows = await caller.sessions.snapshot(caller.owner, session_id)
+    inputs = rows[:, None].tolist() if rows.ndim == 1 else rows.tolist()  # token ids: [[id]]
+    return Snapshot(
+        session_id=session.id, model=session.model, position=session.position, inputs=inputs
+    )
 
 
 @router.post("/{session_id}/reset", response_model=SessionInfo, summary="Back to position 0")
