@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 and 503")
     drain_s: float = Field(0.0, ge=0, description="seconds /readyz reports 503 before exit")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the model")
+    allow_tf32: bool = Field(
+        False, description="let CUDA float32 convs/matmuls use TF32 (faster, ~1e-3 error)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("models", mode="before")

@@ -21,6 +21,15 @@ pytestmark = [
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def exact_float32():
+    """cuDNN convolutions default to TF32 (~1e-3 error); the serving process turns it off."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
 @settings(
     max_examples=15,
