@@ -297,6 +297,8 @@ class StreamPool:
         self, x: torch.Tensor | np.ndarray | Sequence, n: int | None, what: str
     ) -> torch.Tensor:
         """Validate (n, in_channels) floats or (n,) token ids and move them to the device."""
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = x.copy()  # e.g. decoded from a network buffer; torch wants writable memory
         x = torch.as_tensor(x)
         cfg = self.config
         if cfg.vocab_size is not None:

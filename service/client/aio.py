@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from service.client import protocol as p
 
 
-class AsyncClient:
+class AsyncClient(p.ClientBase):
     """A tcnserve server, from asyncio code."""
 
     def __init__(
@@ -25,14 +25,10 @@ class AsyncClient:
         timeout_s: float = 30.0,
         retry: p.RetryPolicy | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.retry = retry or p.RetryPolicy()
-        self._timeout = timeout_s
+        super().__init__(base_url, api_key, timeout_s, retry)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
         )
-        self._shapes: dict[str, p.ModelShape] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -67,7 +63,7 @@ class AsyncClient:
         rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
         flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
         ref, outputs = await self.run(flow)
-        return AsyncSession(self, ref, shape, np.asarray(outputs, dtype=np.float32))
+        return AsyncSession(self, ref, shape, outputs)
 
     async def _shape(self, model: str) -> p.ModelShape:
         if model not in self._shapes:
@@ -111,7 +107,7 @@ class _AsyncSocket:
     def __init__(self, client: AsyncClient, session_id: str):
         self._url = p.websocket_url(client.base_url, session_id)
         self._headers = {**p.auth_headers(client.api_key), "X-Session-ID": session_id}
-        self._timeout = client._timeout
+        self._timeout = client.timeout_s
         self._conn: ClientConnection | None = None
 
     async def send(self, data: bytes | str) -> None:
@@ -148,25 +144,13 @@ class _AsyncSocket:
             await conn.close()
 
 
-class AsyncSession:
+class AsyncSession(p.SessionBase):
     """The asyncio twin of `Session`."""
 
     def __init__(self, client: AsyncClient, ref: p.SessionRef, shape: p.ModelShape, prefix_out):
-        self._client, self._ref, self._shape = client, ref, shape
-        self.prefix_outputs = prefix_out
+        super().__init__(ref, shape, prefix_out)
+        self._client = client
         self._socket = _AsyncSocket(client, ref.id)
-
-    @property
-    def id(self) -> str:
-        return self._ref.id
-
-    @property
-    def model(self) -> str:
-        return self._ref.model
-
-    @property
-    def position(self) -> int:
-        return self._ref.tracker.position
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -193,15 +177,15 @@ class AsyncSession:
                 yield row
 
     async def snapshot(self) -> dict:
-        call = p.Call("GET", f"/v1/sessions/{self.id}/snapshot", None, self.id)
+        call = p.Call("GET", self._path("/snapshot"), None, self.id)
         return (await self._client.run(p.request(call, self._client.retry))).body
 
     async def reset(self) -> None:
-        call = p.Call("POST", f"/v1/sessions/{self.id}/reset", None, self.id)
+        call = p.Call("POST", self._path("/reset"), None, self.id)
         await self._client.run(p.request(call, self._client.retry))
         self._ref.tracker.reset()
 
     async def close(self) -> None:
         await self._socket.close()
-        call = p.Call("DELETE", f"/v1/sessions/{self.id}", None, self.id)
+        call = p.Call("DELETE", self._path(), None, self.id)
         await self._client.run(p.request(call, self._client.retry, ok=(204, 404, 410)))

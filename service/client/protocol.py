@@ -345,6 +345,43 @@ class ModelShape:
         return array
 
 
+class ClientBase:
+    """What both clients hold: where the server is, how to authenticate, how to retry."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float, retry: RetryPolicy | None
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+        self._shapes: dict[str, ModelShape] = {}
+
+
+class SessionBase:
+    """What both session classes expose: identity, position, and the prefix's outputs."""
+
+    def __init__(self, ref: SessionRef, shape: ModelShape, prefix_outputs: Any):
+        self._ref, self._shape = ref, shape
+        self.prefix_outputs = np.asarray(prefix_outputs, dtype=np.float32)
+
+    @property
+    def id(self) -> str:
+        return self._ref.id
+
+    @property
+    def model(self) -> str:
+        return self._ref.model
+
+    @property
+    def position(self) -> int:
+        """Rows the server has answered for this session."""
+        return self._ref.tracker.position
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/v1/sessions/{self._ref.id}{suffix}"
+
+
 def websocket_url(base_url: str, session_id: str) -> str:
     scheme, rest = base_url.rstrip("/").split("://", 1)
     ws = {"http": "ws", "https": "wss"}.get(scheme, scheme)

@@ -14,7 +14,7 @@ from websockets.sync.client import ClientConnection, connect
 from service.client import protocol as p
 
 
-class Client:
+class Client(p.ClientBase):
     """A tcnserve server: models, batch predictions and resumable sessions."""
 
     def __init__(
@@ -25,14 +25,10 @@ class Client:
         timeout_s: float = 30.0,
         retry: p.RetryPolicy | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.retry = retry or p.RetryPolicy()
-        self._timeout = timeout_s
+        super().__init__(base_url, api_key, timeout_s, retry)
         self._http = httpx.Client(
             base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
         )
-        self._shapes: dict[str, p.ModelShape] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -69,7 +65,7 @@ class Client:
         rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
         flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
         ref, outputs = self.run(flow)
-        return Session(self, ref, shape, np.asarray(outputs, dtype=np.float32))
+        return Session(self, ref, shape, outputs)
 
     def _shape(self, model: str) -> p.ModelShape:
         if model not in self._shapes:
@@ -112,7 +108,7 @@ class _Socket:
     def __init__(self, client: Client, session_id: str):
         self._url = p.websocket_url(client.base_url, session_id)
         self._headers = {**p.auth_headers(client.api_key), "X-Session-ID": session_id}
-        self._timeout = client._timeout
+        self._timeout = client.timeout_s
         self._conn: ClientConnection | None = None
 
     def send(self, data: bytes | str) -> None:
@@ -149,25 +145,13 @@ class _Socket:
             conn.close()
 
 
-class Session:
+class Session(p.SessionBase):
     """A streaming session that survives lost connections and lost servers."""
 
     def __init__(self, client: Client, ref: p.SessionRef, shape: p.ModelShape, prefix_outputs):
-        self._client, self._ref, self._shape = client, ref, shape
-        self.prefix_outputs = prefix_outputs
+        super().__init__(ref, shape, prefix_outputs)
+        self._client = client
         self._socket = _Socket(client, ref.id)
-
-    @property
-    def id(self) -> str:
-        return self._ref.id
-
-    @property
-    def model(self) -> str:
-        return self._ref.model
-
-    @property
-    def position(self) -> int:
-        return self._ref.tracker.position
 
     def __enter__(self) -> Session:
         return self
@@ -194,16 +178,16 @@ class Session:
 
     def snapshot(self) -> dict:
         """The server's snapshot: position and the last min(position, R - 1) input rows."""
-        call = p.Call("GET", f"/v1/sessions/{self.id}/snapshot", None, self.id)
+        call = p.Call("GET", self._path("/snapshot"), None, self.id)
         return self._client.run(p.request(call, self._client.retry)).body
 
     def reset(self) -> None:
-        call = p.Call("POST", f"/v1/sessions/{self.id}/reset", None, self.id)
+        call = p.Call("POST", self._path("/reset"), None, self.id)
         self._client.run(p.request(call, self._client.retry))
         self._ref.tracker.reset()
 
     def close(self) -> None:
         """Delete the session on the server (a session already gone is fine)."""
         self._socket.close()
-        call = p.Call("DELETE", f"/v1/sessions/{self.id}", None, self.id)
+        call = p.Call("DELETE", self._path(), None, self.id)
         self._client.run(p.request(call, self._client.retry, ok=(204, 404, 410)))
