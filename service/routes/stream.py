@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import numpy as np
@@ -26,6 +27,7 @@ from service.http_errors import (
 )
 from service.runtime import Runtime
 from service.schemas import SessionCreated, StepRequest
+from service.session_state import Session
 from service.wire import FrameError, decode_frame, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -41,16 +43,15 @@ async def attach_stream(
     token: str | None = Query(None, description="API key, for clients that cannot set headers"),
 ) -> None:
     """Push to an existing session over a WebSocket."""
-    runtime: Runtime = websocket.app.state.runtime
-    await websocket.accept()
-    try:
-        owner = _authenticate(websocket, runtime, token)
+
+    async def find(runtime: Runtime, owner: str) -> Session:
         runtime.check_ready()
-        session = await runtime.sessions.get(owner, session_id)
-    except ServiceError as e:
-        await _close(websocket, e)
-        return
-    await _serve(websocket, runtime, owner, session.id, session.model, framing == "offset")
+        return await runtime.sessions.get(owner, session_id)
+
+    started = await _accept(websocket, token, find)
+    if started is not None:
+        runtime, owner, session = started
+        await _serve(websocket, runtime, owner, session.id, session.model, framing == "offset")
 
 
 @router.websocket("/v1/stream")
@@ -64,15 +65,16 @@ async def open_stream(
     token: str | None = Query(None, description="API key, for clients that cannot set headers"),
 ) -> None:
     """Open a session bound to this WebSocket; the first message describes it."""
-    runtime: Runtime = websocket.app.state.runtime
-    await websocket.accept()
-    try:
-        owner = _authenticate(websocket, runtime, token)
+
+    async def create(runtime: Runtime, owner: str) -> Session:
         runtime.check_accepting()
         session, _ = await runtime.sessions.create(owner, model, session_id, ttl_s)
-    except ServiceError as e:
-        await _close(websocket, e)
+        return session
+
+    started = await _accept(websocket, token, create)
+    if started is None:
         return
+    runtime, owner, session = started
     try:
         created = SessionCreated(
             session_id=session.id,
@@ -88,9 +90,24 @@ async def open_stream(
                 await runtime.sessions.delete(owner, session.id)
 
 
-def _authenticate(websocket: WebSocket, runtime: Runtime, token: str | None) -> str:
+async def _accept(
+    websocket: WebSocket,
+    token: str | None,
+    start: Callable[[Runtime, str], Awaitable[Session]],
+) -> tuple[Runtime, str, Session] | None:
+    """Accept, authenticate (header, else the token parameter) and find or open the session;
+    on an error, close with its code and return None."""
+    runtime: Runtime = websocket.app.state.runtime
+    await websocket.accept()
     headers = websocket.headers
-    return runtime.api_keys.owner(headers.get("authorization"), headers.get("x-api-key") or token)
+    try:
+        owner = runtime.api_keys.owner(
+            headers.get("authorization"), headers.get("x-api-key") or token
+        )
+        return runtime, owner, await start(runtime, owner)
+    except ServiceError as e:
+        await _close(websocket, e)
+        return None
 
 
 async def _serve(
