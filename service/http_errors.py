@@ -63,6 +63,7 @@ CLOSE_CODES: dict[type[errors.ServiceError], int] = {
     errors.NotReady: 1013,
 }
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_BAD_REQUEST = 4400  # a stream that cannot start: invalid parameters
 
 
 def websocket_close_code(error: errors.ServiceError) -> int | None:

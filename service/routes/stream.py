@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from service.errors import InvalidInput, ServiceError
 from service.http_errors import (
+    CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
     validation_message,
     websocket_close_code,
@@ -68,7 +69,11 @@ async def open_stream(
 
     async def create(runtime: Runtime, owner: str) -> Session:
         runtime.check_accepting()
-        session, _ = await runtime.sessions.create(owner, model, session_id, ttl_s)
+        # Behind the consistent-hash proxy the id comes as X-Session-ID: the key it routed by.
+        header_id = websocket.headers.get("x-session-id")
+        if session_id and header_id and session_id != header_id:
+            raise InvalidInput("the session_id parameter differs from the X-Session-ID header")
+        session, _ = await runtime.sessions.create(owner, model, session_id or header_id, ttl_s)
         return session
 
     started = await _accept(websocket, token, create)
@@ -175,7 +180,7 @@ def _decode_text(text: str) -> StepRequest:
 
 
 async def _close(websocket: WebSocket, error: ServiceError) -> None:
-    code = websocket_close_code(error) or CLOSE_INTERNAL_ERROR
+    code = websocket_close_code(error) or CLOSE_BAD_REQUEST
     # A close reason is at most 123 bytes.
     reason = error.message.encode()[:120].decode(errors="ignore")
     with contextlib.suppress(RuntimeError):  # the client may be gone already
