@@ -1,0 +1,143 @@
+"""`tcnserve predict` and `tcnserve stream` against a real server: CSV/NPY/stdin in, CSV out."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from service.cli import main
+from service.client import RetryPolicy
+from tests.client.conftest import KEY, rows_of
+from tests.service.test_serve_process import free_port
+
+
+def printed(out: str) -> np.ndarray:
+    return np.loadtxt(io.StringIO(out), delimiter=",", ndmin=2)
+
+
+def assert_printed(out: str, expected: np.ndarray) -> None:
+    # Printed with 7 significant digits.
+    np.testing.assert_allclose(printed(out), expected, rtol=1e-6, atol=1e-5)
+
+
+def csv_text(rows: np.ndarray) -> str:
+    return "\n".join(",".join(repr(float(v)) for v in row) for row in rows) + "\n"
+
+
+@pytest.fixture
+def no_backoff(monkeypatch) -> list[int]:
+    """Retry delays become 0 (the attempts still happen); returns the attempts waited after."""
+    waited: list[int] = []
+
+    def delay(self, attempt, reply=None):
+        waited.append(attempt)
+        return 0.0
+
+    monkeypatch.setattr(RetryPolicy, "delay", delay)
+    return waited
+
+
+def test_predict_csv_prints_the_outputs(live, reference, tmp_path, capsys):
+    x = rows_of(45, seed=21)
+    path = tmp_path / "rows.csv"
+    path.write_text("# a comment, then a blank line\n\n" + csv_text(x))
+    assert main(["predict", "--url", live.url, "--api-key", KEY, "--model", "tiny", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 45
+    assert_printed(out, reference("tiny", x))
+
+
+def test_predict_npy_last(live, reference, tmp_path, capsys):
+    x = rows_of(33, seed=22)
+    path = tmp_path / "rows.npy"
+    np.save(path, x)
+    argv = ["predict", "--url", live.url, "--api-key", KEY, "--model", "tiny", "--last"]
+    assert main([*argv, str(path)]) == 0
+    assert_printed(capsys.readouterr().out, reference("tiny", x)[-1:])
+
+
+@pytest.mark.parametrize(
+    "options", [[], ["--json"], ["--chunk", "4"], ["--json", "--chunk", "4"]], ids=str
+)
+def test_stream_npy_prints_one_line_per_row(live, reference, tmp_path, capsys, options):
+    x = rows_of(30, seed=23)
+    path = tmp_path / "rows.npy"
+    np.save(path, x)
+    session_id = "cli-stream-session-1"
+    argv = ["stream", "--url", live.url, "--api-key", KEY, "--model", "tiny"]
+    assert main([*argv, "--session-id", session_id, *options, str(path)]) == 0
+    assert_printed(capsys.readouterr().out, reference("tiny", x))
+    # The session was closed at the end: the same id can be opened again.
+    assert main([*argv, "--session-id", session_id, str(path)]) == 0
+
+
+@pytest.mark.parametrize("json_frames", [False, True], ids=["binary", "json"])
+def test_stream_reads_csv_from_stdin(live, reference, monkeypatch, capsys, json_frames):
+    x = rows_of(25, seed=24)
+    monkeypatch.setattr("sys.stdin", io.StringIO(csv_text(x)))
+    monkeypatch.setenv("TCNSERVE_API_KEY", KEY)  # the --api-key default
+    argv = ["stream", "--url", live.url, "--model", "tiny", *(["--json"] if json_frames else [])]
+    assert main([*argv, "-"]) == 0
+    assert_printed(capsys.readouterr().out, reference("tiny", x))
+
+
+def test_token_model_from_stdin(live, reference, monkeypatch, capsys):
+    ids = np.random.default_rng(25).integers(0, 7, size=20)
+    want = reference("tokens", ids)
+    text = "\n".join(str(i) for i in ids) + "\n"
+    for command in ("predict", "stream"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(text))
+        argv = [command, "--url", live.url, "--api-key", KEY, "--model", "tokens", "-"]
+        assert main(argv) == 0
+        assert_printed(capsys.readouterr().out, want)
+
+
+def test_nothing_listening_is_an_error_after_bounded_retries(no_backoff, tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    path.write_text(csv_text(rows_of(3, seed=26)))
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["predict", "--url", url, str(path)]) == 2
+    assert main(["stream", "--url", url, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("error: ") == 2
+    assert no_backoff == [*range(RetryPolicy().attempts)] * 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--api-key", "wrong-key-0123456789abcdef"], "error: 401 unauthorized"),
+        (["--api-key", KEY, "--model", "nope"], "error: 404"),
+    ],
+)
+def test_server_errors_exit_2(live, tmp_path, capsys, argv, message):
+    path = tmp_path / "rows.csv"
+    path.write_text(csv_text(rows_of(3, seed=27)))
+    for command in ("predict", "stream"):
+        assert main([command, "--url", live.url, *argv, str(path)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_bad_row_names_its_line(live, tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    path.write_text("1.0,2.0\n1.0,oops\n")
+    argv = ["--url", live.url, "--api-key", KEY, "--model", "tiny", str(path)]
+    for command in ("predict", "stream"):
+        assert main([command, *argv]) == 2
+        assert f"error: {path}:2: not a row of numbers: '1.0,oops'" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a URL without http(s):// (httpx UnsupportedProtocol, a TransportError) is retried "
+    "like a network failure, then reported as 'no answer after 8 tries' without the cause",
+)
+def test_a_url_without_scheme_fails_at_once_with_the_reason(no_backoff, tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    path.write_text(csv_text(rows_of(3, seed=28)))
+    assert main(["predict", "--url", "127.0.0.1:8000", str(path)]) == 2
+    assert "http://" in capsys.readouterr().err
+    assert no_backoff == []
