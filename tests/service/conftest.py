@@ -1,10 +1,20 @@
-"""Service test fixtures: tiny seeded checkpoints, a fake clock, apps with their lifespan."""
+"""Service test fixtures: tiny seeded checkpoints, a fake clock, apps with their lifespan, and
+`tcnserve serve` as a real process on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +26,7 @@ from fastapi.testclient import TestClient
 
 from model import TCN, TCNConfig, save_model
 from service.app import create_app
+from service.cli import COMMANDS
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -114,12 +125,132 @@ def predict(client: TestClient, inputs: list, model: str = "tiny", outputs: str 
     return r.json()["outputs"]
 
 
+def open_session(client: TestClient, **body) -> dict:
+    """POST /v1/sessions (model tiny unless given); the 201 body."""
+    r = client.post("/v1/sessions", json={"model": "tiny", **body})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def push(client: TestClient, sid: str, rows: list, offset: int | None = None) -> httpx.Response:
+    body = {"inputs": rows} if offset is None else {"inputs": rows, "offset": offset}
+    return client.post(f"/v1/sessions/{sid}/steps", json=body)
+
+
 def assert_rows_close(actual: list, expected: list, atol: float = 1e-5) -> None:
     a, e = torch.tensor(actual, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64)
     assert a.shape == e.shape, (a.shape, e.shape)
     torch.testing.assert_close(a, e, atol=atol, rtol=0)
 
 
+def metric(text: str, name: str) -> float:
+    """One series of the tiny model from a /metrics page."""
+    match = re.search(rf'^{name}{{model="tiny"}} (\S+)$', text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
 def random_rows(length: int, seed: int, channels: int = 2) -> list[list[float]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(length, channels, generator=gen).tolist()
+
+
+# ----- a worker held busy, so that pushes queue up and join one micro-batch ---------------------
+
+
+@contextlib.contextmanager
+def held_worker(client: TestClient, model: str = "tiny") -> Iterator[Callable[[int], None]]:
+    """Occupy the model's worker thread until the block ends; yields `wait_queued(n)`, which
+    returns once n more jobs are queued behind the held call."""
+    worker = runtime_of(client.app).registry.get(model).worker
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait(30)
+
+    blocker = client.portal.start_task_soon(worker.call, hold)
+    assert entered.wait(30), "the worker did not take the held call"
+
+    def wait_queued(n: int) -> None:
+        wait_until(lambda: worker._queue.qsize() >= n, what=f"{n} queued model jobs")
+
+    try:
+        yield wait_queued
+    finally:
+        gate.set()
+        blocker.result(30)
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 30.0) -> None:
+    """Poll for a state another thread or process reaches (never a wait for time to pass)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+# ----- `tcnserve serve` as a real process ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve_command() -> list[str]:
+    """`tcnserve serve`; the dispatcher imports every subcommand, so while one of them is not
+    written yet, run the serve module directly (the same add_arguments/run)."""
+    if all(importlib.util.find_spec(module) for module, _ in COMMANDS.values()):
+        return [sys.executable, "-m", "service.cli", "serve"]
+    return [sys.executable, "-m", "service.commands.serve"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, limit_s: float = 90.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become ready")
+
+
+@contextlib.contextmanager
+def serve_process(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`tcnserve serve ARGS` on a free loopback port, ready; yields (base url, process).
+
+    `env` replaces every TCNSERVE_ variable of this environment. On exit: SIGTERM, then kill.
+    """
+    port = free_port()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("TCNSERVE_")}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*serve_command(), "--port", str(port), *args],
+            cwd=ROOT,
+            env={**base_env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process)
+            yield url, process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import threading
 
 import pytest
@@ -15,6 +14,7 @@ from service.app import create_app
 from tests.service.conftest import (
     assert_rows_close,
     async_serving,
+    metric,
     random_rows,
     runtime_of,
     serving,
@@ -25,12 +25,6 @@ async def expected_outputs(client, sequences: list) -> list:
     r = await client.post("/v1/models/tiny/predict", json={"inputs": sequences})
     assert r.status_code == 200
     return r.json()["outputs"]
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf'^{name}{{model="tiny"}} (\S+)$', text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 @pytest.mark.asyncio

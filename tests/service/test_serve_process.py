@@ -2,78 +2,31 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from service.cli import COMMANDS
-from tests.service.conftest import assert_rows_close, random_rows
+from tests.service.conftest import (
+    ROOT,
+    assert_rows_close,
+    free_port,
+    random_rows,
+    serve_command,
+    serve_process,
+    wait_ready,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "process-test-key-0123456789"
-
-
-def serve_command() -> list[str]:
-    """`tcnserve serve`; the dispatcher imports every subcommand, so while one of them is not
-    written yet, run the serve module directly (the same add_arguments/run)."""
-    if all(importlib.util.find_spec(module) for module, _ in COMMANDS.values()):
-        return [sys.executable, "-m", "service.cli", "serve"]
-    return [sys.executable, "-m", "service.commands.serve"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, limit_s: float = 90.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
 
 
 @pytest.fixture
 def server(tiny_dir, tmp_path):
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    env = {**os.environ, "TCNSERVE_API_KEYS": KEY, "TCNSERVE_MAX_SESSIONS": "8"}
-    process = subprocess.Popen(
-        [*serve_command(), "--port", str(port), "--model", f"tiny={tiny_dir}", "--device", "cpu"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
+    args = ["--model", f"tiny={tiny_dir}", "--device", "cpu"]
+    env = {"TCNSERVE_API_KEYS": KEY, "TCNSERVE_MAX_SESSIONS": "8"}
+    with serve_process(args, tmp_path / "server.log", env) as (url, process):
         yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        log.close()
 
 
 def test_real_server_streams_like_predict(server):

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 
 from service.app import create_app
-from tests.service.conftest import assert_rows_close, predict, random_rows, runtime_of, serving
-
-
-def open_session(client, **body) -> dict:
-    r = client.post("/v1/sessions", json={"model": "tiny", **body})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def push(client, sid: str, rows: list, offset: int | None = None):
-    body = {"inputs": rows} if offset is None else {"inputs": rows, "offset": offset}
-    return client.post(f"/v1/sessions/{sid}/steps", json=body)
+from tests.service.conftest import (
+    assert_rows_close,
+    open_session,
+    predict,
+    push,
+    random_rows,
+    runtime_of,
+    serving,
+)
 
 
 def test_prefix_then_steps_and_chunks_equal_predict(client):
