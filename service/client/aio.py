@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ class AsyncClient(p.ClientBase):
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
         )
+        self._sockets: weakref.WeakSet[_AsyncSocket] = weakref.WeakSet()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -37,6 +39,9 @@ class AsyncClient(p.ClientBase):
         await self.close()
 
     async def close(self) -> None:
+        """Close the HTTP connections and any session's WebSocket (sessions stay on the server)."""
+        for socket in list(self._sockets):
+            await socket.close()
         await self._http.aclose()
 
     async def models(self) -> list[dict]:
@@ -109,6 +114,7 @@ class _AsyncSocket:
         self._headers = {**p.auth_headers(client.api_key), "X-Session-ID": session_id}
         self._timeout = client.timeout_s
         self._conn: ClientConnection | None = None
+        client._sockets.add(self)
 
     async def send(self, data: bytes | str) -> None:
         try:
@@ -167,10 +173,11 @@ class AsyncSession(p.SessionBase):
         return (await self.push([row]))[0]
 
     async def stream(
-        self, rows: Iterable[Any], chunk: int = 1, binary: bool = True
+        self, rows: Iterable[Any] | AsyncIterable[Any], chunk: int = 1, binary: bool = True
     ) -> AsyncIterator[np.ndarray]:
+        """Rows (an iterable or an async iterable) over a WebSocket; yields output rows."""
         binary = binary and not self._shape.tokens
-        for batch in p.batches(rows, chunk):
+        async for batch in _abatches(rows, chunk):
             x = self._shape.rows(batch)
             flow = p.stream_push(self._ref, x, binary, self._client.retry)
             for row in await self._client.run(flow, self._socket):
@@ -189,3 +196,20 @@ class AsyncSession(p.SessionBase):
         await self._socket.close()
         call = p.Call("DELETE", self._path(), None, self.id)
         await self._client.run(p.request(call, self._client.retry, ok=(204, 404, 410)))
+
+
+async def _abatches(rows: Iterable[Any] | AsyncIterable[Any], size: int) -> AsyncIterator[list]:
+    if not isinstance(rows, AsyncIterable):
+        for batch in p.batches(rows, size):
+            yield batch
+        return
+    if size < 1:
+        raise ValueError(f"chunk must be >= 1, got {size}")
+    batch: list = []
+    async for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -62,6 +63,15 @@ class ServerError(Exception):
 
 class RetriesExhausted(ConnectionError):
     """The server could not be reached (or kept refusing) within the retry budget."""
+
+    def __init__(self, what: str, attempts: int, last: Reply | None = None):
+        if last is None:
+            detail = "no answer"
+        else:
+            error = ServerError.from_reply(last)
+            detail = f"last answer {error.status} {error.code}: {error.message}"
+        super().__init__(f"{what}: {detail} after {attempts} tries")
+        self.last = last
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,7 @@ class SessionRef:
 
 def request(call: Call, policy: RetryPolicy, ok: tuple[int, ...] = (200,)) -> Flow:
     """One request, retried on transport failures and retryable statuses."""
+    last = None
     for attempt in range(policy.attempts):
         try:
             reply = yield call
@@ -134,10 +145,11 @@ def request(call: Call, policy: RetryPolicy, ok: tuple[int, ...] = (200,)) -> Fl
         if reply.status in ok:
             return reply
         if reply.status in RETRYABLE:
+            last = reply
             yield Wait(policy.delay(attempt, reply))
             continue
         raise ServerError.from_reply(reply)
-    raise RetriesExhausted(f"{call.method} {call.path}: no answer after {policy.attempts} tries")
+    raise RetriesExhausted(f"{call.method} {call.path}", policy.attempts, last)
 
 
 def open_session(
@@ -149,25 +161,29 @@ def open_session(
     policy: RetryPolicy,
 ) -> Flow:
     """Create a session (with its own id, so a retry after a lost reply is recognised)."""
+    chosen = session_id is not None
     ref = SessionRef(session_id or new_session_id(), model, Tracker(keep), ttl_s)
     body: dict[str, Any] = {"model": model, "session_id": ref.id}
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
     if prefix is not None and len(prefix):
         body["prefix"] = prefix.tolist()
+    last = None
     for attempt in range(policy.attempts):
         try:
             reply = yield Call("POST", "/v1/sessions", body, ref.id)
         except TransportFailure:
             yield Wait(policy.delay(attempt))
             continue
-        if reply.status == 409 and attempt > 0:
-            # Our earlier try was applied but its reply lost: start over, to get the outputs.
+        if reply.status == 409 and attempt > 0 and not chosen:
+            # Our earlier try was applied but its reply lost (a generated id collides with
+            # nothing else): start over, to get the prefix outputs.
             yield from request(
                 Call("DELETE", f"/v1/sessions/{ref.id}", None, ref.id), policy, ok=(204, 404, 410)
             )
             continue
         if reply.status in RETRYABLE:
+            last = reply
             yield Wait(policy.delay(attempt, reply))
             continue
         if reply.status != 201:
@@ -176,7 +192,7 @@ def open_session(
         if prefix is not None and len(prefix):
             ref.tracker.record(prefix)
         return ref, outputs
-    raise RetriesExhausted(f"POST /v1/sessions: no answer after {policy.attempts} tries")
+    raise RetriesExhausted("POST /v1/sessions", policy.attempts, last)
 
 
 def restore(ref: SessionRef, policy: RetryPolicy) -> Flow:
@@ -218,6 +234,7 @@ def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
     """Apply rows at the client's position: retried, idempotent, and restored if lost."""
     body = {"inputs": rows.tolist(), "offset": ref.tracker.position}
     call = Call("POST", f"/v1/sessions/{ref.id}/steps", body, ref.id)
+    last = None
     for attempt in range(policy.attempts):
         try:
             reply = yield call
@@ -234,10 +251,11 @@ def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
             yield from rebuild(ref, policy)
             continue
         if reply.status in RETRYABLE:
+            last = reply
             yield Wait(policy.delay(attempt, reply))
             continue
         raise ServerError.from_reply(reply)
-    raise RetriesExhausted(f"push to session {ref.id}: no success after {policy.attempts} tries")
+    raise RetriesExhausted(f"push to session {ref.id}", policy.attempts, last)
 
 
 # ----- WebSocket streaming -------------------------------------------------------------------
@@ -264,7 +282,28 @@ class SocketClosed(Exception):
 
 
 CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_EXPIRED = 4401, 4404, 4410
+# Close codes that retrying cannot fix, as the HTTP error the same request would get.
+FINAL_CLOSES = {
+    1009: (413, "body_too_large"),  # a message over the server's max_body_bytes
+    4400: (400, "bad_request"),
+    CLOSE_UNAUTHORIZED: (401, "unauthorized"),
+}
 RETRYABLE_CODES = frozenset({"capacity_exceeded", "not_ready", "draining"})
+# The HTTP status of each error code, so WebSocket errors raise like their HTTP twins.
+STATUS_OF_CODE = {
+    "invalid_input": 422,
+    "too_many_timesteps": 413,
+    "body_too_large": 413,
+    "offset_conflict": 409,
+    "session_exists": 409,
+    "model_not_found": 404,
+    "session_not_found": 404,
+    "session_expired": 410,
+    "unauthorized": 401,
+    "capacity_exceeded": 429,
+    "not_ready": 503,
+    "draining": 503,
+}
 
 
 def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPolicy) -> Flow:
@@ -282,8 +321,9 @@ def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPo
             yield WsSend(message)
             answer = yield WsRecv()
         except SocketClosed as closed:
-            if closed.code == CLOSE_UNAUTHORIZED:
-                raise ServerError(401, "unauthorized", closed.reason) from None
+            if closed.code in FINAL_CLOSES:
+                status, code = FINAL_CLOSES[closed.code]
+                raise ServerError(status, code, closed.reason) from None
             yield Wait(policy.delay(attempt))
             if closed.code in (CLOSE_NOT_FOUND, CLOSE_EXPIRED):
                 yield from restore(ref, policy)
@@ -302,11 +342,12 @@ def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPo
         if error.get("code") == "offset_conflict" and attempt > 0:
             yield from rebuild(ref, policy)
             continue
-        if error.get("code") in RETRYABLE_CODES:
+        code = error.get("code", "error")
+        if code in RETRYABLE_CODES:
             yield Wait(policy.delay(attempt))
             continue
-        raise ServerError(400, error.get("code", "error"), error.get("message", ""), body)
-    raise RetriesExhausted(f"stream to session {ref.id}: no success after {policy.attempts} tries")
+        raise ServerError(STATUS_OF_CODE.get(code, 400), code, error.get("message", ""), body)
+    raise RetriesExhausted(f"stream to session {ref.id}", policy.attempts)
 
 
 def _width(frame: bytes, rows: int) -> int:
@@ -342,6 +383,8 @@ class ModelShape:
             raise ValueError(
                 f"model {self.name!r} takes rows of {self.width} values, got {array.shape}"
             )
+        if not self.tokens and not np.isfinite(array).all():
+            raise ValueError("rows must be finite numbers (no NaN or Inf)")
         return array
 
 
@@ -351,7 +394,7 @@ class ClientBase:
     def __init__(
         self, base_url: str, api_key: str | None, timeout_s: float, retry: RetryPolicy | None
     ):
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_base_url(base_url)
         self.api_key = api_key
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
@@ -380,6 +423,19 @@ class SessionBase:
 
     def _path(self, suffix: str = "") -> str:
         return f"/v1/sessions/{self._ref.id}{suffix}"
+
+
+def check_base_url(base_url: str) -> str:
+    """The server URL without a trailing slash; a malformed one is refused at once (ValueError)
+    rather than retried like an unreachable server."""
+    parts = urlsplit(base_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise ValueError(f"server URL {base_url!r} must look like http://HOST[:PORT] (or https://)")
+    return base_url.rstrip("/")
 
 
 def websocket_url(base_url: str, session_id: str) -> str:

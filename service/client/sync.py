@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -29,6 +31,7 @@ class Client(p.ClientBase):
         self._http = httpx.Client(
             base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
         )
+        self._sockets: weakref.WeakSet[_Socket] = weakref.WeakSet()
 
     def __enter__(self) -> Client:
         return self
@@ -37,6 +40,9 @@ class Client(p.ClientBase):
         self.close()
 
     def close(self) -> None:
+        """Close the HTTP connections and any session's WebSocket (sessions stay on the server)."""
+        for socket in list(self._sockets):
+            socket.close()
         self._http.close()
 
     def models(self) -> list[dict]:
@@ -110,16 +116,20 @@ class _Socket:
         self._headers = {**p.auth_headers(client.api_key), "X-Session-ID": session_id}
         self._timeout = client.timeout_s
         self._conn: ClientConnection | None = None
+        self._stack = ExitStack()  # websockets wants its connection used as a context manager
+        client._sockets.add(self)
 
     def send(self, data: bytes | str) -> None:
         try:
             if self._conn is None:
-                self._conn = connect(
-                    self._url,
-                    additional_headers=self._headers,
-                    open_timeout=self._timeout,
-                    compression=None,
-                    max_size=None,
+                self._conn = self._stack.enter_context(
+                    connect(
+                        self._url,
+                        additional_headers=self._headers,
+                        open_timeout=self._timeout,
+                        compression=None,
+                        max_size=None,
+                    )
                 )
             self._conn.send(data)
         except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as e:
@@ -140,9 +150,8 @@ class _Socket:
         return p.SocketClosed(None, str(error))
 
     def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
+        self._conn = None
+        self._stack.close()
 
 
 class Session(p.SessionBase):

@@ -130,11 +130,6 @@ def test_a_bad_row_names_its_line(live, tmp_path, capsys):
         assert f"error: {path}:2: not a row of numbers: '1.0,oops'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a URL without http(s):// (httpx UnsupportedProtocol, a TransportError) is retried "
-    "like a network failure, then reported as 'no answer after 8 tries' without the cause",
-)
 def test_a_url_without_scheme_fails_at_once_with_the_reason(no_backoff, tmp_path, capsys):
     path = tmp_path / "rows.csv"
     path.write_text(csv_text(rows_of(3, seed=28)))

@@ -386,11 +386,6 @@ def test_every_session_request_carries_x_session_id(proxy, chosen):
 # ----- known client bugs ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a WebSocket message over max_body_bytes is closed with 1009; the client takes that "
-    "for a dropped connection, resyncs and resends the same frame, then raises RetriesExhausted",
-)
 def test_websocket_message_too_big_is_a_server_error(client, live):
     too_many = MAX_BODY // 8 + 1  # rows of 2 float32: one more than fits
     with client.open_session("tiny") as session:
@@ -399,11 +394,6 @@ def test_websocket_message_too_big_is_a_server_error(client, live):
         assert server_position(live.url, session.id) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when retries run out on 429/503 the client raises RetriesExhausted('no answer after "
-    "N tries'), dropping the server's answer (capacity_exceeded and its message)",
-)
 def test_a_full_server_says_so_when_retries_run_out(live):
     refusing = RetryPolicy(attempts=2, backoff_s=0.01, max_backoff_s=0.01)  # ignores Retry-After
     with Client(live.url, KEY, retry=refusing) as client:
