@@ -15,15 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import importlib.util
-import json
-import os
-import platform
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,10 +22,18 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
+from _harness import (
+    DEFAULT_MODEL,
+    ROOT,
+    HttpPushers,
+    Server,
+    batch_stats,
+    environment,
+    free_port,
+    percentile,
+    serve_command,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "service" / "default_model"
 PREDICT_SHAPE = (8, 1000)  # sequences x steps per /predict request
 
 
@@ -47,72 +46,6 @@ class Row:
     p50_ms: float
     p99_ms: float
     batch: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command() -> list[str]:
-    """`tcnserve serve`, or its module while the CLI's other subcommands are missing."""
-    sys.path.insert(0, str(ROOT))
-    from service.cli import COMMANDS
-
-    if all(importlib.util.find_spec(module) for module, _ in COMMANDS.values()):
-        return [sys.executable, "-m", "service.cli", "serve"]
-    return [sys.executable, "-m", "service.commands.serve"]
-
-
-class Server:
-    """A server subprocess on a free loopback port, stopped on exit."""
-
-    def __init__(self, command: list[str], port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-    def __enter__(self) -> Server:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise SystemExit("server did not become ready in 120 s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
-def batch_stats(metrics_text: str) -> tuple[float, float]:
-    """(sum, count) of tcnserve_step_batch_size over all models."""
-    total = count = 0.0
-    for name, value in re.findall(
-        r"^tcnserve_step_batch_size_(sum|count)\{[^}]*\} (\S+)$", metrics_text, re.MULTILINE
-    ):
-        if name == "sum":
-            total += float(value)
-        else:
-            count += float(value)
-    return total, count
 
 
 async def bench_predict(url: str, in_channels: int, duration: float) -> Row:
@@ -143,57 +76,23 @@ async def bench_predict(url: str, in_channels: int, duration: float) -> Row:
 async def bench_pushes(
     server: str, url: str, sessions: int, in_channels: int, duration: float, warmup: int
 ) -> Row:
-    # One client (one keep-alive connection) per session: a single httpx pool shared by 128
-    # connections spends more CPU on pool bookkeeping than the server spends on a push.
-    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    clients = [httpx.AsyncClient(base_url=url, timeout=120, limits=one) for _ in range(sessions)]
+    pushers = HttpPushers(url, sessions, in_channels, seed=sessions)
     latencies: list[float] = []
-    rng = np.random.default_rng(sessions)
-    bodies = [
-        json.dumps({"inputs": [row]}).encode()
-        for row in rng.standard_normal((64, in_channels)).round(4).tolist()
-    ]
-    headers = {"content-type": "application/json"}
+    batch = ""
     try:
-        sids = []
-        for c in clients:
-            r = await c.post("/v1/sessions", json={"model": "default"})
-            r.raise_for_status()
-            sids.append(r.json()["session_id"])
-
-        async def run(c: httpx.AsyncClient, sid: str, n: int | None, end: float) -> None:
-            i = 0
-            while (n is not None and i < n) or (n is None and time.perf_counter() < end):
-                start = time.perf_counter()
-                r = await c.post(
-                    f"/v1/sessions/{sid}/steps", content=bodies[i % 64], headers=headers
-                )
-                r.raise_for_status()
-                if n is None:
-                    latencies.append(time.perf_counter() - start)
-                i += 1
-
-        await asyncio.gather(
-            *(run(c, sid, warmup, 0.0) for c, sid in zip(clients, sids, strict=True))
-        )
-        probe = clients[0]
+        await pushers.open()
+        await pushers.run(warmup)
+        probe = pushers.clients[0]
         before = batch_stats((await probe.get("/metrics")).text) if server == "tcnserve" else None
         started = time.perf_counter()
-        end = started + duration
-        await asyncio.gather(
-            *(run(c, sid, None, end) for c, sid in zip(clients, sids, strict=True))
-        )
+        await pushers.run(None, started + duration, latencies)
         elapsed = time.perf_counter() - started
-        batch = ""
         if before is not None:
             after = batch_stats((await probe.get("/metrics")).text)
             calls = after[1] - before[1]
             batch = f"{(after[0] - before[0]) / calls:.1f}" if calls else "-"
-            for c, sid in zip(clients, sids, strict=True):
-                await c.delete(f"/v1/sessions/{sid}")
     finally:
-        for c in clients:
-            await c.aclose()
+        await pushers.close(delete=server == "tcnserve")
     return Row(
         server,
         f"push 1 row, {sessions} sessions",
@@ -210,25 +109,9 @@ def header(args: argparse.Namespace, model_dir: Path) -> str:
     from model import read_checkpoint_info
 
     config, _ = read_checkpoint_info(model_dir)
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        rev = "?"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n"
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu}), load average {load}\n"
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}, checkout {rev}\n"
+        f"{environment()}\n"
         f"model {model_dir.name}: in {config.in_channels}, channels {list(config.channels)}, "
         f"kernel {config.kernel_size}, receptive field {config.receptive_field}; "
         f"{args.duration:g} s per case, max_batch_delay_ms {args.max_batch_delay_ms:g}, "

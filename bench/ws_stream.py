@@ -1,0 +1,516 @@
+"""WebSocket streaming benchmark: one row per message, binary and JSON frames, against HTTP pushes.
+
+Starts its own `tcnserve serve` (the built-in model, torch threads 1) on loopback. For each
+number of concurrent sessions N (1, 64, 256) and each transport, opens N sessions and has each
+push one row per message in lockstep (send, await the answer, repeat) for `--seconds`:
+  * ws-binary: `WS /v1/sessions/{id}/stream?framing=offset`, int64 offset header + float32 row;
+  * ws-json: the same socket with text frames `{"inputs": [row], "offset": n}`;
+  * http: `POST /v1/sessions/{id}/steps`, one keep-alive client per session (bench/_harness.py's
+    HttpPushers, the code path of bench/service_http.py).
+All sessions of a client process run in one asyncio loop; `--client-procs` splits them over
+several processes. Reported per case: aggregate timesteps/s, client-side p50/p99 latency per push
+(send -> answer), the mean step batch size and the model's step compute time (server /metrics
+deltas), and the CPU used by the server's event-loop thread, its other threads (the model
+worker) and the clients, each in % of one core over the measured window.
+Before timing, one session per frame kind streams rows over a warmed state and its outputs are
+checked against /predict over the same rows.
+The clients run on the same machine as the server and compete with it for the CPU.
+Run: python bench/ws_stream.py [--seconds 5] [--sessions 1,64,256] [--client-procs 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import httpx
+import numpy as np
+from _harness import (
+    DEFAULT_MODEL,
+    ROOT,
+    HttpPushers,
+    Server,
+    environment,
+    free_port,
+    histogram_totals,
+    percentile,
+    serve_command,
+)
+from websockets.asyncio.client import ClientConnection, connect
+
+from service.wire import HEADER, decode_frame, encode_frame
+
+TRANSPORTS = ("ws-binary", "ws-json", "http")
+WARMUP_PUSHES = 5  # per session, untimed (1 with --quick): first-message costs on both sides
+CHECK_ROWS = 200  # rows streamed one per message in the correctness check
+CLIENT_TIMEOUT_S = 300.0
+
+
+class WsPushers:
+    """Sessions that each push one row per WebSocket message, in lockstep, with offset framing."""
+
+    def __init__(self, url: str, sessions: int, in_channels: int, seed: int, binary: bool):
+        self.url = url
+        self.sessions = sessions
+        self.binary = binary
+        self.session_ids: list[str] = []
+        self.sockets: list[ClientConnection] = []
+        self.positions: list[int] = []
+        rows = np.random.default_rng(seed).standard_normal((64, in_channels)).astype(np.float32)
+        # Binary frames are HEADER.pack(offset) + payload: encode_frame's bytes, built per push.
+        self.payloads = [encode_frame(row[None, :]) for row in rows]
+        self.texts = [json.dumps(row) for row in rows.tolist()]  # JSON: one row
+
+    async def open(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
+
+            async def create() -> str:
+                r = await c.post("/v1/sessions", json={"model": "default"})
+                r.raise_for_status()
+                return r.json()["session_id"]
+
+            self.session_ids = list(await asyncio.gather(*(create() for _ in range(self.sessions))))
+        self.positions = [0] * self.sessions
+        ws_url = self.url.replace("http://", "ws://", 1)
+        self.sockets = list(
+            await asyncio.gather(
+                *(
+                    connect(
+                        f"{ws_url}/v1/sessions/{sid}/stream?framing=offset",
+                        compression=None,
+                        ping_interval=None,  # no keepalive pings competing with the pushes
+                        proxy=None,
+                        open_timeout=60,
+                    )
+                    for sid in self.session_ids
+                )
+            )
+        )
+
+    async def run(
+        self, count: int | None, end: float = 0.0, latencies: list[float] | None = None
+    ) -> int:
+        """Each session pushes `count` rows, or until perf_counter() passes `end`; -> pushes."""
+        push = self._push_binary if self.binary else self._push_json
+
+        async def one(k: int) -> int:
+            ws, i = self.sockets[k], 0
+            while i < count if count is not None else time.perf_counter() < end:
+                start = time.perf_counter()
+                await push(ws, self.positions[k], i % 64)
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - start)
+                self.positions[k] += 1
+                i += 1
+            return i
+
+        return sum(await asyncio.gather(*(one(k) for k in range(self.sessions))))
+
+    async def _push_binary(self, ws: ClientConnection, position: int, row: int) -> None:
+        await ws.send(HEADER.pack(position) + self.payloads[row])
+        answer = await ws.recv()
+        if isinstance(answer, str):
+            raise RuntimeError(f"push refused: {answer}")
+        if HEADER.unpack_from(answer)[0] != position + 1:
+            raise RuntimeError(f"answer at position {HEADER.unpack_from(answer)[0]}")
+
+    async def _push_json(self, ws: ClientConnection, position: int, row: int) -> None:
+        await ws.send(f'{{"inputs": [{self.texts[row]}], "offset": {position}}}')
+        answer = json.loads(await ws.recv())
+        if answer.get("position") != position + 1:
+            raise RuntimeError(f"push refused or misplaced: {answer}")
+
+    async def close(self, delete: bool = True) -> None:
+        await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)
+        if delete:
+            async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
+                await asyncio.gather(*(c.delete(f"/v1/sessions/{sid}") for sid in self.session_ids))
+
+
+# ----- client processes ---------------------------------------------------------------------
+
+
+@dataclass
+class ClientResult:
+    pushes: int
+    elapsed: float
+    cpu_s: float
+    latencies: np.ndarray
+
+
+def client_process(
+    conn: Connection,
+    url: str,
+    transport: str,
+    sessions: int,
+    in_channels: int,
+    seed: int,
+    warmup: int,
+) -> None:
+    """One client process: open its sessions, report ready, push when told, report, close."""
+    try:
+        asyncio.run(_client(conn, url, transport, sessions, in_channels, seed, warmup))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+async def _client(
+    conn: Connection,
+    url: str,
+    transport: str,
+    sessions: int,
+    in_channels: int,
+    seed: int,
+    warmup: int,
+) -> None:
+    if transport == "http":
+        pushers: HttpPushers | WsPushers = HttpPushers(url, sessions, in_channels, seed)
+    else:
+        pushers = WsPushers(url, sessions, in_channels, seed, binary=transport == "ws-binary")
+    try:
+        await pushers.open()
+        await pushers.run(warmup)
+        conn.send(("ready", None))
+        seconds = conn.recv()  # blocks the loop, which has nothing else to do meanwhile
+        latencies: list[float] = []
+        cpu = time.process_time()
+        started = time.perf_counter()
+        pushes = await pushers.run(None, started + seconds, latencies)
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        conn.send(("done", ClientResult(pushes, elapsed, cpu, np.asarray(latencies))))
+        conn.recv()  # tear down only after the server's counters are read
+    finally:
+        await pushers.close()
+
+
+def _receive(conn: Connection, process: multiprocessing.process.BaseProcess, what: str) -> object:
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+    while not conn.poll(0.5):
+        if not process.is_alive() or time.monotonic() > deadline:
+            raise SystemExit(f"a client process died or hung before {what}")
+    kind, payload = conn.recv()
+    if kind == "error":
+        raise SystemExit(f"a client process failed:\n{payload}")
+    return payload
+
+
+# ----- server-side counters -----------------------------------------------------------------
+
+
+@dataclass
+class ServerCounters:
+    """Cumulative server counters at one instant."""
+
+    at: float
+    batch: tuple[float, float]  # tcnserve_step_batch_size (sum, count)
+    step_compute: tuple[float, float]  # tcnserve_model_compute_seconds{op="step"} (sum, count)
+    thread_cpu: dict[int, float] = field(default_factory=dict)  # tid -> CPU seconds
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    result = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+        result[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return result
+
+
+def read_counters(server: Server) -> ServerCounters:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return ServerCounters(
+        time.perf_counter(),
+        histogram_totals(text, "tcnserve_step_batch_size"),
+        histogram_totals(text, "tcnserve_model_compute_seconds", 'op="step"'),
+        thread_cpu_seconds(server.process.pid),
+    )
+
+
+# ----- one case -----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    sessions: int
+    transport: str
+    procs: int
+    rate: float  # timesteps/s, all sessions together
+    p50_ms: float
+    p99_ms: float
+    batch: float  # mean streams per step call
+    loop_cpu: float  # server event-loop thread, fraction of one core
+    other_cpu: float  # the server's other threads (the model worker), fraction of one core
+    step_busy: float  # step compute seconds per second
+    client_cpu: float  # all client processes, fraction of one core
+    server_us: float  # server CPU (all threads) per step served, microseconds
+    client_us: float  # client CPU per push, microseconds
+    ratio: float = float("nan")  # rate / the same N's HTTP rate
+
+
+def run_case(
+    server: Server,
+    transport: str,
+    sessions: int,
+    in_channels: int,
+    seconds: float,
+    procs: int,
+    warmup: int,
+) -> Case:
+    context = multiprocessing.get_context("spawn")
+    shares = [sessions // procs + (k < sessions % procs) for k in range(procs)]
+    links = []
+    for k, share in enumerate(shares):
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=client_process,
+            args=(theirs, server.url, transport, share, in_channels, 1000 * sessions + k, warmup),
+            daemon=True,
+        )
+        process.start()
+        links.append((ours, process))
+    try:
+        for conn, process in links:
+            _receive(conn, process, "opening its sessions")
+        before = read_counters(server)
+        for conn, _ in links:
+            conn.send(seconds)
+        results: list[ClientResult] = [
+            _receive(conn, process, "the end of its run")  # type: ignore[misc]
+            for conn, process in links
+        ]
+        after = read_counters(server)
+        for conn, _ in links:
+            conn.send("close")
+        for _, process in links:
+            process.join(60)
+    finally:
+        for _, process in links:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    wall = after.at - before.at
+    calls = after.batch[1] - before.batch[1]
+    main_tid = server.process.pid  # the event loop runs on the main thread
+    cpu = {
+        tid: seconds_now - before.thread_cpu.get(tid, 0.0)
+        for tid, seconds_now in after.thread_cpu.items()
+    }
+    latencies = np.concatenate([r.latencies for r in results])
+    served = after.batch[0] - before.batch[0]  # steps the server applied in the window
+    pushes = sum(r.pushes for r in results)
+    return Case(
+        sessions=sessions,
+        transport=transport,
+        procs=procs,
+        rate=sum(r.pushes / r.elapsed for r in results),
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        batch=served / calls if calls else float("nan"),
+        loop_cpu=cpu.get(main_tid, 0.0) / wall,
+        other_cpu=sum(v for tid, v in cpu.items() if tid != main_tid) / wall,
+        step_busy=(after.step_compute[0] - before.step_compute[0]) / wall,
+        client_cpu=sum(r.cpu_s for r in results) / max(r.elapsed for r in results),
+        server_us=sum(cpu.values()) / served * 1e6 if served else float("nan"),
+        client_us=sum(r.cpu_s for r in results) / pushes * 1e6 if pushes else float("nan"),
+    )
+
+
+# ----- correctness --------------------------------------------------------------------------
+
+
+async def check_outputs(url: str, in_channels: int, receptive_field: int) -> dict[str, float]:
+    """Max |WS output - /predict output| per frame kind, over rows streamed past a warm state."""
+    rng = np.random.default_rng(7)
+    # A prefix longer than the receptive field wraps the ring buffers before the checked rows.
+    prefix = rng.standard_normal((receptive_field + 100, in_channels)).astype(np.float32)
+    rows = rng.standard_normal((CHECK_ROWS, in_channels)).astype(np.float32)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        r = await c.post(
+            "/v1/models/default/predict",
+            json={"inputs": [np.concatenate([prefix, rows]).tolist()]},
+        )
+        r.raise_for_status()
+        expected = np.asarray(r.json()["outputs"][0], dtype=np.float64)[len(prefix) :]
+        diffs = {}
+        for kind in ("ws-binary", "ws-json"):
+            r = await c.post("/v1/sessions", json={"model": "default", "prefix": prefix.tolist()})
+            r.raise_for_status()
+            sid = r.json()["session_id"]
+            got = []
+            ws_url = url.replace("http://", "ws://", 1)
+            async with connect(
+                f"{ws_url}/v1/sessions/{sid}/stream?framing=offset",
+                compression=None,
+                proxy=None,
+            ) as ws:
+                for i, row in enumerate(rows):
+                    offset = len(prefix) + i
+                    if kind == "ws-binary":
+                        await ws.send(encode_frame(row[None, :], offset))
+                        answer = await ws.recv()
+                        if isinstance(answer, str):
+                            raise SystemExit(f"check: push refused: {answer}")
+                        position, outputs = decode_frame(answer, len(expected[0]), True)
+                        if position != offset + 1:
+                            raise SystemExit(f"check: answer at position {position}")
+                        got.append(outputs[0])
+                    else:
+                        await ws.send(json.dumps({"inputs": [row.tolist()], "offset": offset}))
+                        got.append(np.asarray(json.loads(await ws.recv())["outputs"][0]))
+            await c.delete(f"/v1/sessions/{sid}")
+            diffs[kind] = float(np.abs(np.asarray(got, dtype=np.float64) - expected).max())
+    return diffs
+
+
+# ----- output -------------------------------------------------------------------------------
+
+
+def table(cases: list[Case]) -> str:
+    lines = [
+        f"{'sessions':>8} {'transport':<9} {'procs':>5} {'steps/s':>9} {'x http':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'loop':>5} {'worker':>6} {'step':>5} "
+        f"{'client':>6} {'srv us':>6} {'cli us':>6}"
+    ]
+    for c in cases:
+        ratio = "-" if np.isnan(c.ratio) else f"{c.ratio:.2f}x"
+        lines.append(
+            f"{c.sessions:>8} {c.transport:<9} {c.procs:>5} {c.rate:>9,.0f} {ratio:>6} "
+            f"{c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.batch:>6.1f} {c.loop_cpu:>5.0%} "
+            f"{c.other_cpu:>6.0%} {c.step_busy:>5.0%} {c.client_cpu:>6.0%} {c.server_us:>6.0f} "
+            f"{c.client_us:>6.0f}"
+        )
+    return "\n".join(lines)
+
+
+LEGEND = """\
+steps/s: timesteps/s over all sessions (one row per push); x http: / the same N's HTTP rate
+p50/p99: per push, client side, send -> answer; batch: mean streams per step call (/metrics)
+loop / worker / client: CPU of the server's event-loop thread / its other threads (the model
+  worker) / all client processes, in % of one core over the measured window
+step: model step compute time per second (/metrics); wall time on the worker thread, so it
+  includes its waits for the GIL and for a CPU
+srv us / cli us: CPU microseconds per step, of the server (all threads) / of the clients
+The clients share the machine's CPUs with the server."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
+    parser.add_argument(
+        "--sessions",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="concurrent sessions, comma-separated (default 1,64,256; 1,64 with --quick)",
+    )
+    parser.add_argument(
+        "--transports",
+        type=lambda s: s.split(","),
+        default=list(TRANSPORTS),
+        help=f"comma-separated subset of {','.join(TRANSPORTS)}",
+    )
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="client processes per case, the sessions split between them (default 1)",
+    )
+    parser.add_argument(
+        "--max-batch-delay-ms", type=float, default=1.0, help="server setting (its default: 1)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 s per case, 1 and 64 sessions"
+    )
+    args = parser.parse_args()
+    began = time.perf_counter()
+    if args.sessions is None:
+        args.sessions = [1, 64] if args.quick else [1, 64, 256]
+    warmup = 1 if args.quick else WARMUP_PUSHES
+    if args.quick:
+        args.seconds = min(args.seconds, 1.0)
+    unknown = set(args.transports) - set(TRANSPORTS)
+    if unknown:
+        parser.error(f"unknown transports: {', '.join(sorted(unknown))}")
+
+    sys.path.insert(0, str(ROOT))
+    from model import read_checkpoint_info
+
+    config, _ = read_checkpoint_info(DEFAULT_MODEL)
+    port = free_port()
+    command = [
+        *serve_command(),
+        "--port",
+        str(port),
+        "--max-sessions",
+        str(max(args.sessions) + 8),
+        "--max-batch-delay-ms",
+        str(args.max_batch_delay_ms),
+        "--torch-threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    print(f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+    print(environment())
+    print(
+        f"built-in model: in {config.in_channels}, channels {list(config.channels)}, kernel "
+        f"{config.kernel_size}, receptive field {config.receptive_field}; server: 1 process, "
+        f"torch threads 1, max_batch_delay_ms {args.max_batch_delay_ms:g}; "
+        f"{args.seconds:g} s per case, {warmup} warm-up pushes per session",
+        flush=True,
+    )
+    cases: list[Case] = []
+    with Server(command, port) as server:
+        diffs = asyncio.run(check_outputs(server.url, config.in_channels, config.receptive_field))
+        print(
+            f"check: {CHECK_ROWS} rows, one per message, after a {config.receptive_field + 100}"
+            "-row prefix: max |WS - /predict| "
+            + ", ".join(f"{kind} {d:.1e}" for kind, d in diffs.items()),
+            flush=True,
+        )
+        print(table([]), flush=True)
+        for n in args.sessions:
+            procs = max(1, min(args.client_procs, n))
+            for transport in args.transports:
+                case = run_case(
+                    server, transport, n, config.in_channels, args.seconds, procs, warmup
+                )
+                cases.append(case)
+                print(table([case]).splitlines()[1], flush=True)
+    http = {c.sessions: c.rate for c in cases if c.transport == "http"}
+    for c in cases:
+        if c.sessions in http:
+            c.ratio = c.rate / http[c.sessions]
+    print("\nsummary")
+    print(table(cases))
+    print(LEGEND)
+    busiest = max(cases, key=lambda c: c.client_cpu / c.procs)
+    per_proc = busiest.client_cpu / busiest.procs
+    if per_proc > 0.9:
+        print(
+            f"client processes: a client process was CPU-bound ({per_proc:.0%} of a core at "
+            f"{busiest.sessions} {busiest.transport}): rerun with --client-procs 2 or more"
+        )
+    else:
+        print(
+            f"client processes: {args.client_procs} per case; the busiest used {per_proc:.0%} "
+            f"of a core ({busiest.sessions} {busiest.transport}), so it was not the limit"
+        )
+    print(f"took {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
