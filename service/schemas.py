@@ -35,6 +35,10 @@ class PredictResponse(BaseModel):
 class SnapshotIn(_Request):
     position: int = Field(ge=0, strict=True, description="the position to continue from")
     inputs: Rows = Field(description="exactly the last min(position, receptive_field - 1) rows")
+    # Present when a GET .../snapshot body is posted back as it is; the new session's own id
+    # and model come from the request, and a snapshot of another model is refused.
+    session_id: str | None = None
+    model: str | None = None
 
 
 class Snapshot(BaseModel):

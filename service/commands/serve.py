@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from types import FrameType
@@ -77,12 +78,26 @@ def run(args: argparse.Namespace) -> int:
         ws_max_queue=32,  # per connection: a client that does not read stops being read
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
+    for name in ("uvicorn.error", "uvicorn.access"):  # after Config has set up logging
+        logging.getLogger(name).addFilter(RedactTokens())
     server = DrainingServer(config, runtime, settings.drain_s)
     server.run()
     if runtime.load_error:
         print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
         return 1
     return 0
+
+
+class RedactTokens(logging.Filter):
+    """uvicorn logs WebSocket paths with their query: hide an API key given as ?token=."""
+
+    PATTERN = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self.PATTERN.sub(r"\1***", message), None
+        return True
 
 
 class DrainingServer(uvicorn.Server):

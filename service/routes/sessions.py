@@ -59,6 +59,11 @@ async def create_session(
             "send the id you choose as X-Session-ID (the proxy routes by it)"
         )
     snapshot = body.snapshot
+    if snapshot is not None and snapshot.model not in (None, body.model):
+        raise InvalidInput(
+            f"this snapshot is of model {snapshot.model!r}; it cannot rebuild a {body.model!r} "
+            "session"
+        )
     session, outputs = await caller.sessions.create(
         caller.owner,
         body.model,

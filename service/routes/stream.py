@@ -167,9 +167,12 @@ async def _serve(
 
 def _decode_binary(data: bytes, width: int, offsets: bool) -> tuple[int | None, np.ndarray]:
     try:
-        return decode_frame(data, width, offsets)
+        offset, rows = decode_frame(data, width, offsets)
     except FrameError as e:
         raise InvalidInput(str(e)) from None
+    if offset is not None and offset < 0:
+        raise InvalidInput(f"the offset header must be >= 0, got {offset}")
+    return offset, rows
 
 
 def _decode_text(text: str) -> StepRequest:

@@ -163,9 +163,14 @@ INVALID = [
     ),
     pytest.param({"snapshot": {"position": 2}}, "inputs", id="no-inputs"),
     pytest.param(
-        {"snapshot": {"position": 1, "inputs": [[0.5, 0.5]], "model": "tiny"}},
-        "model",
+        {"snapshot": {"position": 1, "inputs": [[0.5, 0.5]], "colour": "red"}},
+        "colour",
         id="unknown-field",
+    ),
+    pytest.param(
+        {"snapshot": {"position": 1, "inputs": [[0.5, 0.5]], "model": "other"}},
+        "of model 'other'",
+        id="another-model",
     ),
 ]
 
@@ -224,3 +229,14 @@ async def test_snapshots_taken_during_pushes_are_consistent(aclient):
     for snapshot in taken:  # each one is the rows before its own position, never a torn read
         position = snapshot["position"]
         assert snapshot["inputs"] == rows[max(0, position - (R - 1)) : position]
+
+
+def test_a_snapshot_body_posts_back_as_it_is(client):
+    rows = random_rows(40, seed=41)
+    sid = open_session(client)["session_id"]
+    advance(client, sid, rows[:33], 0)
+    snapshot = snapshot_of(client, sid)  # with its session_id and model fields
+    created = open_session(client, snapshot=snapshot)
+    assert created["position"] == 33 and created["session_id"] != sid
+    restored = advance(client, created["session_id"], rows, 33)
+    assert_rows_close(restored, advance(client, sid, rows, 33))

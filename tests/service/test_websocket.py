@@ -168,7 +168,7 @@ OFFSET_FRAMING_ERRORS = [  # the session is at position 6 when these arrive
     pytest.param(encode_frame(np.ones((1, 2))), "invalid_input", "0 bytes", id="no-header-1-row"),
     pytest.param(encode_frame(np.ones((1, 2)), 5), "offset_conflict", "position 6", id="stale"),
     pytest.param(encode_frame(np.ones((1, 2)), 9), "offset_conflict", "position 6", id="ahead"),
-    pytest.param(encode_frame(np.ones((1, 2)), -1), "offset_conflict", "position 6", id="negative"),
+    pytest.param(encode_frame(np.ones((1, 2)), -1), "invalid_input", "must be >= 0", id="negative"),
     pytest.param(
         encode_frame(np.ones((3, 2)), 3), "offset_conflict", "different inputs", id="replay-other"
     ),
@@ -739,20 +739,10 @@ def documented_close_code(meaning: str) -> int:
     return int(row.split("|")[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/streaming.md lists 1008 for a message over max_body_bytes; the server closes "
-    "with 1009 (uvicorn's ws_max_size, as serve.py says): the docs are wrong",
-)
 def test_docs_give_the_close_code_of_an_oversized_message():
     assert documented_close_code("larger than `max_body_bytes`") == 1009
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/streaming.md lists 1001 for a server shutting down; streams still open when "
-    "the server exits are closed by uvicorn with 1012 (service restart)",
-)
 def test_streams_open_at_shutdown_close_with_the_documented_code(make_settings):
     app = create_app(make_settings())
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
@@ -775,12 +765,6 @@ def test_streams_open_at_shutdown_close_with_the_documented_code(make_settings):
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn logs every WebSocket path with its query string at INFO "
-    "('\"WebSocket /v1/sessions/ID/stream?token=KEY\" [accepted]'), so an API key given as "
-    "the documented `token` parameter is written to the server log",
-)
 async def test_an_api_key_in_the_token_parameter_stays_out_of_the_log(live_server):
     url, log = live_server
     secret = "token-that-must-not-be-logged-0123"
