@@ -1,0 +1,127 @@
+"""Training: tiny runs through the CLI, checkpoints that reload, and the shipped default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model import TCN, load_model, read_checkpoint_info
+from model.tasks import TASKS, adding_problem
+from model.train import METRICS_FILE, TEST_SEED_OFFSET, TrainOptions, task_config, train
+from service import cli
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "service" / "default_model"
+TINY = ["--hidden", "8", "--levels", "3", "--kernel-size", "3", "--threads", "1"]
+TINY += ["--val-size", "64", "--test-size", "128", "--no-progress"]
+# Drawn neither by training (seed 0) nor by its val/test sets (seed + 1_000_003 / 2_000_003).
+FRESH_SEED = 20_261_127
+
+
+@pytest.fixture
+def train_cli(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`tcnserve` main() with only the train subcommand, so sibling commands cannot break it."""
+    monkeypatch.setattr(cli, "COMMANDS", {"train": cli.COMMANDS["train"]})
+    return cli.main
+
+
+@torch.no_grad()
+def adding_mse(net: TCN, seq_len: int, batch: int, seed: int) -> float:
+    x, y = adding_problem(batch, seq_len, torch.Generator().manual_seed(seed))
+    return float(((net(x)[:, 0, -1] - y) ** 2).mean())
+
+
+def test_cli_trains_adding_and_writes_a_loadable_checkpoint(train_cli: Any, tmp_path: Path):
+    out = tmp_path / "adding"
+    argv = ["train", "adding", "--out", str(out), "--seq-len", "24", "--epochs", "2"]
+    argv += ["--steps-per-epoch", "40", "--lr", "0.01", "--seed", "3", *TINY]
+    assert train_cli(argv) == 0
+
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["task"] == "adding" and metrics["metric"] == "mse"
+    assert metrics["seq_len"] == 24 and metrics["steps"] == 80 and metrics["seed"] == 3
+    assert metrics["paper_value"] == 5.8e-5 and metrics["wall_time_s"] >= 0
+    assert metrics["command"].startswith("tcnserve train adding --out ")
+    assert any("T=24 instead of" in d for d in metrics["deviations"])
+
+    config, metadata = read_checkpoint_info(out)
+    assert metadata["trained"] is True and metadata["value"] == metrics["value"]
+    assert config.channels == (8, 8, 8) and config.kernel_size == 3
+    net = load_model(out)
+    # The reported value is the reloaded checkpoint's MSE on the test set...
+    test_mse = adding_mse(net, 24, 128, 3 + TEST_SEED_OFFSET)
+    assert test_mse == pytest.approx(metrics["value"], rel=1e-4)
+    # ...and far below the untrained model's (which outputs ~0 against targets around 1).
+    options = TrainOptions(task="adding", out=out, hidden=8, levels=3, kernel_size=3)
+    torch.manual_seed(3)
+    untrained = TCN(task_config(TASKS["adding"], options)).eval()
+    assert metrics["value"] < 0.5 * adding_mse(untrained, 24, 128, 3 + TEST_SEED_OFFSET)
+
+
+def test_cli_trains_copy_memory(train_cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    argv = ["train", "copy", "--out", str(out), "--seq-len", "5", "--epochs", "1"]
+    argv += ["--steps-per-epoch", "30", "--lr", "0.01", *TINY]
+    assert train_cli(argv) == 0
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["metric"] == "recall_cross_entropy" and metrics["seq_len"] == 5
+    assert set(metrics["extra_metrics"]) == {"all_positions_cross_entropy", "recall_accuracy"}
+    history = metrics["history"]
+    assert history[0]["val_recall_cross_entropy"] < torch.log(torch.tensor(10.0)).item()
+    net = load_model(out)
+    assert net.config.output_activation == "log_softmax" and net.config.in_channels == 10
+
+
+def test_training_is_deterministic_given_the_seed(tmp_path: Path) -> None:
+    def run(name: str) -> dict[str, torch.Tensor]:
+        options = TrainOptions(
+            task="adding", out=tmp_path / name, seq_len=16, epochs=1, steps_per_epoch=5,
+            hidden=4, levels=2, kernel_size=2, val_size=8, test_size=8, seed=11, progress=False,
+        )  # fmt: skip
+        train(options)
+        return load_model(tmp_path / name).state_dict()
+
+    a, b = run("a"), run("b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_stops_training_and_still_saves(tmp_path: Path) -> None:
+    options = TrainOptions(
+        task="adding", out=tmp_path, seq_len=16, epochs=3, steps_per_epoch=50, hidden=4,
+        levels=2, kernel_size=2, val_size=8, test_size=8, max_minutes=1e-9, progress=False,
+    )  # fmt: skip
+    result = train(options)
+    assert result["steps"] == 1 and len(result["history"]) == 1
+    assert any("wall-clock budget" in d for d in result["deviations"])
+    assert (tmp_path / METRICS_FILE).exists()
+    load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [(["--epochs", "0"], "epochs must be >= 1"), (["--lr-decay", "1.5"], "lr_decay")],
+)
+def test_cli_rejects_bad_options(
+    train_cli: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], match: str
+) -> None:
+    assert train_cli(["train", "adding", "--out", str(tmp_path), *flags]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / METRICS_FILE).exists()
+
+
+def test_shipped_default_model_matches_its_recorded_mse() -> None:
+    config, metadata = read_checkpoint_info(DEFAULT_MODEL)
+    metrics = json.loads((DEFAULT_MODEL / METRICS_FILE).read_text())
+    assert metadata["trained"] is True and metadata["task"] == metrics["task"] == "adding"
+    assert metadata["value"] == metrics["value"] and metadata["paper_value"] == 5.8e-5
+    assert metrics["seq_len"] == metadata["seq_len"] == 600
+    assert config.in_channels == 2 and config.out_channels == 1
+    assert FRESH_SEED not in (metrics["seed"], metrics["val_seed"], metrics["test_seed"])
+
+    net = load_model(DEFAULT_MODEL)
+    mse = adding_mse(net, 600, 500, FRESH_SEED)
+    assert mse < 2 * metrics["value"] + 1e-4
