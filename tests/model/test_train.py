@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,30 +20,26 @@ TINY += ["--val-size", "64", "--test-size", "128", "--no-progress"]
 FRESH_SEED = 20_261_127
 
 
-@pytest.fixture
-def train_cli(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """`tcnserve` main() with only the train subcommand, so sibling commands cannot break it."""
-    monkeypatch.setattr(cli, "COMMANDS", {"train": cli.COMMANDS["train"]})
-    return cli.main
-
-
 @torch.no_grad()
 def adding_mse(net: TCN, seq_len: int, batch: int, seed: int) -> float:
     x, y = adding_problem(batch, seq_len, torch.Generator().manual_seed(seed))
     return float(((net(x)[:, 0, -1] - y) ** 2).mean())
 
 
-def test_cli_trains_adding_and_writes_a_loadable_checkpoint(train_cli: Any, tmp_path: Path):
+def test_cli_trains_adding_and_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "adding"
     argv = ["train", "adding", "--out", str(out), "--seq-len", "24", "--epochs", "2"]
-    argv += ["--steps-per-epoch", "40", "--lr", "0.01", "--seed", "3", *TINY]
-    assert train_cli(argv) == 0
+    argv += ["--steps-per-epoch", "40", "--lr", "0.01", "--seed", "3", "--curriculum", "8:10"]
+    assert cli.main([*argv, *TINY]) == 0
 
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["task"] == "adding" and metrics["metric"] == "mse"
-    assert metrics["seq_len"] == 24 and metrics["steps"] == 80 and metrics["seed"] == 3
+    assert metrics["seq_len"] == 24 and metrics["steps"] == 90 and metrics["seed"] == 3
+    assert [h["seq_len"] for h in metrics["history"]] == [8, 24, 24]
+    assert "val_mse" not in metrics["history"][0]  # warm-up stages are not validated
     assert metrics["paper_value"] == 5.8e-5 and metrics["wall_time_s"] >= 0
     assert metrics["command"].startswith("tcnserve train adding --out ")
+    assert "--curriculum 8:10" in metrics["command"]
     assert any("T=24 instead of" in d for d in metrics["deviations"])
 
     config, metadata = read_checkpoint_info(out)
@@ -61,11 +56,11 @@ def test_cli_trains_adding_and_writes_a_loadable_checkpoint(train_cli: Any, tmp_
     assert metrics["value"] < 0.5 * adding_mse(untrained, 24, 128, 3 + TEST_SEED_OFFSET)
 
 
-def test_cli_trains_copy_memory(train_cli: Any, tmp_path: Path) -> None:
+def test_cli_trains_copy_memory(tmp_path: Path) -> None:
     out = tmp_path / "copy"
     argv = ["train", "copy", "--out", str(out), "--seq-len", "5", "--epochs", "1"]
     argv += ["--steps-per-epoch", "30", "--lr", "0.01", *TINY]
-    assert train_cli(argv) == 0
+    assert cli.main(argv) == 0
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["metric"] == "recall_cross_entropy" and metrics["seq_len"] == 5
     assert set(metrics["extra_metrics"]) == {"all_positions_cross_entropy", "recall_accuracy"}
@@ -106,9 +101,9 @@ def test_time_budget_stops_training_and_still_saves(tmp_path: Path) -> None:
     [(["--epochs", "0"], "epochs must be >= 1"), (["--lr-decay", "1.5"], "lr_decay")],
 )
 def test_cli_rejects_bad_options(
-    train_cli: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], match: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], match: str
 ) -> None:
-    assert train_cli(["train", "adding", "--out", str(tmp_path), *flags]) == 2
+    assert cli.main(["train", "adding", "--out", str(tmp_path), *flags]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / METRICS_FILE).exists()
 
