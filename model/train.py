@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import save_model
@@ -100,24 +99,6 @@ def task_config(spec: TaskSpec, options: TrainOptions) -> TCNConfig:
     )
 
 
-def reference_init(net: TCN) -> TCN:
-    """Give the dilated convs the init locuslab/TCN's training actually ran with.
-
-    Its `conv.weight.data.normal_(0, 0.01)` writes to the tensor that the old-style
-    `weight_norm` recomputes from (g, v) before every forward, so it never takes effect: the
-    convs keep nn.Conv1d's default U(+-1/sqrt(fan_in)) weights, about 4x the N(0, 0.01) that
-    TCN() draws, and the paper's numbers come from that. The 1x1 downsample and the head keep
-    N(0, 0.01), as there.
-    """
-    for block in net.blocks:
-        for conv in (block.conv1, block.conv2):
-            v = torch.empty_like(conv.parametrizations.weight.original1)
-            nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Conv1d.reset_parameters
-            with torch.no_grad():
-                conv.weight = v  # weight_norm's right-inverse: g = |v|, v = v
-    return net
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +150,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     metrics = {spec.metric: spec.metric_fn, **spec.extra_metrics}
 
     torch.manual_seed(options.seed)  # weight init and dropout
-    net = reference_init(TCN(config)).to(device).train()
+    net = TCN(config).to(device).train()
     optimizer = _make_optimizer(spec.optimizer, net.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=options.lr_decay)
     train_gen = torch.Generator().manual_seed(options.seed)

@@ -119,7 +119,10 @@ class ModelWorker:
             deferred_old: list = []  # from earlier rounds: older than anything still pending
             deferred_new: list = []  # fresh from the queue: newer than everything pending
             deadline = time.perf_counter() + self._delay
-            while len(batch) < self._max_batch:
+            # A batch holds distinct open streams: once it has them all, waiting adds nothing
+            # (a lone session never waits for company).
+            limit = min(self._max_batch, len(self.pool))
+            while len(batch) < limit:
                 from_pending = bool(pending)
                 nxt = pending.popleft() if from_pending else self._next_until(deadline)
                 if nxt is None:

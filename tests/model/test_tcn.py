@@ -256,11 +256,18 @@ def test_folded_state_dict_loads_into_a_folded_model() -> None:
         torch.testing.assert_close(other(x), net(x), atol=1e-6, rtol=1e-6)
 
 
-def test_reference_init_is_small() -> None:
-    """The paper's N(0, 0.01) init; the property tests redraw weights because of it."""
+def test_init_is_what_the_reference_trains_with() -> None:
+    """nn.Conv1d's default on the dilated convs (locuslab's N(0, 0.01) there never takes effect
+    under old-style weight norm); N(0, 0.01) on the 1x1 downsample and the head."""
+    torch.manual_seed(0)
     net = TCN(TCNConfig(in_channels=4, channels=[64, 64], kernel_size=3, out_channels=2))
     net.fold_weight_norm()
     for block in net.blocks:
-        assert 0.005 < block.conv1.weight.std() < 0.02
+        for conv in (block.conv1, block.conv2):
+            fan_in = conv.in_channels * conv.kernel_size[0]
+            expected = 1 / (3 * fan_in) ** 0.5  # the std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert 0.8 * expected < conv.weight.std() < 1.2 * expected
+    assert net.blocks[0].downsample is not None
+    assert 0.005 < net.blocks[0].downsample.weight.std() < 0.02
     assert net.head is not None
     assert 0.005 < net.head.weight.std() < 0.02

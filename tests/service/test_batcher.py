@@ -16,10 +16,14 @@ from service.metrics import Metrics
 class RecordingPool:
     """Stands in for StreamPool: remembers each step call, answers slot + row."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_streams: int = 64) -> None:
+        self.open_streams = open_streams  # what len(StreamPool) says: the batcher's bound
         self.calls: list[list[int]] = []
         self.rows: list[list[float]] = []
         self.fail = False
+
+    def __len__(self) -> int:
+        return self.open_streams
 
     def step(self, slots, x):
         if self.fail:
@@ -126,3 +130,25 @@ async def test_stopped_worker_refuses_new_work():
     await w.stop()
     with pytest.raises(WorkerStopped):
         await w.call(lambda: 5)
+
+
+def test_a_batch_of_every_open_stream_goes_without_waiting():
+    # A long delay that the test would notice if it were waited out: with two open streams
+    # and both in the batch, the worker must not wait for a third that cannot come.
+    w = ModelWorker("m", Metrics(), max_batch_size=8, max_batch_delay_s=30.0)
+    w.pool = RecordingPool(open_streams=2)
+    w.start()
+
+    async def two_steps():
+        gate, blocker = await held(w)
+        steps = [asyncio.ensure_future(w.step(s, np.array([1.0]))) for s in (0, 1)]
+        await until_queued(w, 2)
+        gate.set()
+        await blocker
+        return await asyncio.wait_for(asyncio.gather(*steps), timeout=10)
+
+    try:
+        assert len(asyncio.run(two_steps())) == 2
+        assert w.pool.calls == [[0, 1]]
+    finally:
+        asyncio.run(w.stop())
