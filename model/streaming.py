@@ -147,6 +147,7 @@ class StreamPool:
         dilations = np.array([[layer.dilation] for layer in self._layers])  # (layers, 1)
         self._tap_offsets_np = (dilations * np.arange(k - 1, -1, -1))[:, None, :]  # (layers,1,k)
         self._ring_lengths_np = np.array([[layer.ring_len] for layer in self._layers])
+        self._tap_lengths_np = self._ring_lengths_np[:, :, None]  # (layers, 1, 1)
         self._tap_offsets = torch.from_numpy(self._tap_offsets_np).to(dev)
         self._ring_lengths = torch.from_numpy(self._ring_lengths_np).to(dev)  # (layers, 1)
         # Flat per-block operands for the step loop: no attribute lookups on the hot path.
@@ -339,15 +340,15 @@ class StreamPool:
     def _ring_rows(self, slot_np: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host-side ring rows of one step, every layer at once (a few numpy ops).
 
-        writes (layers, N): the row of time t; taps (layers, N, k): the rows of the k taps,
-        oldest first; remember (N,): the input-history row of time t.
+        taps (layers, N, k): the rows of the k taps, oldest first; writes (layers, N): the row
+        of time t, which is the last tap (a view); remember (N,): the input-history row of t.
         """
         pos = self._positions[slot_np]
-        lengths, size = self._ring_lengths_np, max(self.history_len, 1)
-        base = slot_np * lengths  # (layers, N)
-        writes = pos % lengths + base
-        taps = (pos[:, None] - self._tap_offsets_np) % lengths[:, :, None] + base[:, :, None]
-        return writes, taps, pos % size + slot_np * self.history_len
+        lengths = self._tap_lengths_np  # (layers, 1, 1)
+        taps = (pos[:, None] - self._tap_offsets_np) % lengths
+        taps += slot_np[:, None] * lengths
+        remember = pos % max(self.history_len, 1) + slot_np * self.history_len
+        return taps[:, :, -1], taps, remember
 
     def _device_ring_rows(self, slot_np: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The same on the pool's device: only 2N integers cross the bus."""
