@@ -319,6 +319,9 @@ class StreamPool:
                 raise TypeError(f"{what}: expected floating-point rows, got {x.dtype}")
             if not _all_finite(x):
                 raise ValueError(f"{what}: inputs must be finite (no NaN or Inf)")
+            limit = torch.finfo(self.dtype).max
+            if limit < torch.finfo(x.dtype).max and x.numel() and float(x.abs().max()) > limit:
+                raise ValueError(f"{what}: inputs exceed the range of the pool's {self.dtype}")
         if x.shape[0] == 0:
             raise ValueError(f"{what}: no rows given")
         if n is not None and x.shape[0] != n:
@@ -403,11 +406,14 @@ class StreamPool:
         x = self._rows(x, None, "push")
         steps = x.shape[0]
         t0 = int(self._positions[slot])
+        # Every ring write waits until all layers have computed: a failure half-way (e.g. out
+        # of memory on a long chunk) leaves the stream exactly as it was.
+        writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if self.history_len:
             kept = min(steps, self.history_len)
             when = np.arange(t0 + steps - kept, t0 + steps) % self.history_len
             rows = torch.from_numpy(when + slot * self.history_len).to(self.device)
-            self._history.index_copy_(0, rows, x[steps - kept :])
+            writes.append((self._history, rows, x[steps - kept :]))
         h = self._embed(x).T  # (C, T)
 
         def conv(layer: _CausalLayer, inp: torch.Tensor) -> torch.Tensor:  # (C_in, T)
@@ -417,7 +423,7 @@ class StreamPool:
             # Keep the L - 1 newest rows; the ring's remaining row is the next step's to write.
             newest = seq[:, seq.shape[1] - layer.history.numel() :].T
             when = torch.remainder(t0 + steps + layer.history, layer.ring_len)
-            layer.ring.index_copy_(0, base + when, newest.contiguous())
+            writes.append((layer.ring, base + when, newest))
             return F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[
                 0
             ].relu_()  # (C_out, T)
@@ -429,8 +435,11 @@ class StreamPool:
             else:
                 res = torch.addmm(block.downsample[1], h.T, block.downsample[0]).T
                 h = out.add_(res).relu_()
+        y = self._finish(h.T.contiguous())
+        for ring, rows, values in writes:
+            ring.index_copy_(0, rows, values.contiguous())
         self._positions[slot] += steps
-        return self._finish(h.T.contiguous())
+        return y
 
     # ----- state transfer --------------------------------------------------------------------
 

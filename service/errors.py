@@ -21,6 +21,10 @@ class TooManyTimesteps(ServiceError):
     code = "too_many_timesteps"
 
 
+class TooManySequences(TooManyTimesteps):
+    code = "too_many_sequences"
+
+
 class BodyTooLarge(ServiceError):
     code = "body_too_large"
 

@@ -16,15 +16,17 @@ def group_by_length(lengths: list[int]) -> list[list[int]]:
     """Indices of sequences grouped longest first, so each group wastes little padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
+    real = 0  # rows of real data in the last group, kept as a running sum (linear overall)
     for i in order:
         if groups:
             group = groups[-1]
             longest = lengths[group[0]]
-            real = sum(lengths[j] for j in group) + lengths[i]
-            if (len(group) + 1) * longest * (1 - MAX_PADDING_SHARE) <= real:
+            if (len(group) + 1) * longest * (1 - MAX_PADDING_SHARE) <= real + lengths[i]:
                 group.append(i)
+                real += lengths[i]
                 continue
         groups.append([i])
+        real = lengths[i]
     return groups
 
 

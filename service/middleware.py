@@ -16,6 +16,7 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestContextMiddleware:
@@ -58,7 +59,8 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
-            method = scope["method"]
+            # A fixed label set: any client can send any method, and series live forever.
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
             self.metrics.requests.labels(label, method, str(status)).inc()
             self.metrics.request_latency.labels(label, method).observe(time.perf_counter() - start)
 

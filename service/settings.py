@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(128, description="most streams advanced by one model call")
     max_batch_delay_ms: float = Field(1.0, description="longest wait to fill a step batch")
     max_timesteps_per_request: int = Field(100_000, description="rows summed over a request")
+    max_sequences_per_request: int = Field(1024, ge=1, description="sequences in one /predict")
     max_body_bytes: int = Field(32 * 1024 * 1024, description="largest request body")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
     expired_memory: int = Field(10_000, ge=0, description="expired ids remembered for 410")
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
             problems.append(f"api_keys must each be at least {MIN_API_KEY_LENGTH} characters")
         if len(set(keys)) != len(keys):
             problems.append("api_keys contains a duplicate key")
-        if self.dtype == "float16" and self.device != "cuda" and not _cuda_available():
+        if self.dtype == "float16" and self.resolved_device() != "cuda":
             problems.append("dtype float16 needs device cuda; on CPU use float32 or bfloat16")
         if self.device == "cuda" and not _cuda_available():
             problems.append("device is cuda but torch sees no CUDA GPU (use auto or cpu)")

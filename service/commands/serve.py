@@ -25,6 +25,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "max_batch_size": (int, "most streams per batched step (default 128)"),
     "max_batch_delay_ms": (float, "longest wait to fill a step batch (default 1)"),
     "max_timesteps_per_request": (int, "rows summed over a request (default 100000)"),
+    "max_sequences_per_request": (int, "sequences in one /predict (default 1024)"),
     "max_body_bytes": (int, "largest request body (default 32 MiB)"),
     "drain_s": (float, "seconds /readyz answers 503 after SIGTERM before exiting (default 0)"),
     "torch_threads": (int, "intra-op threads for model compute (default: torch's)"),
@@ -94,10 +95,18 @@ class RedactTokens(logging.Filter):
     PATTERN = re.compile(r"(token=)[^&\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1***", message), None
+        # Rewrite the arguments, not the record's shape: uvicorn's access formatter unpacks them.
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: self._redact(v) for k, v in record.args.items()}
+        record.msg = self._redact(record.msg)
         return True
+
+    def _redact(self, value: object) -> object:
+        if isinstance(value, str) and "token=" in value:
+            return self.PATTERN.sub(r"\1***", value)
+        return value
 
 
 class DrainingServer(uvicorn.Server):

@@ -66,3 +66,33 @@ def test_bad_kernel_choices():
         StreamPool(net, 2, step_kernel="fast")
     with pytest.raises(ValueError, match="numpy step kernel needs a CPU pool"):
         StreamPool(net, 2, dtype=torch.float16, step_kernel="numpy")
+
+
+def test_a_push_that_fails_half_way_leaves_the_stream_untouched(monkeypatch):
+    net = _net()
+    pool = StreamPool(net, 2)
+    slot = pool.open()
+    x = torch.randn(30, 3)
+    pool.push(slot, x[:10])
+    before = pool.export_state(slot)
+    calls = 0
+    real_conv1d = torch.nn.functional.conv1d
+
+    def failing_conv1d(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # the second block's second conv
+            raise RuntimeError("out of memory")
+        return real_conv1d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv1d", failing_conv1d)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pool.push(slot, x[10:])
+    monkeypatch.setattr(torch.nn.functional, "conv1d", real_conv1d)
+    after = pool.export_state(slot)
+    assert after["position"] == before["position"] == 10
+    for a, b in zip(after["rings"], before["rings"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(after["history"], before["history"], rtol=0, atol=0)
+    y = pool.push(slot, x[10:])  # the retry computes what an uninterrupted push would have
+    torch.testing.assert_close(y, net(x.T[None])[0].T[10:], atol=1e-5, rtol=1e-5)
