@@ -167,11 +167,14 @@ class ModelWorker:
         for job in batch:
             delay.observe(start - job.enqueued)
         try:
-            y = self.pool.step([job.slot for job in batch], np.stack([job.row for job in batch]))
-            rows = y.float().cpu().tolist()  # (N, out); converted here, off the event loop
-            outcomes = [(job.future, row, None) for job, row in zip(batch, rows, strict=True)]
-        except BaseException as e:
-            outcomes = [(job.future, None, e) for job in batch]
+            outcomes = self._step(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                outcomes = [(batch[0].future, None, e)]
+            else:
+                # One bad step must not fail its neighbours. The pool validates a call before
+                # it changes anything, so the refused call left every stream as it was.
+                outcomes = [self._step_alone(job) for job in batch]
         self._metrics.compute.labels(self.name, "step").observe(time.perf_counter() - start)
         self._metrics.step_batch_size.labels(self.name).observe(len(batch))
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -179,6 +182,17 @@ class ModelWorker:
             by_loop.setdefault(job.loop, []).append(outcome)
         for loop, items in by_loop.items():
             _settle(loop, items)
+
+    def _step(self, batch: list[_Step]) -> list[tuple]:
+        y = self.pool.step([job.slot for job in batch], np.stack([job.row for job in batch]))
+        rows = y.float().cpu().tolist()  # (N, out); converted here, off the event loop
+        return [(job.future, row, None) for job, row in zip(batch, rows, strict=True)]
+
+    def _step_alone(self, job: _Step) -> tuple:
+        try:
+            return self._step([job])[0]
+        except Exception as e:
+            return job.future, None, e
 
     def _fail_remaining(self, carried: deque) -> None:
         leftovers = list(carried)

@@ -167,6 +167,12 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         for name, directory in settings.models.items():
             config, metadata = read_checkpoint_info(directory)
+            if config.receptive_field - 1 > settings.max_timesteps_per_request:
+                raise ValueError(
+                    f"model {name!r}: a snapshot holds receptive_field - 1 = "
+                    f"{config.receptive_field - 1} rows, more than max_timesteps_per_request "
+                    f"({settings.max_timesteps_per_request}): sessions could not be restored"
+                )
             self._entries[name] = ModelEntry(
                 name=name,
                 directory=Path(directory),

@@ -105,6 +105,10 @@ class SessionManager:
         check_timesteps(len(prefix), self._max_timesteps)
         x = decode_rows(prefix, entry.config, entry.input_dtype, "prefix")
         key = (owner, session_id)
+        existing = self._sessions.get(key)
+        if existing is not None and self._clock() >= existing.expires_at:
+            if not existing.lock.locked():  # expired, not swept yet: the id is free again
+                await self._retire(existing, expired=True)
         if key in self._sessions:
             raise SessionExists(f"session {session_id!r} already exists")
         now = self._clock()
@@ -151,7 +155,8 @@ class SessionManager:
         async def snapshot() -> tuple[Session, np.ndarray]:
             return session, await entry.stream_history(session.slot)
 
-        return await self._locked(session, snapshot)
+        # Shielded like every operation, so it queues behind a creation that reserved the id.
+        return await self._shielded(self._locked(session, snapshot))
 
     async def get(self, owner: str, session_id: str) -> Session:
         return await self._find(owner, session_id)

@@ -152,3 +152,25 @@ def test_a_batch_of_every_open_stream_goes_without_waiting():
         assert w.pool.calls == [[0, 1]]
     finally:
         asyncio.run(w.stop())
+
+
+@pytest.mark.asyncio
+async def test_one_bad_step_does_not_fail_its_batch(worker):
+    refused = {2}
+    real_step = worker.pool.step
+
+    def step(slots, x):
+        if refused & set(slots):
+            raise ValueError("slot 2 is not an open stream")  # refused before any change
+        return real_step(slots, x)
+
+    worker.pool.step = step
+    gate, blocker = await held(worker)
+    steps = [asyncio.ensure_future(worker.step(s, np.array([1.0], np.float32))) for s in (1, 2, 3)]
+    await until_queued(worker, 3)
+    gate.set()
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    assert results[0] == [2.0] and results[2] == [4.0]
+    assert isinstance(results[1], ValueError)
+    assert worker.pool.calls == [[1], [3]]  # the batch was refused, then each ran alone
+    await blocker
