@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import http_errors
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.routes import health, models, predict, sessions, stream
 from service.runtime import Runtime
 from service.sessions import Clock
@@ -41,5 +41,6 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     for module in (health, models, predict, sessions, stream):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_keys=runtime.api_keys)  # before any body is read
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)  # outermost of ours
     return app

@@ -10,7 +10,8 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import http_errors
-from service.errors import BodyTooLarge
+from service.auth import ApiKeys
+from service.errors import BodyTooLarge, Unauthorized
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,31 @@ class RequestContextMiddleware:
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
             self.metrics.requests.labels(label, method, str(status)).inc()
             self.metrics.request_latency.labels(label, method).observe(time.perf_counter() - start)
+
+
+class ApiKeyMiddleware:
+    """401 for a /v1 request without a valid key, before any body is read or parsed.
+
+    Handlers resolve the key again through their dependency (to know its owner); this only
+    keeps anonymous clients from making the server buffer and parse bodies.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: ApiKeys):
+        self.app = app
+        self.api_keys = api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.api_keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/v1/"):
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                self.api_keys.owner(headers.get("authorization"), headers.get("x-api-key"))
+            except Unauthorized as e:
+                await http_errors.error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -106,9 +106,9 @@ class SessionManager:
         x = decode_rows(prefix, entry.config, entry.input_dtype, "prefix")
         key = (owner, session_id)
         existing = self._sessions.get(key)
-        if existing is not None and self._clock() >= existing.expires_at:
-            if not existing.lock.locked():  # expired, not swept yet: the id is free again
-                await self._retire(existing, expired=True)
+        expired = existing is not None and self._clock() >= existing.expires_at
+        if expired and not existing.lock.locked():  # expired, not swept yet: the id is free
+            await self._retire(existing, expired=True)
         if key in self._sessions:
             raise SessionExists(f"session {session_id!r} already exists")
         now = self._clock()

@@ -93,6 +93,9 @@ class AsyncClient(p.ClientBase):
                 except httpx.TransportError as e:
                     error = p.TransportFailure(str(e))
             elif socket is not None:
+                if isinstance(op, p.WsClose):
+                    socket.abort()
+                    continue
                 try:
                     if isinstance(op, p.WsSend):
                         value = await socket.send(op.data)
@@ -100,11 +103,17 @@ class AsyncClient(p.ClientBase):
                         value = await socket.recv()
                 except p.SocketClosed as e:
                     error = e
+                except BaseException:
+                    # Cancelled mid-push (asyncio.wait_for around a stream, say): the answer
+                    # may still be in flight, and must not be read as the next push's.
+                    socket.abort()
+                    raise
 
     async def _send(self, call: p.Call) -> p.Reply:
         headers = {"X-Session-ID": call.session_id} if call.session_id else None
         response = await self._http.request(call.method, call.path, json=call.json, headers=headers)
-        body = response.json() if response.content else None
+        content_type = response.headers.get("content-type")
+        body = p.parse_body(response.status_code, content_type, response.content)
         return p.Reply(response.status_code, body, response.headers)
 
 
@@ -149,9 +158,17 @@ class _AsyncSocket:
             conn, self._conn = self._conn, None
             await conn.close()
 
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake (no await: safe while
+        the task is being cancelled)."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.transport.abort()
+
 
 class AsyncSession(p.SessionBase):
-    """The asyncio twin of `Session`."""
+    """The asyncio twin of `Session`; it too assumes it is the only writer of its session
+    (one task at a time), and rebuilds the server's session where the two disagree."""
 
     def __init__(self, client: AsyncClient, ref: p.SessionRef, shape: p.ModelShape, prefix_out):
         super().__init__(ref, shape, prefix_out)
@@ -165,6 +182,7 @@ class AsyncSession(p.SessionBase):
         await self.close()
 
     async def push(self, rows: Any) -> np.ndarray:
+        """`Session.push`: an offset conflict rebuilds the session at the client's position."""
         x = self._shape.rows(rows)
         outputs = await self._client.run(p.push(self._ref, x, self._client.retry))
         return np.asarray(outputs, dtype=np.float32)

@@ -4,6 +4,10 @@ Flows are generators. They yield `Call` (an HTTP request to make) or `Wait` (a p
 retry) and receive a `Reply`; a transport failure is thrown into them as `TransportFailure`.
 The sync and async clients only drive them, so both behave identically.
 
+The client assumes it is the only writer of its session (it chose the id): when the server's
+position disagrees with its own (an offset conflict, a socket answer for another push), it
+makes the server's session agree with what it knows, rather than the other way round.
+
 Resume by replay: a TCN's outputs after position p depend only on the last R - 1 inputs
 (R = receptive field). The client keeps those rows (`Tracker`); if the server loses the session
 (restart, lost replica, TTL) it re-creates it from them with a snapshot and carries on, and the
@@ -91,7 +95,23 @@ class RetryPolicy:
 
 
 RETRYABLE = frozenset({429, 502, 503, 504})
-Flow = Generator[Call | Wait, Reply | None, Any]
+Flow = Generator[Any, Any, Any]  # yields Call, Wait, WsSend, WsRecv, WsClose
+
+
+def parse_body(status: int, content_type: str | None, content: bytes) -> Any:
+    """A reply's body: JSON when the reply says it is JSON (and is), None when empty, else an
+    error body made of its text (a proxy's HTML 502 page, say), so `ServerError.from_reply`
+    still tells what happened and a retryable status is retried, not a decoding crash."""
+    if not content:
+        return None
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            return json.loads(content)
+        except ValueError:
+            pass
+    text = content.decode("utf-8", "replace").strip()
+    return {"error": {"code": f"http_{status}", "message": text[:200]}}
 
 
 def new_session_id() -> str:
@@ -230,15 +250,36 @@ def resync(ref: SessionRef, pending: int, policy: RetryPolicy) -> Flow:
         yield from rebuild(ref, policy)
 
 
+def settle_conflict(ref: SessionRef, uncertain: bool, policy: RetryPolicy) -> Flow:
+    """The server refused our offset: make its session agree with the client's position.
+
+    After an uncertain failure, the server moved on without us: rebuild at once. Otherwise the
+    server is ahead by a push we never saw answered (a cancelled push, a stale session on a
+    failed-over replica): since the client is the only writer of its session, look at the
+    server's position and rebuild from the kept inputs if it is not ours.
+    """
+    if uncertain:
+        yield from rebuild(ref, policy)
+    else:
+        yield from resync(ref, 0, policy)
+
+
 def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
-    """Apply rows at the client's position: retried, idempotent, and restored if lost."""
+    """Apply rows at the client's position: retried, idempotent, and restored if lost.
+
+    The client assumes it is the only writer of its session: an offset conflict means the
+    server's session is not where the client's is (a push cancelled after it was sent, a stale
+    replica), so the session is resynced (rebuilt at the client's position if need be) and the
+    push retried. A conflict right after that raises `ServerError` (409 offset_conflict).
+    """
     body = {"inputs": rows.tolist(), "offset": ref.tracker.position}
     call = Call("POST", f"/v1/sessions/{ref.id}/steps", body, ref.id)
-    last = None
+    last, settled = None, False
     for attempt in range(policy.attempts):
         try:
             reply = yield call
         except TransportFailure:
+            settled = False
             yield Wait(policy.delay(attempt))
             continue
         if reply.status == 200:
@@ -247,8 +288,9 @@ def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
         if reply.status in (404, 410):
             yield from restore(ref, policy)
             continue
-        if reply.status == 409 and attempt > 0:  # moved on without us: rebuild at our position
-            yield from rebuild(ref, policy)
+        if reply.status == 409 and not settled:
+            settled = True
+            yield from settle_conflict(ref, attempt > 0, policy)
             continue
         if reply.status in RETRYABLE:
             last = reply
@@ -271,6 +313,11 @@ class WsSend:
 @dataclass(frozen=True)
 class WsRecv:
     """Receive the next message (bytes or str) from the session's socket."""
+
+
+@dataclass(frozen=True)
+class WsClose:
+    """Drop the session's socket (it may still carry an answer to something else)."""
 
 
 class SocketClosed(Exception):
@@ -310,9 +357,16 @@ def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPo
     """Push rows over the session's socket and return their outputs, surviving lost sockets.
 
     Frames always carry the offset, so a resend after a reconnect is idempotent like HTTP.
+    Every answer carries the session's position after it (binary: the frame header; JSON:
+    "position"); one that is not offset + len(rows) answers some other push (one whose
+    caller was cancelled, say), so the socket is dropped and the session resynced as after
+    a lost connection; its outputs are never returned nor its rows recorded. Offset conflicts
+    are settled as in `push` (the client assumes it is the only writer of its session).
     """
+    settled = False
     for attempt in range(policy.attempts):
         offset = ref.tracker.position
+        expected = offset + len(rows)
         if binary:
             message: bytes | str = encode_frame(rows, offset)
         else:
@@ -320,7 +374,21 @@ def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPo
         try:
             yield WsSend(message)
             answer = yield WsRecv()
+            if isinstance(answer, bytes):  # check the header first: the rest may not fit us
+                body = None
+                position = HEADER.unpack_from(answer)[0] if len(answer) >= HEADER.size else None
+            else:
+                body = json.loads(answer)
+                error = body.get("error") if isinstance(body, dict) else None
+                if error is not None:
+                    position = expected  # an error answers this push (or closes the socket)
+                else:
+                    position = body.get("position") if isinstance(body, dict) else None
+            if position != expected:
+                yield WsClose()
+                raise SocketClosed(None, f"answer at position {position}, expected {expected}")
         except SocketClosed as closed:
+            settled = False
             if closed.code in FINAL_CLOSES:
                 status, code = FINAL_CLOSES[closed.code]
                 raise ServerError(status, code, closed.reason) from None
@@ -330,17 +398,16 @@ def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPo
             else:  # dropped mid-push: the push may or may not have been applied
                 yield from resync(ref, len(rows), policy)
             continue
-        if isinstance(answer, bytes):
+        if body is None:
             _, outputs = decode_frame(answer, _width(answer, len(rows)), with_header=True)
             ref.tracker.record(rows)
             return outputs
-        body = json.loads(answer)
-        error = body.get("error") if isinstance(body, dict) else None
         if error is None:
             ref.tracker.record(rows)
             return np.asarray(body["outputs"], dtype=np.float32)
-        if error.get("code") == "offset_conflict" and attempt > 0:
-            yield from rebuild(ref, policy)
+        if error.get("code") == "offset_conflict" and not settled:
+            settled = True
+            yield from settle_conflict(ref, attempt > 0, policy)
             continue
         code = error.get("code", "error")
         if code in RETRYABLE_CODES:

@@ -96,15 +96,24 @@ class Client(p.ClientBase):
                 except httpx.TransportError as e:
                     error = p.TransportFailure(str(e))
             elif socket is not None:
+                if isinstance(op, p.WsClose):
+                    socket.abort()
+                    continue
                 try:
                     value = socket.send(op.data) if isinstance(op, p.WsSend) else socket.recv()
                 except p.SocketClosed as e:
                     error = e
+                except BaseException:
+                    # Interrupted mid-push (KeyboardInterrupt, say): the answer may still be in
+                    # flight, and must not be read as the next push's.
+                    socket.abort()
+                    raise
 
     def _send(self, call: p.Call) -> p.Reply:
         headers = {"X-Session-ID": call.session_id} if call.session_id else None
         response = self._http.request(call.method, call.path, json=call.json, headers=headers)
-        body = response.json() if response.content else None
+        content_type = response.headers.get("content-type")
+        body = p.parse_body(response.status_code, content_type, response.content)
         return p.Reply(response.status_code, body, response.headers)
 
 
@@ -153,9 +162,19 @@ class _Socket:
         self._conn = None
         self._stack.close()
 
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake."""
+        if self._conn is not None:
+            self._conn.close_socket()
+        self.close()
+
 
 class Session(p.SessionBase):
-    """A streaming session that survives lost connections and lost servers."""
+    """A streaming session that survives lost connections and lost servers.
+
+    The client assumes it is the only writer of its session (one `Session` per id, used by one
+    thread at a time): where the server disagrees with it, the server's session is rebuilt.
+    """
 
     def __init__(self, client: Client, ref: p.SessionRef, shape: p.ModelShape, prefix_outputs):
         super().__init__(ref, shape, prefix_outputs)
@@ -169,7 +188,12 @@ class Session(p.SessionBase):
         self.close()
 
     def push(self, rows: Any) -> np.ndarray:
-        """Rows (T, in_channels) in, outputs (T, out) back, over HTTP."""
+        """Rows (T, in_channels) in, outputs (T, out) back, over HTTP.
+
+        The client assumes it is the only writer of its session: if the server's session is
+        elsewhere (an offset conflict: a push interrupted after it was sent, a stale replica),
+        it is rebuilt at the client's position from the kept inputs and the push retried.
+        """
         x = self._shape.rows(rows)
         return np.asarray(self._client.run(p.push(self._ref, x, self._client.retry)), np.float32)
 

@@ -134,9 +134,10 @@ def test_unknown_model_and_route(client):
 
 
 def test_timestep_limit_is_413(make_settings):
-    with serving(create_app(make_settings(max_timesteps_per_request=10))) as c:
-        r = c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(6, 1)] * 2})
-        ok = c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(5, 1)] * 2})
+    # 40 >= the tiny model's R - 1 = 28, so its snapshots stay restorable (else no start)
+    with serving(create_app(make_settings(max_timesteps_per_request=40))) as c:
+        r = c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(21, 1)] * 2})
+        ok = c.post("/v1/models/tiny/predict", json={"inputs": [random_rows(20, 1)] * 2})
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_timesteps"
     assert ok.status_code == 200
 

@@ -12,6 +12,7 @@ from tests.service.conftest import (
     open_session,
     predict,
     random_rows,
+    serving,
 )
 
 
@@ -51,3 +52,18 @@ def test_unknown_methods_share_one_metrics_label(client):
     text = client.get("/metrics").text
     assert 'method="other"' in text
     assert "FOO1" not in text and "BAR2" not in text
+
+
+def test_an_anonymous_body_is_refused_before_it_is_read(make_settings):
+    key = "k" * 24
+    with serving(create_app(make_settings(api_keys=[key]))) as c:
+        r = c.post(
+            "/v1/models/tiny/predict",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 401  # not 422: the body was never parsed
+        assert r.json()["error"]["code"] == "unauthorized"
+        for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
+            ok = c.post("/v1/models/tiny/predict", json={"inputs": [[[0.0, 0.0]]]}, headers=headers)
+            assert ok.status_code == 200, ok.text

@@ -138,12 +138,13 @@ def test_invalid_pushes_are_422_and_leave_the_session_unchanged(client, body):
 
 
 def test_too_many_timesteps_in_a_push_is_413_and_changes_nothing(make_settings):
-    with serving(create_app(make_settings(max_timesteps_per_request=4))) as c:
+    # 30 >= the tiny model's R - 1 = 28, so its snapshots stay restorable (else no start)
+    with serving(create_app(make_settings(max_timesteps_per_request=30))) as c:
         sid = open_session(c)["session_id"]
-        r = push(c, sid, random_rows(5, seed=1))
+        r = push(c, sid, random_rows(31, seed=1))
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_timesteps"
         assert c.get(f"/v1/sessions/{sid}").json()["position"] == 0
-        r = c.post("/v1/sessions", json={"model": "tiny", "prefix": random_rows(5, seed=1)})
+        r = c.post("/v1/sessions", json={"model": "tiny", "prefix": random_rows(31, seed=1)})
         assert r.status_code == 413
 
 
