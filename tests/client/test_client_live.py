@@ -4,6 +4,7 @@ replies with the same outputs as if nothing had happened."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -208,6 +209,31 @@ async def test_async_sessions_equal_predict(live, reference, binary, chunk):
             assert session.position == server_position(live.url, session.id) == 0
             assert_outputs(await session.push(x[:10]), want[:10])
         assert session_status(live.url, session.id) == 404
+
+
+@pytest.mark.asyncio
+async def test_async_stream_cancelled_mid_push_reads_no_stale_answer(live, reference):
+    # wait_for cancels the stream after its push was sent, before the answer was read: the
+    # next stream must neither read that answer as its own nor trust the server's position.
+    x, cancelled, y = rows_of(20, seed=11), rows_of(5, seed=12), rows_of(15, seed=13)
+    want = reference("tiny", np.concatenate([x, y]))
+    client = AsyncClient(live.url, KEY, retry=FAST)
+    async with client, await client.open_session("tiny", prefix=x) as session:
+        socket = session._socket
+        recv = socket.recv
+
+        async def late_recv():
+            await asyncio.sleep(3)  # the server answers meanwhile, unread
+            return await recv()
+
+        socket.recv = late_recv
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(session.stream(cancelled, chunk=5)), 1.5)
+        socket.recv = recv
+        assert session.position == 20
+        got = np.stack([row async for row in session.stream(y, chunk=5)])
+        assert_outputs(got, want[20:])
+        assert server_position(live.url, session.id) == session.position == 35
 
 
 # ----- resume by replay: kill -9 and restart --------------------------------------------------
