@@ -88,7 +88,7 @@ class ModelWorker:
         self._submit(job)
         return await job.future
 
-    async def step(self, slot: int, row: np.ndarray) -> list[float]:
+    async def step(self, slot: int, row: np.ndarray) -> np.ndarray:
         """Advance one stream by one timestep, batched with other streams' steps."""
         loop = asyncio.get_running_loop()
         job = _Step(loop, loop.create_future(), slot=slot, row=row)
@@ -185,7 +185,7 @@ class ModelWorker:
 
     def _step(self, batch: list[_Step]) -> list[tuple]:
         y = self.pool.step([job.slot for job in batch], np.stack([job.row for job in batch]))
-        rows = y.float().cpu().tolist()  # (N, out); converted here, off the event loop
+        rows = y.float().cpu().numpy()  # (N, out) float32; each caller gets its row
         return [(job.future, row, None) for job, row in zip(batch, rows, strict=True)]
 
     def _step_alone(self, job: _Step) -> tuple:

@@ -138,13 +138,17 @@ class ModelEntry:
     async def reset_stream(self, slot: int) -> None:
         await self.worker.call(lambda: self.worker.pool.reset(slot), op="reset")
 
-    async def advance(self, slot: int, x: np.ndarray) -> list[list[float]]:
-        """Feed T rows to a stream: one row joins a micro-batch, a chunk is one push."""
+    async def advance(self, slot: int, x: np.ndarray) -> np.ndarray:
+        """Feed T rows to a stream: one row joins a micro-batch, a chunk is one push.
+
+        Returns (T, out) float32: arrays, not Python lists, all the way to the edge (a replay
+        cache of lists would cost ~25x the memory, and binary frames need no conversion).
+        """
         if len(x) == 1:
-            rows = [await self.worker.step(slot, x[0])]
+            rows = (await self.worker.step(slot, x[0]))[None]
         else:
             rows = await self.worker.call(
-                lambda: self.worker.pool.push(slot, x).float().cpu().tolist(), op="push"
+                lambda: self.worker.pool.push(slot, x).float().cpu().numpy(), op="push"
             )
         self.metrics.timesteps.labels(self.name, "stream").inc(len(x))
         return rows

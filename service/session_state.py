@@ -6,6 +6,8 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class AppliedPush:
@@ -14,7 +16,7 @@ class AppliedPush:
     offset: int
     length: int
     digest: bytes
-    outputs: list[list[float]]
+    outputs: np.ndarray  # (rows, out) float32
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Session:
 
 @dataclass(frozen=True)
 class PushResult:
-    outputs: list[list[float]]
+    outputs: np.ndarray  # (rows, out) float32
     position: int
 
 

@@ -78,7 +78,7 @@ class SessionManager:
         ttl_s: float | None = None,
         prefix: Sequence[Sequence[float]] = (),
         snapshot: tuple[int, Sequence[Sequence[float]]] | None = None,
-    ) -> tuple[Session, list[list[float]]]:
+    ) -> tuple[Session, np.ndarray]:
         """Open a session, optionally warmed by `prefix` rows; returns it and their outputs.
 
         With `snapshot` = (position, rows), the session is rebuilt at `position` from the last
@@ -118,7 +118,7 @@ class SessionManager:
         self._expired.discard(key)
         session, outputs = await self._shielded(self._open(session, entry, x))
         if snapshot is not None:  # the rows rebuilt state; they are not a push to replay
-            session.last_push, outputs = None, []
+            session.last_push, outputs = None, outputs[:0]
         return session, outputs
 
     async def push(
@@ -227,7 +227,7 @@ class SessionManager:
 
     async def _open(
         self, session: Session, entry: ModelEntry, x: np.ndarray
-    ) -> tuple[Session, list[list[float]]]:
+    ) -> tuple[Session, np.ndarray]:
         key = (session.owner, session.id)
         async with session.lock:
             try:
@@ -244,7 +244,7 @@ class SessionManager:
                 del self._sessions[key]
                 raise
             self._metrics.active_sessions.labels(entry.name).inc()
-            outputs: list[list[float]] = []
+            outputs = np.zeros((0, entry.config.output_size), dtype=np.float32)
             if len(x):
                 try:
                     outputs = (await self._apply(session, entry, x, session.position)).outputs

@@ -77,14 +77,14 @@ async def create_session(
         model=session.model,
         position=session.position,
         expires_at=session.expires_at,
-        outputs=outputs if body.prefix is not None else None,
+        outputs=outputs.tolist() if body.prefix is not None else None,
     )
 
 
 @router.post("/{session_id}/steps", response_model=StepResponse, summary="Push rows")
 async def push_steps(session_id: str, body: StepRequest, caller: CallerDep) -> StepResponse:
     result = await caller.sessions.push(caller.owner, session_id, body.inputs, body.offset)
-    return StepResponse(outputs=result.outputs, position=result.position)
+    return StepResponse(outputs=result.outputs.tolist(), position=result.position)
 
 
 @router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")

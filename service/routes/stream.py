@@ -137,16 +137,15 @@ async def _serve(
                 if binary:
                     offset, rows = _decode_binary(message["bytes"], width, offsets)
                     result = await runtime.sessions.push_array(owner, session_id, rows, offset)
-                    outputs = np.asarray(result.outputs, dtype=np.float32)
                     header = result.position if offsets else None
-                    await websocket.send_bytes(encode_frame(outputs, header))
+                    await websocket.send_bytes(encode_frame(result.outputs, header))
                 else:
                     body = _decode_text(message.get("text") or "")
                     result = await runtime.sessions.push(
                         owner, session_id, body.inputs, body.offset
                     )
                     await websocket.send_json(
-                        {"outputs": result.outputs, "position": result.position}
+                        {"outputs": result.outputs.tolist(), "position": result.position}
                     )
                 metrics.websocket_messages.labels(kind, "ok").inc()
             except ServiceError as e:

@@ -71,7 +71,7 @@ async def test_queued_steps_become_one_call_up_to_max_batch(worker):
     gate.set()
     results = await asyncio.gather(*steps)
     await blocker
-    assert results == [[1.0 + s] for s in range(6)]
+    assert [r.tolist() for r in results] == [[1.0 + s] for s in range(6)]
     assert worker.pool.calls == [[0, 1, 2, 3], [4, 5]]
 
 
@@ -88,7 +88,7 @@ async def test_two_steps_of_one_stream_never_share_a_call(worker):
     gate.set()
     results = await asyncio.gather(*steps)
     await blocker
-    assert results == [[r + s] for s, r in zip(slots, rows, strict=True)]
+    assert [x.tolist() for x in results] == [[r + s] for s, r in zip(slots, rows, strict=True)]
     assert worker.pool.calls == [[7, 3], [7, 3], [7], [7]]
     assert worker.pool.rows == [[1.0, 5.0], [2.0, 6.0], [3.0], [4.0]]  # each stream in order
 
@@ -116,7 +116,7 @@ async def test_a_cancelled_caller_does_not_break_the_batch(worker):
     await until_queued(worker, 2)
     gone.cancel()
     gate.set()
-    assert await kept == [2.0]
+    assert (await kept).tolist() == [2.0]
     await blocker
     assert worker.pool.calls == [[1, 2]]  # the step was still applied: sessions record it
 
@@ -170,7 +170,7 @@ async def test_one_bad_step_does_not_fail_its_batch(worker):
     await until_queued(worker, 3)
     gate.set()
     results = await asyncio.gather(*steps, return_exceptions=True)
-    assert results[0] == [2.0] and results[2] == [4.0]
+    assert results[0].tolist() == [2.0] and results[2].tolist() == [4.0]
     assert isinstance(results[1], ValueError)
     assert worker.pool.calls == [[1], [3]]  # the batch was refused, then each ran alone
     await blocker

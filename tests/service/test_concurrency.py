@@ -147,7 +147,7 @@ async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_setti
         assert retry.position == 2
         rest = await sessions.push("anonymous", session.id, rows[2:], 2)
         want = await expected_outputs(c, [rows])
-        assert_rows_close(retry.outputs + rest.outputs, want[0])
+        assert_rows_close(retry.outputs.tolist() + rest.outputs.tolist(), want[0])
 
 
 @pytest.fixture(scope="module")
