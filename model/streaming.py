@@ -56,7 +56,7 @@ class _CausalLayer:
     dilation: int
     ring: torch.Tensor  # (capacity * L, C_in)
     ring_len: int  # L = (k - 1) * d + 1
-    history: torch.Tensor  # (L - 1,) offsets -(L-1) .. -1 for reading the ring in time order
+    past_offsets: torch.Tensor  # (L - 1,) offsets -(L-1) .. -1: the past rows in time order
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class StreamPool:
                 dilation=dilation,
                 ring=torch.zeros(self.capacity * ring_len, c_in, device=dev, dtype=dt),
                 ring_len=ring_len,
-                history=torch.arange(1 - ring_len, 0, device=dev),
+                past_offsets=torch.arange(1 - ring_len, 0, device=dev),
             )
 
         blocks = []
@@ -418,11 +418,11 @@ class StreamPool:
 
         def conv(layer: _CausalLayer, inp: torch.Tensor) -> torch.Tensor:  # (C_in, T)
             base = slot * layer.ring_len
-            past = layer.ring[base + torch.remainder(t0 + layer.history, layer.ring_len)]
+            past = layer.ring[base + torch.remainder(t0 + layer.past_offsets, layer.ring_len)]
             seq = torch.cat([past.T, inp], dim=1)  # (C_in, L - 1 + T), oldest first
             # Keep the L - 1 newest rows; the ring's remaining row is the next step's to write.
-            newest = seq[:, seq.shape[1] - layer.history.numel() :].T
-            when = torch.remainder(t0 + steps + layer.history, layer.ring_len)
+            newest = seq[:, seq.shape[1] - layer.past_offsets.numel() :].T
+            when = torch.remainder(t0 + steps + layer.past_offsets, layer.ring_len)
             writes.append((layer.ring, base + when, newest))
             return F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[
                 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import threading
@@ -21,8 +20,16 @@ import pytest
 import torch
 
 from model import load_model
-from tests.service.conftest import TINY, TOKENS, write_model
-from tests.service.test_serve_process import ROOT, free_port, serve_command, wait_ready
+from tests.service.conftest import (
+    ROOT,
+    TINY,
+    TOKENS,
+    free_port,
+    serve_command,
+    stop_process,
+    wait_ready,
+    write_model,
+)
 
 KEY = "client-test-key-aaaaaaaaaaaa"
 OTHER_KEY = "client-test-key-bbbbbbbbbbbb"
@@ -87,15 +94,8 @@ class LiveServer:
 
     def stop(self) -> None:
         """SIGTERM (then SIGKILL if it hangs); safe to call when already stopped."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        if self._process is not None:
+            stop_process(self._process)
 
     def log(self) -> str:
         return self._log_path.read_text() if self._log_path.exists() else ""

@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 
 from model import TCN, TCNConfig, save_model
 from service.app import create_app
+from service.batcher import ModelWorker
 from service.cli import COMMANDS
 from service.runtime import Runtime
 from service.settings import Settings
@@ -247,10 +248,37 @@ def serve_process(
             wait_ready(url, process)
             yield url, process
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM (then SIGKILL if it hangs); nothing if it has already exited."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+async def held(worker: ModelWorker):
+    """Occupy the worker until the returned event is set, so later jobs queue up."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait(30)
+
+    blocker = asyncio.ensure_future(worker.call(hold))
+    await asyncio.to_thread(entered.wait, 30)
+    return gate, blocker
+
+
+async def until_queued(worker: ModelWorker, n: int) -> None:
+    for _ in range(100_000):
+        if worker._queue.qsize() >= n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{n} jobs never queued")

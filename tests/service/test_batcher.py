@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from service.batcher import ModelWorker, WorkerStopped
 from service.metrics import Metrics
+from tests.service.conftest import held, until_queued
 
 
 class RecordingPool:
@@ -31,27 +31,6 @@ class RecordingPool:
         self.calls.append(list(slots))
         self.rows.append(np.asarray(x)[:, 0].tolist())
         return torch.as_tensor(np.asarray(x)) + torch.tensor(slots, dtype=torch.float32)[:, None]
-
-
-async def held(worker: ModelWorker):
-    """Occupy the worker until the returned event is set, so later jobs queue up."""
-    entered, gate = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        entered.set()
-        gate.wait(30)
-
-    blocker = asyncio.ensure_future(worker.call(hold))
-    await asyncio.to_thread(entered.wait, 30)
-    return gate, blocker
-
-
-async def until_queued(worker: ModelWorker, n: int) -> None:
-    for _ in range(100_000):
-        if worker._queue.qsize() >= n:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{n} jobs never queued")
 
 
 @pytest.fixture

@@ -14,10 +14,12 @@ from service.app import create_app
 from tests.service.conftest import (
     assert_rows_close,
     async_serving,
+    held,
     metric,
     random_rows,
     runtime_of,
     serving,
+    until_queued,
 )
 
 
@@ -127,19 +129,9 @@ async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_setti
         sessions = runtime.sessions
         session, _ = await sessions.create("anonymous", "tiny")
         worker = runtime.registry.get("tiny").worker
-        entered, gate = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            entered.set()
-            gate.wait(30)
-
-        blocker = asyncio.ensure_future(worker.call(hold))
-        await asyncio.to_thread(entered.wait, 30)
+        gate, blocker = await held(worker)
         lost = asyncio.ensure_future(sessions.push("anonymous", session.id, rows[:2], 0))
-        for _ in range(100_000):
-            if worker._queue.qsize() >= 1:
-                break
-            await asyncio.sleep(0)
+        await until_queued(worker, 1)
         lost.cancel()  # the client disconnected while its push waited for the model
         gate.set()
         await blocker
