@@ -5,11 +5,21 @@ Pure PyTorch; never imports the service.
 
 from model.checkpoint import load_model, read_checkpoint_info, save_model
 from model.config import TCNConfig
-from model.streaming import PoolFullError, SlotError, StateMismatchError, StreamPool
+from model.numeric_range import safe_input_bound
+from model.streaming import (
+    MAX_POSITION,
+    NonFiniteOutputError,
+    PoolFullError,
+    SlotError,
+    StateMismatchError,
+    StreamPool,
+)
 from model.tcn import TCN, TemporalBlock
 
 __all__ = [
+    "MAX_POSITION",
     "TCN",
+    "NonFiniteOutputError",
     "PoolFullError",
     "SlotError",
     "StateMismatchError",
@@ -18,5 +28,6 @@ __all__ = [
     "TemporalBlock",
     "load_model",
     "read_checkpoint_info",
+    "safe_input_bound",
     "save_model",
 ]

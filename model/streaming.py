@@ -26,12 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.numeric_range import safe_input_bound
 from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_numpy, step_torch
 from model.tcn import TCN, apply_output_activation
 
 STATE_FORMAT = "tcnserve.stream-state/1"
 
 STEP_KERNELS = ("auto", "torch", "numpy")
+
+# The largest position a stream may reach: 2**53, so that positions stay exact in every JSON
+# client (a JavaScript number) and int64 arithmetic on them can never wrap.
+MAX_POSITION = 2**53
 
 
 class PoolFullError(RuntimeError):
@@ -44,6 +49,14 @@ class SlotError(ValueError):
 
 class StateMismatchError(ValueError):
     """An exported state does not belong to this pool's model."""
+
+
+class NonFiniteOutputError(ValueError):
+    """The call would produce NaN or Inf outputs; it was refused and changed nothing."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows  # indices into the call's streams (step) or rows (push)
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,14 @@ class StreamPool:
         self.config = net.config
         self.capacity = capacity
         self.fingerprint = _fingerprint(net)
+        # Inputs above this magnitude are refused: below it no intermediate value can overflow
+        # (model/numeric_range.py). None: no useful bound (float16, or a token model, whose ids
+        # are safe when its embedding is within the bound); outputs are still checked.
+        bound = safe_input_bound(net, self.dtype)
+        self.max_input_abs = bound if net.config.vocab_size is None else None
+        self.overflow_safe = bound is not None and (
+            net.embedding is None or float(net.embedding.weight.detach().abs().max()) <= bound
+        )
         self._open = np.zeros(capacity, dtype=bool)
         self._positions = np.zeros(capacity, dtype=np.int64)
         self._free = list(range(capacity - 1, -1, -1))  # a stack: open() pops the lowest slot
@@ -220,8 +241,8 @@ class StreamPool:
         """
         if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
             raise ValueError(f"position must be an integer >= 0, got {position!r}")
-        if position < 0:
-            raise ValueError(f"position must be >= 0, got {position}")
+        if not 0 <= position <= MAX_POSITION:  # checked before a slot is taken
+            raise ValueError(f"position must be in [0, {MAX_POSITION}], got {position}")
         if not self._free:
             raise PoolFullError(f"all {self.capacity} stream slots are in use")
         slot = self._free.pop()
@@ -319,9 +340,12 @@ class StreamPool:
                 raise TypeError(f"{what}: expected floating-point rows, got {x.dtype}")
             if not _all_finite(x):
                 raise ValueError(f"{what}: inputs must be finite (no NaN or Inf)")
-            limit = torch.finfo(self.dtype).max
-            if limit < torch.finfo(x.dtype).max and x.numel() and float(x.abs().max()) > limit:
-                raise ValueError(f"{what}: inputs exceed the range of the pool's {self.dtype}")
+            if x.numel() and _max_abs(x) > self.input_limit:
+                raise ValueError(
+                    f"{what}: inputs must be within +-{self.input_limit:.3g}, the largest "
+                    f"magnitude this model takes in {str(self.dtype).removeprefix('torch.')} "
+                    "without overflowing"
+                )
         if x.shape[0] == 0:
             raise ValueError(f"{what}: no rows given")
         if n is not None and x.shape[0] != n:
@@ -329,6 +353,17 @@ class StreamPool:
         if cfg.vocab_size is not None:
             return x.to(self.device, torch.int64, non_blocking=True)
         return x.to(self.device, self.dtype, non_blocking=True)
+
+    @property
+    def input_limit(self) -> float:
+        """The largest |input| accepted: max_input_abs, else the dtype's range."""
+        if self.max_input_abs is not None:
+            return self.max_input_abs
+        return float(torch.finfo(self.dtype).max)
+
+    def _check_advance(self, slot_np: np.ndarray, steps: int) -> None:
+        if (self._positions[slot_np] > MAX_POSITION - steps).any():
+            raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self._embedding) if self._embedding is not None else x
@@ -340,29 +375,28 @@ class StreamPool:
 
     # ----- the hot paths ---------------------------------------------------------------------
 
-    def _ring_rows(self, slot_np: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _ring_rows(self, slot_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Host-side ring rows of one step, every layer at once (a few numpy ops).
 
         taps (layers, N, k): the rows of the k taps, oldest first; writes (layers, N): the row
-        of time t, which is the last tap (a view); remember (N,): the input-history row of t.
+        of time t, which is the last tap (a view).
         """
         pos = self._positions[slot_np]
         lengths = self._tap_lengths_np  # (layers, 1, 1)
         taps = (pos[:, None] - self._tap_offsets_np) % lengths
         taps += slot_np[:, None] * lengths
-        remember = pos % max(self.history_len, 1) + slot_np * self.history_len
-        return taps[:, :, -1], taps, remember
+        return taps[:, :, -1], taps
 
-    def _device_ring_rows(self, slot_np: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def _device_ring_rows(self, slot_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The same on the pool's device: only 2N integers cross the bus."""
         pos = self._positions[slot_np]
         where = torch.from_numpy(np.stack([slot_np, pos])).to(self.device, non_blocking=True)
         s, t = where[0], where[1]
-        lengths, size = self._ring_lengths, max(self.history_len, 1)
+        lengths = self._ring_lengths
         base = s * lengths
         writes = torch.remainder(t, lengths).add_(base)
         taps = torch.remainder(t[:, None] - self._tap_offsets, lengths[:, :, None])
-        return writes, taps.add_(base[:, :, None]), torch.remainder(t, size).add_(s * size)
+        return writes, taps.add_(base[:, :, None])
 
     @torch.inference_mode()
     def step(
@@ -371,27 +405,38 @@ class StreamPool:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
         x = self._rows(x, slot_np.size, "step")
+        self._check_advance(slot_np, 1)
+        # The ring rows of time t are written during the step, but nothing reads them before
+        # the position passes t: a refused step (non-finite outputs) leaves the stream as it was
+        # as long as the input history and the positions are only written after the check.
         if slot_np.size <= self.numpy_max_rows:
             y = torch.from_numpy(self._step_numpy(slot_np, x.numpy()))
             y = apply_output_activation(y, self.config.output_activation, dim=-1)
         else:
             y = self._finish(self._step_torch(slot_np, x))
+        bad = _nonfinite_rows(y)
+        if bad:
+            raise NonFiniteOutputError(
+                f"the outputs of streams {bad} would not be finite; the step was refused", bad
+            )
+        if self.history_len:
+            remember = self._positions[slot_np] % self.history_len + slot_np * self.history_len
+            if slot_np.size <= self.numpy_max_rows:
+                self._history_np[remember] = x.numpy()
+            else:
+                self._history.index_copy_(0, torch.from_numpy(remember).to(self.device), x)
         self._positions[slot_np] += 1
         return y
 
     def _step_torch(self, slot_np: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
-            writes, taps, remember = map(torch.from_numpy, self._ring_rows(slot_np))
+            writes, taps = map(torch.from_numpy, self._ring_rows(slot_np))
         else:
-            writes, taps, remember = self._device_ring_rows(slot_np)
-        if self.history_len:
-            self._history.index_copy_(0, remember, x)
+            writes, taps = self._device_ring_rows(slot_np)
         return step_torch(self._step_plan, self._embed(x), writes.unbind(0), taps.unbind(0))
 
     def _step_numpy(self, slot_np: np.ndarray, x: np.ndarray) -> np.ndarray:
-        writes, taps, remember = self._ring_rows(slot_np)
-        if self.history_len:
-            self._history_np[remember] = x
+        writes, taps = self._ring_rows(slot_np)
         h = self._embedding_np[x] if self._embedding is not None else x
         h = step_numpy(self._numpy_plan, h, writes, taps)
         if self._head is not None:
@@ -405,6 +450,7 @@ class StreamPool:
         self._check_slot(slot)
         x = self._rows(x, None, "push")
         steps = x.shape[0]
+        self._check_advance(np.array([slot]), steps)
         t0 = int(self._positions[slot])
         # Every ring write waits until all layers have computed: a failure half-way (e.g. out
         # of memory on a long chunk) leaves the stream exactly as it was.
@@ -436,6 +482,11 @@ class StreamPool:
                 res = torch.addmm(block.downsample[1], h.T, block.downsample[0]).T
                 h = out.add_(res).relu_()
         y = self._finish(h.T.contiguous())
+        bad = _nonfinite_rows(y)
+        if bad:
+            raise NonFiniteOutputError(
+                f"the outputs of rows {bad[:10]} would not be finite; the push was refused", bad
+            )
         for ring, rows, values in writes:
             ring.index_copy_(0, rows, values.contiguous())
         self._positions[slot] += steps
@@ -503,6 +554,19 @@ def _fingerprint(net: TCN) -> str:
         for t in tensors:
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def _nonfinite_rows(y: torch.Tensor) -> list[int]:
+    """Indices of the rows of y (rows, out) holding NaN or Inf; one host sync."""
+    if _all_finite(y):
+        return []
+    return torch.nonzero(~torch.isfinite(y).all(dim=-1)).flatten().tolist()
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return float(np.abs(x.numpy()).max())
+    return float(x.abs().max())
 
 
 def _all_finite(x: torch.Tensor) -> bool:

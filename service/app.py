@@ -40,7 +40,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     http_errors.install(app)
     for module in (health, models, predict, sessions, stream):
         app.include_router(module.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    settings = runtime.settings
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_inflight_bytes=settings.max_inflight_body_bytes,
+        retry_after_s=settings.retry_after_s,
+    )
     app.add_middleware(ApiKeyMiddleware, api_keys=runtime.api_keys)  # before any body is read
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)  # outermost of ours
     return app

@@ -103,6 +103,8 @@ class ModelWorker:
     # ----- the worker thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        # Overflow is refused by the pool (non-finite outputs), not worth a warning per step.
+        np.seterr(over="ignore", invalid="ignore")
         carried: deque = deque()  # steps deferred because their stream was already in a batch
         stopping = False
         while not stopping:

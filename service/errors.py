@@ -17,6 +17,16 @@ class InvalidInput(ServiceError):
     code = "invalid_input"
 
 
+class InvalidQuery(InvalidInput):
+    """A WebSocket stream's query parameters are invalid (close 1008)."""
+
+
+class NonFiniteOutput(ServiceError):
+    """The model's outputs for these inputs would be NaN or Inf; nothing was applied."""
+
+    code = "non_finite_output"
+
+
 class TooManyTimesteps(ServiceError):
     code = "too_many_timesteps"
 
@@ -63,6 +73,12 @@ class CapacityExceeded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class KeyQuotaExceeded(CapacityExceeded):
+    """This API key holds max_sessions_per_key sessions; other keys are still served."""
+
+    code = "key_quota_exceeded"
+
+
 class Unauthorized(ServiceError):
     code = "unauthorized"
 
@@ -77,3 +93,9 @@ class NotReady(ServiceError):
 
 class Draining(NotReady):
     code = "draining"
+
+
+class Overloaded(NotReady):
+    """Too many request bodies are buffered at once; the request was not read."""
+
+    code = "overloaded"

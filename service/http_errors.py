@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 STATUS: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: 422,
+    errors.NonFiniteOutput: 422,
     errors.TooManyTimesteps: 413,
     errors.BodyTooLarge: 413,
     errors.ModelNotFound: 404,
@@ -28,6 +29,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.Unauthorized: 401,
     errors.NotReady: 503,
     errors.Draining: 503,
+    errors.Overloaded: 503,
 }
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
@@ -41,8 +43,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         410: "session expired",
         413: "body or timesteps over the limit",
         422: "invalid input",
-        429: "no free session slot (see Retry-After)",
-        503: "not ready or draining (see Retry-After)",
+        429: "no free session slot, or the key's session quota is used (see Retry-After)",
+        503: "not ready, draining or overloaded (see Retry-After)",
     }.items()
 }
 
@@ -61,6 +63,7 @@ CLOSE_CODES: dict[type[errors.ServiceError], int] = {
     errors.CapacityExceeded: 4429,
     errors.Draining: 1001,
     errors.NotReady: 1013,
+    errors.InvalidQuery: 1008,
 }
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_BAD_REQUEST = 4400  # a stream that cannot start: invalid parameters

@@ -33,10 +33,10 @@ def group_by_length(lengths: list[int]) -> list[list[int]]:
 @torch.inference_mode()
 def forward_sequences(
     net: TCN, sequences: list[np.ndarray], device: torch.device, dtype: torch.dtype, last_only: bool
-) -> list[list[list[float]]]:
-    """Per sequence: its output rows (T, out), or only the last row with `last_only`."""
+) -> list[np.ndarray]:
+    """Per sequence: its (T, out) float32 output rows, or only the last row with `last_only`."""
     tokens = net.config.vocab_size is not None
-    outputs: list[list[list[float]]] = [[] for _ in sequences]
+    outputs: list[np.ndarray] = [np.zeros(0) for _ in sequences]
     lengths = [len(s) for s in sequences]
     for group in group_by_length(lengths):
         longest = lengths[group[0]]
@@ -51,8 +51,7 @@ def forward_sequences(
             for b, i in enumerate(group):
                 x[b, : lengths[i]] = torch.from_numpy(sequences[i])
             x = x.to(device, dtype).transpose(1, 2)  # (B, T, C) -> (B, C, T)
-        y = net(x).transpose(1, 2).float().cpu()  # (B, out, T) -> (B, T, out)
+        y = net(x).transpose(1, 2).float().cpu().numpy()  # (B, out, T) -> (B, T, out)
         for b, i in enumerate(group):
-            rows = y[b, lengths[i] - 1 : lengths[i]] if last_only else y[b, : lengths[i]]
-            outputs[i] = rows.tolist()
+            outputs[i] = y[b, lengths[i] - 1 : lengths[i]] if last_only else y[b, : lengths[i]]
     return outputs

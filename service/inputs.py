@@ -1,63 +1,139 @@
-"""Decode validated JSON rows into arrays for one model, raising InvalidInput at the edge."""
+"""Decode request bodies straight from bytes into arrays, at a cost linear in their size.
+
+Bodies are parsed by msgspec against strict types: a number is never a string or a bool, unknown
+fields are refused, and the first problem ends the parse with one clear message, so a hostile
+body costs no more than a pass over its bytes (no per-item error lists, no Python object per
+invalid item). Rows are fixed-width tuples of the model's `in_channels` numbers, so a row of the
+wrong width fails at that row; numbers become one numpy array per sequence.
+
+The envelope of each body is decoded first with its rows left as raw JSON (`msgspec.Raw`), so
+the rows can be decoded for the model the request names.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
+import msgspec
 import numpy as np
 
-from model import TCNConfig
+from model import MAX_POSITION
 from service.errors import InvalidInput, TooManyTimesteps
 
-
-def decode_rows(
-    rows: Sequence[Sequence[float]], config: TCNConfig, dtype: np.dtype, what: str
-) -> np.ndarray:
-    """T rows -> (T, in_channels) floats, or (T,) int64 token ids for an embedding model.
-
-    An embedding model takes one integer token id per row: `[[3], [1], ...]`.
-    """
-    if config.vocab_size is not None:
-        return _decode_tokens(rows, config.vocab_size, what)
-    width = config.in_channels
-    for t, row in enumerate(rows):
-        if len(row) != width:
-            raise InvalidInput(
-                f"{what}: row {t} has {len(row)} values; this model takes {width} per timestep"
-            )
-    with np.errstate(over="ignore"):
-        array = np.asarray(rows, dtype=dtype).reshape(len(rows), width)  # (T, C)
-    if not np.isfinite(array).all():  # e.g. 1e308 overflowing float32
-        raise InvalidInput(f"{what}: values must be finite in the model's dtype")
-    return array
+S = TypeVar("S")
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{8,128}$"
+Position = Annotated[int, msgspec.Meta(ge=0, le=MAX_POSITION)]
+SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN)]
 
 
-def check_array(x: np.ndarray, config: TCNConfig, dtype: np.dtype, what: str) -> np.ndarray:
-    """Already-decoded (T, in_channels) rows (a binary frame): width, finiteness, dtype."""
-    if config.vocab_size is not None:
+class _Body(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class PredictBody(_Body):
+    inputs: msgspec.Raw
+    outputs: Literal["all", "last"] = "all"
+
+
+class SnapshotBody(_Body):
+    position: Position
+    inputs: msgspec.Raw
+    session_id: str | None = None  # present when a GET .../snapshot body is posted back
+    model: str | None = None
+
+
+class CreateBody(_Body):
+    model: str = "default"
+    session_id: SessionId | None = None
+    ttl_s: float | None = None
+    prefix: msgspec.Raw = msgspec.Raw()  # empty when absent; see `given`
+    snapshot: SnapshotBody | None = None
+
+
+class StepBody(_Body):
+    inputs: msgspec.Raw
+    offset: Position | None = None
+
+
+def given(raw: msgspec.Raw) -> bool:
+    """Whether an optional raw field was sent with a value (absent or null: no)."""
+    return len(raw) > 0 and bytes(raw).strip() != b"null"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one model takes: rows of `width` floats (or one token id each), within `max_abs`."""
+
+    width: int
+    vocab_size: int | None
+    dtype: np.dtype  # of float rows: the served dtype's numpy counterpart
+    max_abs: float  # larger magnitudes could overflow inside the model (model/numeric_range.py)
+
+
+@functools.cache
+def _envelope(kind: type[S]) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(kind)
+
+
+@functools.cache
+def _rows_decoder(width: int, tokens: bool, nested: bool) -> msgspec.json.Decoder:
+    # Token ids are read as numbers and checked to be integers afterwards, so 3.0 is id 3.
+    row: Any = tuple[float] if tokens else tuple[(float,) * width]  # type: ignore[misc]
+    rows = list[row]  # type: ignore[valid-type]
+    return msgspec.json.Decoder(list[rows] if nested else rows)  # type: ignore[valid-type]
+
+
+def decode_body(data: bytes | msgspec.Raw, kind: type[S], what: str = "") -> S:
+    """JSON bytes -> a body struct; InvalidInput names the first problem."""
+    try:
+        return _envelope(kind).decode(data)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(_where(str(e), what)) from None
+    except msgspec.DecodeError as e:
+        raise InvalidInput(_malformed(e, data, what)) from None
+
+
+def rows(raw: msgspec.Raw, spec: InputSpec, what: str, allow_empty: bool = False) -> np.ndarray:
+    """JSON rows -> (T, width) floats, or (T,) int64 ids for a token model; T >= 1 unless
+    allow_empty (a snapshot at position 0)."""
+    try:
+        decoded = _rows_decoder(spec.width, spec.vocab_size is not None, False).decode(raw)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(_where(str(e), what, _row_hint(spec))) from None
+    except msgspec.DecodeError as e:
+        raise InvalidInput(_malformed(e, raw, what)) from None
+    if not decoded and allow_empty:
+        shape = (0,) if spec.vocab_size is not None else (0, spec.width)
+        return np.zeros(shape, dtype=np.int64 if spec.vocab_size is not None else spec.dtype)
+    return _to_array(decoded, spec, what)
+
+
+def sequences(raw: msgspec.Raw, spec: InputSpec, what: str) -> list[np.ndarray]:
+    """JSON list of sequences -> one array per sequence (see `rows`); at least one."""
+    try:
+        decoded = _rows_decoder(spec.width, spec.vocab_size is not None, True).decode(raw)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(_where(str(e), what, _row_hint(spec))) from None
+    except msgspec.DecodeError as e:
+        raise InvalidInput(_malformed(e, raw, what)) from None
+    if not decoded:
+        raise InvalidInput(f"{what}: give at least one sequence")
+    return [_to_array(seq, spec, f"{what}[{i}]") for i, seq in enumerate(decoded)]
+
+
+def check_array(x: np.ndarray, spec: InputSpec, what: str) -> np.ndarray:
+    """Already-decoded (T, width) float32 rows (a binary frame): shape, range, dtype."""
+    if spec.vocab_size is not None:
         raise InvalidInput(
             f"{what}: binary frames carry float32 rows; this model takes token ids, so send "
             "text frames"
         )
-    if x.ndim != 2 or x.shape[1] != config.in_channels or len(x) == 0:
-        raise InvalidInput(
-            f"{what}: expected rows of {config.in_channels} values, got shape {x.shape}"
-        )
-    if not np.isfinite(x).all():
-        raise InvalidInput(f"{what}: values must be finite (no NaN or Inf)")
-    return x.astype(dtype, copy=False)
-
-
-def _decode_tokens(rows: Sequence[Sequence[float]], vocab_size: int, what: str) -> np.ndarray:
-    ids = []
-    for t, row in enumerate(rows):
-        if len(row) != 1 or not float(row[0]).is_integer():
-            raise InvalidInput(f"{what}: row {t} must be one integer token id, like [3]")
-        token = int(row[0])
-        if not 0 <= token < vocab_size:
-            raise InvalidInput(f"{what}: row {t}: token id {token} is outside [0, {vocab_size})")
-        ids.append(token)
-    return np.asarray(ids, dtype=np.int64)  # (T,)
+    if x.ndim != 2 or x.shape[1] != spec.width or len(x) == 0:
+        raise InvalidInput(f"{what}: expected rows of {spec.width} values, got shape {x.shape}")
+    _check_range(x, spec, what)
+    return x.astype(spec.dtype, copy=False)
 
 
 def check_timesteps(total: int, limit: int) -> None:
@@ -67,3 +143,65 @@ def check_timesteps(total: int, limit: int) -> None:
             f"the request has {total} timesteps; at most {limit} per request "
             "(max_timesteps_per_request): split it into several requests"
         )
+
+
+def _to_array(decoded: list, spec: InputSpec, what: str) -> np.ndarray:
+    if not decoded:
+        raise InvalidInput(f"{what}: give at least one row")
+    if spec.vocab_size is not None:
+        values = np.array(decoded, dtype=np.float64).reshape(len(decoded))  # (T,)
+        fractional = values != np.floor(values)
+        if fractional.any():
+            t = int(np.argmax(fractional))
+            raise InvalidInput(f"{what}: row {t} must be one integer token id, like [3]")
+        bad = (values < 0) | (values >= spec.vocab_size)
+        if bad.any():
+            t = int(np.argmax(bad))
+            raise InvalidInput(
+                f"{what}: row {t}: token id {values[t]:.0f} is outside [0, {spec.vocab_size})"
+            )
+        return values.astype(np.int64)
+    x = np.array(decoded, dtype=np.float64).reshape(len(decoded), spec.width)  # (T, C)
+    _check_range(x, spec, what)
+    return x.astype(spec.dtype, copy=False)
+
+
+def _check_range(x: np.ndarray, spec: InputSpec, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise InvalidInput(f"{what}: values must be finite (no NaN or Inf)")
+    if x.size and float(np.abs(x).max()) > spec.max_abs:
+        t = int(np.argmax(np.abs(x).max(axis=1) > spec.max_abs))
+        raise InvalidInput(
+            f"{what}: row {t} has a value beyond +-{spec.max_abs:.3g}, the largest magnitude "
+            "this model takes without overflowing"
+        )
+
+
+def _malformed(error: msgspec.DecodeError, data: bytes | msgspec.Raw, what: str) -> str:
+    """The parser's message, or a clearer one for the NaN/Infinity some encoders write."""
+    text = str(error)
+    _, sep, tail = text.partition("(byte ")
+    if sep and tail.rstrip(")").isdigit():
+        at = int(tail.rstrip(")"))
+        near = bytes(memoryview(data)[at : at + 9]).lstrip(b"-")
+        if near.startswith((b"NaN", b"Infinity", b"inf", b"nan")):
+            return (
+                f"{what or 'body'}: values must be finite numbers (NaN and Infinity are not "
+                f"JSON): {text}"
+            )
+    return f"{what or 'body'}: {text}"
+
+
+def _row_hint(spec: InputSpec) -> str:
+    if spec.vocab_size is not None:
+        return "each row is one integer token id, like [3]"
+    return f"each row is {spec.width} numbers"
+
+
+def _where(message: str, what: str, hint: str = "") -> str:
+    """msgspec's 'Problem - at `$.a[0]`' -> 'what.a[0]: Problem', plus a hint for rows."""
+    text, sep, path = message.rpartition(" - at `")
+    if not sep:
+        text, path = message, "$`"
+    location = (what + path.rstrip("`").removeprefix("$")).removeprefix(".") or "body"
+    return f"{location}: {text}" + (f" ({hint})" if hint else "")

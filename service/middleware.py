@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import http_errors
 from service.auth import ApiKeys
-from service.errors import BodyTooLarge, Unauthorized
+from service.errors import BodyTooLarge, Overloaded, Unauthorized
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -92,11 +92,19 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over max_bytes, by Content-Length or by counting a streamed body."""
+    """413 for bodies over max_bytes, by Content-Length or by counting a streamed body; 503 when
+    the bodies buffered by all requests together would pass max_inflight_bytes.
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    Each body is held until its request is answered, so without the shared budget a thousand
+    connections sending large bodies at once could take the server's memory between them.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_inflight_bytes: int, retry_after_s: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_inflight = max_inflight_bytes
+        self.retry_after_s = retry_after_s
+        self.inflight = 0  # bytes of bodies held by requests in progress (one event loop)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,29 +117,41 @@ class BodyLimitMiddleware:
         # Read the whole body here (the handlers would anyway) so an oversized stream is refused
         # before any handler has started.
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away mid-body: nobody to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away mid-body: nobody to answer
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                self.inflight += len(chunk)
+                if size > self.max_bytes:
+                    await self._refuse(scope, receive, send)
+                    return
+                if self.inflight > self.max_inflight:
+                    error = Overloaded(
+                        "the server is holding too many request bodies; retry shortly",
+                        self.retry_after_s,
+                    )
+                    await http_errors.error_response(error)(scope, receive, send)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            chunks.clear()
+            replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.inflight -= size
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = BodyTooLarge(f"request body exceeds max_body_bytes ({self.max_bytes} bytes)")

@@ -11,10 +11,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import StreamPool, TCNConfig, load_model, read_checkpoint_info
+from model import (
+    MAX_POSITION,
+    NonFiniteOutputError,
+    StreamPool,
+    TCNConfig,
+    load_model,
+    read_checkpoint_info,
+)
 from service.batcher import ModelWorker
-from service.errors import ModelNotFound
+from service.errors import InvalidInput, ModelNotFound, NonFiniteOutput
 from service.inference import forward_sequences
+from service.inputs import InputSpec
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -45,11 +53,20 @@ class ModelEntry:
     metrics: Metrics
     net: Any = None
     state_bytes_per_stream: int = 0
+    max_input_abs: float | None = None  # set at load, from the weights
     ready: bool = False
 
     @property
     def input_dtype(self) -> np.dtype:
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
+
+    @property
+    def inputs(self) -> InputSpec:
+        """What requests for this model must hold (decided at load)."""
+        limit = self.max_input_abs
+        if limit is None:
+            limit = float(torch.finfo(self.dtype).max)
+        return InputSpec(self.config.in_channels, self.config.vocab_size, self.input_dtype, limit)
 
     def info(self) -> dict[str, Any]:
         """The public description served by /v1/models."""
@@ -69,6 +86,8 @@ class ModelEntry:
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_sessions": self.capacity,
             "state_bytes_per_stream": self.state_bytes_per_stream,
+            "max_input_abs": self.max_input_abs,
+            "max_position": MAX_POSITION,
             "trained": bool(self.metadata.get("trained", False)),
             "task": self.metadata.get("task"),
             "description": self.metadata.get("description"),
@@ -84,6 +103,7 @@ class ModelEntry:
         pool = StreamPool(self.net, self.capacity, device=self.device, dtype=self.dtype)
         self.worker.pool = pool
         self.state_bytes_per_stream = pool.state_bytes_per_stream
+        self.max_input_abs = pool.max_input_abs
 
     def _warm(self) -> None:
         """One forward and one step on a scratch slot, so the first request pays no set-up."""
@@ -144,20 +164,34 @@ class ModelEntry:
         Returns (T, out) float32: arrays, not Python lists, all the way to the edge (a replay
         cache of lists would cost ~25x the memory, and binary frames need no conversion).
         """
-        if len(x) == 1:
-            rows = (await self.worker.step(slot, x[0]))[None]
-        else:
-            rows = await self.worker.call(
-                lambda: self.worker.pool.push(slot, x).float().cpu().numpy(), op="push"
-            )
+        try:
+            if len(x) == 1:
+                rows = (await self.worker.step(slot, x[0]))[None]
+            else:
+                rows = await self.worker.call(
+                    lambda: self.worker.pool.push(slot, x).float().cpu().numpy(), op="push"
+                )
+        except NonFiniteOutputError:
+            raise NonFiniteOutput(
+                "the model's outputs for these inputs would be NaN or Inf; nothing was applied "
+                "(inputs this large overflow the model's dtype)"
+            ) from None
+        except ValueError as e:  # refused by the pool before it changed anything
+            raise InvalidInput(str(e)) from None
         self.metrics.timesteps.labels(self.name, "stream").inc(len(x))
         return rows
 
-    async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list:
+    async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
+        """Per sequence, its (T, out) float32 outputs (or its last row with last_only)."""
         outputs = await self.worker.call(
             lambda: forward_sequences(self.net, sequences, self.device, self.dtype, last_only),
             op="forward",
         )
+        if not all(np.isfinite(y).all() for y in outputs):
+            raise NonFiniteOutput(
+                "the model's outputs for these inputs would be NaN or Inf (inputs this large "
+                "overflow the model's dtype)"
+            )
         self.metrics.timesteps.labels(self.name, "predict").inc(sum(len(s) for s in sequences))
         return outputs
 

@@ -1,10 +1,16 @@
-"""Request and response bodies of the HTTP API (they also document it at /docs)."""
+"""Request and response bodies of the HTTP API as they are documented at /docs.
+
+Requests are decoded by service/inputs.py (msgspec, straight into arrays); these models are
+their documented form, kept field for field equal to it (tests/service/test_openapi.py).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model import MAX_POSITION
 
 # Strict: a number, never a string or a bool; finite: Python's json accepts NaN and Infinity.
 Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -33,7 +39,9 @@ class PredictResponse(BaseModel):
 
 
 class SnapshotIn(_Request):
-    position: int = Field(ge=0, strict=True, description="the position to continue from")
+    position: int = Field(
+        ge=0, le=MAX_POSITION, strict=True, description="the position to continue from"
+    )
     inputs: Rows = Field(description="exactly the last min(position, receptive_field - 1) rows")
     # Present when a GET .../snapshot body is posted back as it is; the new session's own id
     # and model come from the request, and a snapshot of another model is refused.
@@ -77,7 +85,11 @@ class SessionCreated(BaseModel):
 class StepRequest(_Request):
     inputs: Annotated[Rows, Field(min_length=1)] = Field(examples=[[[0.5, 1.0]]])
     offset: int | None = Field(
-        None, ge=0, strict=True, description="position of the first row (for safe retries)"
+        None,
+        ge=0,
+        le=MAX_POSITION,
+        strict=True,
+        description="position of the first row (for safe retries)",
     )
 
 

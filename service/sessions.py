@@ -10,25 +10,28 @@ cannot leave the session half-updated, and its retry finds the stored response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
 
-from model import PoolFullError
+from model import MAX_POSITION, PoolFullError
 from service.errors import (
     CapacityExceeded,
     InvalidInput,
+    KeyQuotaExceeded,
     OffsetConflict,
     SessionExists,
     SessionExpired,
     SessionNotFound,
 )
-from service.inputs import check_array, check_timesteps, decode_rows
+from service.inputs import check_timesteps
 from service.metrics import Metrics
 from service.registry import ModelEntry, ModelRegistry
 from service.session_state import AppliedPush, PushResult, RecentIds, Session
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Clock = Callable[[], float]
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 
 
 class SessionManager:
@@ -53,6 +57,7 @@ class SessionManager:
         max_timesteps: int,
         expired_memory: int,
         retry_after_s: int,
+        max_sessions_per_key: int | None = None,
     ):
         self._registry = registry
         self._metrics = metrics
@@ -61,12 +66,18 @@ class SessionManager:
         self._max_ttl = max_ttl_s
         self._max_timesteps = max_timesteps
         self._retry_after = retry_after_s
+        self._max_per_key = max_sessions_per_key
         self._sessions: dict[tuple[str, str], Session] = {}
+        self._per_owner: Counter[str] = Counter()  # sessions held (or being opened) per key
         self._expired = RecentIds(expired_memory)
         self._tasks: set[asyncio.Task] = set()
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def held_by(self, owner: str) -> int:
+        """Sessions this key holds, counting those being opened."""
+        return self._per_owner[owner]
 
     # ----- public operations -----------------------------------------------------------------
 
@@ -76,12 +87,13 @@ class SessionManager:
         model: str,
         session_id: str | None = None,
         ttl_s: float | None = None,
-        prefix: Sequence[Sequence[float]] = (),
-        snapshot: tuple[int, Sequence[Sequence[float]]] | None = None,
+        prefix: np.ndarray | None = None,
+        snapshot: tuple[int, np.ndarray] | None = None,
     ) -> tuple[Session, np.ndarray]:
         """Open a session, optionally warmed by `prefix` rows; returns it and their outputs.
 
-        With `snapshot` = (position, rows), the session is rebuilt at `position` from the last
+        Rows are arrays already decoded for the model (service/inputs.py). With `snapshot` =
+        (position, rows), the session is rebuilt at `position` from the last
         min(position, R - 1) inputs of another session (see `snapshot`), exactly.
         """
         entry = self._registry.get(model)
@@ -93,17 +105,19 @@ class SessionManager:
         elif not SESSION_ID_RE.match(session_id):
             raise InvalidInput("session_id must be 8-128 characters of [A-Za-z0-9_-]")
         start = 0
+        x = prefix if prefix is not None else NO_ROWS
         if snapshot is not None:
             position, rows = snapshot
+            if not 0 <= position <= MAX_POSITION:
+                raise InvalidInput(f"snapshot.position must be in [0, {MAX_POSITION}]")
             expected = min(position, entry.config.receptive_field - 1)
             if len(rows) != expected:
                 raise InvalidInput(
                     f"snapshot.inputs: a snapshot at position {position} holds exactly the last "
                     f"{expected} input rows (min(position, receptive_field - 1)); got {len(rows)}"
                 )
-            prefix, start = rows, position - expected
-        check_timesteps(len(prefix), self._max_timesteps)
-        x = decode_rows(prefix, entry.config, entry.input_dtype, "prefix")
+            x, start = rows, position - expected
+        check_timesteps(len(x), self._max_timesteps)
         key = (owner, session_id)
         existing = self._sessions.get(key)
         expired = existing is not None and self._clock() >= existing.expires_at
@@ -111,10 +125,16 @@ class SessionManager:
             await self._retire(existing, expired=True)
         if key in self._sessions:
             raise SessionExists(f"session {session_id!r} already exists")
+        if self._max_per_key is not None and self._per_owner[owner] >= self._max_per_key:
+            raise KeyQuotaExceeded(
+                f"this API key holds {self._per_owner[owner]} sessions, its limit "
+                "(max_sessions_per_key): close one first",
+                self._retry_after,
+            )
         now = self._clock()
         session = Session(session_id, owner, model, ttl, created_at=now, last_used_at=now)
         session.position = start
-        self._sessions[key] = session  # reserve the id before the first await
+        self._reserve(session)  # the id and the key's quota, before the first await
         self._expired.discard(key)
         session, outputs = await self._shielded(self._open(session, entry, x))
         if snapshot is not None:  # the rows rebuilt state; they are not a push to replay
@@ -122,27 +142,17 @@ class SessionManager:
         return session, outputs
 
     async def push(
-        self, owner: str, session_id: str, rows: Sequence[Sequence[float]], offset: int | None
+        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
     ) -> PushResult:
-        """Apply rows at `offset` (default: the current position), or replay the last push."""
-        session = await self._find(owner, session_id)
-        entry = self._registry.get(session.model)
-        if not rows:
-            raise InvalidInput("inputs: give at least one row")
-        check_timesteps(len(rows), self._max_timesteps)
-        x = decode_rows(rows, entry.config, entry.input_dtype, "inputs")
-        return await self._shielded(
-            self._locked(session, lambda: self._apply(session, entry, x, offset))
-        )
+        """Apply rows at `offset` (default: the current position), or replay the last push.
 
-    async def push_array(
-        self, owner: str, session_id: str, rows: np.ndarray, offset: int | None
-    ) -> PushResult:
-        """`push` for rows already decoded from a binary frame, (T, in_channels) floats."""
+        `x` holds rows already decoded for the session's model (service/inputs.py).
+        """
         session = await self._find(owner, session_id)
         entry = self._registry.get(session.model)
-        check_timesteps(len(rows), self._max_timesteps)
-        x = check_array(rows, entry.config, entry.input_dtype, "inputs")
+        if not len(x):
+            raise InvalidInput("inputs: give at least one row")
+        check_timesteps(len(x), self._max_timesteps)
         return await self._shielded(
             self._locked(session, lambda: self._apply(session, entry, x, offset))
         )
@@ -180,6 +190,18 @@ class SessionManager:
             await self._retire(session, expired=False)
 
         await self._shielded(self._locked(session, delete))
+
+    async def close(self, session: Session) -> None:
+        """Delete this very session, if it is still open: never a newer one under its id."""
+        key = (session.owner, session.id)
+        if session.closed or self._sessions.get(key) is not session:
+            return
+
+        async def close() -> None:
+            await self._retire(session, expired=False)
+
+        with contextlib.suppress(SessionNotFound, SessionExpired):  # retired meanwhile
+            await self._shielded(self._locked(session, close))
 
     async def sweep(self) -> int:
         """Expire every idle session past its TTL; returns how many."""
@@ -228,20 +250,20 @@ class SessionManager:
     async def _open(
         self, session: Session, entry: ModelEntry, x: np.ndarray
     ) -> tuple[Session, np.ndarray]:
-        key = (session.owner, session.id)
         async with session.lock:
             try:
                 session.slot = await entry.open_stream(session.position)
             except PoolFullError:
-                session.closed = True  # for any push that queued on the lock meanwhile
-                del self._sessions[key]
+                self._release(session)  # closed, for any push that queued on the lock meanwhile
                 raise CapacityExceeded(
                     f"model {entry.name!r} has all {entry.capacity} session slots in use",
                     self._retry_after,
                 ) from None
+            except ValueError as e:  # the pool refused the position; no slot was taken
+                self._release(session)
+                raise InvalidInput(str(e)) from None
             except BaseException:
-                session.closed = True
-                del self._sessions[key]
+                self._release(session)
                 raise
             self._metrics.active_sessions.labels(entry.name).inc()
             outputs = np.zeros((0, entry.config.output_size), dtype=np.float32)
@@ -274,6 +296,10 @@ class SessionManager:
                 session.position,
             )
         start = session.position
+        if start + len(x) > MAX_POSITION:
+            raise InvalidInput(
+                f"this push would take the session past the largest position, {MAX_POSITION}"
+            )
         outputs = await entry.advance(session.slot, x)
         session.position = start + len(x)
         session.last_push = AppliedPush(start, len(x), digest, outputs)
@@ -282,9 +308,10 @@ class SessionManager:
 
     async def _retire(self, session: Session, expired: bool, count: bool = True) -> None:
         """Close a session: forget it (remembering expired ids for 410), free its slot."""
+        if session.closed:  # retired already (e.g. by the sweep while a delete waited)
+            return
         key = (session.owner, session.id)
-        session.closed = True
-        self._sessions.pop(key, None)
+        self._release(session)
         if count:
             counter = self._metrics.sessions_expired if expired else self._metrics.sessions_deleted
             counter.labels(session.model).inc()
@@ -293,6 +320,20 @@ class SessionManager:
             self._expired.add(key)
         if session.slot >= 0:
             await self._registry.get(session.model).close_stream(session.slot)
+
+    def _reserve(self, session: Session) -> None:
+        self._sessions[(session.owner, session.id)] = session
+        self._per_owner[session.owner] += 1
+
+    def _release(self, session: Session) -> None:
+        """Forget a session (idempotent): its id and its place in its key's quota."""
+        session.closed = True
+        key = (session.owner, session.id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+            self._per_owner[session.owner] -= 1
+            if not self._per_owner[session.owner]:
+                del self._per_owner[session.owner]
 
     async def _shielded(self, coro: Coroutine[Any, Any, T]) -> T:
         # Finish the operation even if the request is cancelled (client gone): a half-applied

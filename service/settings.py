@@ -43,8 +43,23 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(1.0, description="longest wait to fill a step batch")
     max_timesteps_per_request: int = Field(100_000, description="rows summed over a request")
     max_sequences_per_request: int = Field(1024, ge=1, description="sequences in one /predict")
-    max_body_bytes: int = Field(32 * 1024 * 1024, description="largest request body")
+    max_body_bytes: int = Field(16 * 1024 * 1024, description="largest request body")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024, description="request bodies held at once, all requests together"
+    )
+    max_sessions_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="sessions one API key may hold across models (unset: all slots with one "
+        "key; with several keys, 3/4 of max_sessions, so no key can lock the others out)",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="time a connection has to deliver a whole request (headers+body)"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="concurrent connections; beyond it new requests get 503"
+    )
     expired_memory: int = Field(10_000, ge=0, description="expired ids remembered for 410")
     sweep_interval_s: float = Field(5.0, gt=0, description="period of the expiry sweep")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 and 503")
@@ -97,6 +112,11 @@ class Settings(BaseSettings):
             problems.append("max_timesteps_per_request must be >= 1")
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be >= 1024")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            problems.append(
+                f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes})"
+            )
         if self.session_ttl_s > self.max_session_ttl_s:
             problems.append(
                 f"session_ttl_s ({self.session_ttl_s}) exceeds max_session_ttl_s "
@@ -124,6 +144,14 @@ class Settings(BaseSettings):
         if self.device == "auto":
             return "cuda" if _cuda_available() else "cpu"
         return self.device
+
+    def sessions_per_key_limit(self) -> int | None:
+        """The per-key session cap in force (None: no cap)."""
+        if self.max_sessions_per_key is not None:
+            return self.max_sessions_per_key
+        if len(self.api_keys) >= 2:
+            return max(1, self.max_sessions * 3 // 4)
+        return None
 
     def api_key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from types import FrameType
@@ -12,7 +11,9 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from service import log_redaction
 from service.app import create_app
+from service.http_protocol import deadline_protocol
 from service.runtime import Runtime
 from service.settings import DTYPES, Settings, parse_model_specs
 
@@ -26,7 +27,10 @@ FLAGS: dict[str, tuple[type, str]] = {
     "max_batch_delay_ms": (float, "longest wait to fill a step batch (default 1)"),
     "max_timesteps_per_request": (int, "rows summed over a request (default 100000)"),
     "max_sequences_per_request": (int, "sequences in one /predict (default 1024)"),
-    "max_body_bytes": (int, "largest request body (default 32 MiB)"),
+    "max_body_bytes": (int, "largest request body (default 16 MiB)"),
+    "max_sessions_per_key": (int, "sessions one API key may hold (default: see docs)"),
+    "request_timeout_s": (float, "seconds a connection has to send a whole request (30)"),
+    "max_connections": (int, "concurrent connections before 503 (default 1000)"),
     "drain_s": (float, "seconds /readyz answers 503 after SIGTERM before exiting (default 0)"),
     "torch_threads": (int, "intra-op threads for model compute (default: torch's)"),
 }
@@ -75,38 +79,22 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
+        http=deadline_protocol(settings.request_timeout_s),  # 408 for trickled requests
+        limit_concurrency=settings.max_connections,  # 503 beyond it
         ws_max_size=settings.max_body_bytes,  # a larger message closes the socket with 1009
         ws_max_queue=32,  # per connection: a client that does not read stops being read
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
-    for name in ("uvicorn.error", "uvicorn.access"):  # after Config has set up logging
-        logging.getLogger(name).addFilter(RedactTokens())
+    log_redaction.install()  # after Config has set up logging: no API key in any log line
     server = DrainingServer(config, runtime, settings.drain_s)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        return 130
     if runtime.load_error:
         print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
         return 1
     return 0
-
-
-class RedactTokens(logging.Filter):
-    """uvicorn logs WebSocket paths with their query: hide an API key given as ?token=."""
-
-    PATTERN = re.compile(r"(token=)[^&\s\"']+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Rewrite the arguments, not the record's shape: uvicorn's access formatter unpacks them.
-        if isinstance(record.args, tuple):
-            record.args = tuple(self._redact(a) for a in record.args)
-        elif isinstance(record.args, dict):
-            record.args = {k: self._redact(v) for k, v in record.args.items()}
-        record.msg = self._redact(record.msg)
-        return True
-
-    def _redact(self, value: object) -> object:
-        if isinstance(value, str) and "token=" in value:
-            return self.PATTERN.sub(r"\1***", value)
-        return value
 
 
 class DrainingServer(uvicorn.Server):

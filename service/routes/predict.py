@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
+from service import inputs
 from service.deps import CallerDep
 from service.errors import TooManySequences
 from service.http_errors import ERROR_RESPONSES
-from service.inputs import check_timesteps, decode_rows
+from service.request_body import body_bytes, documented_body, json_response
 from service.schemas import PredictRequest, PredictResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, summary="Run whole sequences")
-async def predict(name: str, body: PredictRequest, caller: CallerDep) -> PredictResponse:
+@router.post(
+    "/{name}/predict",
+    response_model=PredictResponse,
+    summary="Run whole sequences",
+    openapi_extra=documented_body(PredictRequest),
+)
+async def predict(name: str, request: Request, caller: CallerDep) -> Response:
     entry = caller.registry.get(name)
     settings = caller.runtime.settings
-    if len(body.inputs) > settings.max_sequences_per_request:
+    data = await body_bytes(request)
+    spec = entry.inputs
+
+    def decode() -> tuple[inputs.PredictBody, list]:
+        body = inputs.decode_body(data, inputs.PredictBody)
+        return body, inputs.sequences(body.inputs, spec, "inputs")
+
+    body, sequences = await caller.runtime.decode(len(data), decode)
+    if len(sequences) > settings.max_sequences_per_request:
         raise TooManySequences(
-            f"the request has {len(body.inputs)} sequences; at most "
+            f"the request has {len(sequences)} sequences; at most "
             f"{settings.max_sequences_per_request} per request (max_sequences_per_request)"
         )
-    check_timesteps(sum(len(seq) for seq in body.inputs), settings.max_timesteps_per_request)
-    sequences = [
-        decode_rows(seq, entry.config, entry.input_dtype, f"inputs[{i}]")
-        for i, seq in enumerate(body.inputs)
-    ]
+    inputs.check_timesteps(sum(len(s) for s in sequences), settings.max_timesteps_per_request)
     outputs = await entry.predict(sequences, last_only=body.outputs == "last")
-    return PredictResponse(model=name, outputs=outputs)
+    return json_response({"model": name, "outputs": [y.tolist() for y in outputs]})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Request, Response, status
 
+from service import inputs
 from service.deps import CallerDep
 from service.errors import InvalidInput
 from service.http_errors import ERROR_RESPONSES
+from service.request_body import body_bytes, documented_body, json_response
 from service.schemas import (
     CreateSessionRequest,
     SessionCreated,
@@ -40,9 +42,10 @@ def _info(session: Session) -> SessionInfo:
     response_model=SessionCreated,
     response_model_exclude_none=True,
     summary="Open a session, warmed by prefix rows or rebuilt from a snapshot",
+    openapi_extra=documented_body(CreateSessionRequest),
 )
 async def create_session(
-    body: CreateSessionRequest,
+    request: Request,
     caller: CallerDep,
     x_session_id: Annotated[
         str | None,
@@ -53,6 +56,10 @@ async def create_session(
     ] = None,
 ) -> SessionCreated:
     caller.runtime.check_accepting()
+    data = await body_bytes(request)
+    body = inputs.decode_body(data, inputs.CreateBody)
+    if inputs.given(body.prefix) and body.snapshot is not None:
+        raise InvalidInput("give either prefix or snapshot, not both")
     if body.session_id and x_session_id and body.session_id != x_session_id:
         raise InvalidInput(
             "session_id in the body differs from the X-Session-ID header; behind a proxy, "
@@ -64,27 +71,50 @@ async def create_session(
             f"this snapshot is of model {snapshot.model!r}; it cannot rebuild a {body.model!r} "
             "session"
         )
+    spec = caller.registry.get(body.model).inputs
+
+    def decode_rows() -> tuple:
+        prefix = None
+        if inputs.given(body.prefix):
+            prefix = inputs.rows(body.prefix, spec, "prefix", allow_empty=True)
+        if snapshot is None:
+            return prefix, None
+        rows = inputs.rows(snapshot.inputs, spec, "snapshot.inputs", allow_empty=True)
+        return prefix, (snapshot.position, rows)
+
+    prefix, restore = await caller.runtime.decode(len(data), decode_rows)
     session, outputs = await caller.sessions.create(
-        caller.owner,
-        body.model,
-        body.session_id or x_session_id,
-        body.ttl_s,
-        body.prefix or (),
-        (snapshot.position, snapshot.inputs) if snapshot is not None else None,
+        caller.owner, body.model, body.session_id or x_session_id, body.ttl_s, prefix, restore
     )
-    return SessionCreated(
-        session_id=session.id,
-        model=session.model,
-        position=session.position,
-        expires_at=session.expires_at,
-        outputs=outputs.tolist() if body.prefix is not None else None,
-    )
+    created = {
+        "session_id": session.id,
+        "model": session.model,
+        "position": session.position,
+        "expires_at": session.expires_at,
+    }
+    if prefix is not None:
+        created["outputs"] = outputs.tolist()
+    return json_response(created, status.HTTP_201_CREATED)
 
 
-@router.post("/{session_id}/steps", response_model=StepResponse, summary="Push rows")
-async def push_steps(session_id: str, body: StepRequest, caller: CallerDep) -> StepResponse:
-    result = await caller.sessions.push(caller.owner, session_id, body.inputs, body.offset)
-    return StepResponse(outputs=result.outputs.tolist(), position=result.position)
+@router.post(
+    "/{session_id}/steps",
+    response_model=StepResponse,
+    summary="Push rows",
+    openapi_extra=documented_body(StepRequest),
+)
+async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Response:
+    session = await caller.sessions.get(caller.owner, session_id)
+    spec = caller.registry.get(session.model).inputs
+    data = await body_bytes(request)
+
+    def decode() -> tuple[int | None, object]:
+        body = inputs.decode_body(data, inputs.StepBody)
+        return body.offset, inputs.rows(body.inputs, spec, "inputs")
+
+    offset, x = await caller.runtime.decode(len(data), decode)
+    result = await caller.sessions.push(caller.owner, session_id, x, offset)
+    return json_response({"outputs": result.outputs.tolist(), "position": result.position})
 
 
 @router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")

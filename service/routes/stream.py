@@ -10,121 +10,141 @@ messages per connection) and server memory stays bounded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from dataclasses import dataclass
 
+import msgspec
 import numpy as np
-from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from service.errors import InvalidInput, ServiceError
+from service import inputs
+from service.errors import InvalidInput, InvalidQuery, ServiceError
 from service.http_errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
-    validation_message,
     websocket_close_code,
     websocket_error,
 )
 from service.runtime import Runtime
-from service.schemas import SessionCreated, StepRequest
 from service.session_state import Session
 from service.wire import FrameError, decode_frame, encode_frame
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["streaming"])
-Framing = Literal["none", "offset"]
+FRAMINGS = ("none", "offset")
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class _Params:
+    """The query parameters of a stream, validated after the handshake so that a bad one
+    closes the socket with 1008 and a message instead of failing the upgrade."""
+
+    framing: str
+    token: str | None
+    model: str
+    keep: bool
+    session_id: str | None
+    ttl_s: float | None
+
+    @classmethod
+    def read(cls, websocket: WebSocket) -> _Params:
+        q = websocket.query_params
+        framing = q.get("framing", "none")
+        if framing not in FRAMINGS:
+            raise InvalidQuery(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
+        keep = q.get("keep", "false").lower()
+        if keep not in ("true", "false", "1", "0"):
+            raise InvalidQuery(f"keep must be true or false, got {keep!r}")
+        ttl_s = None
+        if "ttl_s" in q:
+            try:
+                ttl_s = float(q["ttl_s"])
+            except ValueError:
+                raise InvalidQuery(f"ttl_s must be a number, got {q['ttl_s']!r}") from None
+        return cls(
+            framing, q.get("token"), q.get("model", "default"), keep in ("true", "1"),
+            q.get("session_id"), ttl_s,
+        )  # fmt: skip
 
 
 @router.websocket("/v1/sessions/{session_id}/stream")
-async def attach_stream(
-    websocket: WebSocket,
-    session_id: str,
-    framing: Framing = "none",
-    token: str | None = Query(None, description="API key, for clients that cannot set headers"),
-) -> None:
-    """Push to an existing session over a WebSocket."""
+async def attach_stream(websocket: WebSocket, session_id: str) -> None:
+    """Push to an existing session over a WebSocket (query: framing, token)."""
 
-    async def find(runtime: Runtime, owner: str) -> Session:
+    async def find(runtime: Runtime, owner: str, params: _Params) -> Session:
         runtime.check_ready()
         return await runtime.sessions.get(owner, session_id)
 
-    started = await _accept(websocket, token, find)
+    started = await _accept(websocket, find)
     if started is not None:
-        runtime, owner, session = started
-        await _serve(websocket, runtime, owner, session.id, session.model, framing == "offset")
+        runtime, owner, session, params = started
+        await _serve(websocket, runtime, owner, session, params.framing == "offset")
 
 
 @router.websocket("/v1/stream")
-async def open_stream(
-    websocket: WebSocket,
-    model: str = "default",
-    keep: bool = Query(False, description="keep the session after the socket closes"),
-    session_id: str | None = None,
-    ttl_s: float | None = None,
-    framing: Framing = "none",
-    token: str | None = Query(None, description="API key, for clients that cannot set headers"),
-) -> None:
-    """Open a session bound to this WebSocket; the first message describes it."""
+async def open_stream(websocket: WebSocket) -> None:
+    """Open a session bound to this WebSocket; the first message describes it (query: model,
+    keep, session_id, ttl_s, framing, token)."""
 
-    async def create(runtime: Runtime, owner: str) -> Session:
+    async def create(runtime: Runtime, owner: str, params: _Params) -> Session:
         runtime.check_accepting()
         # Behind the consistent-hash proxy the id comes as X-Session-ID: the key it routed by.
         header_id = websocket.headers.get("x-session-id")
-        if session_id and header_id and session_id != header_id:
+        if params.session_id and header_id and params.session_id != header_id:
             raise InvalidInput("the session_id parameter differs from the X-Session-ID header")
-        session, _ = await runtime.sessions.create(owner, model, session_id or header_id, ttl_s)
+        session, _ = await runtime.sessions.create(
+            owner, params.model, params.session_id or header_id, params.ttl_s
+        )
         return session
 
-    started = await _accept(websocket, token, create)
+    started = await _accept(websocket, create)
     if started is None:
         return
-    runtime, owner, session = started
+    runtime, owner, session, params = started
     try:
-        created = SessionCreated(
-            session_id=session.id,
-            model=session.model,
-            position=session.position,
-            expires_at=session.expires_at,
-        )
-        await websocket.send_text(created.model_dump_json(exclude_none=True))
-        await _serve(websocket, runtime, owner, session.id, session.model, framing == "offset")
+        created = {
+            "session_id": session.id,
+            "model": session.model,
+            "position": session.position,
+            "expires_at": session.expires_at,
+        }
+        await websocket.send_text(_encode(created).decode())
+        await _serve(websocket, runtime, owner, session, params.framing == "offset")
     finally:
-        if not keep:
+        if not params.keep:  # this very session: never a newer one that took its id
             with contextlib.suppress(ServiceError):
-                await runtime.sessions.delete(owner, session.id)
+                await runtime.sessions.close(session)
 
 
 async def _accept(
     websocket: WebSocket,
-    token: str | None,
-    start: Callable[[Runtime, str], Awaitable[Session]],
-) -> tuple[Runtime, str, Session] | None:
-    """Accept, authenticate (header, else the token parameter) and find or open the session;
-    on an error, close with its code and return None."""
+    start: Callable[[Runtime, str, _Params], Awaitable[Session]],
+) -> tuple[Runtime, str, Session, _Params] | None:
+    """Accept, read the parameters, authenticate (header, else the token parameter) and find
+    or open the session; on an error, close with its code and return None."""
     runtime: Runtime = websocket.app.state.runtime
     await websocket.accept()
     headers = websocket.headers
     try:
+        params = _Params.read(websocket)
         owner = runtime.api_keys.owner(
-            headers.get("authorization"), headers.get("x-api-key") or token
+            headers.get("authorization"), headers.get("x-api-key") or params.token
         )
-        return runtime, owner, await start(runtime, owner)
+        return runtime, owner, await start(runtime, owner, params), params
     except ServiceError as e:
         await _close(websocket, e)
         return None
 
 
 async def _serve(
-    websocket: WebSocket,
-    runtime: Runtime,
-    owner: str,
-    session_id: str,
-    model: str,
-    offsets: bool,
+    websocket: WebSocket, runtime: Runtime, owner: str, session: Session, offsets: bool
 ) -> None:
     metrics = runtime.metrics
-    width = runtime.registry.get(model).config.in_channels
+    session_id = session.id
+    spec = runtime.registry.get(session.model).inputs
     metrics.websocket_connections.inc()
     try:
         while True:
@@ -135,25 +155,25 @@ async def _serve(
             kind = "binary" if binary else "text"
             try:
                 if binary:
-                    offset, rows = _decode_binary(message["bytes"], width, offsets)
-                    result = await runtime.sessions.push_array(owner, session_id, rows, offset)
+                    offset, rows = _decode_binary(message["bytes"], spec, offsets)
+                    result = await runtime.sessions.push(owner, session_id, rows, offset)
                     header = result.position if offsets else None
                     await websocket.send_bytes(encode_frame(result.outputs, header))
                 else:
-                    body = _decode_text(message.get("text") or "")
-                    result = await runtime.sessions.push(
-                        owner, session_id, body.inputs, body.offset
+                    text = message.get("text") or ""
+                    offset, rows = await runtime.decode(
+                        len(text), functools.partial(_decode_text, text, spec)
                     )
-                    await websocket.send_json(
-                        {"outputs": result.outputs.tolist(), "position": result.position}
-                    )
+                    result = await runtime.sessions.push(owner, session_id, rows, offset)
+                    answer = {"outputs": result.outputs.tolist(), "position": result.position}
+                    await websocket.send_text(_encode(answer).decode())
                 metrics.websocket_messages.labels(kind, "ok").inc()
             except ServiceError as e:
                 metrics.websocket_messages.labels(kind, e.code).inc()
                 if websocket_close_code(e) is not None:
                     await _close(websocket, e)
                     return
-                await websocket.send_json(websocket_error(e))
+                await websocket.send_text(_encode(websocket_error(e)).decode())
     except WebSocketDisconnect:
         return
     except Exception:
@@ -164,21 +184,23 @@ async def _serve(
         metrics.websocket_connections.dec()
 
 
-def _decode_binary(data: bytes, width: int, offsets: bool) -> tuple[int | None, np.ndarray]:
+def _decode_binary(
+    data: bytes, spec: inputs.InputSpec, offsets: bool
+) -> tuple[int | None, np.ndarray]:
     try:
-        offset, rows = decode_frame(data, width, offsets)
+        offset, rows = decode_frame(data, spec.width, offsets)
     except FrameError as e:
         raise InvalidInput(str(e)) from None
-    if offset is not None and offset < 0:
-        raise InvalidInput(f"the offset header must be >= 0, got {offset}")
-    return offset, rows
+    if offset is not None and not 0 <= offset <= inputs.MAX_POSITION:
+        raise InvalidInput(f"the offset header must be in [0, {inputs.MAX_POSITION}], got {offset}")
+    return offset, inputs.check_array(rows, spec, "inputs")
 
 
-def _decode_text(text: str) -> StepRequest:
-    try:
-        return StepRequest.model_validate_json(text)
-    except ValidationError as e:
-        raise InvalidInput(validation_message(e)) from None
+def _decode_text(text: str, spec: inputs.InputSpec) -> tuple[int | None, np.ndarray]:
+    if not text:
+        raise InvalidInput('message: send a JSON object like {"inputs": [[...]]}')
+    body = inputs.decode_body(text.encode(), inputs.StepBody, "message")
+    return body.offset, inputs.rows(body.inputs, spec, "inputs")
 
 
 async def _close(websocket: WebSocket, error: ServiceError) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import random
 import threading
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,14 +131,15 @@ async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_setti
         session, _ = await sessions.create("anonymous", "tiny")
         worker = runtime.registry.get("tiny").worker
         gate, blocker = await held(worker)
-        lost = asyncio.ensure_future(sessions.push("anonymous", session.id, rows[:2], 0))
+        x = np.asarray(rows, dtype=np.float32)
+        lost = asyncio.ensure_future(sessions.push("anonymous", session.id, x[:2], 0))
         await until_queued(worker, 1)
         lost.cancel()  # the client disconnected while its push waited for the model
         gate.set()
         await blocker
-        retry = await sessions.push("anonymous", session.id, rows[:2], 0)
+        retry = await sessions.push("anonymous", session.id, x[:2], 0)
         assert retry.position == 2
-        rest = await sessions.push("anonymous", session.id, rows[2:], 2)
+        rest = await sessions.push("anonymous", session.id, x[2:], 2)
         want = await expected_outputs(c, [rows])
         assert_rows_close(retry.outputs.tolist() + rest.outputs.tolist(), want[0])
 

@@ -16,7 +16,7 @@ def test_defaults_serve_the_builtin_model(monkeypatch):
     assert settings.models == {"default": default_model_dir()}
     assert (default_model_dir() / "config.json").is_file()
     assert settings.host == "127.0.0.1" and settings.max_timesteps_per_request == 100_000
-    assert settings.max_body_bytes == 32 * 1024 * 1024
+    assert settings.max_body_bytes == 16 * 1024 * 1024
 
 
 def test_environment_with_prefix(monkeypatch, tiny_dir, tokens_dir):

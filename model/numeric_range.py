@@ -1,0 +1,69 @@
+"""The largest input magnitude a TCN can take without any intermediate value overflowing.
+
+Finite inputs can still overflow: rows of 3.4e38 in float32 turn into Inf inside the first conv,
+and an Inf that a later ReLU masks would sit in a ring buffer and poison the stream's future
+outputs. Every value the network computes is an affine function of its inputs, so with
+|x| <= M each one is bounded by g * M + c, where g and c follow from the weights' absolute row
+sums (the induced infinity norm) and the biases:
+
+    conv1:  |a|   <= |W1| |h| + |b1|            (k taps of C_in values per output)
+    conv2:  |out| <= |W2| |a| + |b2|
+    block:  |h'|  <= |out| + |residual|         (residual = h, or the 1x1 downsample of h)
+    head:   |y|   <= |Wh| |h| + |bh|
+
+Refusing inputs above the M that keeps every bound under half the dtype's range makes overflow
+impossible (the factor two covers rounding of the sums). The bound is loose (it assumes every
+weight lines up with the input's sign), so for trained float32 models it sits around 1e24, far
+beyond any real signal; for a range as narrow as float16's it can fall below useful inputs, and
+then the caller gets None and must check outputs instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.tcn import TCN
+
+# Below this the bound would refuse ordinary signals: report "no bound" instead.
+SMALLEST_USEFUL_BOUND = 1e4
+
+
+def _norm(weight: torch.Tensor) -> float:
+    """max over output channels of the sum of |w| (the induced infinity norm)."""
+    w = weight.detach().double().abs()
+    return float(w.reshape(w.shape[0], -1).sum(1).max())
+
+
+def _bias(bias: torch.Tensor | None) -> float:
+    return float(bias.detach().double().abs().max()) if bias is not None else 0.0
+
+
+@torch.no_grad()
+def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
+    """The largest |x| whose every intermediate stays under half of dtype's range, or None
+    when that bound is below SMALLEST_USEFUL_BOUND. For a token model, x is the embedding row,
+    so every id is safe when max |embedding| is within the bound."""
+    limit = torch.finfo(dtype).max / 2
+    # Each tracked value is (g, c): |value| <= g * M + c.
+    bounds: list[tuple[float, float]] = []
+    g, c = 1.0, 0.0
+    for block in net.blocks:
+        n1, n2 = _norm(block.conv1.weight), _norm(block.conv2.weight)
+        a = (n1 * g, n1 * c + _bias(block.conv1.bias))
+        out = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
+        if block.downsample is None:
+            res = (g, c)
+        else:
+            nd = _norm(block.downsample.weight)
+            res = (nd * g, nd * c + _bias(block.downsample.bias))
+        g, c = out[0] + res[0], out[1] + res[1]
+        bounds += [a, out, res, (g, c)]
+    if net.head is not None:
+        nh = _norm(net.head.weight)
+        bounds.append((nh * g, nh * c + _bias(net.head.bias)))
+    m = min(((limit - ci) / gi if gi > 0 else math.inf) for gi, ci in bounds)
+    if not math.isfinite(m):
+        return float(torch.finfo(dtype).max)
+    return m if m >= SMALLEST_USEFUL_BOUND else None

@@ -1,0 +1,191 @@
+"""Hostile clients against a real `tcnserve serve` process: bodies that used to amplify into
+gigabytes, connections that trickle, more connections than allowed, API keys in debug logs, and
+Ctrl-C. Memory is measured as the growth of the server's peak RSS around each request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets.sync.client as ws_client
+
+from tests.service.conftest import free_port, serve_command, serve_process, stop_process, wait_ready
+
+pytestmark = pytest.mark.slow
+KEY = "live-secret-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MiB = 1024 * 1024
+
+
+def peak_rss_growth(pid: int, request) -> tuple[int, object]:
+    """Run request(); returns (growth of the process's peak RSS in bytes, its result)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib(pid, "VmRSS")
+    result = request()
+    return (_status_kib(pid, "VmHWM") - before) * 1024, result
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir):
+    log = tmp_path_factory.mktemp("hostile") / "server.log"
+    args = ["--model", f"tiny={tiny_dir}", "--max-sessions", "8", "--request-timeout-s", "1"]
+    env = {"TCNSERVE_API_KEYS": KEY, "TCNSERVE_MAX_CONNECTIONS": "40"}
+    with serve_process(args, log, env) as (url, process):
+        yield url, process
+
+
+def empty_rows_body(size: int, field: str, nested: bool) -> bytes:
+    rows = b"[" + b",".join([b"[]"] * (size // 3)) + b"]"
+    inputs = b"[" + rows + b"]" if nested else rows
+    return b'{"' + field.encode() + b'": ' + inputs + b"}"
+
+
+@pytest.mark.parametrize("route", ["predict", "steps", "create", "websocket"])
+def test_invalid_bodies_cost_a_small_multiple_of_their_size(server, route):
+    url, process = server
+    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+        size = 4 * MiB
+
+        def send():
+            if route == "predict":
+                body = empty_rows_body(size, "inputs", nested=True)
+                return c.post("/v1/models/tiny/predict", content=body).json()
+            if route == "steps":
+                body = empty_rows_body(size, "inputs", nested=False)
+                return c.post(f"/v1/sessions/{sid}/steps", content=body).json()
+            if route == "create":
+                body = empty_rows_body(size, "prefix", nested=False)
+                return c.post(
+                    "/v1/sessions", content=body.replace(b"{", b'{"model":"tiny",', 1)
+                ).json()
+            ws_url = url.replace("http", "ws") + f"/v1/sessions/{sid}/stream"
+            with ws_client.connect(ws_url, additional_headers=AUTH, max_size=None) as ws:
+                ws.send(empty_rows_body(size, "inputs", nested=False).decode())
+                return json.loads(ws.recv(timeout=30))
+
+        growth, answer = peak_rss_growth(process.pid, send)
+        assert answer["error"]["code"] == "invalid_input", answer
+        assert "Expected `array` of length 2" in answer["error"]["message"]
+        # Before: +2.5 GB for a 4 MiB body. Now the parse stops at the first bad row.
+        assert growth < 16 * size, f"peak RSS grew by {growth / MiB:.0f} MiB"
+        assert c.get(f"/v1/sessions/{sid}").json()["position"] == 0
+        c.delete(f"/v1/sessions/{sid}")
+
+
+def test_valid_large_bodies_cost_a_small_multiple_of_their_size(server):
+    url, process = server
+    rows = [[0.123456789, 0.987654321]] * 100_000
+    body = json.dumps({"inputs": [rows]}).encode()
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        growth, r = peak_rss_growth(
+            process.pid, lambda: c.post("/v1/models/tiny/predict", content=body)
+        )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["outputs"][0]) == 100_000
+    # The body, its rows as Python floats while decoding, the array, and the answer.
+    assert growth < 30 * len(body), f"{growth / MiB:.0f} MiB for a {len(body) / MiB:.1f} MiB body"
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or 10 s pass)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("what", ["headers", "body"])
+def test_a_trickling_request_is_answered_408_and_closed(server, what):
+    url, _ = server
+    with _raw(url) as sock:
+        head = (
+            f"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        )
+        if what == "headers":
+            sock.sendall(head.encode())  # never the blank line that ends the headers
+        else:
+            sock.sendall((head + "Content-Length: 1000\r\n\r\n").encode() + b'{"inputs": [')
+        started = time.monotonic()
+        answer = _read_all(sock)  # returns once the server closes the connection
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout" in answer
+    assert time.monotonic() - started < 10  # closed by the 1 s deadline, not by the client
+
+
+def test_connections_beyond_the_cap_get_503(server):
+    url, _ = server
+    held = [_raw(url) for _ in range(45)]
+    try:
+        for sock in held:  # each holds its connection open with an unfinished request
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        with _raw(url) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = _read_all(extra)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    finally:
+        for sock in held:
+            sock.close()
+    # Once they are gone the server answers again.
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/healthz").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_no_api_key_reaches_the_log_at_debug_level(tmp_path, tiny_dir):
+    log = tmp_path / "debug.log"
+    args = ["--model", f"tiny={tiny_dir}", "--log-level", "debug"]
+    with serve_process(args, log, {"TCNSERVE_API_KEYS": KEY}) as (url, _):
+        with httpx.Client(base_url=url, timeout=10) as c:
+            sid = c.post("/v1/sessions", json={"model": "tiny"}, headers=AUTH).json()["session_id"]
+            c.get(f"/v1/sessions/{sid}", headers={"X-API-Key": KEY})
+            c.get(f"/v1/sessions/{sid}", headers={"X-API-Key": KEY[:-1] + "X"})  # a wrong key
+        ws_url = url.replace("http", "ws")
+        for headers, query in ((AUTH, ""), ({"X-API-Key": KEY}, ""), ({}, f"?token={KEY}")):
+            with ws_client.connect(
+                f"{ws_url}/v1/sessions/{sid}/stream{query}", additional_headers=headers
+            ) as ws:
+                ws.send(json.dumps({"inputs": [[0.5, 0.5]]}))
+                assert "outputs" in json.loads(ws.recv(timeout=10))
+    text = log.read_text()
+    assert "authorization: ***" in text.lower()  # the debug lines are there, redacted
+    assert KEY not in text and KEY[:-1] not in text
+
+
+def test_ctrl_c_shuts_down_like_sigterm(tmp_path, tiny_dir):
+    log = tmp_path / "sigint.log"
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*serve_command(), "--port", str(port), "--model", f"tiny={tiny_dir}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(30) == 130
+        finally:
+            stop_process(process)
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert "Finished server process" in text
