@@ -222,9 +222,11 @@ def test_a_key_at_its_quota_gets_429_and_other_keys_are_served(make_settings, pe
         r = client.post("/v1/sessions", json={"model": "tiny"}, headers=a)
         assert r.status_code == 429 and r.json()["error"]["code"] == "key_quota_exceeded"
         assert r.headers["Retry-After"] == "1"
-        with client.websocket_connect("/v1/stream?model=tiny", headers=a) as ws:
-            with pytest.raises(WebSocketDisconnect) as closed:
-                ws.receive_text()
+        with (
+            client.websocket_connect("/v1/stream?model=tiny", headers=a) as ws,
+            pytest.raises(WebSocketDisconnect) as closed,
+        ):
+            ws.receive_text()
         assert closed.value.code == 4429
         r = client.post("/v1/sessions", json={"model": "tiny"}, headers=b)
         assert r.status_code == 201, r.text
@@ -261,9 +263,8 @@ def test_a_bound_stream_closing_deletes_its_own_session_only(client):
 def test_invalid_stream_parameters_close_with_1008(client, query):
     sid = open_session(client)["session_id"]
     for url in (f"/v1/sessions/{sid}/stream?{query}", f"/v1/stream?model=tiny&{query}"):
-        with client.websocket_connect(url) as ws:
-            with pytest.raises(WebSocketDisconnect) as closed:
-                ws.receive_text()
+        with client.websocket_connect(url) as ws, pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
         assert closed.value.code == 1008, url
         assert query.split("=")[0] in closed.value.reason
 
