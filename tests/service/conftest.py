@@ -21,6 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -149,6 +150,16 @@ def metric(text: str, name: str) -> float:
     match = re.search(rf'^{name}{{model="tiny"}} (\S+)$', text, re.MULTILINE)
     assert match, name
     return float(match.group(1))
+
+
+def step_batches(before: str, after: str) -> tuple[float, float]:
+    """(model step calls, streams they advanced) of the tiny model between two /metrics pages."""
+    calls, streams = (
+        metric(after, f"tcnserve_step_batch_size_{part}")
+        - metric(before, f"tcnserve_step_batch_size_{part}")
+        for part in ("count", "sum")
+    )
+    return calls, streams
 
 
 def random_rows(length: int, seed: int, channels: int = 2) -> list[list[float]]:
@@ -282,3 +293,32 @@ async def until_queued(worker: ModelWorker, n: int) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError(f"{n} jobs never queued")
+
+
+async def until_queued_from_elsewhere(worker: ModelWorker, n: int) -> None:
+    """Wait (off this event loop, which keeps running) until n jobs are queued on the worker:
+    for jobs submitted by another thread's loop, such as a server running in a thread."""
+    await asyncio.to_thread(
+        wait_until, lambda: worker._queue.qsize() >= n, what=f"{n} queued model jobs"
+    )
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
+    """`app` under a real uvicorn server on a free loopback port, run in a thread of this process
+    so that a test can reach its runtime (hold its worker, move its clock); yields (base url,
+    server), the models loaded. On exit the server shuts down as on SIGTERM."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-in-thread", daemon=True)
+    thread.start()
+    try:
+        wait_until(
+            lambda: (server.started and runtime_of(app).ready) or not thread.is_alive(),
+            "the server to be ready",
+        )
+        assert thread.is_alive(), "the server thread ended before it was ready"
+        yield f"http://127.0.0.1:{config.port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)

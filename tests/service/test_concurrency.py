@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -16,10 +15,10 @@ from tests.service.conftest import (
     assert_rows_close,
     async_serving,
     held,
-    metric,
     random_rows,
     runtime_of,
     serving,
+    step_batches,
     until_queued,
 )
 
@@ -59,7 +58,7 @@ async def test_interleaved_concurrent_sessions_equal_predict(make_settings):
 
 
 @pytest.mark.asyncio
-async def test_concurrent_single_steps_are_served_by_fewer_model_calls(make_settings):
+async def test_queued_single_steps_of_distinct_sessions_run_as_one_model_call(make_settings):
     app = create_app(make_settings())
     rows = [random_rows(1, seed=i) for i in range(16)]
     async with async_serving(app) as c:
@@ -67,34 +66,20 @@ async def test_concurrent_single_steps_are_served_by_fewer_model_calls(make_sett
         for _ in rows:
             sids.append((await c.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"])
         worker = runtime_of(app).registry.get("tiny").worker
-        entered, gate = threading.Event(), threading.Event()
-
-        def hold() -> None:  # occupy the worker so that all 16 steps are waiting together
-            entered.set()
-            gate.wait(30)
-
-        blocker = asyncio.ensure_future(worker.call(hold))
-        await asyncio.to_thread(entered.wait, 30)
         before = (await c.get("/metrics")).text
+        gate, blocker = await held(worker)
         pushes = [
             asyncio.ensure_future(c.post(f"/v1/sessions/{sid}/steps", json={"inputs": row}))
             for sid, row in zip(sids, rows, strict=True)
         ]
-        for _ in range(100_000):
-            if worker._queue.qsize() >= len(rows):
-                break
-            await asyncio.sleep(0)
+        # All 16 steps wait behind the held call, so the worker finds them queued together:
+        # one call advances every open stream, whatever the batch delay.
+        await until_queued(worker, len(rows))
         gate.set()
-        responses = await asyncio.gather(*pushes)
         await blocker
+        responses = await asyncio.gather(*pushes)
         after = (await c.get("/metrics")).text
-        calls = metric(after, "tcnserve_step_batch_size_count") - metric(
-            before, "tcnserve_step_batch_size_count"
-        )
-        streams = metric(after, "tcnserve_step_batch_size_sum") - metric(
-            before, "tcnserve_step_batch_size_sum"
-        )
-        assert streams == 16 and calls < 16
+        assert step_batches(before, after) == (1, 16)
         want = await expected_outputs(c, rows)
         for r, expected in zip(responses, want, strict=True):
             assert r.status_code == 200
