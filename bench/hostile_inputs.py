@@ -17,6 +17,7 @@ script's Python.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._harness import ROOT, environment, free_port  # noqa: E402
+from bench._harness import ROOT, environment, free_port
 
 MiB = 1024 * 1024
 KEY_A, KEY_B = "bench-key-a-0123456789", "bench-key-b-0123456789"
@@ -58,10 +59,8 @@ class Probe:
             with httpx.Client(timeout=60) as c:
                 while not stop.is_set():
                     start = time.perf_counter()
-                    try:
+                    with contextlib.suppress(httpx.HTTPError):
                         c.get(f"{self.url}/healthz")
-                    except httpx.HTTPError:
-                        pass
                     worst[0] = max(worst[0], time.perf_counter() - start)
                     time.sleep(0.02)
 
@@ -170,7 +169,8 @@ def findings(url: str, pid: int, log: Path) -> list[tuple[str, str, float, float
         "2. the next valid push",
         lambda: c.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.5, 1.0]]}),
     )
-    record("2. /predict 3.4e38", lambda: c.post("/v1/models/default/predict", json={"inputs": [huge["inputs"]]}))
+    huge_predict = {"inputs": [huge["inputs"]]}
+    record("2. /predict 3.4e38", lambda: c.post("/v1/models/default/predict", json=huge_predict))
 
     def ws_binary_overflow():
         import numpy as np
@@ -208,7 +208,10 @@ def findings(url: str, pid: int, log: Path) -> list[tuple[str, str, float, float
 
     record("3./4. key A opens all it can (16 slots)", fill)
     b = httpx.Client(base_url=url, headers={"X-API-Key": KEY_B}, timeout=30)
-    record("4. key B, while key A holds the rest", lambda: b.post("/v1/sessions", json={"model": "default"}))
+    record(
+        "4. key B, while key A holds the rest",
+        lambda: b.post("/v1/sessions", json={"model": "default"}),
+    )
     for s in opened:
         c.delete(f"/v1/sessions/{s}")
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model.numeric_range import safe_input_bound
+from model.ragged import ragged_forward, ragged_plan
 from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_numpy, step_torch
 from model.tcn import TCN, apply_output_activation
 
@@ -92,9 +93,12 @@ class StreamPool:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         step_kernel: str = "auto",
+        max_advance_rows: int = 1024,
     ):
         """`step_kernel`: "auto" runs small steps on CPU through numpy and the rest through
-        torch (see model/step_kernels.py); "torch" or "numpy" forces one (tests use both)."""
+        torch (see model/step_kernels.py); "torch" or "numpy" forces one (tests use both).
+        `max_advance_rows`: the most rows one `advance` call may carry (its scratch rows are
+        preallocated in every layer's ring tensor)."""
         if step_kernel not in STEP_KERNELS:
             raise ValueError(f"step_kernel must be one of {STEP_KERNELS}, got {step_kernel!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -106,6 +110,9 @@ class StreamPool:
             raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
         self.config = net.config
         self.capacity = capacity
+        if isinstance(max_advance_rows, bool) or not isinstance(max_advance_rows, int):
+            raise ValueError(f"max_advance_rows must be an integer, got {max_advance_rows!r}")
+        self.max_advance_rows = max(1, max_advance_rows)
         self.fingerprint = _fingerprint(net)
         # Inputs above this magnitude are refused: below it no intermediate value can overflow
         # (model/numeric_range.py). None: no useful bound (float16, or a token model, whose ids
@@ -148,7 +155,10 @@ class StreamPool:
                 step_weight=w.permute(2, 1, 0).reshape(k * c_in, c_out).contiguous(),
                 bias=conv.bias.detach().to(dev, dt, copy=True).contiguous(),
                 dilation=dilation,
-                ring=torch.zeros(self.capacity * ring_len, c_in, device=dev, dtype=dt),
+                # capacity * L ring rows, then the scratch rows of `advance` (model/ragged.py)
+                ring=torch.zeros(
+                    self.capacity * ring_len + self.max_advance_rows, c_in, device=dev, dtype=dt
+                ),
                 ring_len=ring_len,
                 past_offsets=torch.arange(1 - ring_len, 0, device=dev),
             )
@@ -169,6 +179,8 @@ class StreamPool:
         self._tap_offsets_np = (dilations * np.arange(k - 1, -1, -1))[:, None, :]  # (layers,1,k)
         self._ring_lengths_np = np.array([[layer.ring_len] for layer in self._layers])
         self._tap_lengths_np = self._ring_lengths_np[:, :, None]  # (layers, 1, 1)
+        self._scratch_at = [self.capacity * layer.ring_len for layer in self._layers]
+        self._scratch_at_np = np.array(self._scratch_at)[:, None, None]  # (layers, 1, 1)
         self._tap_offsets = torch.from_numpy(self._tap_offsets_np).to(dev)
         self._ring_lengths = torch.from_numpy(self._ring_lengths_np).to(dev)  # (layers, 1)
         # Flat per-block operands for the step loop: no attribute lookups on the hot path.
@@ -443,6 +455,59 @@ class StreamPool:
             h = h @ self._head_np[0]
             h += self._head_np[1]
         return h
+
+    @torch.inference_mode()
+    def advance(
+        self,
+        slots: Sequence[int] | np.ndarray,
+        x: torch.Tensor | np.ndarray,
+        lengths: Sequence[int] | np.ndarray,
+    ) -> torch.Tensor:
+        """Advance N distinct streams by lengths[i] >= 1 timesteps each, in one batched call.
+
+        x (sum(lengths), in_channels) holds stream 0's rows oldest first, then stream 1's, ...;
+        returns y (sum(lengths), out) in the same order. Costs k tap rows per row and layer
+        (model/ragged.py), so a few rows cost a few rows' worth, never the receptive field; for
+        one long chunk, `push` (a conv over the window) is cheaper.
+        """
+        slot_np = self._slot_array(slots)
+        counts = np.asarray(lengths)
+        if counts.shape != slot_np.shape or counts.dtype.kind not in "iu" or (counts < 1).any():
+            raise ValueError(f"lengths must be {slot_np.size} integers >= 1, got {lengths!r}")
+        counts = counts.astype(np.int64, copy=False)
+        if counts.sum() > self.max_advance_rows:
+            raise ValueError(
+                f"advance: {int(counts.sum())} rows in one call, more than max_advance_rows "
+                f"({self.max_advance_rows}); split the call, or push long chunks"
+            )
+        x = self._rows(x, int(counts.sum()), "advance")
+        if (self._positions[slot_np] > MAX_POSITION - counts).any():
+            raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
+        plan = ragged_plan(
+            slot_np,
+            self._positions[slot_np],
+            counts,
+            self._tap_offsets_np,
+            self._tap_lengths_np,
+            self._scratch_at_np,
+            self.history_len,
+            self.device,
+        )
+        h, writes = ragged_forward(plan, self._step_plan, self._scratch_at, self._embed(x))
+        y = self._finish(h)
+        bad_rows = _nonfinite_rows(y)
+        if bad_rows:
+            streams = sorted(set(np.searchsorted(np.cumsum(counts), bad_rows, side="right")))
+            raise NonFiniteOutputError(
+                f"the outputs of streams {streams} would not be finite; nothing was applied",
+                [int(i) for i in streams],
+            )
+        for ring, rows, values in writes:
+            ring.index_copy_(0, rows, values)
+        if self.history_len:
+            self._history.index_copy_(0, plan.history_at, x[plan.history_kept])
+        self._positions[slot_np] += counts
+        return y
 
     @torch.inference_mode()
     def push(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:

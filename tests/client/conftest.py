@@ -20,13 +20,17 @@ import pytest
 import torch
 
 from model import load_model
+from service.app import create_app
+from service.settings import Settings
 from tests.service.conftest import (
     ROOT,
     TINY,
     TOKENS,
+    FakeClock,
     free_port,
     serve_command,
     stop_process,
+    uvicorn_thread,
     wait_ready,
     write_model,
 )
@@ -133,6 +137,26 @@ def killable(_killable: LiveServer) -> LiveServer:
     if not _killable.running:  # an earlier test failed before restarting it
         _killable.start()
     return _killable
+
+
+@dataclass
+class ClockedServer:
+    """A server whose session TTLs run on `clock`, which moves only when a test says so."""
+
+    url: str
+    clock: FakeClock
+
+
+@pytest.fixture(scope="module")
+def clocked(model_dirs) -> Iterator[ClockedServer]:
+    """The app under uvicorn on loopback, in a thread of this process so that it can take a fake
+    clock: a TTL expires when a test advances the clock, not after waiting it out (one API key)."""
+    clock = FakeClock()
+    settings = Settings(
+        models=model_dirs, device="cpu", api_keys=[KEY], max_sessions=16, sweep_interval_s=3600
+    )
+    with uvicorn_thread(create_app(settings, clock=clock)) as (url, _):
+        yield ClockedServer(url, clock)
 
 
 class Reference:

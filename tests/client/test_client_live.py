@@ -1,11 +1,11 @@
 """The Python client against a real `tcnserve serve` process: outputs equal the checkpoint's,
 sessions behave, keys separate callers, and a stream survives kill -9, TTL expiry and lost
-replies with the same outputs as if nothing had happened."""
+replies with the same outputs as if nothing had happened. TTL expiry runs against uvicorn in this
+process, on a fake clock the test advances."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,6 +22,7 @@ from tests.client.conftest import (
     rows_of,
     server_position,
 )
+from tests.service.conftest import wait_until
 
 FAST = RetryPolicy(attempts=4, backoff_s=0.05, max_backoff_s=0.2)
 # Covers a server restart (it imports torch and loads the models: seconds) with room to spare.
@@ -213,22 +214,32 @@ async def test_async_sessions_equal_predict(live, reference, binary, chunk):
 
 @pytest.mark.asyncio
 async def test_async_stream_cancelled_mid_push_reads_no_stale_answer(live, reference):
-    # wait_for cancels the stream after its push was sent, before the answer was read: the
-    # next stream must neither read that answer as its own nor trust the server's position.
-    x, cancelled, y = rows_of(20, seed=11), rows_of(5, seed=12), rows_of(15, seed=13)
+    # The stream is cancelled (as by asyncio.wait_for) after its push was sent and applied,
+    # before the answer was read: the next stream must neither read that answer as its own nor
+    # trust the server's position.
+    x, cancelled, y = rows_of(20, seed=11), rows_of(5, seed=12), rows_of(5 * 3, seed=13)
     want = reference("tiny", np.concatenate([x, y]))
     client = AsyncClient(live.url, KEY, retry=FAST)
     async with client, await client.open_session("tiny", prefix=x) as session:
         socket = session._socket
         recv = socket.recv
+        reading = asyncio.Event()
 
-        async def late_recv():
-            await asyncio.sleep(3)  # the server answers meanwhile, unread
-            return await recv()
+        async def unread_recv():
+            reading.set()
+            await asyncio.Future()  # never done: the answer stays unread until the cancel
 
-        socket.recv = late_recv
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(anext(session.stream(cancelled, chunk=5)), 1.5)
+        socket.recv = unread_recv
+        push = asyncio.ensure_future(anext(session.stream(cancelled, chunk=5)))
+        await reading.wait()
+
+        def applied() -> bool:
+            return server_position(live.url, session.id) == 25
+
+        await asyncio.to_thread(wait_until, applied, "the server to apply the push")
+        push.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await push
         socket.recv = recv
         assert session.position == 20
         got = np.stack([row async for row in session.stream(y, chunk=5)])
@@ -284,45 +295,54 @@ async def test_http_pushes_survive_kill_and_restart(killable, reference):
 # ----- resume by replay: a session expired or deleted behind the client's back ---------------
 
 
-def wait_until_expired(url: str, session_id: str) -> None:
-    """Poll until the server reports the session expired (410); bounded."""
-    deadline = time.monotonic() + 30
-    while (status := session_status(url, session_id)) != 410:
-        assert status == 200 and time.monotonic() < deadline, status
-        time.sleep(0.1)
+def send_rows(session, transport: str, rows) -> np.ndarray:
+    """Rows by HTTP pushes, or in chunks of 4 over the session's WebSocket (which stays open)."""
+    if transport == "http":
+        return session.push(rows)
+    return np.stack(list(session.stream(rows, chunk=4)))
 
 
 @pytest.mark.parametrize(
-    ("model", "transport", "lost"),
+    "transport",
     [
-        ("tiny", "http", "expired"),  # answered 410
-        ("tiny", "websocket", "expired"),  # closed with 4410
-        ("tiny", "http", "deleted"),  # answered 404, restored from fewer than R - 1 rows
-        ("tiny", "websocket", "deleted"),  # closed with 4404
-        ("tokens", "websocket", "deleted"),  # token ids in the snapshot
+        "http",  # answered 410
+        "websocket",  # closed with 4410
     ],
 )
-def test_lost_session_is_restored(client, live, reference, model, transport, lost):
+def test_expired_session_is_restored(clocked, reference, transport):
+    x = rows_of(90, seed=11)
+    with (
+        Client(clocked.url, KEY, retry=FAST) as client,
+        client.open_session("tiny", ttl_s=30) as session,
+    ):
+        first = send_rows(session, transport, x[:40])
+        clocked.clock.advance(31)  # idle past its TTL
+        assert session_status(clocked.url, session.id) == 410
+        rest = send_rows(session, transport, x[40:])  # refused, restored from kept inputs, re-sent
+        assert_outputs(np.concatenate([first, rest]), reference("tiny", x))
+        assert server_position(clocked.url, session.id) == 90
+
+
+@pytest.mark.parametrize(
+    ("model", "transport"),
+    [
+        ("tiny", "http"),  # answered 404, restored from fewer than R - 1 rows
+        ("tiny", "websocket"),  # closed with 4404
+        ("tokens", "websocket"),  # token ids in the snapshot
+    ],
+)
+def test_deleted_session_is_restored(client, live, reference, model, transport):
     if model == "tokens":
         x = np.random.default_rng(11).integers(0, 7, size=90)
     else:
         x = rows_of(90, seed=11)
-    split = 40 if lost == "expired" else 10
-
-    def send(session, rows):
-        if transport == "http":
-            return session.push(rows)
-        return np.stack(list(session.stream(rows, chunk=4)))
-
-    with client.open_session(model, ttl_s=1.0 if lost == "expired" else None) as session:
-        first = send(session, x[:split])  # over a websocket, it stays open
-        if lost == "expired":
-            wait_until_expired(live.url, session.id)
-        else:
-            headers = {"X-API-Key": KEY}
-            r = httpx.delete(f"{live.url}/v1/sessions/{session.id}", headers=headers, timeout=10)
-            assert r.status_code == 204
-        rest = send(session, x[split:])  # refused, restored from the kept inputs, re-sent
+    with client.open_session(model) as session:
+        first = send_rows(session, transport, x[:10])
+        r = httpx.delete(
+            f"{live.url}/v1/sessions/{session.id}", headers={"X-API-Key": KEY}, timeout=10
+        )
+        assert r.status_code == 204
+        rest = send_rows(session, transport, x[10:])  # refused, restored from kept inputs, re-sent
         assert_outputs(np.concatenate([first, rest]), reference(model, x))
         assert server_position(live.url, session.id) == 90
 

@@ -139,8 +139,9 @@ def drive(
 ) -> list[torch.Tensor]:
     """Feed every stream the rest of its sequence under a random schedule; (T_i, out) each.
 
-    Each move either pushes a random-length chunk of one stream or steps a random subset of
-    streams (in random order, slots as a list, tuple, numpy array or tensor) by one row.
+    Each move pushes a random-length chunk of one stream, steps a random subset of streams (in
+    random order, slots as a list, tuple, numpy array or tensor) by one row, or advances a
+    random subset by a random number of rows each in one ragged call.
     Checks positions after every move and that the pool never touches the caller's inputs.
     Inputs and slot tensors are handed over on `input_device`.
     """
@@ -152,7 +153,27 @@ def drive(
         active = [i for i in range(len(seqs)) if fed[i] < lengths[i]]
         if not active:
             break
-        if data.draw(st.booleans(), label="push?"):
+        move = data.draw(st.sampled_from(["push", "step", "advance"]), label="move")
+        if move == "advance":  # a ragged batch: several streams, a few rows each
+            chosen = data.draw(
+                st.lists(st.sampled_from(active), min_size=1, unique=True), label="advance"
+            )
+            sizes = [
+                data.draw(st.integers(1, min(lengths[i] - fed[i], max_push or 40)), label="rows")
+                for i in chosen
+            ]
+            x = torch.cat(
+                [chunk(seqs[i], fed[i], fed[i] + n) for i, n in zip(chosen, sizes, strict=True)]
+            )
+            form = data.draw(st.sampled_from(sorted(SLOT_FORMS)), label="slots as")
+            y = pool.advance(
+                SLOT_FORMS[form]([slots[i] for i in chosen]), x.to(input_device), sizes
+            )
+            assert y.shape == (sum(sizes), pool.config.output_size)
+            for i, part in zip(chosen, y.split(sizes), strict=True):
+                outputs[i].append(part)
+                fed[i] += part.shape[0]
+        elif move == "push":
             i = data.draw(st.sampled_from(active), label="stream")
             most = lengths[i] - fed[i] if max_push is None else min(max_push, lengths[i] - fed[i])
             size = data.draw(st.integers(1, most), label="chunk")
