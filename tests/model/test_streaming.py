@@ -16,7 +16,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import TCN, PoolFullError, SlotError, StateMismatchError, StreamPool, TCNConfig
+from model import (
+    TCN,
+    PoolFullError,
+    SlotError,
+    StateMismatchError,
+    StreamPool,
+    TCNConfig,
+)
 from tests.model.conftest import (
     chunk,
     drive,
@@ -547,6 +554,47 @@ BAD_FLOAT_CALLS = {
     ),
     "push inf": (lambda s: s.pool.push(s.a, _inf_in_chunk(s)), ValueError, "finite"),
     "push empty": (lambda s: s.pool.push(s.b, torch.empty(0, 3)), ValueError, "no rows"),
+    # advance (a ragged batch)
+    "advance unknown slot": (
+        lambda s: s.pool.advance([s.a, s.unused], s.rows(3), [1, 2]),
+        SlotError,
+        "slot",
+    ),
+    "advance duplicate slot": (
+        lambda s: s.pool.advance([s.a, s.a], s.rows(3), [1, 2]),
+        SlotError,
+        "more than once",
+    ),
+    "advance rows != sum of lengths": (
+        lambda s: s.pool.advance([s.a, s.b], s.rows(4), [1, 2]),
+        ValueError,
+        "4 rows for 3",
+    ),
+    "advance zero length": (
+        lambda s: s.pool.advance([s.a, s.b], s.rows(2), [2, 0]),
+        ValueError,
+        "integers >= 1",
+    ),
+    "advance lengths for other streams": (
+        lambda s: s.pool.advance([s.a, s.b], s.rows(2), [2]),
+        ValueError,
+        "2 integers",
+    ),
+    "advance float lengths": (
+        lambda s: s.pool.advance([s.a], s.rows(2), [2.0]),
+        ValueError,
+        "integers",
+    ),
+    "advance over max_advance_rows": (
+        lambda s: s.pool.advance([s.a, s.b], s.rows(1030), [1000, 30]),
+        ValueError,
+        "max_advance_rows",
+    ),
+    "advance nan": (
+        lambda s: s.pool.advance([s.b, s.a], _nan_in_second_row(s), [1, 1]),
+        ValueError,
+        "finite",
+    ),
 }
 
 BAD_TOKEN_CALLS = {

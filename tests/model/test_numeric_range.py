@@ -1,0 +1,94 @@
+"""Inputs that would overflow: the weight-derived bound refuses them, and any call whose outputs
+would still be NaN or Inf is refused without changing a stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import MAX_POSITION, NonFiniteOutputError, StreamPool, TCNConfig, safe_input_bound
+from tests.model.conftest import chunk, full_forward, random_net, random_sequence
+
+CONFIG = TCNConfig(in_channels=3, channels=(6, 5, 4), kernel_size=3, out_channels=2)
+
+
+def test_the_bound_holds_for_inputs_just_inside_it():
+    net = random_net(CONFIG, seed=3, std=0.5)
+    bound = safe_input_bound(net, torch.float32)
+    assert bound is not None and 1e4 < bound < 3.4e38
+    x = torch.full((1, 3, 200), bound * 0.999) * torch.tensor([1.0, -1.0, 1.0])[None, :, None]
+    assert torch.isfinite(net(x)).all()
+    pool = StreamPool(net, 2)
+    assert pool.max_input_abs == bound
+    slot = pool.open()
+    with pytest.raises(ValueError, match="without overflowing"):
+        pool.push(slot, torch.full((4, 3), bound * 1.01))
+    with pytest.raises(ValueError, match="without overflowing"):
+        pool.step([slot], torch.full((1, 3), -bound * 1.01))
+    with pytest.raises(ValueError, match="without overflowing"):
+        pool.advance([slot], torch.full((2, 3), bound * 2), [2])
+    assert pool.position(slot) == 0
+    assert torch.isfinite(pool.push(slot, torch.full((4, 3), bound * 0.999))).all()
+
+
+def test_float16_has_no_useful_bound():
+    net = random_net(CONFIG, seed=3, std=0.5)
+    assert safe_input_bound(net, torch.float16) is None
+
+
+def exploding_net():
+    """No useful bound: weights so large that inputs of 1e30 overflow float32."""
+    net = random_net(CONFIG, seed=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(2.5e5)
+    return net
+
+
+@pytest.mark.parametrize("call", ["step", "push", "advance"])
+def test_non_finite_outputs_are_refused_and_change_nothing(call):
+    net = exploding_net()
+    pool = StreamPool(net, 3)
+    assert pool.max_input_abs is None
+    seqs = [random_sequence(CONFIG, 30, seed) * 1e-12 for seed in (1, 2)]
+    a, b = pool.open(), pool.open()
+    head = [pool.push(a, chunk(seqs[0], 0, 10)), pool.push(b, chunk(seqs[1], 0, 10))]
+    histories = [pool.history(a), pool.history(b)]
+    loud = torch.full((3, 3), 1e30)
+    with pytest.raises(NonFiniteOutputError) as refused:
+        if call == "step":
+            pool.step([a, b], torch.stack([chunk(seqs[0], 10, 11)[0], loud[0]]))
+        elif call == "push":
+            pool.push(b, loud)
+        else:
+            pool.advance([a, b], torch.cat([chunk(seqs[0], 10, 12), loud]), [2, 3])
+    # push names its rows; step and advance name their streams.
+    assert refused.value.rows == ([0, 1, 2] if call == "push" else [1])
+    assert (pool.position(a), pool.position(b)) == (10, 10)
+    for slot, before in zip((a, b), histories, strict=True):
+        assert torch.equal(pool.history(slot), before)
+    # Both streams continue exactly as if the refused call never happened.
+    for i, slot in enumerate((a, b)):
+        tail = pool.advance([slot], chunk(seqs[i], 10, 30), [20])
+        got = torch.cat([head[i], tail])
+        want = full_forward(net, seqs[i])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+def test_no_stream_passes_the_largest_position():
+    pool = StreamPool(random_net(CONFIG, seed=1), 2)
+    with pytest.raises(ValueError, match="position"):
+        pool.open(MAX_POSITION + 1)
+    assert pool.free == 2  # refused before a slot was taken
+    slot = pool.open(MAX_POSITION - 2)
+    pool.push(slot, torch.zeros(2, 3))
+    for call in (
+        lambda: pool.push(slot, torch.zeros(1, 3)),
+        lambda: pool.step([slot], torch.zeros(1, 3)),
+        lambda: pool.advance([slot], torch.zeros(2, 3), [2]),
+    ):
+        with pytest.raises(ValueError, match="largest position"):
+            call()
+    assert pool.position(slot) == MAX_POSITION
+    assert np.isfinite(pool.step([pool.open()], torch.zeros(1, 3)).numpy()).all()
