@@ -1,7 +1,7 @@
 # tcnserve: one process, one uvicorn worker (sessions live in its memory).
 #
 #   docker build -t tcnserve .                      # CPU
-#   docker run -p 8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve
+#   docker run -p 127.0.0.1:8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve
 #
 # CUDA: the CUDA builds of torch bundle their CUDA libraries, so the same base image works with
 # the NVIDIA container runtime; point pip at PyTorch's wheel index for your CUDA version:
@@ -14,6 +14,10 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
 
+# 0.0.0.0: inside a container the server must listen on all interfaces to be reachable. Expose it
+# only through a proxy or a Service (deploy/), or publish on loopback (-p 127.0.0.1:8000:8000).
+# The server bounds requests itself (request_timeout_s, max_connections, max_body_bytes,
+# max_inflight_body_bytes, per-key quotas: docs/service.md); a proxy adds client timeouts.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

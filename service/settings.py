@@ -57,8 +57,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="time a connection has to deliver a whole request (headers+body)"
     )
-    max_connections: int = Field(
-        1000, ge=1, description="concurrent connections; beyond it new requests get 503"
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="concurrent connections, WebSockets included; beyond it new requests get "
+        "503 (unset: 4 per session slot, at least 1024)",
     )
     expired_memory: int = Field(10_000, ge=0, description="expired ids remembered for 410")
     sweep_interval_s: float = Field(5.0, gt=0, description="period of the expiry sweep")
@@ -144,6 +147,12 @@ class Settings(BaseSettings):
         if self.device == "auto":
             return "cuda" if _cuda_available() else "cpu"
         return self.device
+
+    def connection_limit(self) -> int:
+        """max_connections in force: each session may hold a socket, and probes need room."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return max(1024, 4 * self.max_sessions * len(self.models))
 
     def sessions_per_key_limit(self) -> int | None:
         """The per-key session cap in force (None: no cap)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from types import FrameType
@@ -30,7 +31,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "max_body_bytes": (int, "largest request body (default 16 MiB)"),
     "max_sessions_per_key": (int, "sessions one API key may hold (default: see docs)"),
     "request_timeout_s": (float, "seconds a connection has to send a whole request (30)"),
-    "max_connections": (int, "concurrent connections before 503 (default 1000)"),
+    "max_connections": (int, "concurrent connections before 503 (default: 4 per slot)"),
     "drain_s": (float, "seconds /readyz answers 503 after SIGTERM before exiting (default 0)"),
     "torch_threads": (int, "intra-op threads for model compute (default: torch's)"),
 }
@@ -80,21 +81,27 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
         http=deadline_protocol(settings.request_timeout_s),  # 408 for trickled requests
-        limit_concurrency=settings.max_connections,  # 503 beyond it
+        limit_concurrency=settings.connection_limit(),  # 503 beyond it
         ws_max_size=settings.max_body_bytes,  # a larger message closes the socket with 1009
         ws_max_queue=32,  # per connection: a client that does not read stops being read
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
     log_redaction.install()  # after Config has set up logging: no API key in any log line
     server = DrainingServer(config, runtime, settings.drain_s)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        return 130
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully (SIGINT as
+    # a KeyboardInterrupt traceback, SIGTERM as death by signal); these handlers take it, so
+    # Ctrl-C and SIGTERM both end in a plain exit 0 after the drain.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _after_shutdown)
+    server.run()
     if runtime.load_error:
         print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _after_shutdown(sig: int, frame: FrameType | None) -> None:
+    """A signal re-raised by uvicorn after its graceful shutdown: nothing left to do."""
 
 
 class DrainingServer(uvicorn.Server):
