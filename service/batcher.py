@@ -1,9 +1,11 @@
-"""ModelWorker: the one thread that runs a model, micro-batching single-step pushes.
+"""ModelWorker: the one thread that runs a model, micro-batching the pushes of many streams.
 
 Every model call (StreamPool and TCN.forward alike) runs on the model's worker thread, so the
 pool, which is not thread-safe, has exactly one user and the event loop never runs model code.
-Single-row steps of distinct streams queued within `max_batch_delay_s` of each other are
-advanced together by one `StreamPool.step`; anything else is one call in arrival order.
+Pushes of distinct streams queued within `max_batch_delay_s` of each other are advanced together
+by one call: `StreamPool.step` when every push is one row, `StreamPool.advance` (a ragged batch,
+model/ragged.py) when some carry more. A push longer than `MAX_BATCHED_ROWS` is a chunk for
+`StreamPool.push` (a conv over its window, cheaper for long chunks), one call on its own.
 Results travel back to the event loop with one `call_soon_threadsafe` per batch.
 
 Callers keep at most one job per stream in flight (the SessionManager's per-session lock); on
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from model import NonFiniteOutputError
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,16 @@ class _Call(_Job):
 
 @dataclass
 class _Step(_Job):
+    """Advance one stream by `rows` (T, C) floats or (T,) ids, T <= MAX_BATCHED_ROWS."""
+
     slot: int = -1
-    row: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+# Pushes up to this many rows join ragged batches; longer ones run as a chunked push, which
+# costs O(L + T) per layer against the ragged batch's O(k T) (they cross near 200-300 rows for
+# the reference config).
+MAX_BATCHED_ROWS = 128
 
 
 _STOP = object()
@@ -88,10 +99,14 @@ class ModelWorker:
         self._submit(job)
         return await job.future
 
-    async def step(self, slot: int, row: np.ndarray) -> np.ndarray:
-        """Advance one stream by one timestep, batched with other streams' steps."""
+    async def advance(self, slot: int, rows: np.ndarray) -> np.ndarray:
+        """Advance one stream by T rows, batched with other streams' pushes: (T, out) float32."""
+        if len(rows) > MAX_BATCHED_ROWS:
+            return await self.call(
+                lambda: self.pool.push(slot, rows).float().cpu().numpy(), op="push"
+            )
         loop = asyncio.get_running_loop()
-        job = _Step(loop, loop.create_future(), slot=slot, row=row)
+        job = _Step(loop, loop.create_future(), slot=slot, rows=rows)
         self._submit(job)
         return await job.future
 
@@ -118,6 +133,8 @@ class ModelWorker:
                 continue
             batch, later = [job], []
             slots = {job.slot}
+            rows = len(job.rows)
+            most_rows = self.pool.max_advance_rows
             deferred_old: list = []  # from earlier rounds: older than anything still pending
             deferred_new: list = []  # fresh from the queue: newer than everything pending
             deadline = time.perf_counter() + self._delay
@@ -133,8 +150,12 @@ class ModelWorker:
                     stopping = True
                     break
                 if isinstance(nxt, _Step) and nxt.slot not in slots:
+                    if rows + len(nxt.rows) > most_rows:  # the next batch's first job
+                        (deferred_old if from_pending else deferred_new).append(nxt)
+                        break
                     batch.append(nxt)
                     slots.add(nxt.slot)
+                    rows += len(nxt.rows)
                 elif isinstance(nxt, _Step):  # never two steps of one stream in one call
                     (deferred_old if from_pending else deferred_new).append(nxt)
                 else:
@@ -170,11 +191,18 @@ class ModelWorker:
             delay.observe(start - job.enqueued)
         try:
             outcomes = self._step(batch)
+        except NonFiniteOutputError as e:
+            # Nothing was applied: fail the streams named, run the others again together.
+            bad = set(e.rows)
+            failed = [(job.future, None, e) for i, job in enumerate(batch) if i in bad]
+            rest = [job for i, job in enumerate(batch) if i not in bad]
+            outcomes = failed + self._step_each(rest)
+            batch = [job for i, job in enumerate(batch) if i in bad] + rest
         except Exception as e:
             if len(batch) == 1:
                 outcomes = [(batch[0].future, None, e)]
             else:
-                # One bad step must not fail its neighbours. The pool validates a call before
+                # One bad push must not fail its neighbours. The pool validates a call before
                 # it changes anything, so the refused call left every stream as it was.
                 outcomes = [self._step_alone(job) for job in batch]
         self._metrics.compute.labels(self.name, "step").observe(time.perf_counter() - start)
@@ -186,9 +214,24 @@ class ModelWorker:
             _settle(loop, items)
 
     def _step(self, batch: list[_Step]) -> list[tuple]:
-        y = self.pool.step([job.slot for job in batch], np.stack([job.row for job in batch]))
-        rows = y.float().cpu().numpy()  # (N, out) float32; each caller gets its row
-        return [(job.future, row, None) for job, row in zip(batch, rows, strict=True)]
+        slots = [job.slot for job in batch]
+        lengths = [len(job.rows) for job in batch]
+        x = np.concatenate([job.rows for job in batch])
+        if len(x) == len(batch):  # one row each: the step kernel
+            y = self.pool.step(slots, x)
+        else:
+            y = self.pool.advance(slots, x, lengths)
+        out = y.float().cpu().numpy()  # (rows, out) float32; each caller gets its rows
+        parts = np.split(out, np.cumsum(lengths)[:-1])
+        return [(job.future, part, None) for job, part in zip(batch, parts, strict=True)]
+
+    def _step_each(self, batch: list[_Step]) -> list[tuple]:
+        if not batch:
+            return []
+        try:
+            return self._step(batch)
+        except Exception:
+            return [self._step_alone(job) for job in batch]
 
     def _step_alone(self, job: _Step) -> tuple:
         try:

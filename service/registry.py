@@ -118,6 +118,7 @@ class ModelEntry:
         slot = pool.open()
         try:
             pool.step([slot], x[:1])
+            pool.advance([slot], x[:3], [3])
             pool.push(slot, x[:4])
         finally:
             pool.close(slot)
@@ -159,18 +160,13 @@ class ModelEntry:
         await self.worker.call(lambda: self.worker.pool.reset(slot), op="reset")
 
     async def advance(self, slot: int, x: np.ndarray) -> np.ndarray:
-        """Feed T rows to a stream: one row joins a micro-batch, a chunk is one push.
+        """Feed T rows to a stream, batched with other streams' pushes by the worker.
 
         Returns (T, out) float32: arrays, not Python lists, all the way to the edge (a replay
         cache of lists would cost ~25x the memory, and binary frames need no conversion).
         """
         try:
-            if len(x) == 1:
-                rows = (await self.worker.step(slot, x[0]))[None]
-            else:
-                rows = await self.worker.call(
-                    lambda: self.worker.pool.push(slot, x).float().cpu().numpy(), op="push"
-                )
+            rows = await self.worker.advance(slot, x)
         except NonFiniteOutputError:
             raise NonFiniteOutput(
                 "the model's outputs for these inputs would be NaN or Inf; nothing was applied "

@@ -1,4 +1,5 @@
-"""ModelWorker: single-row steps of distinct streams are advanced by one pool call."""
+"""ModelWorker: pushes of distinct streams are advanced by one pool call: step when every push
+is one row, advance (a ragged batch) otherwise, push for a long chunk."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ from tests.service.conftest import held, until_queued
 
 
 class RecordingPool:
-    """Stands in for StreamPool: remembers each step call, answers slot + row."""
+    """Stands in for StreamPool: remembers each step/advance/push call, answers slot + row."""
+
+    max_advance_rows = 8
 
     def __init__(self, open_streams: int = 64) -> None:
         self.open_streams = open_streams  # what len(StreamPool) says: the batcher's bound
         self.calls: list[list[int]] = []
         self.rows: list[list[float]] = []
+        self.advanced: list[tuple[list[int], list[int]]] = []
+        self.pushed: list[tuple[int, int]] = []
         self.fail = False
 
     def __len__(self) -> int:
@@ -31,6 +36,17 @@ class RecordingPool:
         self.calls.append(list(slots))
         self.rows.append(np.asarray(x)[:, 0].tolist())
         return torch.as_tensor(np.asarray(x)) + torch.tensor(slots, dtype=torch.float32)[:, None]
+
+    def advance(self, slots, x, lengths):
+        if self.fail:
+            raise ValueError("bad rows")
+        self.advanced.append((list(slots), list(lengths)))
+        offsets = np.repeat(np.asarray(slots, dtype=np.float32), lengths)[:, None]
+        return torch.as_tensor(np.asarray(x) + offsets)
+
+    def push(self, slot, x):
+        self.pushed.append((slot, len(x)))
+        return torch.as_tensor(np.asarray(x) + slot)
 
 
 @pytest.fixture
@@ -45,12 +61,14 @@ def worker():
 @pytest.mark.asyncio
 async def test_queued_steps_become_one_call_up_to_max_batch(worker):
     gate, blocker = await held(worker)
-    steps = [asyncio.ensure_future(worker.step(s, np.array([1.0], np.float32))) for s in range(6)]
+    steps = [
+        asyncio.ensure_future(worker.advance(s, np.array([[1.0]], np.float32))) for s in range(6)
+    ]
     await until_queued(worker, 6)
     gate.set()
     results = await asyncio.gather(*steps)
     await blocker
-    assert [r.tolist() for r in results] == [[1.0 + s] for s in range(6)]
+    assert [r.ravel().tolist() for r in results] == [[1.0 + s] for s in range(6)]
     assert worker.pool.calls == [[0, 1, 2, 3], [4, 5]]
 
 
@@ -60,14 +78,16 @@ async def test_two_steps_of_one_stream_never_share_a_call(worker):
     rows = [1.0, 5.0, 2.0, 3.0, 6.0, 4.0]
     slots = [7, 3, 7, 7, 3, 7]
     steps = [
-        asyncio.ensure_future(worker.step(s, np.array([r], np.float32)))
+        asyncio.ensure_future(worker.advance(s, np.array([[r]], np.float32)))
         for s, r in zip(slots, rows, strict=True)
     ]
     await until_queued(worker, len(steps))
     gate.set()
     results = await asyncio.gather(*steps)
     await blocker
-    assert [x.tolist() for x in results] == [[r + s] for s, r in zip(slots, rows, strict=True)]
+    assert [x.ravel().tolist() for x in results] == [
+        [r + s] for s, r in zip(slots, rows, strict=True)
+    ]
     assert worker.pool.calls == [[7, 3], [7, 3], [7], [7]]
     assert worker.pool.rows == [[1.0, 5.0], [2.0, 6.0], [3.0], [4.0]]  # each stream in order
 
@@ -76,7 +96,9 @@ async def test_two_steps_of_one_stream_never_share_a_call(worker):
 async def test_calls_run_in_order_and_errors_reach_every_caller(worker):
     gate, blocker = await held(worker)
     worker.pool.fail = True
-    steps = [asyncio.ensure_future(worker.step(s, np.array([0.0], np.float32))) for s in range(3)]
+    steps = [
+        asyncio.ensure_future(worker.advance(s, np.array([[0.0]], np.float32))) for s in range(3)
+    ]
     call = asyncio.ensure_future(worker.call(lambda: "done", op="other"))
     await until_queued(worker, 4)
     gate.set()
@@ -90,12 +112,12 @@ async def test_calls_run_in_order_and_errors_reach_every_caller(worker):
 @pytest.mark.asyncio
 async def test_a_cancelled_caller_does_not_break_the_batch(worker):
     gate, blocker = await held(worker)
-    gone = asyncio.ensure_future(worker.step(1, np.array([0.0], np.float32)))
-    kept = asyncio.ensure_future(worker.step(2, np.array([0.0], np.float32)))
+    gone = asyncio.ensure_future(worker.advance(1, np.array([[0.0]], np.float32)))
+    kept = asyncio.ensure_future(worker.advance(2, np.array([[0.0]], np.float32)))
     await until_queued(worker, 2)
     gone.cancel()
     gate.set()
-    assert (await kept).tolist() == [2.0]
+    assert (await kept).ravel().tolist() == [2.0]
     await blocker
     assert worker.pool.calls == [[1, 2]]  # the step was still applied: sessions record it
 
@@ -120,7 +142,7 @@ def test_a_batch_of_every_open_stream_goes_without_waiting():
 
     async def two_steps():
         gate, blocker = await held(w)
-        steps = [asyncio.ensure_future(w.step(s, np.array([1.0]))) for s in (0, 1)]
+        steps = [asyncio.ensure_future(w.advance(s, np.array([[1.0]]))) for s in (0, 1)]
         await until_queued(w, 2)
         gate.set()
         await blocker
@@ -145,11 +167,79 @@ async def test_one_bad_step_does_not_fail_its_batch(worker):
 
     worker.pool.step = step
     gate, blocker = await held(worker)
-    steps = [asyncio.ensure_future(worker.step(s, np.array([1.0], np.float32))) for s in (1, 2, 3)]
+    steps = [
+        asyncio.ensure_future(worker.advance(s, np.array([[1.0]], np.float32))) for s in (1, 2, 3)
+    ]
     await until_queued(worker, 3)
     gate.set()
     results = await asyncio.gather(*steps, return_exceptions=True)
-    assert results[0].tolist() == [2.0] and results[2].tolist() == [4.0]
+    assert results[0].ravel().tolist() == [2.0] and results[2].ravel().tolist() == [4.0]
     assert isinstance(results[1], ValueError)
     assert worker.pool.calls == [[1], [3]]  # the batch was refused, then each ran alone
     await blocker
+
+
+@pytest.mark.asyncio
+async def test_pushes_of_several_rows_join_one_ragged_call(worker):
+    gate, blocker = await held(worker)
+    sizes = {1: 3, 2: 1, 3: 2}
+    jobs = {
+        s: asyncio.ensure_future(worker.advance(s, np.full((n, 1), float(s), np.float32)))
+        for s, n in sizes.items()
+    }
+    await until_queued(worker, 3)
+    gate.set()
+    for s, job in jobs.items():
+        assert (await job).ravel().tolist() == [2.0 * s] * sizes[s]
+    await blocker
+    assert worker.pool.advanced == [([1, 2, 3], [3, 1, 2])]
+    assert worker.pool.calls == []
+
+
+@pytest.mark.asyncio
+async def test_a_ragged_batch_stops_at_max_advance_rows(worker):
+    gate, blocker = await held(worker)
+    jobs = [
+        asyncio.ensure_future(worker.advance(s, np.zeros((3, 1), np.float32))) for s in range(4)
+    ]
+    await until_queued(worker, 4)
+    gate.set()
+    await asyncio.gather(*jobs)
+    await blocker
+    # 8 rows at most per call (RecordingPool.max_advance_rows): 3 + 3, then 3 + 3.
+    assert worker.pool.advanced == [([0, 1], [3, 3]), ([2, 3], [3, 3])]
+
+
+@pytest.mark.asyncio
+async def test_a_long_chunk_is_one_push_of_its_own(worker):
+    from service.batcher import MAX_BATCHED_ROWS
+
+    rows = np.zeros((MAX_BATCHED_ROWS + 1, 1), np.float32)
+    out = await worker.advance(5, rows)
+    assert out.shape == rows.shape and worker.pool.pushed == [(5, MAX_BATCHED_ROWS + 1)]
+    assert worker.pool.advanced == []
+
+
+@pytest.mark.asyncio
+async def test_non_finite_outputs_fail_only_the_streams_named(worker):
+    from model import NonFiniteOutputError
+
+    real_advance = worker.pool.advance
+
+    def advance(slots, x, lengths):
+        if 2 in slots:
+            raise NonFiniteOutputError("not finite", [list(slots).index(2)])
+        return real_advance(slots, x, lengths)
+
+    worker.pool.advance = advance
+    gate, blocker = await held(worker)
+    jobs = [
+        asyncio.ensure_future(worker.advance(s, np.zeros((2, 1), np.float32))) for s in (1, 2, 3)
+    ]
+    await until_queued(worker, 3)
+    gate.set()
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    await blocker
+    assert isinstance(results[1], NonFiniteOutputError)
+    assert [r.ravel().tolist() for r in (results[0], results[2])] == [[1.0, 1.0], [3.0, 3.0]]
+    assert worker.pool.advanced == [([1, 3], [2, 2])]  # the others, again, together
