@@ -74,8 +74,8 @@ def websocket_close_code(error: errors.ServiceError) -> int | None:
     return next((CLOSE_CODES[c] for c in type(error).__mro__ if c in CLOSE_CODES), None)
 
 
-def websocket_error(error: errors.ServiceError) -> dict[str, Any]:
-    """The error message a WebSocket stream answers with (the HTTP error body)."""
+def error_message(error: errors.ServiceError) -> dict[str, Any]:
+    """An error as a message (the HTTP error body): a WebSocket answer, a /v1/steps item."""
     extra = {"position": error.position} if isinstance(error, errors.OffsetConflict) else {}
     return error_body(error.code, error.message, **extra)
 

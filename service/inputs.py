@@ -57,6 +57,26 @@ class StepBody(_Body):
     offset: Position | None = None
 
 
+class ManyStep(_Body):
+    """One item of POST /v1/steps: a push to one session. Its rows and offset are checked per
+    item (a bad item fails alone), so both stay raw here."""
+
+    session_id: str
+    inputs: msgspec.Raw
+    offset: msgspec.Raw = msgspec.Raw()  # absent or null: no offset
+
+
+class ManyStepsBody(_Body):
+    steps: list[ManyStep]
+
+
+def offset(raw: msgspec.Raw, what: str = "offset") -> int | None:
+    """An optional raw offset -> None or an int in [0, MAX_POSITION]."""
+    if not given(raw):
+        return None
+    return decode_body(raw, Position, what)
+
+
 def given(raw: msgspec.Raw) -> bool:
     """Whether an optional raw field was sent with a value (absent or null: no)."""
     return len(raw) > 0 and bytes(raw).strip() != b"null"

@@ -98,6 +98,34 @@ class StepResponse(BaseModel):
     position: int
 
 
+class ManyStepsItem(_Request):
+    session_id: str
+    inputs: Annotated[Rows, Field(min_length=1)]
+    offset: int | None = Field(
+        None, ge=0, le=MAX_POSITION, strict=True, description="as in /v1/sessions/{id}/steps"
+    )
+
+
+class ManyStepsRequest(_Request):
+    steps: list[ManyStepsItem] = Field(
+        min_length=1,
+        description="pushes to distinct sessions (any models, any row counts); a session named "
+        "twice is an error for its later items",
+        examples=[[{"session_id": "sensor-0042", "inputs": [[0.5, 1.0]], "offset": 17}]],
+    )
+
+
+class ManyStepsResult(BaseModel):
+    session_id: str
+    outputs: Rows | None = None
+    position: int | None = None
+    error: ErrorDetail | None = Field(None, description="instead of outputs: why it failed")
+
+
+class ManyStepsResponse(BaseModel):
+    results: list[ManyStepsResult] = Field(description="one per item, in request order")
+
+
 class SessionInfo(BaseModel):
     session_id: str
     model: str

@@ -25,7 +25,7 @@ from service.http_errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
     websocket_close_code,
-    websocket_error,
+    error_message,
 )
 from service.runtime import Runtime
 from service.session_state import Session
@@ -173,7 +173,7 @@ async def _serve(
                 if websocket_close_code(e) is not None:
                     await _close(websocket, e)
                     return
-                await websocket.send_text(_encode(websocket_error(e)).decode())
+                await websocket.send_text(_encode(error_message(e)).decode())
     except WebSocketDisconnect:
         return
     except Exception:

@@ -46,6 +46,8 @@ def exploding_net():
     return net
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("call", ["step", "push", "advance"])
 def test_non_finite_outputs_are_refused_and_change_nothing(call):
     net = exploding_net()

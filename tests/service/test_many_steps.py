@@ -1,0 +1,138 @@
+"""POST /v1/steps: many sessions in one request, each item with the /steps semantics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.app import create_app
+from tests.service.conftest import (
+    assert_rows_close,
+    held_worker,
+    metric,
+    open_session,
+    predict,
+    random_rows,
+    runtime_of,
+    serving,
+    step_batches,
+)
+
+
+def many(client, steps: list[dict], **kwargs):
+    body = json.dumps({"steps": steps}, allow_nan=True)  # NaN: what a buggy client sends
+    r = client.post("/v1/steps", content=body, **kwargs)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_many_sessions_advance_in_one_request_and_equal_predict(client):
+    seqs = [random_rows(12, seed=s) for s in range(5)]
+    sids = [open_session(client)["session_id"] for _ in seqs]
+    outputs = [[] for _ in seqs]
+    # Ragged: each request carries a different number of rows per session.
+    plans = [[1, 3, 2, 5, 1], [4, 1, 1, 2, 6], [7, 8, 9, 5, 5]]
+    fed = [0] * len(seqs)
+    for plan in plans:
+        steps = [
+            {"session_id": sid, "inputs": seq[f : f + n], "offset": f}
+            for sid, seq, f, n in zip(sids, seqs, fed, plan, strict=True)
+        ]
+        results = many(client, steps)
+        assert [r["session_id"] for r in results] == sids
+        for i, (r, n) in enumerate(zip(results, plan, strict=True)):
+            assert r["position"] == fed[i] + n, r
+            outputs[i] += r["outputs"]
+            fed[i] += n
+    for out, want in zip(outputs, predict(client, seqs), strict=True):
+        assert_rows_close(out, want)
+
+
+def test_items_of_one_request_join_one_batched_model_call(client):
+    sids = [open_session(client)["session_id"] for _ in range(6)]
+    before = client.get("/metrics").text
+    steps = [
+        {"session_id": sid, "inputs": random_rows(i + 1, seed=i)} for i, sid in enumerate(sids)
+    ]
+    with held_worker(client) as wait_queued:
+        future = client.portal.start_task_soon(_post_async, client, {"steps": steps})
+        wait_queued(6)
+    results = future.result(30)
+    assert all("outputs" in r for r in results)
+    assert step_batches(before, client.get("/metrics").text) == (1, 6)
+
+
+async def _post_async(client, body):
+    import httpx
+
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        r = await c.post("/v1/steps", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_a_bad_item_fails_alone_and_changes_nothing(client):
+    rows = random_rows(6, seed=1)
+    good, other = open_session(client)["session_id"], open_session(client)["session_id"]
+    results = many(
+        client,
+        [
+            {"session_id": good, "inputs": rows[:2], "offset": 0},
+            {"session_id": other, "inputs": [[0.5, 0.5, 0.5]]},  # wrong width
+            {"session_id": "no-such-session", "inputs": [[0.5, 0.5]]},
+            {"session_id": other, "inputs": [[0.5, 3e38]]},  # would overflow
+            {"session_id": good, "inputs": rows[2:4], "offset": 2},  # named twice
+            {"session_id": other, "inputs": [[0.5, 0.5]], "offset": 7},
+        ],
+    )
+    assert results[0]["position"] == 2
+    codes = [r.get("error", {}).get("code") for r in results]
+    assert codes == [
+        None,
+        "invalid_input",
+        "session_not_found",
+        "invalid_input",
+        "invalid_input",
+        "invalid_input",  # named twice too: `other` appeared in item 1
+    ]
+    assert "more than once" in results[4]["error"]["message"]
+    assert client.get(f"/v1/sessions/{other}").json()["position"] == 0
+    # The good session's first item was applied once; a replay of it is answered again.
+    again = many(client, [{"session_id": good, "inputs": rows[:2], "offset": 0}])[0]
+    assert again["position"] == 2 and again["outputs"] == results[0]["outputs"]
+    conflict = many(client, [{"session_id": good, "inputs": rows[:1], "offset": 5}])[0]
+    assert conflict["error"]["code"] == "offset_conflict" and conflict["error"]["position"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"steps": []}, 422, "invalid_input"),
+        ({"steps": [{"inputs": [[0.5, 0.5]]}]}, 422, "invalid_input"),
+        ({"items": []}, 422, "invalid_input"),
+        (
+            {"steps": [{"session_id": "x" * 9, "inputs": [[0.0, 0.0]]}] * 1025},
+            413,
+            "too_many_sequences",
+        ),
+    ],
+)
+def test_malformed_requests_are_refused_whole(client, body, status, code):
+    r = client.post("/v1/steps", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+
+
+def test_another_keys_sessions_are_not_found(make_settings):
+    a, b = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
+    with serving(create_app(make_settings(api_keys=[a, b]))) as client:
+        sid = client.post("/v1/sessions", json={"model": "tiny"}, headers={"X-API-Key": a})
+        sid = sid.json()["session_id"]
+        results = many(
+            client, [{"session_id": sid, "inputs": [[0.0, 0.0]]}], headers={"X-API-Key": b}
+        )
+        assert results[0]["error"]["code"] == "session_not_found"
+        assert client.post("/v1/steps", json={"steps": []}).status_code == 401
+        assert metric(client.get("/metrics").text, "tcnserve_active_sessions") == 1
+        assert runtime_of(client.app).sessions.held_by("anonymous") == 0
