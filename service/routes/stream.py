@@ -24,8 +24,8 @@ from service.errors import InvalidInput, InvalidQuery, ServiceError
 from service.http_errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
-    websocket_close_code,
     error_message,
+    websocket_close_code,
 )
 from service.runtime import Runtime
 from service.session_state import Session
