@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,9 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
+        # (route, method, status) -> its counter and histogram children: a labels() lookup
+        # per request costs more than the increment itself.
+        self._series: dict[tuple[str, str, str], tuple] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +65,15 @@ class RequestContextMiddleware:
             label = getattr(route, "path", "unmatched")
             # A fixed label set: any client can send any method, and series live forever.
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            self.metrics.requests.labels(label, method, str(status)).inc()
-            self.metrics.request_latency.labels(label, method).observe(time.perf_counter() - start)
+            key = (label, method, str(status))
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = (
+                    self.metrics.requests.labels(*key),
+                    self.metrics.request_latency.labels(label, method),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - start)
 
 
 class ApiKeyMiddleware:
@@ -165,4 +175,4 @@ def _request_id(scope: Scope) -> str:
             if REQUEST_ID_RE.match(text):
                 return text
             break
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)

@@ -1,0 +1,178 @@
+"""The HTTP edge under wrk: tcnserve next to the same web stack doing no work, in one run.
+
+Cases (wrk, keep-alive, its own process; its CPU share is printed so it is seen not to be the
+bottleneck):
+  * single-row push, POST /v1/sessions/{id}/steps, 64 sessions over 64 connections;
+  * many sessions per request, POST /v1/steps, 1,000 sessions one row each per request;
+against bench/noop_app.py: FastAPI + uvicorn (httptools) reading the same bodies and answering
+a fixed body of the same shape. Ratios come from the same run.
+
+Run: python bench/edge_http.py [--duration 10] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402  (bench scripts run as files)
+    DEFAULT_MODEL,
+    ROOT,
+    Server,
+    batch_stats,
+    environment,
+    free_port,
+    serve_command,
+)
+
+LUA = ROOT / "bench" / "wrk" / "post_body.lua"
+
+
+def wrk(url: str, paths: list[str], body: bytes, connections: int, duration: float) -> dict:
+    """Run wrk; requests/s, p50/p99 ms, errors and wrk's CPU share of one core."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths_file, body_file = Path(tmp) / "paths", Path(tmp) / "body"
+        paths_file.write_text("\n".join(paths) + "\n")
+        body_file.write_bytes(body)
+        env = {**os.environ, "WRK_PATHS": str(paths_file), "WRK_BODY": str(body_file)}
+        threads = min(2, connections)
+        command = [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{round(duration)}s",
+            "-s",
+            str(LUA),
+        ]
+        before = os.times()
+        start = time.perf_counter()
+        out = subprocess.run(
+            [*command, url], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        wall = time.perf_counter() - start
+        after = os.times()
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    match = re.search(r"WRKRESULT (\d+) (\d+) (\S+) (\S+)", out)
+    if not match:
+        raise SystemExit(f"wrk said:\n{out}")
+    requests, errors, p50, p99 = match.groups()
+    return {
+        "rps": int(requests) / duration,
+        "errors": int(errors),
+        "p50": float(p50),
+        "p99": float(p99),
+        "wrk_cpu": cpu / wall,
+    }
+
+
+def open_sessions(url: str, n: int) -> list[str]:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        return [
+            c.post("/v1/sessions", json={"model": "default"}).json()["session_id"] for _ in range(n)
+        ]
+
+
+def server_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--many", type=int, default=1000, help="sessions per /v1/steps request")
+    args = parser.parse_args()
+    print(environment())
+    from model import read_checkpoint_info
+
+    in_channels = read_checkpoint_info(args.model)[0].in_channels
+    rng = np.random.default_rng(0)
+    row = rng.random(in_channels).round(6).tolist()
+    single = json.dumps({"inputs": [row]}).encode()
+
+    port = free_port()
+    command = [
+        *serve_command(), "--port", str(port), "--model", f"default={args.model}",
+        "--max-sessions", str(max(args.sessions, args.many) + 24), "--log-level", "warning",
+    ]  # fmt: skip
+    results = {}
+    with Server(command, port) as server:
+        sids = open_sessions(server.url, max(args.sessions, args.many))
+        paths = [f"/v1/sessions/{sid}/steps" for sid in sids[: args.sessions]]
+        wrk(server.url, paths, single, args.sessions, 2)  # warm-up
+        cpu0 = server_cpu(server.process.pid)
+        metrics0 = httpx.get(f"{server.url}/metrics").text
+        results["push"] = wrk(server.url, paths, single, args.sessions, args.duration)
+        results["push"]["server_cpu"] = (server_cpu(server.process.pid) - cpu0) / args.duration
+        total, count = (
+            a - b
+            for a, b in zip(
+                batch_stats(httpx.get(f"{server.url}/metrics").text),
+                batch_stats(metrics0),
+                strict=True,
+            )
+        )
+        results["push"]["batch"] = total / max(count, 1)
+        many = json.dumps(
+            {"steps": [{"session_id": sid, "inputs": [row]} for sid in sids[: args.many]]}
+        ).encode()
+        wrk(server.url, ["/v1/steps"], many, 2, 2)
+        cpu0 = server_cpu(server.process.pid)
+        results["many"] = wrk(server.url, ["/v1/steps"], many, 2, args.duration)
+        results["many"]["server_cpu"] = (server_cpu(server.process.pid) - cpu0) / args.duration
+
+    port = free_port()
+    noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port), str(args.many)]
+    with Server(noop, port) as floor:
+        fake = [f"/v1/sessions/{i:024d}/steps" for i in range(args.sessions)]
+        wrk(floor.url, fake, single, args.sessions, 2)
+        results["noop_push"] = wrk(floor.url, fake, single, args.sessions, args.duration)
+        results["noop_many"] = wrk(floor.url, ["/v1/steps"], many, 2, args.duration)
+
+    push, noop_push = results["push"], results["noop_push"]
+    many_r, noop_many = results["many"], results["noop_many"]
+    print(f"\nmodel {args.model.name}, {args.duration:.0f} s per case, wrk on the same 2 cores")
+    print(
+        f"{'case':<44} {'req/s':>8} {'steps/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'errors':>6} {'wrk CPU':>8} {'server CPU':>10}"
+    )
+
+    def line(name: str, r: dict, steps_per_request: int) -> None:
+        print(
+            f"{name:<44} {r['rps']:>8.0f} {r['rps'] * steps_per_request:>9.0f} {r['p50']:>7.1f} "
+            f"{r['p99']:>7.1f} {r['errors']:>6} {r['wrk_cpu']:>7.0%} "
+            f"{r.get('server_cpu', float('nan')):>9.0%}"
+        )
+
+    line(f"tcnserve single-row push, {args.sessions} sessions", push, 1)
+    line("no-work FastAPI endpoint, same body", noop_push, 1)
+    line(f"tcnserve /v1/steps, {args.many} sessions x 1 row", many_r, args.many)
+    line(f"no-work FastAPI endpoint, same {len(many) // 1024} KiB body", noop_many, args.many)
+    print(
+        f"\nsingle-row push: {push['rps'] / noop_push['rps']:.0%} of the no-work endpoint "
+        f"(mean step batch {push['batch']:.1f} streams)"
+    )
+    print(
+        f"/v1/steps: {many_r['rps'] * args.many / noop_push['rps']:.1f}x the no-work endpoint's "
+        f"single-row requests/s in steps/s; {many_r['rps'] / noop_many['rps']:.0%} of the "
+        "no-work endpoint reading the same body"
+    )
+
+
+if __name__ == "__main__":
+    main()
