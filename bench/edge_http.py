@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402  (bench scripts run as files)
+from _harness import (
     DEFAULT_MODEL,
     ROOT,
     Server,
