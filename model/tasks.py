@@ -99,6 +99,20 @@ def _copy_recall_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out[:, :, -n:].argmax(dim=1) == y[:, -n:]).float().mean(dim=1)
 
 
+def _adding_baseline(y: torch.Tensor) -> float:
+    """MSE of always predicting the mean target: the target's variance (about 1/6)."""
+    y = y.double()
+    return float(((y - y.mean()) ** 2).mean())
+
+
+def _copy_baseline(y: torch.Tensor) -> float:
+    """Recall cross-entropy of predicting each symbol's frequency: the labels' entropy."""
+    recall = y[:, -COPY_MEMORY_LEN:].flatten()
+    p = torch.bincount(recall, minlength=COPY_CLASSES).double() / recall.numel()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A task: its data, its model, the paper's training settings and its metrics."""
@@ -118,6 +132,9 @@ class TaskSpec:
     steps_per_epoch: int
     paper_seq_len: int
     paper_value: float
+    # The metric of a useless model that ignores its input, from the held-out targets.
+    baseline_fn: Callable[[torch.Tensor], float]
+    baseline_name: str
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -138,6 +155,8 @@ TASKS: dict[str, TaskSpec] = {
         steps_per_epoch=1563,
         paper_seq_len=600,
         paper_value=5.8e-5,
+        baseline_fn=_adding_baseline,
+        baseline_name="predicting the mean target",
     ),
     # locuslab copy_memory: 10,000 training sequences per epoch, batch 32.
     "copy": TaskSpec(
@@ -166,6 +185,8 @@ TASKS: dict[str, TaskSpec] = {
         steps_per_epoch=313,
         paper_seq_len=1000,
         paper_value=3.5e-5,
+        baseline_fn=_copy_baseline,
+        baseline_name="predicting each symbol's frequency",
     ),
 }
 

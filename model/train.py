@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from model.learning_curve import write_learning_curve
+
 from model.checkpoint import save_model
 from model.config import TCNConfig
 from model.tasks import TASKS, Batch, PerSample, TaskSpec
@@ -29,6 +31,8 @@ from model.tcn import TCN
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+CURVE_FILE = "learning_curve.png"
+CURVE_EVERY = 20  # steps between the points of the training-loss curve
 # Held-out sets are drawn from seeds far from the training seed, so no run's val/test data
 # is another nearby seed's training data.
 VAL_SEED_OFFSET = 1_000_003
@@ -170,6 +174,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     deadline = start + options.max_minutes * 60 if options.max_minutes else math.inf
     best_value, best_state, best_step = math.inf, copy.deepcopy(net.state_dict()), 0
     history: list[dict[str, Any]] = []
+    curve: list[tuple[int, float]] = []  # (step, running loss) every CURVE_EVERY steps
     step, out_of_time = 0, False
     # Warm-up stages at shorter T (no validation), then the epochs at the task's T.
     phases = [(f"warm-up T={t}", t, n, 0) for t, n in options.curriculum]
@@ -197,7 +202,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
                 running = value if running is None else 0.98 * running + 0.02 * value
                 bar.update()
                 bar.set_postfix(loss=f"{running:.3g}")
-                if bar.disable and step % 100 == 0:
+                if step % CURVE_EVERY == 0:
+                    curve.append((step, running))
+                # Without a terminal: a log line soon after the start, then every 100 steps.
+                if bar.disable and (step % 100 == 0 or step in (1, 10)):
                     logger.info("step %d (%s): running loss %.4g", step, label, running)
                 if time.monotonic() > deadline:
                     out_of_time = True
@@ -227,6 +235,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     net.load_state_dict(best_state)
     test = evaluate(net, test_data, metrics, device)
     wall_time = time.monotonic() - start
+    baseline = spec.baseline_fn(test_data[1])
+    beats_baseline = test[spec.metric] < baseline
     deviations = [*_deviations(spec, seq_len, step, batch_size, lr, clip, options, config)]
     if out_of_time:
         deviations.append(f"stopped by the {options.max_minutes}-minute wall-clock budget")
@@ -242,6 +252,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "seed": options.seed,
         "command": options.command,
         "extra_metrics": {k: v for k, v in test.items() if k != spec.metric},
+        "baseline_value": baseline,
+        "baseline": spec.baseline_name,
+        "beats_baseline": beats_baseline,
         "best_step": best_step,
         "best_val_value": best_value,
         "batch_size": batch_size,
@@ -259,12 +272,15 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "torch": torch.__version__,
         "deviations": deviations,
         "history": history,
+        "curve": curve,
     }
     metadata = {
         "task": spec.name,
         "trained": True,
         "metric": spec.metric,
         "value": test[spec.metric],
+        "baseline_value": baseline,
+        "beats_baseline": beats_baseline,
         "paper_value": spec.paper_value,
         "paper_seq_len": spec.paper_seq_len,
         "seq_len": seq_len,
@@ -275,8 +291,18 @@ def train(options: TrainOptions) -> dict[str, Any]:
             f"{test[spec.metric]:.3g} (paper: {spec.paper_value:g} at T={spec.paper_seq_len})"
         ),
     }
+    if not beats_baseline:
+        metadata["description"] += (
+            f"; NO BETTER than {spec.baseline_name} ({spec.metric} {baseline:.3g})"
+        )
+        logger.warning(
+            "held-out %s %.4g is no better than %s (%.4g): the model has not learned the task; "
+            "train longer (more --epochs or --steps-per-epoch) or with a --curriculum",
+            spec.metric, test[spec.metric], spec.baseline_name, baseline,
+        )  # fmt: skip
     save_model(net, options.out, metadata)
     (Path(options.out) / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_learning_curve(result, Path(options.out) / CURVE_FILE)
     logger.info("test %s %.4g after %d steps in %.0f s", spec.metric, test[spec.metric], step,
                 wall_time)  # fmt: skip
     return result

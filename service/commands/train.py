@@ -142,4 +142,11 @@ def run(args: argparse.Namespace) -> int:
         f"{result['value']:.3g} (paper {result['paper_value']:g} at T={result['paper_seq_len']}) "
         f"after {result['steps']} steps in {result['wall_time_s']:.0f} s -> {args.out}"
     )
+    if not result["beats_baseline"]:
+        print(
+            f"tcnserve train: WARNING: that is no better than {result['baseline']} "
+            f"({result['metric']} {result['baseline_value']:.3g}): the model has not learned the "
+            "task; train longer or with a --curriculum (see docs/training.md)",
+            file=sys.stderr,
+        )
     return 0

@@ -42,8 +42,14 @@ def test_cli_trains_adding_and_writes_a_loadable_checkpoint(tmp_path: Path) -> N
     assert "--curriculum 8:10" in metrics["command"]
     assert any("T=24 instead of" in d for d in metrics["deviations"])
 
+    assert metrics["baseline_value"] == pytest.approx(1 / 6, rel=0.2)  # Var of a sum of 2 U(0,1)
+    assert metrics["beats_baseline"] is True
+    assert [s for s, _ in metrics["curve"]] == list(range(20, 91, 20))
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     config, metadata = read_checkpoint_info(out)
     assert metadata["trained"] is True and metadata["value"] == metrics["value"]
+    assert metadata["beats_baseline"] is True
     assert config.channels == (8, 8, 8) and config.kernel_size == 3
     net = load_model(out)
     # The reported value is the reloaded checkpoint's MSE on the test set...
@@ -94,6 +100,20 @@ def test_time_budget_stops_training_and_still_saves(tmp_path: Path) -> None:
     assert any("wall-clock budget" in d for d in result["deviations"])
     assert (tmp_path / METRICS_FILE).exists()
     load_model(tmp_path)
+
+
+def test_a_model_no_better_than_the_baseline_is_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "adding", "--out", str(tmp_path), "--seq-len", "600", "--epochs", "1"]
+    argv += ["--steps-per-epoch", "2", "--seed", "5", *TINY]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: that is no better than predicting the mean target" in err
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert metrics["beats_baseline"] is False and metrics["value"] >= metrics["baseline_value"]
+    _, metadata = read_checkpoint_info(tmp_path)
+    assert metadata["beats_baseline"] is False and "NO BETTER than" in metadata["description"]
 
 
 @pytest.mark.parametrize(
