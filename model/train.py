@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.learning_curve import write_learning_curve
-
 from model.checkpoint import save_model
 from model.config import TCNConfig
+from model.learning_curve import write_learning_curve
 from model.tasks import TASKS, Batch, PerSample, TaskSpec
 from model.tcn import TCN
 
