@@ -17,6 +17,7 @@ import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,6 +28,7 @@ from service.errors import (
     InvalidInput,
     KeyQuotaExceeded,
     OffsetConflict,
+    ServiceError,
     SessionExists,
     SessionExpired,
     SessionNotFound,
@@ -157,6 +159,69 @@ class SessionManager:
             self._locked(session, lambda: self._apply(session, entry, x, offset))
         )
 
+    def model_of(self, owner: str, session_id: str) -> str:
+        """The model of a live session (to decode rows for it); 404/410 as `push` would."""
+        session = self._sessions.get((owner, session_id))
+        if session is None or self._clock() >= session.expires_at:
+            if (owner, session_id) in self._expired or session is not None:
+                raise SessionExpired(f"session {session_id!r} expired after its TTL")
+            raise SessionNotFound(f"no session {session_id!r}")
+        return session.model
+
+    async def push_many(
+        self, owner: str, items: list[tuple[str, np.ndarray, int | None]]
+    ) -> list[PushResult | ServiceError]:
+        """`push` for many distinct sessions at once: (session id, rows, offset) each, answered
+        in order, each its result or its error. Their rows reach the model workers together,
+        so each model advances them in one batched call."""
+        return await self._shielded(self._push_many(owner, items))
+
+    async def _push_many(
+        self, owner: str, items: list[tuple[str, np.ndarray, int | None]]
+    ) -> list[PushResult | ServiceError]:
+        results: list[PushResult | ServiceError | None] = [None] * len(items)
+        locked: list[Session] = []
+        pending: list[tuple[int, Session, ModelEntry, np.ndarray, _Pending]] = []
+        try:
+            seen: set[str] = set()
+            for i, (session_id, x, offset) in enumerate(items):
+                try:
+                    if session_id in seen:  # its lock is ours already: never wait on it
+                        raise InvalidInput(f"session {session_id!r} is named more than once")
+                    seen.add(session_id)
+                    session = await self._find(owner, session_id)
+                    entry = self._registry.get(session.model)
+                    if not len(x):
+                        raise InvalidInput("inputs: give at least one row")
+                    check_timesteps(len(x), self._max_timesteps)
+                    await session.lock.acquire()  # no wait unless another push holds it
+                    locked.append(session)
+                    if session.closed:
+                        raise SessionNotFound(f"no session {session_id!r}")
+                    planned = self._plan(session, x, offset)
+                except ServiceError as e:
+                    results[i] = e
+                    continue
+                if isinstance(planned, PushResult):
+                    results[i] = planned
+                else:
+                    pending.append((i, session, entry, x, planned))
+            outcomes = await asyncio.gather(
+                *(entry.advance(session.slot, x) for _, session, entry, x, _ in pending),
+                return_exceptions=True,
+            )
+            for (i, session, _, _, planned), outcome in zip(pending, outcomes, strict=True):
+                if isinstance(outcome, ServiceError):
+                    results[i] = outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    results[i] = self._commit(session, planned, outcome)
+        finally:
+            for session in locked:
+                session.lock.release()
+        return results  # type: ignore[return-value]
+
     async def snapshot(self, owner: str, session_id: str) -> tuple[Session, np.ndarray]:
         """The session and its last min(position, R - 1) input rows, oldest first."""
         session = await self._find(owner, session_id)
@@ -279,6 +344,14 @@ class SessionManager:
     async def _apply(
         self, session: Session, entry: ModelEntry, x: np.ndarray, offset: int | None
     ) -> PushResult:
+        planned = self._plan(session, x, offset)
+        if isinstance(planned, PushResult):
+            return planned
+        return self._commit(session, planned, await entry.advance(session.slot, x))
+
+    def _plan(self, session: Session, x: np.ndarray, offset: int | None) -> PushResult | _Pending:
+        """A replayed push's stored answer, or what applying it will record; raises a
+        conflict. Holds the session's lock; changes nothing but the replay's last use."""
         digest = hashlib.blake2b(x.tobytes(), digest_size=16).digest()
         last = session.last_push
         if offset is not None and offset != session.position:
@@ -300,9 +373,11 @@ class SessionManager:
             raise InvalidInput(
                 f"this push would take the session past the largest position, {MAX_POSITION}"
             )
-        outputs = await entry.advance(session.slot, x)
-        session.position = start + len(x)
-        session.last_push = AppliedPush(start, len(x), digest, outputs)
+        return _Pending(start, len(x), digest)
+
+    def _commit(self, session: Session, pending: _Pending, outputs: np.ndarray) -> PushResult:
+        session.position = pending.start + pending.length
+        session.last_push = AppliedPush(pending.start, pending.length, pending.digest, outputs)
         session.last_used_at = self._clock()
         return PushResult(outputs, session.position)
 
@@ -342,6 +417,15 @@ class SessionManager:
         self._tasks.add(task)
         task.add_done_callback(_forget(self._tasks))
         return await asyncio.shield(task)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A push about to be applied: where it starts, its length and its inputs' digest."""
+
+    start: int
+    length: int
+    digest: bytes
 
 
 def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:

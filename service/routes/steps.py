@@ -8,7 +8,6 @@ advances them together in one batched call per model.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -42,35 +41,45 @@ async def push_many(request: Request, caller: CallerDep) -> Response:
         )
     if not body.steps:
         raise InvalidInput("steps: give at least one item")
-    seen: set[str] = set()
-    firsts = []
-    for item in body.steps:
-        firsts.append(item.session_id not in seen)
-        seen.add(item.session_id)
-    results = await asyncio.gather(
-        *(_push(caller, item, first) for item, first in zip(body.steps, firsts, strict=True))
-    )
-    return json_response({"results": results})
-
-
-async def _push(caller: Caller, item: inputs.ManyStep, first: bool) -> dict[str, Any]:
-    """One item: its outputs and position, or its error (the body of a single push's error)."""
-    try:
-        if not first:
-            raise InvalidInput(
-                f"session {item.session_id!r} is named more than once in this request; only "
-                "its first item is applied (send its rows in one item, or in order over "
-                "several requests)"
+    decoded = await caller.runtime.decode(len(data), lambda: _decode_items(caller, body.steps))
+    pushes = [(i, item) for i, item in enumerate(decoded) if not isinstance(item, ServiceError)]
+    outcomes = await caller.sessions.push_many(caller.owner, [item for _, item in pushes])
+    results: list[Any] = list(decoded)
+    for (i, _), outcome in zip(pushes, outcomes, strict=True):
+        results[i] = outcome
+    answers = []
+    for item, result in zip(body.steps, results, strict=True):
+        if isinstance(result, ServiceError):
+            answers.append({"session_id": item.session_id, **error_message(result)})
+        else:
+            answers.append(
+                {
+                    "session_id": item.session_id,
+                    "outputs": result.outputs.tolist(),
+                    "position": result.position,
+                }
             )
-        session = await caller.sessions.get(caller.owner, item.session_id)
-        spec = caller.registry.get(session.model).inputs
-        x = inputs.rows(item.inputs, spec, "inputs")
-        offset = inputs.offset(item.offset)
-        result = await caller.sessions.push(caller.owner, item.session_id, x, offset)
-    except ServiceError as e:
-        return {"session_id": item.session_id, **error_message(e)}
-    return {
-        "session_id": item.session_id,
-        "outputs": result.outputs.tolist(),
-        "position": result.position,
-    }
+    return json_response({"results": answers})
+
+
+def _decode_items(
+    caller: Caller, items: list[inputs.ManyStep]
+) -> list[tuple[str, Any, int | None] | ServiceError]:
+    """Per item: (session id, rows decoded for its session's model, offset), or its error."""
+    seen: set[str] = set()
+    out: list[tuple[str, Any, int | None] | ServiceError] = []
+    for item in items:
+        try:
+            if item.session_id in seen:
+                raise InvalidInput(
+                    f"session {item.session_id!r} is named more than once in this request; "
+                    "only its first item is applied (send its rows in one item, or in order "
+                    "over several requests)"
+                )
+            seen.add(item.session_id)
+            model = caller.sessions.model_of(caller.owner, item.session_id)
+            x = inputs.rows(item.inputs, caller.registry.get(model).inputs, "inputs")
+            out.append((item.session_id, x, inputs.offset(item.offset)))
+        except ServiceError as e:
+            out.append(e)
+    return out
