@@ -59,8 +59,7 @@ class Runtime:
         return self.registry.ready and not self.draining
 
     async def start(self) -> None:
-        if self.settings.torch_threads is not None:
-            torch.set_num_threads(self.settings.torch_threads)
+        torch.set_num_threads(self.settings.resolved_torch_threads())
         # float32 means float32: cuDNN's default TF32 convolutions would make a chunked push
         # differ from the step path and from /predict by ~1e-3 on Ampere and newer GPUs.
         torch.backends.cudnn.allow_tf32 = self.settings.allow_tf32

@@ -33,7 +33,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "request_timeout_s": (float, "seconds a connection has to send a whole request (30)"),
     "max_connections": (int, "concurrent connections before 503 (default: 4 per slot)"),
     "drain_s": (float, "seconds /readyz answers 503 after SIGTERM before exiting (default 0)"),
-    "torch_threads": (int, "intra-op threads for model compute (default: torch's)"),
+    "torch_threads": (int, "intra-op threads for model compute (default (cores-1)//2, >= 1)"),
 }
 
 
