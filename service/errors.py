@@ -1,4 +1,5 @@
-"""Domain errors raised by the core; http_errors.py is the one place that maps them to HTTP."""
+"""Domain errors raised by the core; http_errors.py is the one place that maps them to HTTP,
+by their `code` through the table in error_codes.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class InvalidInput(ServiceError):
 
 class InvalidQuery(InvalidInput):
     """A WebSocket stream's query parameters are invalid (close 1008)."""
+
+    code = "invalid_query"
 
 
 class NonFiniteOutput(ServiceError):

@@ -10,28 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import error_codes as codes
 from service import errors
 from service.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
 
-STATUS: dict[type[errors.ServiceError], int] = {
-    errors.InvalidInput: 422,
-    errors.NonFiniteOutput: 422,
-    errors.TooManyTimesteps: 413,
-    errors.BodyTooLarge: 413,
-    errors.ModelNotFound: 404,
-    errors.SessionNotFound: 404,
-    errors.SessionExpired: 410,
-    errors.SessionExists: 409,
-    errors.OffsetConflict: 409,
-    errors.CapacityExceeded: 429,
-    errors.Unauthorized: 401,
-    errors.NotReady: 503,
-    errors.Draining: 503,
-    errors.Overloaded: 503,
-}
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+# Framework errors (no route, wrong method, unreadable request) by status, named in the table.
+HTTP_CODES = {status: code for code, status in codes.STATUS.items() if status in (400, 405)}
+HTTP_CODES[404] = "not_found"
 
 # For the OpenAPI docs: the error body of each status a route may answer.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -53,25 +40,9 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
-# WebSocket: errors that end the stream close the socket with these codes (documented in
-# docs/streaming.md); any other error is answered as an error message and the socket stays open.
-CLOSE_CODES: dict[type[errors.ServiceError], int] = {
-    errors.Unauthorized: 4401,
-    errors.SessionNotFound: 4404,
-    errors.ModelNotFound: 4404,
-    errors.SessionExpired: 4410,
-    errors.CapacityExceeded: 4429,
-    errors.Draining: 1001,
-    errors.NotReady: 1013,
-    errors.InvalidQuery: 1008,
-}
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_BAD_REQUEST = 4400  # a stream that cannot start: invalid parameters
-
-
 def websocket_close_code(error: errors.ServiceError) -> int | None:
     """The close code for an error that ends a WebSocket stream, else None."""
-    return next((CLOSE_CODES[c] for c in type(error).__mro__ if c in CLOSE_CODES), None)
+    return codes.CLOSE.get(error.code)
 
 
 def error_message(error: errors.ServiceError) -> dict[str, Any]:
@@ -81,7 +52,7 @@ def error_message(error: errors.ServiceError) -> dict[str, Any]:
 
 
 def error_response(error: errors.ServiceError) -> JSONResponse:
-    status = next((STATUS[c] for c in type(error).__mro__ if c in STATUS), 500)
+    status = codes.STATUS.get(error.code, 500)
     extra: dict[str, Any] = {}
     headers: dict[str, str] = {}
     if isinstance(error, errors.OffsetConflict):

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from service import error_codes
 from service.wire import HEADER, ROW_DTYPE, decode_frame, encode_frame
 
 
@@ -335,22 +336,6 @@ FINAL_CLOSES = {
     4400: (400, "bad_request"),
     CLOSE_UNAUTHORIZED: (401, "unauthorized"),
 }
-RETRYABLE_CODES = frozenset({"capacity_exceeded", "not_ready", "draining"})
-# The HTTP status of each error code, so WebSocket errors raise like their HTTP twins.
-STATUS_OF_CODE = {
-    "invalid_input": 422,
-    "too_many_timesteps": 413,
-    "body_too_large": 413,
-    "offset_conflict": 409,
-    "session_exists": 409,
-    "model_not_found": 404,
-    "session_not_found": 404,
-    "session_expired": 410,
-    "unauthorized": 401,
-    "capacity_exceeded": 429,
-    "not_ready": 503,
-    "draining": 503,
-}
 
 
 def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPolicy) -> Flow:
@@ -410,10 +395,12 @@ def stream_push(ref: SessionRef, rows: np.ndarray, binary: bool, policy: RetryPo
             yield from settle_conflict(ref, attempt > 0, policy)
             continue
         code = error.get("code", "error")
-        if code in RETRYABLE_CODES:
+        if code in error_codes.RETRYABLE:
             yield Wait(policy.delay(attempt))
             continue
-        raise ServerError(STATUS_OF_CODE.get(code, 400), code, error.get("message", ""), body)
+        # Raised like its HTTP twin: the status the same push over HTTP would get.
+        status = error_codes.STATUS.get(code, 400)
+        raise ServerError(status, code, error.get("message", ""), body)
     raise RetriesExhausted(f"stream to session {ref.id}", policy.attempts)
 
 

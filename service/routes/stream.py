@@ -20,13 +20,9 @@ import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from service import inputs
+from service.error_codes import CLOSE_BAD_REQUEST, CLOSE_INTERNAL_ERROR
 from service.errors import InvalidInput, InvalidQuery, ServiceError
-from service.http_errors import (
-    CLOSE_BAD_REQUEST,
-    CLOSE_INTERNAL_ERROR,
-    error_message,
-    websocket_close_code,
-)
+from service.http_errors import error_message, websocket_close_code
 from service.runtime import Runtime
 from service.session_state import Session
 from service.wire import FrameError, decode_frame, encode_frame
