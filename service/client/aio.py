@@ -70,6 +70,28 @@ class AsyncClient(p.ClientBase):
         ref, outputs = await self.run(flow)
         return AsyncSession(self, ref, shape, outputs)
 
+    async def push_many(
+        self, pushes: Iterable[tuple[AsyncSession, Any]], raise_errors: bool = True
+    ) -> list:
+        """Push rows to many sessions in one request (POST /v1/steps, split per 1,000).
+
+        `pushes` holds (session, rows) pairs of distinct sessions; the answer, in order, holds
+        each one's (T, out) outputs. Every item gets `push`'s guarantees (idempotent retries,
+        lost sessions restored). An item that still fails raises its error once every other
+        item is done and recorded, or, with raise_errors=False, stands in its place.
+        """
+        pairs = list(pushes)
+        ids = [session.id for session, _ in pairs]
+        if len(set(ids)) != len(ids):
+            raise ValueError("push_many: each session at most once per call")
+        items = [(session._ref, session._shape.rows(rows)) for session, rows in pairs]
+        results = await self.run(p.push_many(items, self.retry))
+        if raise_errors:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
     async def _shape(self, model: str) -> p.ModelShape:
         if model not in self._shapes:
             self._shapes[model] = p.ModelShape.from_info(await self.model(model))

@@ -301,6 +301,71 @@ def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
     raise RetriesExhausted(f"push to session {ref.id}", policy.attempts, last)
 
 
+# Items per POST /v1/steps request: under the server's default max_sequences_per_request.
+MANY_CHUNK = 1000
+LOST = ("session_not_found", "session_expired")
+
+
+def push_many(
+    items: list[tuple[SessionRef, np.ndarray]], policy: RetryPolicy
+) -> Generator[Any, Any, list[np.ndarray | Exception]]:
+    """Push rows to many sessions with one POST /v1/steps per MANY_CHUNK items.
+
+    Each item is pushed at its client's position, exactly as `push` would: lost sessions are
+    restored and conflicts settled, then only those items are sent again. Returns, per item,
+    its (T, out) outputs or the error it ended with (ServerError, RetriesExhausted).
+    """
+    results: list[np.ndarray | Exception | None] = [None] * len(items)
+    for start in range(0, len(items), MANY_CHUNK):
+        todo = list(range(start, min(start + MANY_CHUNK, len(items))))
+        settled: set[int] = set()
+        for attempt in range(policy.attempts):
+            steps = [
+                {"session_id": ref.id, "inputs": rows.tolist(), "offset": ref.tracker.position}
+                for ref, rows in (items[i] for i in todo)
+            ]
+            try:
+                reply = yield Call("POST", "/v1/steps", {"steps": steps})
+            except TransportFailure:  # retried with the same offsets: applied items replay
+                yield Wait(policy.delay(attempt))
+                continue
+            if reply.status in RETRYABLE:
+                yield Wait(policy.delay(attempt, reply))
+                continue
+            if reply.status != 200:
+                raise ServerError.from_reply(reply)
+            again, busy = [], False
+            for i, result in zip(todo, reply.body["results"], strict=True):
+                ref, rows = items[i]
+                error = result.get("error")
+                if error is None:
+                    ref.tracker.record(rows)
+                    results[i] = np.asarray(result["outputs"], dtype=np.float32)
+                    continue
+                code = error.get("code", "error")
+                if code in LOST:
+                    yield from restore(ref, policy)
+                    again.append(i)
+                elif code == "offset_conflict" and i not in settled:
+                    settled.add(i)
+                    yield from settle_conflict(ref, attempt > 0, policy)
+                    again.append(i)
+                elif code in error_codes.RETRYABLE:
+                    busy = True
+                    again.append(i)
+                else:
+                    status = error_codes.STATUS.get(code, 400)
+                    results[i] = ServerError(status, code, error.get("message", ""), result)
+            todo = again
+            if not todo:
+                break
+            if busy:
+                yield Wait(policy.delay(attempt))
+        for i in todo:
+            results[i] = RetriesExhausted(f"push to session {items[i][0].id}", policy.attempts)
+    return results  # type: ignore[return-value]
+
+
 # ----- WebSocket streaming -------------------------------------------------------------------
 
 
