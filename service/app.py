@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from service import http_errors
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import health, models, predict, sessions, steps, stream
+from service.routes import health, models, predict, sessions, steps, stream, streams
 from service.runtime import Runtime
 from service.sessions import Clock
 from service.settings import Settings
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     app = FastAPI(title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     http_errors.install(app)
-    for module in (health, models, predict, sessions, steps, stream):
+    for module in (health, models, predict, sessions, steps, stream, streams):
         app.include_router(module.router)
     settings = runtime.settings
     app.add_middleware(

@@ -73,9 +73,7 @@ class Client(p.ClientBase):
         ref, outputs = self.run(flow)
         return Session(self, ref, shape, outputs)
 
-    def push_many(
-        self, pushes: Iterable[tuple[Session, Any]], raise_errors: bool = True
-    ) -> list:
+    def push_many(self, pushes: Iterable[tuple[Session, Any]], raise_errors: bool = True) -> list:
         """Push rows to many sessions in one request (POST /v1/steps, split per 1,000).
 
         `pushes` holds (session, rows) pairs of distinct sessions; the answer, in order, holds

@@ -131,7 +131,7 @@ async def _accept(
         )
         return runtime, owner, await start(runtime, owner, params), params
     except ServiceError as e:
-        await _close(websocket, e)
+        await close_for_error(websocket, e)
         return None
 
 
@@ -167,7 +167,7 @@ async def _serve(
             except ServiceError as e:
                 metrics.websocket_messages.labels(kind, e.code).inc()
                 if websocket_close_code(e) is not None:
-                    await _close(websocket, e)
+                    await close_for_error(websocket, e)
                     return
                 await websocket.send_text(_encode(error_message(e)).decode())
     except WebSocketDisconnect:
@@ -199,7 +199,8 @@ def _decode_text(text: str, spec: inputs.InputSpec) -> tuple[int | None, np.ndar
     return body.offset, inputs.rows(body.inputs, spec, "inputs")
 
 
-async def _close(websocket: WebSocket, error: ServiceError) -> None:
+async def close_for_error(websocket: WebSocket, error: ServiceError) -> None:
+    """Close a stream for an error: its close code (4400 if none), its message as reason."""
     code = websocket_close_code(error) or CLOSE_BAD_REQUEST
     # A close reason is at most 123 bytes.
     reason = error.message.encode()[:120].decode(errors="ignore")

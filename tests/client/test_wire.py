@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from service.wire import FrameError, decode_frame, encode_frame
+from service.wire import (
+    FrameAnswer,
+    FrameError,
+    decode_answers,
+    decode_frame,
+    decode_pushes,
+    encode_answers,
+    encode_frame,
+    encode_pushes,
+)
 
 
 def test_round_trip_with_and_without_header():
@@ -34,3 +43,20 @@ def test_layout_is_little_endian_row_major_float32():
 def test_bad_frames(payload, with_header, match):
     with pytest.raises(FrameError, match=match):
         decode_frame(payload, 2, with_header)
+
+
+def test_multi_session_frames_round_trip_and_refuse_truncation():
+    rows = [np.arange(6, dtype=np.float32).reshape(3, 2), np.ones((1, 4), np.float32)]
+    frame = encode_pushes([("session-a", 7, rows[0]), ("session-b", None, rows[1])])
+    pushes = decode_pushes(frame)
+    assert [(p.session_id, p.offset) for p in pushes] == [("session-a", 7), ("session-b", None)]
+    assert all(np.array_equal(p.rows, r) for p, r in zip(pushes, rows, strict=True))
+    for cut in (1, 5, len(frame) - 1):
+        with pytest.raises(FrameError):
+            decode_pushes(frame[:cut])
+    with pytest.raises(FrameError, match="after the last item"):
+        decode_pushes(frame + b"\0")
+    answers = [FrameAnswer("a", 10, rows[0], None), FrameAnswer("b", -1, None, b'{"e": 1}')]
+    back = decode_answers(encode_answers(answers))
+    assert back[0].position == 10 and np.array_equal(back[0].outputs, rows[0])
+    assert (back[1].position, back[1].error) == (-1, b'{"e": 1}')
