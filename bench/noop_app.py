@@ -1,18 +1,64 @@
-"""The same web stack doing no work: FastAPI + uvicorn (httptools, one worker) answering each
-body with a fixed JSON answer of the same shape tcnserve gives. The floor for bench/edge_http.py.
+"""The same web stack doing no work: FastAPI + uvicorn (httptools, websockets-sansio, one
+worker) reading what tcnserve reads and answering with what it answers, without a model.
 
-Run: python bench/noop_app.py PORT
+The floor of bench/edge_http.py (HTTP pushes, /v1/steps) and bench/ws_stream.py --echo
+(WebSocket pushes: a binary frame is answered with the offset header + 1 and one float32 per
+row, a JSON push with its outputs and position), so their ratios say what tcnserve's own work
+costs over the framework's.
+
+Run: python bench/noop_app.py PORT [ITEMS]
 """
 
 from __future__ import annotations
 
+import json
+import secrets
+import struct
 import sys
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 
 app = FastAPI()
 STEP = b'{"outputs":[[0.123456789]],"position":1}'
+HEADER = struct.Struct("<q")
+OUTPUT = struct.pack("<f", 0.123456789)
+
+
+@app.post("/v1/sessions", status_code=201)
+async def create(request: Request) -> dict:
+    await request.body()
+    return {"session_id": secrets.token_urlsafe(24), "model": "default", "position": 0}
+
+
+@app.delete("/v1/sessions/{session_id}", status_code=204)
+async def delete(session_id: str) -> Response:
+    return Response(status_code=204)
+
+
+@app.get("/metrics")
+async def metrics() -> Response:
+    return Response(b"", media_type="text/plain")
+
+
+@app.websocket("/v1/sessions/{session_id}/stream")
+async def echo(websocket: WebSocket, session_id: str) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is not None:
+                (offset,) = HEADER.unpack_from(data)
+                await websocket.send_bytes(HEADER.pack(offset + 1) + OUTPUT)
+            else:
+                body = json.loads(message["text"])
+                answer = {"outputs": [[0.123456789]], "position": body["offset"] + 1}
+                await websocket.send_text(json.dumps(answer))
+    except WebSocketDisconnect:
+        return
 
 
 @app.get("/readyz")
@@ -42,4 +88,11 @@ if __name__ == "__main__":
         )
         + b"]}"
     )
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", http="httptools")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_level="warning",
+        http="httptools",
+        ws_per_message_deflate=False,
+    )

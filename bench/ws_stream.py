@@ -434,6 +434,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 s per case, 1 and 64 sessions"
     )
+    parser.add_argument(
+        "--echo",
+        action="store_true",
+        help="also run every case against bench/noop_app.py (the same stack doing no work)",
+    )
     args = parser.parse_args()
     began = time.perf_counter()
     if args.sessions is None:
@@ -497,6 +502,27 @@ def main() -> None:
     print("\nsummary")
     print(table(cases))
     print(LEGEND)
+    if args.echo:
+        floor_cases = []
+        port = free_port()
+        noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port)]
+        print("\nthe same cases against the same stack doing no work (bench/noop_app.py):")
+        print(table([]), flush=True)
+        with Server(noop, port) as floor:
+            for n in args.sessions:
+                procs = max(1, min(args.client_procs, n))
+                for transport in args.transports:
+                    case = run_case(
+                        floor, transport, n, config.in_channels, args.seconds, procs, warmup
+                    )
+                    floor_cases.append(case)
+                    print(table([case]).splitlines()[1], flush=True)
+        print("\ntcnserve as a share of the no-work stack (steps/s; p99 ratio):")
+        for ours, base in zip(cases, floor_cases, strict=True):
+            print(
+                f"  {ours.sessions:>5} sessions {ours.transport:<9} {ours.rate / base.rate:6.0%}"
+                f"   p99 {ours.p99_ms / base.p99_ms:5.1f}x"
+            )
     busiest = max(cases, key=lambda c: c.client_cpu / c.procs)
     per_proc = busiest.client_cpu / busiest.procs
     if per_proc > 0.9:
