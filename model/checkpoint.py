@@ -23,8 +23,12 @@ def save_model(net: TCN, directory: str | Path, metadata: dict[str, Any] | None 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.folded_state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+    # safetensors writes through a private temporary file (mode 0600), and a umask may hide
+    # the config: a checkpoint is data to share, e.g. mounted into a container of another user.
     doc = {"format": CHECKPOINT_FORMAT, "config": net.config.to_dict(), "metadata": metadata or {}}
     (out / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        (out / name).chmod(0o644)
     return out
 
 

@@ -267,3 +267,11 @@ def test_weights_saved_by_hand_load(tmp_path: Path) -> None:
     x = _input(config)
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path)(x), net(x), atol=0, rtol=0)
+
+
+def test_checkpoint_files_are_world_readable(tmp_path):
+    from model import TCN, TCNConfig, save_model
+
+    out = save_model(TCN(TCNConfig(in_channels=1, channels=(2,), kernel_size=2)), tmp_path / "c")
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).stat().st_mode & 0o044 == 0o044, name
