@@ -118,12 +118,7 @@ def decode_body(data: bytes | msgspec.Raw, kind: type[S], what: str = "") -> S:
 def rows(raw: msgspec.Raw, spec: InputSpec, what: str, allow_empty: bool = False) -> np.ndarray:
     """JSON rows -> (T, width) floats, or (T,) int64 ids for a token model; T >= 1 unless
     allow_empty (a snapshot at position 0)."""
-    try:
-        decoded = _rows_decoder(spec.width, spec.vocab_size is not None, False).decode(raw)
-    except msgspec.ValidationError as e:
-        raise InvalidInput(_where(str(e), what, _row_hint(spec))) from None
-    except msgspec.DecodeError as e:
-        raise InvalidInput(_malformed(e, raw, what)) from None
+    decoded = _decode_rows(raw, spec, what, nested=False)
     if not decoded and allow_empty:
         shape = (0,) if spec.vocab_size is not None else (0, spec.width)
         return np.zeros(shape, dtype=np.int64 if spec.vocab_size is not None else spec.dtype)
@@ -132,12 +127,7 @@ def rows(raw: msgspec.Raw, spec: InputSpec, what: str, allow_empty: bool = False
 
 def sequences(raw: msgspec.Raw, spec: InputSpec, what: str) -> list[np.ndarray]:
     """JSON list of sequences -> one array per sequence (see `rows`); at least one."""
-    try:
-        decoded = _rows_decoder(spec.width, spec.vocab_size is not None, True).decode(raw)
-    except msgspec.ValidationError as e:
-        raise InvalidInput(_where(str(e), what, _row_hint(spec))) from None
-    except msgspec.DecodeError as e:
-        raise InvalidInput(_malformed(e, raw, what)) from None
+    decoded = _decode_rows(raw, spec, what, nested=True)
     if not decoded:
         raise InvalidInput(f"{what}: give at least one sequence")
     return [_to_array(seq, spec, f"{what}[{i}]") for i, seq in enumerate(decoded)]
@@ -163,6 +153,15 @@ def check_timesteps(total: int, limit: int) -> None:
             f"the request has {total} timesteps; at most {limit} per request "
             "(max_timesteps_per_request): split it into several requests"
         )
+
+
+def _decode_rows(raw: msgspec.Raw, spec: InputSpec, what: str, nested: bool) -> list:
+    try:
+        return _rows_decoder(spec.width, spec.vocab_size is not None, nested).decode(raw)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(_where(str(e), what, _row_hint(spec))) from None
+    except msgspec.DecodeError as e:
+        raise InvalidInput(_malformed(e, raw, what)) from None
 
 
 def _to_array(decoded: list, spec: InputSpec, what: str) -> np.ndarray:

@@ -301,6 +301,21 @@ def push(ref: SessionRef, rows: np.ndarray, policy: RetryPolicy) -> Flow:
     raise RetriesExhausted(f"push to session {ref.id}", policy.attempts, last)
 
 
+def many_items(pairs: list[tuple[Any, Any]]) -> list[tuple[SessionRef, np.ndarray]]:
+    """(session, rows) pairs of a client's push_many -> the protocol's items."""
+    ids = [session.id for session, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("push_many: each session at most once per call")
+    return [(session._ref, session._shape.rows(rows)) for session, rows in pairs]
+
+
+def first_error(results: list) -> None:
+    """Raise the first error among push_many's results, if any."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
 # Items per POST /v1/steps request: under the server's default max_sequences_per_request.
 MANY_CHUNK = 1000
 LOST = ("session_not_found", "session_expired")

@@ -81,16 +81,9 @@ class Client(p.ClientBase):
         lost sessions restored). An item that still fails raises its error once every other
         item is done and recorded, or, with raise_errors=False, stands in its place.
         """
-        pairs = list(pushes)
-        ids = [session.id for session, _ in pairs]
-        if len(set(ids)) != len(ids):
-            raise ValueError("push_many: each session at most once per call")
-        items = [(session._ref, session._shape.rows(rows)) for session, rows in pairs]
-        results = self.run(p.push_many(items, self.retry))
+        results = self.run(p.push_many(p.many_items(list(pushes)), self.retry))
         if raise_errors:
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
+            p.first_error(results)
         return results
 
     def _shape(self, model: str) -> p.ModelShape:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.types import Message
 
 from service import inputs
 from service.error_codes import CLOSE_BAD_REQUEST, CLOSE_INTERNAL_ERROR
@@ -138,31 +139,48 @@ async def _accept(
 async def _serve(
     websocket: WebSocket, runtime: Runtime, owner: str, session: Session, offsets: bool
 ) -> None:
-    metrics = runtime.metrics
     session_id = session.id
     spec = runtime.registry.get(session.model).inputs
+
+    async def answer(message: Message) -> None:
+        if message.get("bytes") is not None:
+            offset, rows = _decode_binary(message["bytes"], spec, offsets)
+            result = await runtime.sessions.push(owner, session_id, rows, offset)
+            header = result.position if offsets else None
+            await websocket.send_bytes(encode_frame(result.outputs, header))
+        else:
+            text = message.get("text") or ""
+            offset, rows = await runtime.decode(
+                len(text), functools.partial(_decode_text, text, spec)
+            )
+            result = await runtime.sessions.push(owner, session_id, rows, offset)
+            body = {"outputs": result.outputs.tolist(), "position": result.position}
+            await websocket.send_text(_encode(body).decode())
+
+    await answer_messages(websocket, runtime, answer, f"session {session_id}")
+
+
+async def answer_messages(
+    websocket: WebSocket,
+    runtime: Runtime,
+    answer: Callable[[Message], Awaitable[None]],
+    what: str,
+) -> None:
+    """The message loop of an accepted stream: one message at a time, answered by `answer`.
+
+    A ServiceError is answered as an error message, or closes the socket with its close code;
+    anything else closes it with 1011. Counts connections and messages by kind and outcome.
+    """
+    metrics = runtime.metrics
     metrics.websocket_connections.inc()
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            binary = message.get("bytes") is not None
-            kind = "binary" if binary else "text"
+            kind = "binary" if message.get("bytes") is not None else "text"
             try:
-                if binary:
-                    offset, rows = _decode_binary(message["bytes"], spec, offsets)
-                    result = await runtime.sessions.push(owner, session_id, rows, offset)
-                    header = result.position if offsets else None
-                    await websocket.send_bytes(encode_frame(result.outputs, header))
-                else:
-                    text = message.get("text") or ""
-                    offset, rows = await runtime.decode(
-                        len(text), functools.partial(_decode_text, text, spec)
-                    )
-                    result = await runtime.sessions.push(owner, session_id, rows, offset)
-                    answer = {"outputs": result.outputs.tolist(), "position": result.position}
-                    await websocket.send_text(_encode(answer).decode())
+                await answer(message)
                 metrics.websocket_messages.labels(kind, "ok").inc()
             except ServiceError as e:
                 metrics.websocket_messages.labels(kind, e.code).inc()
@@ -173,7 +191,7 @@ async def _serve(
     except WebSocketDisconnect:
         return
     except Exception:
-        logger.exception("websocket stream of session %s failed", session_id)
+        logger.exception("websocket stream of %s failed", what)
         with contextlib.suppress(Exception):
             await websocket.close(CLOSE_INTERNAL_ERROR, "internal server error")
     finally:

@@ -10,23 +10,20 @@ as on the single-session sockets.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 
 import msgspec
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket
+from starlette.types import Message
 
 from service import inputs, many_steps
-from service.error_codes import CLOSE_INTERNAL_ERROR
 from service.errors import InvalidInput, ServiceError
-from service.http_errors import error_message, websocket_close_code
+from service.http_errors import error_message
 from service.routes.steps import json_result
-from service.routes.stream import close_for_error
+from service.routes.stream import answer_messages, close_for_error
 from service.runtime import Runtime
 from service.wire import FrameAnswer, FrameError, decode_pushes, encode_answers
 
-logger = logging.getLogger(__name__)
 router = APIRouter(tags=["streaming"])
 _encode = msgspec.json.Encoder().encode
 
@@ -46,43 +43,21 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
     except ServiceError as e:
         await close_for_error(websocket, e)
         return
-    metrics = runtime.metrics
-    metrics.websocket_connections.inc()
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            binary = message.get("bytes") is not None
-            kind = "binary" if binary else "text"
-            try:
-                if binary:
-                    data = message["bytes"]
-                    items = _binary_items(data)
-                    outcomes = await many_steps.push_items(runtime, owner, items, len(data))
-                    await websocket.send_bytes(encode_answers([_frame(o) for o in outcomes]))
-                else:
-                    text = (message.get("text") or "").encode()
-                    body = inputs.decode_body(text, inputs.ManyStepsBody, "message")
-                    items = many_steps.json_items(body.steps)
-                    outcomes = await many_steps.push_items(runtime, owner, items, len(text))
-                    answer = {"results": [json_result(o) for o in outcomes]}
-                    await websocket.send_text(_encode(answer).decode())
-                metrics.websocket_messages.labels(kind, "ok").inc()
-            except ServiceError as e:  # the message as a whole (it did not parse, too many)
-                metrics.websocket_messages.labels(kind, e.code).inc()
-                if websocket_close_code(e) is not None:
-                    await close_for_error(websocket, e)
-                    return
-                await websocket.send_text(_encode(error_message(e)).decode())
-    except WebSocketDisconnect:
-        return
-    except Exception:
-        logger.exception("multiplexed websocket stream failed")
-        with contextlib.suppress(Exception):
-            await websocket.close(CLOSE_INTERNAL_ERROR, "internal server error")
-    finally:
-        metrics.websocket_connections.dec()
+
+    async def answer(message: Message) -> None:
+        if message.get("bytes") is not None:
+            data = message["bytes"]
+            outcomes = await many_steps.push_items(runtime, owner, _binary_items(data), len(data))
+            await websocket.send_bytes(encode_answers([_frame(o) for o in outcomes]))
+        else:
+            text = (message.get("text") or "").encode()
+            body = inputs.decode_body(text, inputs.ManyStepsBody, "message")
+            items = many_steps.json_items(body.steps)
+            outcomes = await many_steps.push_items(runtime, owner, items, len(text))
+            results = {"results": [json_result(o) for o in outcomes]}
+            await websocket.send_text(_encode(results).decode())
+
+    await answer_messages(websocket, runtime, answer, "a multiplexed stream")
 
 
 def _binary_items(data: bytes) -> list[many_steps.Item]:
