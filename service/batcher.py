@@ -101,14 +101,23 @@ class ModelWorker:
 
     async def advance(self, slot: int, rows: np.ndarray) -> np.ndarray:
         """Advance one stream by T rows, batched with other streams' pushes: (T, out) float32."""
-        if len(rows) > MAX_BATCHED_ROWS:
-            return await self.call(
-                lambda: self.pool.push(slot, rows).float().cpu().numpy(), op="push"
-            )
+        return await self.submit(slot, rows)
+
+    def submit(self, slot: int, rows: np.ndarray) -> asyncio.Future:
+        """`advance` without the coroutine: the future of its outputs (many of them can be
+        awaited with one gather, which wraps futures in no task)."""
         loop = asyncio.get_running_loop()
-        job = _Step(loop, loop.create_future(), slot=slot, rows=rows)
+        if len(rows) > MAX_BATCHED_ROWS:
+            job: _Job = _Call(
+                loop,
+                loop.create_future(),
+                fn=lambda: self.pool.push(slot, rows).float().cpu().numpy(),
+                op="push",
+            )
+        else:
+            job = _Step(loop, loop.create_future(), slot=slot, rows=rows)
         self._submit(job)
-        return await job.future
+        return job.future
 
     def _submit(self, job: _Job) -> None:
         if self._stopped:

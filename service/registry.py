@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from model import (
     read_checkpoint_info,
 )
 from service.batcher import ModelWorker
-from service.errors import InvalidInput, ModelNotFound, NonFiniteOutput
+from service.errors import InvalidInput, ModelNotFound, NonFiniteOutput, ServiceError
 from service.inference import forward_sequences
 from service.inputs import InputSpec
 from service.metrics import Metrics
@@ -167,15 +168,33 @@ class ModelEntry:
         """
         try:
             rows = await self.worker.advance(slot, x)
-        except NonFiniteOutputError:
-            raise NonFiniteOutput(
-                "the model's outputs for these inputs would be NaN or Inf; nothing was applied "
-                "(inputs this large overflow the model's dtype)"
-            ) from None
-        except ValueError as e:  # refused by the pool before it changed anything
-            raise InvalidInput(str(e)) from None
+        except ValueError as e:
+            raise _refusal(e) from None
         self.metrics.timesteps.labels(self.name, "stream").inc(len(x))
         return rows
+
+    async def advance_many(
+        self, pushes: list[tuple[int, np.ndarray]]
+    ) -> list[np.ndarray | ServiceError]:
+        """`advance` for many streams at once: per push its outputs, or the error refusing it.
+
+        One future per push and one gather for all (no task per push): the worker batches them.
+        """
+        outcomes = await asyncio.gather(
+            *(self.worker.submit(slot, x) for slot, x in pushes), return_exceptions=True
+        )
+        results: list[np.ndarray | ServiceError] = []
+        rows = 0
+        for outcome, (_, x) in zip(outcomes, pushes, strict=True):
+            if isinstance(outcome, ValueError):
+                results.append(_refusal(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(outcome)
+                rows += len(x)
+        self.metrics.timesteps.labels(self.name, "stream").inc(rows)
+        return results
 
     async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
         """Per sequence, its (T, out) float32 outputs (or its last row with last_only)."""
@@ -190,6 +209,16 @@ class ModelEntry:
             )
         self.metrics.timesteps.labels(self.name, "predict").inc(sum(len(s) for s in sequences))
         return outputs
+
+
+def _refusal(error: ValueError) -> ServiceError:
+    """A pool's refusal (it changed nothing) as the error a client sees."""
+    if isinstance(error, NonFiniteOutputError):
+        return NonFiniteOutput(
+            "the model's outputs for these inputs would be NaN or Inf; nothing was applied "
+            "(inputs this large overflow the model's dtype)"
+        )
+    return InvalidInput(str(error))
 
 
 class ModelRegistry:

@@ -206,17 +206,24 @@ class SessionManager:
                     results[i] = planned
                 else:
                     pending.append((i, session, entry, x, planned))
-            outcomes = await asyncio.gather(
-                *(entry.advance(session.slot, x) for _, session, entry, x, _ in pending),
-                return_exceptions=True,
+            by_model: dict[str, list[int]] = {}
+            for k, (_, session, _, _, _) in enumerate(pending):
+                by_model.setdefault(session.model, []).append(k)
+            answers = await asyncio.gather(
+                *(
+                    pending[ks[0]][2].advance_many(
+                        [(pending[k][1].slot, pending[k][3]) for k in ks]
+                    )
+                    for ks in by_model.values()
+                )
             )
-            for (i, session, _, _, planned), outcome in zip(pending, outcomes, strict=True):
-                if isinstance(outcome, ServiceError):
-                    results[i] = outcome
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                else:
-                    results[i] = self._commit(session, planned, outcome)
+            for ks, outcomes in zip(by_model.values(), answers, strict=True):
+                for k, outcome in zip(ks, outcomes, strict=True):
+                    i, session, _, _, planned = pending[k]
+                    if isinstance(outcome, ServiceError):
+                        results[i] = outcome
+                    else:
+                        results[i] = self._commit(session, planned, outcome)
         finally:
             for session in locked:
                 session.lock.release()
