@@ -1,0 +1,76 @@
+"""Pushes of a few rows: StreamPool.advance (a ragged batch) against single-row steps and the
+chunked push, side by side in one run, on the reference config R1 (in 4, 8 x 64, kernel 7).
+
+Cases: one stream pushing T = 1, 10, 100 rows (T steps vs one advance vs one push); 64 streams
+x 10 rows (ten 64-stream steps vs one advance); 64 streams with 1-19 rows each (ragged).
+Targets (issue: edge throughput): a 10-row push <= 0.5x ten steps; 64 x 10 <= 1.5x ten steps.
+
+Run: python bench/ragged_push.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._harness import environment
+from model import TCN, StreamPool, TCNConfig
+
+R1 = TCNConfig(in_channels=4, channels=[64] * 8, kernel_size=7, out_channels=3)
+
+
+def best_us(fn, repeats: int, inner: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print(environment())
+    print(f"reference config R1, receptive field {R1.receptive_field}, one torch thread, best of "
+          f"{args.repeats}")  # fmt: skip
+    net = TCN(R1).eval()
+    pool = StreamPool(net, 128)
+    slots = np.array([pool.open() for _ in range(64)])
+    rng = np.random.default_rng(0)
+    one = slots[:1]
+    x1 = rng.standard_normal((1, 4)).astype(np.float32)
+    print(f"\n{'case':<34} {'steps':>10} {'advance':>10} {'push':>10} {'advance/steps':>14}")
+    for t in (1, 10, 100):
+        xt = rng.standard_normal((t, 4)).astype(np.float32)
+        steps = best_us(lambda t=t: [pool.step(one, x1) for _ in range(t)], args.repeats, 3)
+        adv = best_us(lambda xt=xt, t=t: pool.advance(one, xt, [t]), args.repeats, 3)
+        push = best_us(lambda xt=xt: pool.push(int(one[0]), xt), args.repeats, 3)
+        print(f"{f'1 stream x {t} rows':<34} {steps:>8.0f}us {adv:>8.0f}us {push:>8.0f}us "
+              f"{adv / steps:>13.2f}x")  # fmt: skip
+    x64 = rng.standard_normal((64, 4)).astype(np.float32)
+    x640 = rng.standard_normal((640, 4)).astype(np.float32)
+    steps = best_us(lambda: [pool.step(slots, x64) for _ in range(10)], args.repeats, 1)
+    adv = best_us(lambda: pool.advance(slots, x640, [10] * 64), args.repeats, 1)
+    print(f"{'64 streams x 10 rows':<34} {steps:>8.0f}us {adv:>8.0f}us {'':>10} "
+          f"{adv / steps:>13.2f}x")  # fmt: skip
+    lengths = rng.integers(1, 20, 64)
+    xr = rng.standard_normal((int(lengths.sum()), 4)).astype(np.float32)
+    adv = best_us(lambda: pool.advance(slots, xr, lengths), args.repeats, 1)
+    print(f"{f'64 streams x 1-19 rows ({lengths.sum()} rows)':<34} {'':>10} {adv:>8.0f}us "
+          f"{'':>10}   {adv / lengths.sum():.1f} us/row")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
