@@ -31,7 +31,11 @@ class ApiKeys:
             if scheme.lower() == "bearer":
                 presented = credentials.strip()
         if not presented:
-            raise Unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key'")
+            raise Unauthorized(
+                "this server needs an API key: send it as 'Authorization: Bearer <key>' or "
+                "'X-API-Key: <key>' (the Python client and the CLI read TCNSERVE_API_KEY or "
+                "--api-key; the server's keys are TCNSERVE_API_KEYS)"
+            )
         candidate = _digest(presented)
         match = None
         for digest, owner in self._digests:  # no early exit: every key is compared

@@ -8,11 +8,13 @@ per timestep; progress goes to standard error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 from tqdm import tqdm
 
@@ -41,12 +43,30 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        _check_reachable(args.url)
         with Client(args.url, args.api_key) as client:
             args._action(client, args)
+    except BrokenPipeError:  # `tcnserve stream ... | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):  # no second error when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ServerError, RetriesExhausted, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_reachable(url: str) -> None:
+    """Fail at once, and say why, when nothing listens at `url` (the client would retry)."""
+    try:
+        httpx.get(f"{url.rstrip('/')}/healthz", timeout=5)
+    except httpx.ConnectError:
+        raise ConnectionRefusedError(
+            f"connection refused: is the server running at {url}? (start one with "
+            "`tcnserve serve`, or pass --url)"
+        ) from None
+    except httpx.HTTPError:
+        pass  # slow or odd: leave it to the client's retries and messages
 
 
 def _predict(client: Client, args: argparse.Namespace) -> None:
@@ -76,6 +96,7 @@ def _read_rows(source: str) -> Iterator[np.ndarray]:
         yield from (array[:, None] if array.ndim == 1 else array)
         return
     lines = sys.stdin if source == "-" else Path(source).open()  # noqa: SIM115
+    rows = 0
     try:
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -83,11 +104,22 @@ def _read_rows(source: str) -> Iterator[np.ndarray]:
                 continue
             try:
                 yield np.array([float(v) for v in line.split(",")], dtype=np.float32)
+                rows += 1
             except ValueError:
-                raise ValueError(f"{source}:{number}: not a row of numbers: {line!r}") from None
+                hint = (
+                    " (a header line? the file must hold only rows of numbers; start a "
+                    "comment line with #)"
+                    if rows == 0
+                    else ""
+                )
+                raise ValueError(
+                    f"{source}:{number}: not a row of numbers: {line!r}{hint}"
+                ) from None
     finally:
         if lines is not sys.stdin:
             lines.close()
+    if rows == 0:
+        raise ValueError(f"{source}: no rows (one timestep per line, comma-separated numbers)")
 
 
 def _count_rows(source: str) -> int | None:

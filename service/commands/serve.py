@@ -59,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.model:
             overrides["models"] = parse_model_specs(args.model)
+            for spec in args.model:
+                if "=" not in spec:
+                    print(
+                        f"tcnserve serve: serving {spec} as model 'default' (give NAME=DIR to "
+                        "name it)",
+                        file=sys.stderr,
+                    )
         settings = Settings(**overrides)
     except (ValidationError, ValueError) as e:
         print(f"tcnserve serve: {_explain(e)}", file=sys.stderr)

@@ -94,7 +94,7 @@ def test_token_model_from_stdin(live, reference, monkeypatch, capsys):
         assert_printed(capsys.readouterr().out, want)
 
 
-def test_nothing_listening_is_an_error_after_bounded_retries(no_backoff, tmp_path, capsys):
+def test_nothing_listening_fails_at_once_and_says_so(no_backoff, tmp_path, capsys):
     path = tmp_path / "rows.csv"
     path.write_text(csv_text(rows_of(3, seed=26)))
     url = f"http://127.0.0.1:{free_port()}"
@@ -102,14 +102,39 @@ def test_nothing_listening_is_an_error_after_bounded_retries(no_backoff, tmp_pat
     assert main(["stream", "--url", url, str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.count("error: ") == 2
-    assert no_backoff == [*range(RetryPolicy().attempts)] * 2
+    assert captured.err.count(f"connection refused: is the server running at {url}?") == 2
+    assert no_backoff == []  # no silent retries
+
+
+def test_a_header_or_an_empty_file_is_explained(live, tmp_path, capsys):
+    argv = ["--url", live.url, "--api-key", KEY, "--model", "tiny"]
+    header, empty = tmp_path / "header.csv", tmp_path / "empty.csv"
+    header.write_text("value,marker\n0.5,1\n")
+    empty.write_text("# nothing yet\n\n")
+    assert main(["predict", *argv, str(header)]) == 2
+    assert "a header line?" in capsys.readouterr().err
+    assert main(["predict", *argv, str(empty)]) == 2
+    assert f"{empty}: no rows" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_ends_quietly(live, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "rows.csv"
+    path.write_text(csv_text(rows_of(5, seed=29)))
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("service.commands.client._write", closed)
+    argv = ["--url", live.url, "--api-key", KEY, "--model", "tiny", str(path)]
+    assert main(["predict", *argv]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--api-key", "wrong-key-0123456789abcdef"], "error: 401 unauthorized"),
+        ([], "TCNSERVE_API_KEY"),  # no key: the message says how to give one
         (["--api-key", KEY, "--model", "nope"], "error: 404"),
     ],
 )
