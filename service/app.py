@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service import http_errors
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -35,7 +36,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline: /docs and /redoc serve Swagger UI and ReDoc from the package, not a CDN,
+    # so the docs work on a machine without internet access.
+    app = FastAPIOffline(
+        title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.runtime = runtime
     http_errors.install(app)
     for module in (health, models, predict, sessions, steps, stream, streams):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.deps import RuntimeDep
 from service.http_errors import error_body
+from service.schemas import ErrorBody
 
 router = APIRouter(tags=["operations"])
 
@@ -16,7 +17,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 once every model is warmed, 503 while draining")
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once every model is warmed, 503 while draining",
+    responses={503: {"model": ErrorBody, "description": "not ready or draining (Retry-After)"}},
+)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     if runtime.ready:
         return JSONResponse({"status": "ready", "models": runtime.registry.names()})
@@ -29,6 +34,11 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(body, 503, headers={"Retry-After": str(runtime.settings.retry_after_s)})
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
 async def metrics(runtime: RuntimeDep) -> Response:
     return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)

@@ -230,6 +230,15 @@ def serving_unloaded(app):
     return TestClient(app)
 
 
+def test_docs_are_served_without_a_cdn(client):
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page).text
+        assert "cdn." not in html and "unpkg" not in html, page
+        src = next(p for p in html.split('"') if p.endswith(asset))
+        r = client.get(src)
+        assert r.status_code == 200 and len(r.content) > 10_000, src
+
+
 def test_openapi_documents_the_api(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
@@ -253,6 +262,8 @@ def test_openapi_documents_the_api(client):
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(body["properties"]) == fields, path
         assert "$ref" not in json.dumps(body)
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
 
 
 def test_metrics_are_exposed(client):
