@@ -296,4 +296,8 @@ def _read_evaluation(directory: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as e:
         logger.warning("ignoring unreadable %s: %s", path, e)
         return None
-    return data if isinstance(data, dict) else {"value": data}
+    if not isinstance(data, dict):
+        return {"value": data}
+    # What a client wants to know of a model, not the whole run: drop the per-epoch history and
+    # the training curve (they stay in metrics.json and learning_curve.png).
+    return {k: v for k, v in data.items() if k not in ("history", "curve")}

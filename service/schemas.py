@@ -137,21 +137,37 @@ class SessionInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
     name: str
     in_channels: int
     out_channels: int
     channels: list[int]
     kernel_size: int
     dilations: list[int]
-    receptive_field: int
+    receptive_field: int = Field(description="R: an output depends on the last R inputs")
+    vocab_size: int | None = Field(None, description="token models: ids are in [0, vocab_size)")
+    input: Literal["floats", "token_ids"] = Field(
+        description="rows of in_channels floats, or one integer token id per row"
+    )
+    output_activation: str
     device: str
     dtype: str
+    max_sessions: int = Field(description="stream slots (preallocated)")
+    state_bytes_per_stream: int = Field(description="ring-buffer bytes one session holds")
+    max_input_abs: float | None = Field(
+        description="largest |input| taken (beyond it the model could overflow); null: no "
+        "bound, outputs are checked instead"
+    )
+    max_position: int = Field(description="the largest position a session may reach")
     trained: bool
     task: str | None = None
-    metadata: dict[str, Any]
-    evaluation: dict[str, Any] | None = None
+    description: str | None = None
+    metadata: dict[str, Any] = Field(description="the checkpoint's free-form metadata")
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="the checkpoint's metrics.json (measured value, paper's value, steps, "
+        "command), without its per-epoch history and curve",
+    )
+    ready: bool = Field(description="loaded and warmed")
 
 
 class ModelList(BaseModel):

@@ -230,6 +230,15 @@ def serving_unloaded(app):
     return TestClient(app)
 
 
+def test_model_info_is_documented_field_for_field(client):
+    from service.schemas import ModelInfo
+
+    info = client.get("/v1/models/tiny").json()
+    assert set(info) == set(ModelInfo.model_fields)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ModelInfo"]
+    assert set(schema["properties"]) == set(info)
+
+
 def test_docs_are_served_without_a_cdn(client):
     for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
         html = client.get(page).text
