@@ -23,6 +23,7 @@ app = FastAPI()
 STEP = b'{"outputs":[[0.123456789]],"position":1}'
 HEADER = struct.Struct("<q")
 OUTPUT = struct.pack("<f", 0.123456789)
+ROW_BYTES = 2 * 4  # a row of the built-in model: two float32 inputs
 
 
 @app.post("/v1/sessions", status_code=201)
@@ -52,10 +53,12 @@ async def echo(websocket: WebSocket, session_id: str) -> None:
             data = message.get("bytes")
             if data is not None:
                 (offset,) = HEADER.unpack_from(data)
-                await websocket.send_bytes(HEADER.pack(offset + 1) + OUTPUT)
+                rows = (len(data) - HEADER.size) // ROW_BYTES
+                await websocket.send_bytes(HEADER.pack(offset + rows) + OUTPUT * rows)
             else:
                 body = json.loads(message["text"])
-                answer = {"outputs": [[0.123456789]], "position": body["offset"] + 1}
+                rows = len(body["inputs"])
+                answer = {"outputs": [[0.123456789]] * rows, "position": body["offset"] + rows}
                 await websocket.send_text(json.dumps(answer))
     except WebSocketDisconnect:
         return

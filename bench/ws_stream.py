@@ -58,17 +58,21 @@ CLIENT_TIMEOUT_S = 300.0
 class WsPushers:
     """Sessions that each push one row per WebSocket message, in lockstep, with offset framing."""
 
-    def __init__(self, url: str, sessions: int, in_channels: int, seed: int, binary: bool):
+    def __init__(
+        self, url: str, sessions: int, in_channels: int, seed: int, binary: bool, rows: int = 1
+    ):
         self.url = url
         self.sessions = sessions
         self.binary = binary
+        self.rows = rows  # rows per message
         self.session_ids: list[str] = []
         self.sockets: list[ClientConnection] = []
         self.positions: list[int] = []
-        rows = np.random.default_rng(seed).standard_normal((64, in_channels)).astype(np.float32)
+        shape = (64, rows, in_channels)
+        chunks = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
         # Binary frames are HEADER.pack(offset) + payload: encode_frame's bytes, built per push.
-        self.payloads = [encode_frame(row[None, :]) for row in rows]
-        self.texts = [json.dumps(row) for row in rows.tolist()]  # JSON: one row
+        self.payloads = [encode_frame(chunk) for chunk in chunks]
+        self.texts = [json.dumps(chunk)[1:-1] for chunk in chunks.tolist()]  # JSON: its rows
 
     async def open(self) -> None:
         async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
@@ -109,9 +113,9 @@ class WsPushers:
                 await push(ws, self.positions[k], i % 64)
                 if latencies is not None:
                     latencies.append(time.perf_counter() - start)
-                self.positions[k] += 1
+                self.positions[k] += self.rows
                 i += 1
-            return i
+            return i * self.rows  # timesteps
 
         return sum(await asyncio.gather(*(one(k) for k in range(self.sessions))))
 
@@ -120,13 +124,13 @@ class WsPushers:
         answer = await ws.recv()
         if isinstance(answer, str):
             raise RuntimeError(f"push refused: {answer}")
-        if HEADER.unpack_from(answer)[0] != position + 1:
+        if HEADER.unpack_from(answer)[0] != position + self.rows:
             raise RuntimeError(f"answer at position {HEADER.unpack_from(answer)[0]}")
 
     async def _push_json(self, ws: ClientConnection, position: int, row: int) -> None:
         await ws.send(f'{{"inputs": [{self.texts[row]}], "offset": {position}}}')
         answer = json.loads(await ws.recv())
-        if answer.get("position") != position + 1:
+        if answer.get("position") != position + self.rows:
             raise RuntimeError(f"push refused or misplaced: {answer}")
 
     async def close(self, delete: bool = True) -> None:
@@ -155,10 +159,11 @@ def client_process(
     in_channels: int,
     seed: int,
     warmup: int,
+    rows: int = 1,
 ) -> None:
     """One client process: open its sessions, report ready, push when told, report, close."""
     try:
-        asyncio.run(_client(conn, url, transport, sessions, in_channels, seed, warmup))
+        asyncio.run(_client(conn, url, transport, sessions, in_channels, seed, warmup, rows))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
 
@@ -171,11 +176,13 @@ async def _client(
     in_channels: int,
     seed: int,
     warmup: int,
+    rows: int = 1,
 ) -> None:
     if transport == "http":
         pushers: HttpPushers | WsPushers = HttpPushers(url, sessions, in_channels, seed)
     else:
-        pushers = WsPushers(url, sessions, in_channels, seed, binary=transport == "ws-binary")
+        binary = transport == "ws-binary"
+        pushers = WsPushers(url, sessions, in_channels, seed, binary=binary, rows=rows)
     try:
         await pushers.open()
         await pushers.run(warmup)
@@ -270,6 +277,7 @@ def run_case(
     seconds: float,
     procs: int,
     warmup: int,
+    rows: int = 1,
 ) -> Case:
     context = multiprocessing.get_context("spawn")
     shares = [sessions // procs + (k < sessions % procs) for k in range(procs)]
@@ -278,7 +286,10 @@ def run_case(
         ours, theirs = context.Pipe()
         process = context.Process(
             target=client_process,
-            args=(theirs, server.url, transport, share, in_channels, 1000 * sessions + k, warmup),
+            args=(
+                *(theirs, server.url, transport, share, in_channels),
+                *(1000 * sessions + k, warmup, rows),
+            ),
             daemon=True,
         )
         process.start()
@@ -435,6 +446,12 @@ def main() -> None:
         "--quick", action="store_true", help="smoke run: 1 s per case, 1 and 64 sessions"
     )
     parser.add_argument(
+        "--rows-per-message",
+        type=int,
+        default=1,
+        help="rows in each WebSocket message (a ragged batch on the server; default 1)",
+    )
+    parser.add_argument(
         "--echo",
         action="store_true",
         help="also run every case against bench/noop_app.py (the same stack doing no work)",
@@ -491,8 +508,9 @@ def main() -> None:
             procs = max(1, min(args.client_procs, n))
             for transport in args.transports:
                 case = run_case(
-                    server, transport, n, config.in_channels, args.seconds, procs, warmup
-                )
+                    server, transport, n, config.in_channels, args.seconds, procs, warmup,
+                    args.rows_per_message,
+                )  # fmt: skip
                 cases.append(case)
                 print(table([case]).splitlines()[1], flush=True)
     http = {c.sessions: c.rate for c in cases if c.transport == "http"}
@@ -513,8 +531,9 @@ def main() -> None:
                 procs = max(1, min(args.client_procs, n))
                 for transport in args.transports:
                     case = run_case(
-                        floor, transport, n, config.in_channels, args.seconds, procs, warmup
-                    )
+                        floor, transport, n, config.in_channels, args.seconds, procs, warmup,
+                        args.rows_per_message,
+                    )  # fmt: skip
                     floor_cases.append(case)
                     print(table([case]).splitlines()[1], flush=True)
         print("\ntcnserve as a share of the no-work stack (steps/s; p99 ratio):")
