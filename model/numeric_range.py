@@ -2,9 +2,9 @@
 
 Finite inputs can still overflow: rows of 3.4e38 in float32 turn into Inf inside the first conv,
 and an Inf that a later ReLU masks would sit in a ring buffer and poison the stream's future
-outputs. Every value the network computes is an affine function of its inputs, so with
-|x| <= M each one is bounded by g * M + c, where g and c follow from the weights' absolute row
-sums (the induced infinity norm) and the biases:
+outputs. Every value the network computes is a piecewise affine function of its inputs, and
+|relu(v)| <= |v|, so with |x| <= M each one is bounded by g * M + c, where g and c follow from
+the weights' absolute row sums (the induced infinity norm) and the biases:
 
     conv1:  |a|   <= |W1| |h| + |b1|            (k taps of C_in values per output)
     conv2:  |out| <= |W2| |a| + |b2|

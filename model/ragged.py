@@ -48,7 +48,7 @@ def ragged_plan(
     lengths: np.ndarray,  # (N,) rows per stream, each >= 1
     tap_offsets: np.ndarray,  # (layers, 1, k) how far back each tap reaches, oldest first
     ring_lengths: np.ndarray,  # (layers, 1, 1) L per layer
-    scratch_at: int,  # first scratch row: capacity * L, per layer (layers, 1, 1)
+    scratch_at: np.ndarray,  # (layers, 1, 1) each layer's first scratch row: capacity * L
     history_len: int,
     device: torch.device,
 ) -> RaggedPlan:

@@ -427,6 +427,8 @@ class StreamPool:
         else:
             y = self._finish(self._step_torch(slot_np, x))
         bad = _nonfinite_rows(y)
+        if not bad and not self.overflow_safe:
+            bad = self._nonfinite_ring_rows(slot_np)
         if bad:
             raise NonFiniteOutputError(
                 f"the outputs of streams {bad} would not be finite; the step was refused", bad
@@ -439,6 +441,15 @@ class StreamPool:
                 self._history.index_copy_(0, torch.from_numpy(remember).to(self.device), x)
         self._positions[slot_np] += 1
         return y
+
+    def _nonfinite_ring_rows(self, slot_np: np.ndarray) -> list[int]:
+        """Streams whose ring rows of this step hold NaN or Inf (a value a ReLU hid from the
+        outputs would poison later steps): checked only without an overflow-safe bound."""
+        writes = torch.from_numpy(self._ring_rows(slot_np)[0]).to(self.device)  # (layers, N)
+        finite = torch.ones(slot_np.size, dtype=torch.bool, device=self.device)
+        for layer, rows in zip(self._layers, writes, strict=True):
+            finite &= torch.isfinite(layer.ring[rows]).all(dim=1)
+        return torch.nonzero(~finite).flatten().tolist()
 
     def _step_torch(self, slot_np: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -496,6 +507,8 @@ class StreamPool:
         h, writes = ragged_forward(plan, self._step_plan, self._scratch_at, self._embed(x))
         y = self._finish(h)
         bad_rows = _nonfinite_rows(y)
+        if not bad_rows and not self.overflow_safe:
+            bad_rows = _nonfinite_written(writes, plan.kept)
         if bad_rows:
             streams = sorted(set(np.searchsorted(np.cumsum(counts), bad_rows, side="right")))
             raise NonFiniteOutputError(
@@ -548,6 +561,8 @@ class StreamPool:
                 h = out.add_(res).relu_()
         y = self._finish(h.T.contiguous())
         bad = _nonfinite_rows(y)
+        if not bad and not self.overflow_safe and not all(_all_finite(v) for _, _, v in writes):
+            bad = list(range(steps))  # a hidden Inf in the state: refuse the whole chunk
         if bad:
             raise NonFiniteOutputError(
                 f"the outputs of rows {bad[:10]} would not be finite; the push was refused", bad
@@ -619,6 +634,17 @@ def _fingerprint(net: TCN) -> str:
         for t in tensors:
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def _nonfinite_written(
+    writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], kept: list[torch.Tensor]
+) -> list[int]:
+    """Rows of a ragged call (by index into the call) whose ring writes are not finite."""
+    bad: set[int] = set()
+    for (_, _, values), rows in zip(writes, kept, strict=True):
+        if not _all_finite(values):
+            bad.update(rows[~torch.isfinite(values).all(dim=1)].tolist())
+    return sorted(bad)
 
 
 def _nonfinite_rows(y: torch.Tensor) -> list[int]:

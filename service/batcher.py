@@ -226,7 +226,7 @@ class ModelWorker:
         slots = [job.slot for job in batch]
         lengths = [len(job.rows) for job in batch]
         x = np.concatenate([job.rows for job in batch])
-        if len(x) == len(batch):  # one row each: the step kernel
+        if all(n == 1 for n in lengths):  # one row each: the step kernel
             y = self.pool.step(slots, x)
         else:
             y = self.pool.advance(slots, x, lengths)

@@ -14,6 +14,12 @@ class ServiceError(Exception):
         self.message = message
 
 
+class InternalError(ServiceError):
+    """Something that should not happen happened (and was logged); the push changed nothing."""
+
+    code = "internal"
+
+
 class InvalidInput(ServiceError):
     code = "invalid_input"
 

@@ -4,7 +4,9 @@ within `request_timeout_s`, or the connection is answered 408 and closed.
 uvicorn itself only times out idle keep-alive connections; a client that trickles its headers or
 body one byte at a time would hold a connection (and, with the body buffered, memory) forever.
 The deadline starts when a connection opens or, on a kept-alive connection, when the next request
-begins, and ends when the request is complete (or the connection upgrades to a WebSocket).
+begins, and ends when the request is complete (or the connection upgrades to a WebSocket). A
+pipelined request queued behind one still being answered is not timed out: uvicorn does not read
+it meanwhile.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def _expire(self) -> None:
         self._deadline = None
         if self.transport.is_closing():
+            return
+        if self.pipeline:
+            # A pipelined request waits behind one still being answered, and uvicorn stops
+            # reading meanwhile: the wait is the server's, not the client's. Look again later.
+            self._arm()
             return
         if self.cycle is None or not self.cycle.response_started:
             self.transport.write(_TIMEOUT_RESPONSE % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))

@@ -14,15 +14,19 @@ import re
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie"})
 REDACTED = "***"
 _QUERY_TOKEN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+# A secret header's name, then what separates it from its value in a log line, a dict or a
+# tuple repr ("authorization: x", "'x-api-key': 'x'", "(b'cookie', b'x')"), then the value.
 _HEADER_LINE = re.compile(
-    r"((?:proxy-)?authorization|x-api-key|cookie)(\s*[:=]\s*)[^\r\n,'\"]+", re.IGNORECASE
+    r"((?:proxy-)?authorization|x-api-key|cookie)(['\"]?\s*[:=,]\s*(?-i:b)?['\"]?)"
+    r"([^\r\n,'\"}\])]+)",
+    re.IGNORECASE,
 )
 
 
 def redact(text: str) -> str:
     if "=" in text:
         text = _QUERY_TOKEN.sub(r"\1" + REDACTED, text)
-    if ":" in text or "=" in text:
+    if ":" in text or "=" in text or "," in text:
         text = _HEADER_LINE.sub(r"\1\2" + REDACTED, text)
     return text
 
@@ -33,23 +37,33 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple):
-            if (
-                len(args) == 2
-                and isinstance(args[0], str)
-                and args[0].strip().lower() in SECRET_HEADERS
-            ):
+            name = args[0].decode("latin-1") if args and isinstance(args[0], bytes) else None
+            name = args[0] if args and isinstance(args[0], str) else name
+            if len(args) == 2 and name is not None and name.strip().lower() in SECRET_HEADERS:
                 record.args = (args[0], REDACTED)  # websockets: "< %s: %s" per header
             else:
                 record.args = tuple(_clean(a) for a in args)
-        elif isinstance(args, dict):
-            record.args = {k: _clean(v) for k, v in args.items()}
+        elif isinstance(args, dict):  # "%(name)s" formats, or one dict argument
+            record.args = {
+                k: REDACTED if str(k).strip().lower() in SECRET_HEADERS else _clean(v)
+                for k, v in args.items()
+            }
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
+        if record.exc_info and not record.exc_text:  # tracebacks may quote headers too
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 
 def _clean(value: object) -> object:
-    return redact(value) if isinstance(value, str) else value
+    """An argument as it will be printed, redacted; plain numbers are left as they are."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, (bytes, dict, list, tuple)):
+        text = str(value)
+        cleaned = redact(text)
+        return cleaned if cleaned != text else value
+    return value
 
 
 def install(logger_names: tuple[str, ...] = ("", "uvicorn", "uvicorn.error", "uvicorn.access")):

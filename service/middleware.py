@@ -17,6 +17,7 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NO_BODY_BYTES = 1024  # routes outside /v1 take none
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -120,9 +121,12 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # Only /v1 routes take bodies (and only they need an API key): anywhere else a body is
+        # refused at its first bytes, so anonymous clients cannot fill the shared budget.
+        limit = self.max_bytes if scope["path"].startswith("/v1/") else NO_BODY_BYTES
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         # Read the whole body here (the handlers would anyway) so an oversized stream is refused
         # before any handler has started.
@@ -135,8 +139,8 @@ class BodyLimitMiddleware:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 self.inflight += len(chunk)
-                if size > self.max_bytes:
-                    await self._refuse(scope, receive, send)
+                if size > limit:
+                    await self._refuse(scope, receive, send, limit)
                     return
                 if self.inflight > self.max_inflight:
                     error = Overloaded(
@@ -163,8 +167,11 @@ class BodyLimitMiddleware:
         finally:
             self.inflight -= size
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = BodyTooLarge(f"request body exceeds max_body_bytes ({self.max_bytes} bytes)")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        if limit == self.max_bytes:
+            error = BodyTooLarge(f"request body exceeds max_body_bytes ({limit} bytes)")
+        else:
+            error = BodyTooLarge(f"{scope['path']} takes no request body (at most {limit} bytes)")
         await http_errors.error_response(error)(scope, receive, send)
 
 

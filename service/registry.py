@@ -21,7 +21,13 @@ from model import (
     read_checkpoint_info,
 )
 from service.batcher import ModelWorker
-from service.errors import InvalidInput, ModelNotFound, NonFiniteOutput, ServiceError
+from service.errors import (
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    NonFiniteOutput,
+    ServiceError,
+)
 from service.inference import forward_sequences
 from service.inputs import InputSpec
 from service.metrics import Metrics
@@ -188,6 +194,9 @@ class ModelEntry:
         for outcome, (_, x) in zip(outcomes, pushes, strict=True):
             if isinstance(outcome, ValueError):
                 results.append(_refusal(outcome))
+            elif isinstance(outcome, Exception):  # e.g. out of memory: the pool changed nothing
+                logger.error("a push to model %s failed", self.name, exc_info=outcome)
+                results.append(InternalError("internal server error"))
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:

@@ -25,6 +25,7 @@ import numpy as np
 from model import MAX_POSITION, PoolFullError
 from service.errors import (
     CapacityExceeded,
+    InternalError,
     InvalidInput,
     KeyQuotaExceeded,
     OffsetConflict,
@@ -152,9 +153,7 @@ class SessionManager:
         """
         session = await self._find(owner, session_id)
         entry = self._registry.get(session.model)
-        if not len(x):
-            raise InvalidInput("inputs: give at least one row")
-        check_timesteps(len(x), self._max_timesteps)
+        self._check_rows(x, entry)
         return await self._shielded(
             self._locked(session, lambda: self._apply(session, entry, x, offset))
         )
@@ -182,6 +181,7 @@ class SessionManager:
         results: list[PushResult | ServiceError | None] = [None] * len(items)
         locked: list[Session] = []
         pending: list[tuple[int, Session, ModelEntry, np.ndarray, _Pending]] = []
+        busy: list[int] = []  # sessions another operation holds: pushed alone afterwards
         try:
             seen: set[str] = set()
             for i, (session_id, x, offset) in enumerate(items):
@@ -191,13 +191,15 @@ class SessionManager:
                     seen.add(session_id)
                     session = await self._find(owner, session_id)
                     entry = self._registry.get(session.model)
-                    if not len(x):
-                        raise InvalidInput("inputs: give at least one row")
-                    check_timesteps(len(x), self._max_timesteps)
-                    await session.lock.acquire()  # no wait unless another push holds it
+                    self._check_rows(x, entry)
+                    # Never wait for a lock while holding others (two requests naming the same
+                    # sessions in another order would wait for each other forever).
+                    if session.lock.locked():
+                        busy.append(i)
+                        continue
+                    await session.lock.acquire()  # free: taken without a wait
                     locked.append(session)
-                    if session.closed:
-                        raise SessionNotFound(f"no session {session_id!r}")
+                    self._check_open(session)
                     planned = self._plan(session, x, offset)
                 except ServiceError as e:
                     results[i] = e
@@ -206,28 +208,75 @@ class SessionManager:
                     results[i] = planned
                 else:
                     pending.append((i, session, entry, x, planned))
-            by_model: dict[str, list[int]] = {}
-            for k, (_, session, _, _, _) in enumerate(pending):
-                by_model.setdefault(session.model, []).append(k)
-            answers = await asyncio.gather(
-                *(
-                    pending[ks[0]][2].advance_many(
-                        [(pending[k][1].slot, pending[k][3]) for k in ks]
-                    )
-                    for ks in by_model.values()
-                )
-            )
-            for ks, outcomes in zip(by_model.values(), answers, strict=True):
-                for k, outcome in zip(ks, outcomes, strict=True):
-                    i, session, _, _, planned = pending[k]
-                    if isinstance(outcome, ServiceError):
-                        results[i] = outcome
-                    else:
-                        results[i] = self._commit(session, planned, outcome)
+            await self._advance_pending(pending, results)
         finally:
             for session in locked:
                 session.lock.release()
+        for i in busy:  # one at a time, each waiting only for its own session
+            session_id, x, offset = items[i]
+            try:
+                results[i] = await self._push_locked(owner, session_id, x, offset)
+            except ServiceError as e:
+                results[i] = e
         return results  # type: ignore[return-value]
+
+    async def _advance_pending(
+        self,
+        pending: list[tuple[int, Session, ModelEntry, np.ndarray, _Pending]],
+        results: list[PushResult | ServiceError | None],
+    ) -> None:
+        """Advance every planned push, each model's in one batch, and record what was applied.
+
+        A failure of one model's batch fails its pushes alone (an unexpected one is logged):
+        the pool refuses a call before it changes anything, so nothing unrecorded was applied.
+        """
+        by_model: dict[str, list[int]] = {}
+        for k, (_, session, _, _, _) in enumerate(pending):
+            by_model.setdefault(session.model, []).append(k)
+        answers = await asyncio.gather(
+            *(
+                pending[ks[0]][2].advance_many([(pending[k][1].slot, pending[k][3]) for k in ks])
+                for ks in by_model.values()
+            ),
+            return_exceptions=True,
+        )
+        for ks, outcomes in zip(by_model.values(), answers, strict=True):
+            if isinstance(outcomes, BaseException):
+                logger.error("a batch of %d pushes failed", len(ks), exc_info=outcomes)
+                outcomes = [InternalError("internal server error")] * len(ks)
+            for k, outcome in zip(ks, outcomes, strict=True):
+                i, session, _, _, planned = pending[k]
+                if isinstance(outcome, ServiceError):
+                    results[i] = outcome
+                else:
+                    results[i] = self._commit(session, planned, outcome)
+
+    async def _push_locked(
+        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
+    ) -> PushResult:
+        session = await self._find(owner, session_id)
+        entry = self._registry.get(session.model)
+        return await self._locked(session, lambda: self._apply(session, entry, x, offset))
+
+    def _check_rows(self, x: np.ndarray, entry: ModelEntry) -> None:
+        """Rows decoded for another model than the session's (it was deleted and re-created
+        meanwhile) are refused, as are empty or too many rows."""
+        if not len(x):
+            raise InvalidInput("inputs: give at least one row")
+        check_timesteps(len(x), self._max_timesteps)
+        tokens = entry.config.vocab_size is not None
+        if tokens != (x.ndim == 1) or (not tokens and x.shape[1] != entry.config.in_channels):
+            raise InvalidInput(
+                f"the session now serves model {entry.name!r}, whose rows have another shape; "
+                "send the push again"
+            )
+
+    def _check_open(self, session: Session) -> None:
+        """After the lock was taken: the session may have been retired while it waited."""
+        if session.closed:
+            if (session.owner, session.id) in self._expired:
+                raise SessionExpired(f"session {session.id!r} expired after its TTL")
+            raise SessionNotFound(f"no session {session.id!r}")
 
     async def snapshot(self, owner: str, session_id: str) -> tuple[Session, np.ndarray]:
         """The session and its last min(position, R - 1) input rows, oldest first."""
@@ -312,11 +361,7 @@ class SessionManager:
 
     async def _locked(self, session: Session, op: Callable[[], Awaitable[T]]) -> T:
         async with session.lock:
-            if session.closed:  # retired while this operation waited for the lock
-                key = (session.owner, session.id)
-                if key in self._expired:
-                    raise SessionExpired(f"session {session.id!r} expired after its TTL")
-                raise SessionNotFound(f"no session {session.id!r}")
+            self._check_open(session)  # it may have been retired while this waited
             return await op()
 
     async def _open(

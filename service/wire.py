@@ -96,11 +96,19 @@ def encode_pushes(pushes: list[tuple[str, int | None, np.ndarray]]) -> bytes:
     return b"".join(parts)
 
 
-def decode_pushes(data: bytes) -> list[FramePush]:
-    """A multi-session frame -> its pushes; FrameError if it does not parse as a whole."""
+_SMALLEST_PUSH = _ID_LEN.size + _PUSH.size  # an empty id and no rows: 15 bytes
+
+
+def decode_pushes(data: bytes, max_items: int | None = None) -> list[FramePush]:
+    """A multi-session frame -> its pushes; FrameError if it does not parse as a whole, or
+    holds more than `max_items` pushes (refused before any is read)."""
     view = memoryview(data)
     reader = _Reader(view)
     (count,) = reader.take(_COUNT)
+    if max_items is not None and count > max_items:
+        raise FrameError(f"the frame holds {count} pushes; at most {max_items} per message")
+    if count * _SMALLEST_PUSH > len(view) - _COUNT.size:
+        raise FrameError(f"a frame of {len(view)} bytes cannot hold {count} pushes")
     pushes = []
     for _ in range(count):
         session_id = reader.text()

@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         http=deadline_protocol(settings.request_timeout_s),  # 408 for trickled requests
         limit_concurrency=settings.connection_limit(),  # 503 beyond it
         ws_max_size=settings.max_body_bytes,  # a larger message closes the socket with 1009
-        ws_max_queue=32,  # per connection: a client that does not read stops being read
+        # Per connection: a client that does not read stops being read, and at most this many
+        # messages of up to ws_max_size wait (WebSocket messages are not in the body budget).
+        ws_max_queue=4,
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
     log_redaction.install()  # after Config has set up logging: no API key in any log line
@@ -100,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM both end in a plain exit 0 after the drain.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _after_shutdown)
-    server.run()
+    try:
+        server.run()
+    finally:  # a process stuck on its way out must still die of the next signal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
     if runtime.load_error:
         print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
         return 1

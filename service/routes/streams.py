@@ -45,13 +45,19 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
         return
 
     async def answer(message: Message) -> None:
+        limit = runtime.settings.max_sequences_per_request
         if message.get("bytes") is not None:
             data = message["bytes"]
-            outcomes = await many_steps.push_items(runtime, owner, _binary_items(data), len(data))
+            # Large frames are parsed off the event loop, and a frame of too many pushes is
+            # refused before they are read.
+            items = await runtime.decode(len(data), lambda: _binary_items(data, limit))
+            outcomes = await many_steps.push_items(runtime, owner, items, len(data))
             await websocket.send_bytes(encode_answers([_frame(o) for o in outcomes]))
         else:
             text = (message.get("text") or "").encode()
-            body = inputs.decode_body(text, inputs.ManyStepsBody, "message")
+            body = await runtime.decode(
+                len(text), lambda: inputs.decode_body(text, inputs.ManyStepsBody, "message")
+            )
             items = many_steps.json_items(body.steps)
             outcomes = await many_steps.push_items(runtime, owner, items, len(text))
             results = {"results": [json_result(o) for o in outcomes]}
@@ -60,9 +66,9 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
     await answer_messages(websocket, runtime, answer, "a multiplexed stream")
 
 
-def _binary_items(data: bytes) -> list[many_steps.Item]:
+def _binary_items(data: bytes, limit: int) -> list[many_steps.Item]:
     try:
-        pushes = decode_pushes(data)
+        pushes = decode_pushes(data, max_items=limit)
     except FrameError as e:
         raise InvalidInput(f"binary frame: {e}") from None
     return [

@@ -60,3 +60,13 @@ def test_multi_session_frames_round_trip_and_refuse_truncation():
     back = decode_answers(encode_answers(answers))
     assert back[0].position == 10 and np.array_equal(back[0].outputs, rows[0])
     assert (back[1].position, back[1].error) == (-1, b'{"e": 1}')
+
+
+def test_a_frame_claiming_more_pushes_than_it_can_hold_is_refused_before_reading():
+    import struct
+
+    empty_items = struct.pack("<I", 70_000) + (b"\0" + struct.pack("<qIH", -1, 0, 0)) * 70_000
+    with pytest.raises(FrameError, match="at most 1024"):
+        decode_pushes(empty_items, max_items=1024)
+    with pytest.raises(FrameError, match="cannot hold"):
+        decode_pushes(struct.pack("<I", 4_000_000_000))

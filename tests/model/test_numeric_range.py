@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import MAX_POSITION, NonFiniteOutputError, StreamPool, TCNConfig, safe_input_bound
+from model import MAX_POSITION, TCN, NonFiniteOutputError, StreamPool, TCNConfig, safe_input_bound
 from tests.model.conftest import chunk, full_forward, random_net, random_sequence
 
 CONFIG = TCNConfig(in_channels=3, channels=(6, 5, 4), kernel_size=3, out_channels=2)
@@ -94,3 +94,36 @@ def test_no_stream_passes_the_largest_position():
             call()
     assert pool.position(slot) == MAX_POSITION
     assert np.isfinite(pool.step([pool.open()], torch.zeros(1, 3)).numpy()).all()
+
+
+def hiding_net() -> TCN:
+    """conv1 overflows to +Inf, conv2 turns it into -Inf and its ReLU into 0: the outputs stay
+    finite while conv2's ring would keep the Inf (no useful bound, so the rings are checked)."""
+    config = TCNConfig(in_channels=1, channels=(2, 2), kernel_size=2, out_channels=1)
+    net = random_net(config, seed=1)
+    with torch.no_grad():
+        block = net.blocks[0]
+        block.conv1.weight.fill_(1e36)
+        block.conv1.bias.zero_()
+        block.conv2.weight.fill_(-1.0)
+        block.conv2.bias.zero_()
+    return net
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("call", ["step", "push", "advance"])
+def test_an_inf_hidden_from_the_outputs_is_refused_too(call):
+    pool = StreamPool(hiding_net(), 2)
+    assert not pool.overflow_safe
+    slot = pool.open()
+    pool.push(slot, torch.full((3, 1), 1e-3))
+    loud = torch.full((2, 1), 1e3)
+    with pytest.raises(NonFiniteOutputError):
+        if call == "step":
+            pool.step([slot], loud[:1])
+        elif call == "push":
+            pool.push(slot, loud)
+        else:
+            pool.advance([slot], loud, [2])
+    assert pool.position(slot) == 3

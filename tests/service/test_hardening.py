@@ -314,3 +314,10 @@ def test_malformed_json_and_wrong_methods_answer_their_documented_codes(client):
         documented["too_many_sequences"],
         "too_many_sequences",
     )
+
+
+def test_routes_outside_v1_take_no_body(client):
+    for path in ("/healthz", "/no-such-route"):
+        r = client.post(path, content=b"x" * 5000)
+        assert r.status_code == 413 and "takes no request body" in r.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200

@@ -136,3 +136,34 @@ def test_another_keys_sessions_are_not_found(make_settings):
         assert client.post("/v1/steps", json={"steps": []}).status_code == 401
         assert metric(client.get("/metrics").text, "tcnserve_active_sessions") == 1
         assert runtime_of(client.app).sessions.held_by("anonymous") == 0
+
+
+@pytest.mark.asyncio
+async def test_requests_naming_sessions_in_opposite_orders_never_wait_for_each_other(
+    make_settings,
+):
+    import asyncio
+
+    import numpy as np
+
+    from tests.service.conftest import async_serving
+
+    app = create_app(make_settings())
+    async with async_serving(app):
+        sessions = runtime_of(app).sessions
+        a, _ = await sessions.create("anonymous", "tiny")
+        b, _ = await sessions.create("anonymous", "tiny")
+        x = np.zeros((1, 2), dtype=np.float32)
+        await a.lock.acquire()  # another operation holds A for a moment
+        first = asyncio.ensure_future(
+            sessions.push_many("anonymous", [(a.id, x, None), (b.id, x, None)])
+        )
+        second = asyncio.ensure_future(
+            sessions.push_many("anonymous", [(b.id, x, None), (a.id, x, None)])
+        )
+        for _ in range(50):
+            await asyncio.sleep(0)
+        a.lock.release()
+        done = await asyncio.wait_for(asyncio.gather(first, second), timeout=20)
+        assert all(r.position in (1, 2) for results in done for r in results)
+        assert (a.position, b.position) == (2, 2)
