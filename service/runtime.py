@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -75,12 +74,6 @@ class Runtime:
     async def _load(self) -> None:
         try:
             await self.registry.load()
-            # Everything alive now (torch, the framework, the models) lives as long as the
-            # process: take it out of the collector's sight, so a full collection scans only
-            # what requests and sessions allocate. With 10,000 sessions this took the p99 of
-            # bench/open_loop.py from 146 ms to 50 ms.
-            gc.collect()
-            gc.freeze()
             self.metrics.models_ready.set(1)
         except Exception as e:
             logger.exception("loading the models failed")
