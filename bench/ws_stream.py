@@ -419,6 +419,21 @@ srv us / cli us: CPU microseconds per step, of the server (all threads) / of the
 The clients share the machine's CPUs with the server."""
 
 
+def run_cases(server: Server, args: argparse.Namespace, in_channels: int, warmup: int) -> list:
+    """Every (sessions, transport) case against one server, each printed as it ends."""
+    cases = []
+    for n in args.sessions:
+        procs = max(1, min(args.client_procs, n))
+        for transport in args.transports:
+            case = run_case(
+                server, transport, n, in_channels, args.seconds, procs, warmup,
+                args.rows_per_message,
+            )  # fmt: skip
+            cases.append(case)
+            print(table([case]).splitlines()[1], flush=True)
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
@@ -494,7 +509,6 @@ def main() -> None:
         f"{args.seconds:g} s per case, {warmup} warm-up pushes per session",
         flush=True,
     )
-    cases: list[Case] = []
     with Server(command, port) as server:
         diffs = asyncio.run(check_outputs(server.url, config.in_channels, config.receptive_field))
         print(
@@ -504,15 +518,7 @@ def main() -> None:
             flush=True,
         )
         print(table([]), flush=True)
-        for n in args.sessions:
-            procs = max(1, min(args.client_procs, n))
-            for transport in args.transports:
-                case = run_case(
-                    server, transport, n, config.in_channels, args.seconds, procs, warmup,
-                    args.rows_per_message,
-                )  # fmt: skip
-                cases.append(case)
-                print(table([case]).splitlines()[1], flush=True)
+        cases = run_cases(server, args, config.in_channels, warmup)
     http = {c.sessions: c.rate for c in cases if c.transport == "http"}
     for c in cases:
         if c.sessions in http:
@@ -521,21 +527,12 @@ def main() -> None:
     print(table(cases))
     print(LEGEND)
     if args.echo:
-        floor_cases = []
         port = free_port()
         noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port)]
         print("\nthe same cases against the same stack doing no work (bench/noop_app.py):")
         print(table([]), flush=True)
         with Server(noop, port) as floor:
-            for n in args.sessions:
-                procs = max(1, min(args.client_procs, n))
-                for transport in args.transports:
-                    case = run_case(
-                        floor, transport, n, config.in_channels, args.seconds, procs, warmup,
-                        args.rows_per_message,
-                    )  # fmt: skip
-                    floor_cases.append(case)
-                    print(table([case]).splitlines()[1], flush=True)
+            floor_cases = run_cases(floor, args, config.in_channels, warmup)
         print("\ntcnserve as a share of the no-work stack (steps/s; p99 ratio):")
         for ours, base in zip(cases, floor_cases, strict=True):
             print(
