@@ -16,6 +16,10 @@ from model import MAX_POSITION
 Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Row = Annotated[list[Value], Field(min_length=1, description="one timestep: in_channels numbers")]
 Rows = list[Row]
+OutputRow = Annotated[
+    list[float], Field(description="one timestep's outputs: out_channels numbers")
+]
+OutputRows = list[OutputRow]
 
 
 class _Request(BaseModel):
@@ -35,7 +39,7 @@ class PredictRequest(_Request):
 
 class PredictResponse(BaseModel):
     model: str
-    outputs: list[Rows] = Field(description="per sequence, its output rows")
+    outputs: list[OutputRows] = Field(description="per sequence, its output rows")
 
 
 class SnapshotIn(_Request):
@@ -79,7 +83,7 @@ class SessionCreated(BaseModel):
     model: str
     position: int
     expires_at: float = Field(description="Unix time, seconds")
-    outputs: Rows | None = Field(None, description="outputs of the prefix rows, if any")
+    outputs: OutputRows | None = Field(None, description="outputs of the prefix rows, if any")
 
 
 class StepRequest(_Request):
@@ -94,7 +98,7 @@ class StepRequest(_Request):
 
 
 class StepResponse(BaseModel):
-    outputs: Rows
+    outputs: OutputRows
     position: int
 
 
@@ -117,7 +121,7 @@ class ManyStepsRequest(_Request):
 
 class ManyStepsResult(BaseModel):
     session_id: str
-    outputs: Rows | None = None
+    outputs: OutputRows | None = None
     position: int | None = None
     error: ErrorDetail | None = Field(None, description="instead of outputs: why it failed")
 
