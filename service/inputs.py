@@ -79,6 +79,13 @@ def offset(raw: msgspec.Raw, what: str = "offset") -> int | None:
     return decode_body(raw, Position, what)
 
 
+def check_offset(offset: int | None, what: str = "offset") -> int | None:
+    """An offset from a binary frame's header: None, or an int in [0, MAX_POSITION]."""
+    if offset is not None and not 0 <= offset <= MAX_POSITION:
+        raise InvalidInput(f"{what} must be in [0, {MAX_POSITION}], got {offset}")
+    return offset
+
+
 def given(raw: msgspec.Raw) -> bool:
     """Whether an optional raw field was sent with a value (absent or null: no)."""
     return len(raw) > 0 and bytes(raw).strip() != b"null"

@@ -151,12 +151,7 @@ class SessionManager:
 
         `x` holds rows already decoded for the session's model (service/inputs.py).
         """
-        session = await self._find(owner, session_id)
-        entry = self._registry.get(session.model)
-        self._check_rows(x, entry)
-        return await self._shielded(
-            self._locked(session, lambda: self._apply(session, entry, x, offset))
-        )
+        return await self._shielded(self._push_locked(owner, session_id, x, offset))
 
     def model_of(self, owner: str, session_id: str) -> str:
         """The model of a live session (to decode rows for it); 404/410 as `push` would."""
@@ -256,6 +251,7 @@ class SessionManager:
     ) -> PushResult:
         session = await self._find(owner, session_id)
         entry = self._registry.get(session.model)
+        self._check_rows(x, entry)
         return await self._locked(session, lambda: self._apply(session, entry, x, offset))
 
     def _check_rows(self, x: np.ndarray, entry: ModelEntry) -> None:

@@ -205,9 +205,9 @@ def _decode_binary(
         offset, rows = decode_frame(data, spec.width, offsets)
     except FrameError as e:
         raise InvalidInput(str(e)) from None
-    if offset is not None and not 0 <= offset <= inputs.MAX_POSITION:
-        raise InvalidInput(f"the offset header must be in [0, {inputs.MAX_POSITION}], got {offset}")
-    return offset, inputs.check_array(rows, spec, "inputs")
+    return inputs.check_offset(offset, "the offset header"), inputs.check_array(
+        rows, spec, "inputs"
+    )
 
 
 def _decode_text(text: str, spec: inputs.InputSpec) -> tuple[int | None, np.ndarray]:

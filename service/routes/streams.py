@@ -75,16 +75,10 @@ def _binary_items(data: bytes, limit: int) -> list[many_steps.Item]:
         many_steps.Item(
             push.session_id,
             lambda spec, rows=push.rows: inputs.check_array(rows, spec, "inputs"),
-            lambda offset=push.offset: _offset(offset),
+            lambda offset=push.offset: inputs.check_offset(offset),
         )
         for push in pushes
     ]
-
-
-def _offset(offset: int | None) -> int | None:
-    if offset is not None and not 0 <= offset <= inputs.MAX_POSITION:
-        raise InvalidInput(f"offset must be -1 (none) or in [0, {inputs.MAX_POSITION}]")
-    return offset
 
 
 def _frame(outcome: many_steps.Outcome) -> FrameAnswer:

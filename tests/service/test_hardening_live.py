@@ -15,7 +15,14 @@ import httpx
 import pytest
 import websockets.sync.client as ws_client
 
-from tests.service.conftest import free_port, serve_command, serve_process, stop_process, wait_ready
+from tests.service.conftest import (
+    free_port,
+    serve_command,
+    serve_process,
+    stop_process,
+    wait_ready,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 KEY = "live-secret-key-0123456789"
@@ -145,10 +152,9 @@ def test_connections_beyond_the_cap_get_503(server):
         for sock in held:
             sock.close()
     # Once they are gone the server answers again.
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{url}/healthz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: httpx.get(f"{url}/healthz").status_code == 200, "the server to answer again", 10
+    )
 
 
 def test_no_api_key_reaches_the_log_at_debug_level(tmp_path, tiny_dir):
