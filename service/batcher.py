@@ -2,11 +2,18 @@
 
 Every model call (StreamPool and TCN.forward alike) runs on the model's worker thread, so the
 pool, which is not thread-safe, has exactly one user and the event loop never runs model code.
+Other modules reach the pool only through the worker's typed operations (`open`, `close`,
+`reset`, `history`, `submit`), never directly.
+
 Pushes of distinct streams queued within `max_batch_delay_s` of each other are advanced together
 by one call: `StreamPool.step` when every push is one row, `StreamPool.advance` (a ragged batch,
 model/ragged.py) when some carry more. A push longer than `MAX_BATCHED_ROWS` is a chunk for
 `StreamPool.push` (a conv over its window, cheaper for long chunks), one call on its own.
-Results travel back to the event loop with one `call_soon_threadsafe` per batch.
+
+Crossing threads is paid per batch, not per push: jobs submitted during one turn of an event
+loop travel to the worker as one delivery (one queue put, one wake-up of the thread), and each
+batch's results travel back with one `call_soon_threadsafe` per loop, where each job's `done`
+callback runs (no future or task per push unless the caller wants one).
 
 Callers keep at most one job per stream in flight (the SessionManager's per-session lock); on
 top of that, the worker never puts two steps of one stream into one call and keeps their order.
@@ -21,7 +28,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,36 +37,46 @@ from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class _Job:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Call(_Job):
-    fn: Callable[[], Any] = lambda: None
-    op: str = "call"
-
-
-@dataclass
-class _Step(_Job):
-    """Advance one stream by `rows` (T, C) floats or (T,) ids, T <= MAX_BATCHED_ROWS."""
-
-    slot: int = -1
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
+# Called on the submitting event loop with (result, None) or (None, error).
+Done = Callable[[Any, BaseException | None], None]
 
 # Pushes up to this many rows join ragged batches; longer ones run as a chunked push, which
 # costs O(L + T) per layer against the ragged batch's O(k T) (they cross near 200-300 rows for
 # the reference config).
 MAX_BATCHED_ROWS = 128
 
-
 _STOP = object()
+
+
+class _Job:
+    __slots__ = ("done", "enqueued", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: Done):
+        self.loop = loop
+        self.done = done
+        self.enqueued = time.perf_counter()
+
+
+class _Call(_Job):
+    """Run `fn()` on the worker thread, alone."""
+
+    __slots__ = ("fn", "op")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: Done, fn: Callable, op: str):
+        super().__init__(loop, done)
+        self.fn = fn
+        self.op = op
+
+
+class _Step(_Job):
+    """Advance one stream by `rows` (T, C) floats or (T,) ids, T <= MAX_BATCHED_ROWS."""
+
+    __slots__ = ("rows", "slot")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: Done, slot: int, rows: np.ndarray):
+        super().__init__(loop, done)
+        self.slot = slot
+        self.rows = rows
 
 
 class WorkerStopped(RuntimeError):
@@ -72,13 +88,21 @@ class ModelWorker:
 
     def __init__(self, name: str, metrics: Metrics, max_batch_size: int, max_batch_delay_s: float):
         self.name = name
-        self.pool: Any = None  # the StreamPool, set on the worker thread by `load`
+        self.pool: Any = None  # the StreamPool: touched on the worker thread only, once started
         self._metrics = metrics
         self._max_batch = max_batch_size
         self._delay = max_batch_delay_s
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # deliveries: lists of jobs
+        self._outboxes: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        self._submitted = 0  # jobs handed in (event loop side)
+        self._taken = 0  # jobs the thread has taken out of the queue (worker side)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=f"tcnserve-{name}", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        """Jobs submitted that the thread has not taken up yet."""
+        return self._submitted - self._taken
 
     def start(self) -> None:
         self._thread.start()
@@ -87,94 +111,154 @@ class ModelWorker:
         """Finish queued work, then end the thread."""
         if self._stopped:
             return
+        self._flush(asyncio.get_running_loop())  # what this loop submitted goes first
         self._stopped = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join, timeout_s)
 
+    # ----- typed operations ------------------------------------------------------------------
+
+    async def install(self, build: Callable[[], Any]) -> None:
+        """Run `build()` on the worker thread; the pool it returns is the worker's from now on."""
+
+        def install() -> None:
+            self.pool = build()
+
+        await self.call(install, op="load")
+
+    async def warm(self, rows: np.ndarray) -> None:
+        """Run each kind of pool call once on a scratch stream, so the first push pays no
+        set-up: a step, a ragged advance and a chunked push (`rows`: at least 4 of them)."""
+
+        def warm() -> None:
+            slot = self.pool.open()
+            try:
+                self.pool.step([slot], rows[:1])
+                self.pool.advance([slot], rows[:3], [3])
+                self.pool.push(slot, rows[:4])
+            finally:
+                self.pool.close(slot)
+
+        await self.call(warm, op="warmup")
+
+    async def open(self, position: int = 0) -> int:
+        """A fresh stream slot at `position` (the pool's PoolFullError when none is free)."""
+        return await self.call(lambda: self.pool.open(position), op="open")
+
+    async def close(self, slot: int) -> None:
+        await self.call(lambda: self.pool.close(slot), op="close")
+
+    async def reset(self, slot: int) -> None:
+        await self.call(lambda: self.pool.reset(slot), op="reset")
+
+    async def history(self, slot: int) -> Any:
+        """The stream's last min(position, R - 1) inputs, oldest first (a tensor on the CPU)."""
+        return await self.call(lambda: self.pool.history(slot), op="history")
+
     async def call(self, fn: Callable[[], T], op: str = "call") -> T:
-        """Run fn() on the worker thread, in queue order, and return its result."""
+        """Run fn() on the worker thread, in submission order, and return its result."""
         loop = asyncio.get_running_loop()
-        job = _Call(loop, loop.create_future(), fn=fn, op=op)
-        self._submit(job)
-        return await job.future
+        future = loop.create_future()
+        self._submit(_Call(loop, _setter(future), fn, op))
+        return await future
 
-    async def advance(self, slot: int, rows: np.ndarray) -> np.ndarray:
-        """Advance one stream by T rows, batched with other streams' pushes: (T, out) float32."""
-        return await self.submit(slot, rows)
-
-    def submit(self, slot: int, rows: np.ndarray) -> asyncio.Future:
-        """`advance` without the coroutine: the future of its outputs (many of them can be
-        awaited with one gather, which wraps futures in no task)."""
+    def submit(self, slot: int, rows: np.ndarray, done: Done) -> None:
+        """Advance one stream by T rows, batched with other streams' pushes; `done` gets the
+        (T, out) float32 outputs or the error, on this event loop. Raises WorkerStopped."""
         loop = asyncio.get_running_loop()
         if len(rows) > MAX_BATCHED_ROWS:
             job: _Job = _Call(
-                loop,
-                loop.create_future(),
-                fn=lambda: self.pool.push(slot, rows).float().cpu().numpy(),
-                op="push",
+                loop, done, lambda: self.pool.push(slot, rows).float().cpu().numpy(), "push"
             )
         else:
-            job = _Step(loop, loop.create_future(), slot=slot, rows=rows)
+            job = _Step(loop, done, slot, rows)
         self._submit(job)
-        return job.future
+
+    async def advance(self, slot: int, rows: np.ndarray) -> np.ndarray:
+        """`submit`, awaited."""
+        future = asyncio.get_running_loop().create_future()
+        self.submit(slot, rows, _setter(future))
+        return await future
 
     def _submit(self, job: _Job) -> None:
         if self._stopped:
             raise WorkerStopped(f"model {self.name!r} is shutting down")
-        self._queue.put(job)
+        self._submitted += 1
+        box = self._outboxes.get(job.loop)
+        if box is None:
+            box = self._outboxes[job.loop] = []
+        box.append(job)
+        if len(box) == 1:  # the first of this turn: deliver them all when the turn ends
+            job.loop.call_soon(self._flush, job.loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs = self._outboxes.pop(loop, None)
+        if not jobs:
+            return
+        if self._stopped and not self._thread.is_alive():
+            _settle(loop, [(job.done, None, WorkerStopped(f"model {self.name!r} shut down"))
+                           for job in jobs])  # fmt: skip
+            return
+        self._queue.put(jobs)
 
     # ----- the worker thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         # Overflow is refused by the pool (non-finite outputs), not worth a warning per step.
         np.seterr(over="ignore", invalid="ignore")
-        carried: deque = deque()  # steps deferred because their stream was already in a batch
+        # Jobs in arrival order, not yet run: deferred steps first, then newer deliveries.
+        pending: deque = deque()
         stopping = False
         while not stopping:
-            pending, carried = carried, deque()
-            job = pending.popleft() if pending else self._queue.get()
-            if job is _STOP:
-                break
+            if not pending:
+                delivery = self._queue.get()
+                if delivery is _STOP:
+                    break
+                self._take(pending, delivery)
+            job = pending.popleft()
             if isinstance(job, _Call):
                 self._run_call(job)
-                carried = pending
                 continue
-            batch, later = [job], []
+            batch, later, deferred = [job], [], []
             slots = {job.slot}
             rows = len(job.rows)
             most_rows = self.pool.max_advance_rows
-            deferred_old: list = []  # from earlier rounds: older than anything still pending
-            deferred_new: list = []  # fresh from the queue: newer than everything pending
             deadline = time.perf_counter() + self._delay
             # A batch holds distinct open streams: once it has them all, waiting adds nothing
             # (a lone session never waits for company).
             limit = min(self._max_batch, len(self.pool))
             while len(batch) < limit:
-                from_pending = bool(pending)
-                nxt = pending.popleft() if from_pending else self._next_until(deadline)
-                if nxt is None:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
+                if not pending:
+                    delivery = self._next_until(deadline)
+                    if delivery is None:
+                        break
+                    if delivery is _STOP:
+                        stopping = True
+                        break
+                    self._take(pending, delivery)
+                nxt = pending.popleft()
                 if isinstance(nxt, _Step) and nxt.slot not in slots:
                     if rows + len(nxt.rows) > most_rows:  # the next batch's first job
-                        (deferred_old if from_pending else deferred_new).append(nxt)
+                        deferred.append(nxt)
                         break
                     batch.append(nxt)
                     slots.add(nxt.slot)
                     rows += len(nxt.rows)
                 elif isinstance(nxt, _Step):  # never two steps of one stream in one call
-                    (deferred_old if from_pending else deferred_new).append(nxt)
+                    deferred.append(nxt)
                 else:
                     later.append(nxt)  # other streams' calls; no ordering between them
-            # Deferred steps keep their arrival order, so each stream keeps its order.
-            carried = deque([*deferred_old, *pending, *deferred_new])
+            # Deferred steps are older than what is still pending: each stream keeps its order.
+            pending.extendleft(reversed(deferred))
             self._run_steps(batch)
             for call in later:
                 self._run_call(call)
-        self._fail_remaining(carried)
+        self._fail_remaining(pending)
+
+    def _take(self, pending: deque, delivery: list[_Job]) -> None:
+        pending.extend(delivery)
+        self._taken += len(delivery)
 
     def _next_until(self, deadline: float) -> Any:
         timeout = deadline - time.perf_counter()
@@ -188,10 +272,10 @@ class ModelWorker:
         self._metrics.queue_delay.labels(self.name).observe(start - job.enqueued)
         try:
             result, error = job.fn(), None
-        except BaseException as e:  # handed to the awaiting coroutine, which decides
+        except BaseException as e:  # handed to the caller, which decides
             result, error = None, e
         self._metrics.compute.labels(self.name, job.op).observe(time.perf_counter() - start)
-        _settle(job.loop, [(job.future, result, error)])
+        _settle(job.loop, [(job.done, result, error)])
 
     def _run_steps(self, batch: list[_Step]) -> None:
         start = time.perf_counter()
@@ -203,13 +287,13 @@ class ModelWorker:
         except NonFiniteOutputError as e:
             # Nothing was applied: fail the streams named, run the others again together.
             bad = set(e.rows)
-            failed = [(job.future, None, e) for i, job in enumerate(batch) if i in bad]
+            failed = [(job.done, None, e) for i, job in enumerate(batch) if i in bad]
             rest = [job for i, job in enumerate(batch) if i not in bad]
             outcomes = failed + self._step_each(rest)
             batch = [job for i, job in enumerate(batch) if i in bad] + rest
         except Exception as e:
             if len(batch) == 1:
-                outcomes = [(batch[0].future, None, e)]
+                outcomes = [(batch[0].done, None, e)]
             else:
                 # One bad push must not fail its neighbours. The pool validates a call before
                 # it changes anything, so the refused call left every stream as it was.
@@ -232,7 +316,7 @@ class ModelWorker:
             y = self.pool.advance(slots, x, lengths)
         out = y.float().cpu().numpy()  # (rows, out) float32; each caller gets its rows
         parts = np.split(out, np.cumsum(lengths)[:-1])
-        return [(job.future, part, None) for job, part in zip(batch, parts, strict=True)]
+        return [(job.done, part, None) for job, part in zip(batch, parts, strict=True)]
 
     def _step_each(self, batch: list[_Step]) -> list[tuple]:
         if not batch:
@@ -246,19 +330,33 @@ class ModelWorker:
         try:
             return self._step([job])[0]
         except Exception as e:
-            return job.future, None, e
+            return job.done, None, e
 
-    def _fail_remaining(self, carried: deque) -> None:
-        leftovers = list(carried)
+    def _fail_remaining(self, pending: deque) -> None:
+        leftovers = list(pending)
         while True:
             try:
-                leftovers.append(self._queue.get_nowait())
+                delivery = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if delivery is not _STOP:
+                leftovers.extend(delivery)
         for job in leftovers:
-            if isinstance(job, _Job):
-                error = WorkerStopped(f"model {self.name!r} shut down")
-                _settle(job.loop, [(job.future, None, error)])
+            _settle(job.loop, [(job.done, None, WorkerStopped(f"model {self.name!r} shut down"))])
+
+
+def _setter(future: asyncio.Future) -> Done:
+    """A `done` that settles `future` (unless its awaiter gave up on it)."""
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    return done
 
 
 def _settle(loop: asyncio.AbstractEventLoop, items: list) -> None:
@@ -269,10 +367,8 @@ def _settle(loop: asyncio.AbstractEventLoop, items: list) -> None:
 
 
 def _settle_on_loop(items: list) -> None:
-    for future, result, error in items:
-        if future.done():  # the caller was cancelled; its outcome is recorded elsewhere
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    for done, result, error in items:
+        try:
+            done(result, error)
+        except Exception:  # one caller's bookkeeping must not cost the others their answers
+            logger.exception("settling a model job failed")

@@ -1,24 +1,35 @@
 """FastAPI dependencies as Annotated aliases, so handlers take plain typed parameters.
 
-Every /v1 handler takes one `CallerDep`: the API key is checked first (401), then readiness
-(503). They are `async def` because they never block: FastAPI runs a plain `def` dependency in
-its threadpool, a thread hop per request.
+Every /v1 handler takes one `CallerDep`: the key's owner, which ApiKeyMiddleware authenticated
+before the body was read (401 otherwise), on a ready server (503 otherwise). It is read from the
+request scope, not re-derived from headers: a dependency tree of security schemes costs more per
+request than the push it guards. The schemes are still documented (`document_security`).
+They are `async def` because they never block: FastAPI runs a plain `def` dependency in its
+threadpool, a thread hop per request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, FastAPI, Request
 
+from service.middleware import OWNER
 from service.registry import ModelRegistry
 from service.runtime import Runtime
 from service.sessions import SessionManager
 
-_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
+# The OpenAPI security schemes of /v1 (the keys ApiKeyMiddleware accepts).
+SECURITY_SCHEMES = {
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "API key as a bearer token"},
+    "APIKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "API key",
+    },
+}
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -44,16 +55,34 @@ class Caller:
         return self.runtime.registry
 
 
-async def get_caller(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    api_key: Annotated[str | None, Security(_api_key_header)],
-) -> Caller:
+async def get_caller(request: Request) -> Caller:
     runtime: Runtime = request.app.state.runtime
-    authorization = f"Bearer {bearer.credentials}" if bearer is not None else None
-    owner = runtime.api_keys.owner(authorization, api_key)
+    owner = request.scope.get("state", {}).get(OWNER)
+    if owner is None:  # a route outside /v1, which ApiKeyMiddleware does not see
+        headers = request.headers
+        owner = runtime.api_keys.owner(headers.get("authorization"), headers.get("x-api-key"))
     runtime.check_ready()
     return Caller(owner, runtime)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def document_security(app: FastAPI) -> None:
+    """Declare the API-key schemes in the app's OpenAPI document, on every /v1 operation."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        requirement = [{name: []} for name in SECURITY_SCHEMES]
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = requirement
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

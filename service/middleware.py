@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NO_BODY_BYTES = 1024  # routes outside /v1 take none
+OWNER = "tcnserve.owner"  # the scope state key of the authenticated key's owner id
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -80,8 +81,8 @@ class RequestContextMiddleware:
 class ApiKeyMiddleware:
     """401 for a /v1 request without a valid key, before any body is read or parsed.
 
-    Handlers resolve the key again through their dependency (to know its owner); this only
-    keeps anonymous clients from making the server buffer and parse bodies.
+    The key is checked here once: the key's owner id goes into the scope's state (`OWNER`),
+    where the handlers' dependency (service/deps.py) reads it.
     """
 
     def __init__(self, app: ASGIApp, api_keys: ApiKeys):
@@ -89,16 +90,19 @@ class ApiKeyMiddleware:
         self.api_keys = api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.api_keys.enabled:
-            await self.app(scope, receive, send)
-            return
-        if scope["path"].startswith("/v1/"):
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            authorization = x_api_key = None
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    authorization = value.decode("latin-1")
+                elif key == b"x-api-key":
+                    x_api_key = value.decode("latin-1")
             try:
-                self.api_keys.owner(headers.get("authorization"), headers.get("x-api-key"))
+                owner = self.api_keys.owner(authorization, x_api_key)
             except Unauthorized as e:
                 await http_errors.error_response(e)(scope, receive, send)
                 return
+            scope.setdefault("state", {})[OWNER] = owner
         await self.app(scope, receive, send)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from model import (
     load_model,
     read_checkpoint_info,
 )
-from service.batcher import ModelWorker
+from service.batcher import ModelWorker, WorkerStopped
 from service.errors import (
+    Draining,
     InternalError,
     InvalidInput,
     ModelNotFound,
@@ -61,7 +62,11 @@ class ModelEntry:
     net: Any = None
     state_bytes_per_stream: int = 0
     max_input_abs: float | None = None  # set at load, from the weights
+    retry_after_s: int = 1
     ready: bool = False
+
+    def __post_init__(self) -> None:
+        self._streamed = self.metrics.timesteps.labels(self.name, "stream")
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -105,35 +110,29 @@ class ModelEntry:
 
     # ----- model calls, all on the worker thread ---------------------------------------------
 
-    def _load(self) -> None:
+    def _build_pool(self) -> StreamPool:
+        """The net and its pool, on the worker thread (which owns the pool from then on)."""
         self.net = load_model(self.directory, device=self.device, dtype=self.dtype)
         pool = StreamPool(self.net, self.capacity, device=self.device, dtype=self.dtype)
-        self.worker.pool = pool
         self.state_bytes_per_stream = pool.state_bytes_per_stream
         self.max_input_abs = pool.max_input_abs
+        return pool
 
-    def _warm(self) -> None:
-        """One forward and one step on a scratch slot, so the first request pays no set-up."""
+    async def load(self) -> None:
+        """Build the model and its pool, then warm both so the first request pays no set-up."""
+        self.worker.start()
+        await self.worker.install(self._build_pool)
         c = self.config
         length = min(c.receptive_field, 32)
         if c.vocab_size is not None:
             x = np.zeros(length, dtype=np.int64)
         else:
             x = np.zeros((length, c.in_channels), dtype=self.input_dtype)
-        forward_sequences(self.net, [x], self.device, self.dtype, last_only=False)
-        pool = self.worker.pool
-        slot = pool.open()
-        try:
-            pool.step([slot], x[:1])
-            pool.advance([slot], x[:3], [3])
-            pool.push(slot, x[:4])
-        finally:
-            pool.close(slot)
-
-    async def load(self) -> None:
-        self.worker.start()
-        await self.worker.call(self._load, op="load")
-        await self.worker.call(self._warm, op="warmup")
+        await self.worker.call(
+            lambda: forward_sequences(self.net, [x], self.device, self.dtype, last_only=False),
+            op="warmup",
+        )
+        await self.worker.warm(x)
         self.ready = True
         logger.info(
             "model %s ready on %s/%s: receptive field %d, %d slots of %.1f KiB",
@@ -147,63 +146,51 @@ class ModelEntry:
 
     async def open_stream(self, position: int = 0) -> int:
         """A fresh pool slot at `position` (PoolFullError when none is free)."""
-        return await self.worker.call(lambda: self.worker.pool.open(position), op="open")
+        return await self.worker.open(position)
 
     async def stream_history(self, slot: int) -> np.ndarray:
         """The stream's last min(position, R - 1) inputs, oldest first: its snapshot."""
-
-        def history() -> np.ndarray:
-            rows = self.worker.pool.history(slot)
-            if rows.dtype == torch.int64:  # token ids
-                return rows.numpy()
-            return rows.to(torch.float64 if self.dtype == torch.float64 else torch.float32).numpy()
-
-        return await self.worker.call(history, op="history")
+        rows = await self.worker.history(slot)
+        if rows.dtype == torch.int64:  # token ids
+            return rows.numpy()
+        return rows.to(torch.float64 if self.dtype == torch.float64 else torch.float32).numpy()
 
     async def close_stream(self, slot: int) -> None:
-        await self.worker.call(lambda: self.worker.pool.close(slot), op="close")
+        await self.worker.close(slot)
 
     async def reset_stream(self, slot: int) -> None:
-        await self.worker.call(lambda: self.worker.pool.reset(slot), op="reset")
+        await self.worker.reset(slot)
 
-    async def advance(self, slot: int, x: np.ndarray) -> np.ndarray:
-        """Feed T rows to a stream, batched with other streams' pushes by the worker.
+    def submit(self, slot: int, x: np.ndarray, done: Callable[[Any, ServiceError | None], None]):
+        """Feed T rows to a stream, batched with other streams' pushes by the worker; `done`
+        gets the (T, out) float32 outputs, or the ServiceError refusing them, on this loop.
 
-        Returns (T, out) float32: arrays, not Python lists, all the way to the edge (a replay
-        cache of lists would cost ~25x the memory, and binary frames need no conversion).
+        Arrays, not Python lists, all the way to the edge (a replay cache of lists would cost
+        ~25x the memory, and binary frames need no conversion). Raises WorkerStopped.
         """
-        try:
-            rows = await self.worker.advance(slot, x)
-        except ValueError as e:
-            raise _refusal(e) from None
-        self.metrics.timesteps.labels(self.name, "stream").inc(len(x))
-        return rows
+        counted = self._streamed
 
-    async def advance_many(
-        self, pushes: list[tuple[int, np.ndarray]]
-    ) -> list[np.ndarray | ServiceError]:
-        """`advance` for many streams at once: per push its outputs, or the error refusing it.
-
-        One future per push and one gather for all (no task per push): the worker batches them.
-        """
-        outcomes = await asyncio.gather(
-            *(self.worker.submit(slot, x) for slot, x in pushes), return_exceptions=True
-        )
-        results: list[np.ndarray | ServiceError] = []
-        rows = 0
-        for outcome, (_, x) in zip(outcomes, pushes, strict=True):
-            if isinstance(outcome, ValueError):
-                results.append(_refusal(outcome))
-            elif isinstance(outcome, Exception):  # e.g. out of memory: the pool changed nothing
-                logger.error("a push to model %s failed", self.name, exc_info=outcome)
-                results.append(InternalError("internal server error"))
-            elif isinstance(outcome, BaseException):
-                raise outcome
+        def settled(outputs: Any, error: BaseException | None) -> None:
+            if error is None:
+                counted.inc(len(x))
+                done(outputs, None)
+            elif isinstance(error, WorkerStopped):
+                done(None, self._stopped())
+            elif isinstance(error, ValueError):  # the pool refused it and changed nothing
+                done(None, _refusal(error))
+            elif isinstance(error, Exception):  # e.g. out of memory: the pool changed nothing
+                logger.error("a push to model %s failed", self.name, exc_info=error)
+                done(None, InternalError("internal server error"))
             else:
-                results.append(outcome)
-                rows += len(x)
-        self.metrics.timesteps.labels(self.name, "stream").inc(rows)
-        return results
+                done(None, error)  # type: ignore[arg-type]
+
+        try:
+            self.worker.submit(slot, x, settled)
+        except WorkerStopped:
+            raise self._stopped() from None
+
+    def _stopped(self) -> ServiceError:
+        return Draining(f"model {self.name!r} is shutting down", self.retry_after_s)
 
     async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
         """Per sequence, its (T, out) float32 outputs (or its last row with last_only)."""
@@ -258,6 +245,7 @@ class ModelRegistry:
                     name, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000
                 ),
                 metrics=metrics,
+                retry_after_s=settings.retry_after_s,
             )
             # Create the per-model series now, so they read 0 (not absent) before any traffic.
             metrics.step_batch_size.labels(name)

@@ -3,8 +3,10 @@
 A session belongs to the API key that created it: sessions are keyed by (owner, session id), so
 another key's lookup simply finds nothing. One session never has two operations in flight (a
 per-session asyncio lock), which keeps per-session order; across sessions, the model worker
-batches. Each mutating operation runs as a shielded task: a client that disconnects mid-push
-cannot leave the session half-updated, and its retry finds the stored response.
+batches. A push is recorded by the callback that receives the model's answer, on the event loop,
+and only then releases the session's lock, whether or not its caller still waits: a client that
+disconnects mid-push cannot leave the session half-updated, and its retry finds the stored
+answer. (The rarer operations get the same guarantee from running as a shielded task.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import numpy as np
 from model import MAX_POSITION, PoolFullError
 from service.errors import (
     CapacityExceeded,
-    InternalError,
     InvalidInput,
     KeyQuotaExceeded,
     OffsetConflict,
@@ -139,10 +140,7 @@ class SessionManager:
         session.position = start
         self._reserve(session)  # the id and the key's quota, before the first await
         self._expired.discard(key)
-        session, outputs = await self._shielded(self._open(session, entry, x))
-        if snapshot is not None:  # the rows rebuilt state; they are not a push to replay
-            session.last_push, outputs = None, outputs[:0]
-        return session, outputs
+        return await self._shielded(self._open(session, entry, x, snapshot is not None))
 
     async def push(
         self, owner: str, session_id: str, x: np.ndarray, offset: int | None
@@ -151,7 +149,11 @@ class SessionManager:
 
         `x` holds rows already decoded for the session's model (service/inputs.py).
         """
-        return await self._shielded(self._push_locked(owner, session_id, x, offset))
+        session = await self._find(owner, session_id)
+        entry = self._registry.get(session.model)
+        self._check_rows(x, entry)
+        await session.lock.acquire()
+        return await self._start_push(session, entry, x, offset)
 
     def model_of(self, owner: str, session_id: str) -> str:
         """The model of a live session (to decode rows for it); 404/410 as `push` would."""
@@ -168,91 +170,75 @@ class SessionManager:
         """`push` for many distinct sessions at once: (session id, rows, offset) each, answered
         in order, each its result or its error. Their rows reach the model workers together,
         so each model advances them in one batched call."""
-        return await self._shielded(self._push_many(owner, items))
-
-    async def _push_many(
-        self, owner: str, items: list[tuple[str, np.ndarray, int | None]]
-    ) -> list[PushResult | ServiceError]:
         results: list[PushResult | ServiceError | None] = [None] * len(items)
-        locked: list[Session] = []
-        pending: list[tuple[int, Session, ModelEntry, np.ndarray, _Pending]] = []
+        started: list[tuple[int, asyncio.Future[PushResult]]] = []
         busy: list[int] = []  # sessions another operation holds: pushed alone afterwards
-        try:
-            seen: set[str] = set()
-            for i, (session_id, x, offset) in enumerate(items):
-                try:
-                    if session_id in seen:  # its lock is ours already: never wait on it
-                        raise InvalidInput(f"session {session_id!r} is named more than once")
-                    seen.add(session_id)
-                    session = await self._find(owner, session_id)
-                    entry = self._registry.get(session.model)
-                    self._check_rows(x, entry)
-                    # Never wait for a lock while holding others (two requests naming the same
-                    # sessions in another order would wait for each other forever).
-                    if session.lock.locked():
-                        busy.append(i)
-                        continue
-                    await session.lock.acquire()  # free: taken without a wait
-                    locked.append(session)
-                    self._check_open(session)
-                    planned = self._plan(session, x, offset)
-                except ServiceError as e:
-                    results[i] = e
+        seen: set[str] = set()
+        for i, (session_id, x, offset) in enumerate(items):
+            try:
+                if session_id in seen:  # its lock is taken already: never wait on it
+                    raise InvalidInput(f"session {session_id!r} is named more than once")
+                seen.add(session_id)
+                session = await self._find(owner, session_id)
+                entry = self._registry.get(session.model)
+                self._check_rows(x, entry)
+                # Never wait for a lock while holding others (two requests naming the same
+                # sessions in another order would wait for each other forever).
+                if session.lock.locked():
+                    busy.append(i)
                     continue
-                if isinstance(planned, PushResult):
-                    results[i] = planned
-                else:
-                    pending.append((i, session, entry, x, planned))
-            await self._advance_pending(pending, results)
-        finally:
-            for session in locked:
-                session.lock.release()
+                await session.lock.acquire()  # free: taken without a wait
+                started.append((i, self._start_push(session, entry, x, offset)))
+            except ServiceError as e:
+                results[i] = e
+        outcomes = await asyncio.gather(*(answer for _, answer in started), return_exceptions=True)
+        for (i, _), outcome in zip(started, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
+                raise outcome
+            results[i] = outcome
         for i in busy:  # one at a time, each waiting only for its own session
             session_id, x, offset = items[i]
             try:
-                results[i] = await self._push_locked(owner, session_id, x, offset)
+                results[i] = await self.push(owner, session_id, x, offset)
             except ServiceError as e:
                 results[i] = e
         return results  # type: ignore[return-value]
 
-    async def _advance_pending(
-        self,
-        pending: list[tuple[int, Session, ModelEntry, np.ndarray, _Pending]],
-        results: list[PushResult | ServiceError | None],
-    ) -> None:
-        """Advance every planned push, each model's in one batch, and record what was applied.
+    def _start_push(
+        self, session: Session, entry: ModelEntry, x: np.ndarray, offset: int | None
+    ) -> asyncio.Future[PushResult]:
+        """Start a push on a session whose lock the caller has just taken; returns its future.
 
-        A failure of one model's batch fails its pushes alone (an unexpected one is logged):
-        the pool refuses a call before it changes anything, so nothing unrecorded was applied.
+        The hold of the lock passes to the push: it is released once the outcome is recorded,
+        by the worker's answer, on the event loop, whether or not anyone still awaits the
+        future. The future is settled first, so its awaiter runs before the next operation.
         """
-        by_model: dict[str, list[int]] = {}
-        for k, (_, session, _, _, _) in enumerate(pending):
-            by_model.setdefault(session.model, []).append(k)
-        answers = await asyncio.gather(
-            *(
-                pending[ks[0]][2].advance_many([(pending[k][1].slot, pending[k][3]) for k in ks])
-                for ks in by_model.values()
-            ),
-            return_exceptions=True,
-        )
-        for ks, outcomes in zip(by_model.values(), answers, strict=True):
-            if isinstance(outcomes, BaseException):
-                logger.error("a batch of %d pushes failed", len(ks), exc_info=outcomes)
-                outcomes = [InternalError("internal server error")] * len(ks)
-            for k, outcome in zip(ks, outcomes, strict=True):
-                i, session, _, _, planned = pending[k]
-                if isinstance(outcome, ServiceError):
-                    results[i] = outcome
-                else:
-                    results[i] = self._commit(session, planned, outcome)
+        answer: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+        try:
+            self._check_open(session)  # it may have been retired while the lock was awaited
+            planned = self._plan(session, x, offset)
+            if isinstance(planned, PushResult):  # a replay: nothing to compute
+                answer.set_result(planned)
+                session.lock.release()
+                return answer
 
-    async def _push_locked(
-        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
-    ) -> PushResult:
-        session = await self._find(owner, session_id)
-        entry = self._registry.get(session.model)
-        self._check_rows(x, entry)
-        return await self._locked(session, lambda: self._apply(session, entry, x, offset))
+            def done(outputs: np.ndarray | None, error: BaseException | None) -> None:
+                try:
+                    if not answer.done():  # not cancelled by its caller
+                        if error is None:
+                            answer.set_result(self._commit(session, planned, outputs))
+                        else:
+                            answer.set_exception(error)
+                    elif error is None:
+                        self._commit(session, planned, outputs)
+                finally:
+                    session.lock.release()
+
+            entry.submit(session.slot, x, done)
+        except BaseException:
+            session.lock.release()
+            raise
+        return answer
 
     def _check_rows(self, x: np.ndarray, entry: ModelEntry) -> None:
         """Rows decoded for another model than the session's (it was deleted and re-created
@@ -361,41 +347,41 @@ class SessionManager:
             return await op()
 
     async def _open(
-        self, session: Session, entry: ModelEntry, x: np.ndarray
+        self, session: Session, entry: ModelEntry, x: np.ndarray, restoring: bool
     ) -> tuple[Session, np.ndarray]:
-        async with session.lock:
-            try:
-                session.slot = await entry.open_stream(session.position)
-            except PoolFullError:
-                self._release(session)  # closed, for any push that queued on the lock meanwhile
-                raise CapacityExceeded(
-                    f"model {entry.name!r} has all {entry.capacity} session slots in use",
-                    self._retry_after,
-                ) from None
-            except ValueError as e:  # the pool refused the position; no slot was taken
-                self._release(session)
-                raise InvalidInput(str(e)) from None
+        await session.lock.acquire()  # free: the session was just reserved
+        try:
+            session.slot = await entry.open_stream(session.position)
+        except PoolFullError:
+            self._release(session)  # closed, for any push that queued on the lock meanwhile
+            raise CapacityExceeded(
+                f"model {entry.name!r} has all {entry.capacity} session slots in use",
+                self._retry_after,
+            ) from None
+        except ValueError as e:  # the pool refused the position; no slot was taken
+            self._release(session)
+            raise InvalidInput(str(e)) from None
+        except BaseException:
+            self._release(session)
+            raise
+        finally:
+            if session.closed:
+                session.lock.release()
+        self._metrics.active_sessions.labels(entry.name).inc()
+        outputs = np.zeros((0, entry.config.output_size), dtype=np.float32)
+        if len(x):
+            try:  # the warm-up push takes over the lock, and releases it
+                outputs = (await self._start_push(session, entry, x, session.position)).outputs
             except BaseException:
-                self._release(session)
+                # Retired before the push that waited on the lock runs: it finds no session.
+                await self._retire(session, expired=False, count=False)
                 raise
-            self._metrics.active_sessions.labels(entry.name).inc()
-            outputs = np.zeros((0, entry.config.output_size), dtype=np.float32)
-            if len(x):
-                try:
-                    outputs = (await self._apply(session, entry, x, session.position)).outputs
-                except BaseException:
-                    await self._retire(session, expired=False, count=False)
-                    raise
-            self._metrics.sessions_created.labels(entry.name).inc()
-            return session, outputs
-
-    async def _apply(
-        self, session: Session, entry: ModelEntry, x: np.ndarray, offset: int | None
-    ) -> PushResult:
-        planned = self._plan(session, x, offset)
-        if isinstance(planned, PushResult):
-            return planned
-        return self._commit(session, planned, await entry.advance(session.slot, x))
+            if restoring:  # the rows rebuilt state; they are not a push to replay (cleared
+                session.last_push, outputs = None, outputs[:0]  # before a waiting push runs)
+        else:
+            session.lock.release()
+        self._metrics.sessions_created.labels(entry.name).inc()
+        return session, outputs
 
     def _plan(self, session: Session, x: np.ndarray, offset: int | None) -> PushResult | _Pending:
         """A replayed push's stored answer, or what applying it will record; raises a

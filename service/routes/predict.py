@@ -9,9 +9,12 @@ from service.deps import CallerDep
 from service.errors import TooManySequences
 from service.http_errors import ERROR_RESPONSES
 from service.request_body import body_bytes, documented_body, json_response
+from service.routes.lean import LeanRoute
 from service.schemas import PredictRequest, PredictResponse
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES, route_class=LeanRoute
+)
 
 
 @router.post(

@@ -17,9 +17,12 @@ from service.deps import CallerDep
 from service.http_errors import ERROR_RESPONSES, error_message
 from service.many_steps import push_items
 from service.request_body import body_bytes, documented_body, json_response
+from service.routes.lean import LeanRoute
 from service.schemas import ManyStepsRequest, ManyStepsResponse
 
-router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1", tags=["sessions"], responses=ERROR_RESPONSES, route_class=LeanRoute
+)
 
 
 @router.post(

@@ -185,7 +185,7 @@ def held_worker(client: TestClient, model: str = "tiny") -> Iterator[Callable[[i
     assert entered.wait(30), "the worker did not take the held call"
 
     def wait_queued(n: int) -> None:
-        wait_until(lambda: worker._queue.qsize() >= n, what=f"{n} queued model jobs")
+        wait_until(lambda: worker.queued >= n, what=f"{n} queued model jobs")
 
     try:
         yield wait_queued
@@ -289,7 +289,7 @@ async def held(worker: ModelWorker):
 
 async def until_queued(worker: ModelWorker, n: int) -> None:
     for _ in range(100_000):
-        if worker._queue.qsize() >= n:
+        if worker.queued >= n:
             return
         await asyncio.sleep(0)
     raise AssertionError(f"{n} jobs never queued")
@@ -299,7 +299,7 @@ async def until_queued_from_elsewhere(worker: ModelWorker, n: int) -> None:
     """Wait (off this event loop, which keeps running) until n jobs are queued on the worker:
     for jobs submitted by another thread's loop, such as a server running in a thread."""
     await asyncio.to_thread(
-        wait_until, lambda: worker._queue.qsize() >= n, what=f"{n} queued model jobs"
+        wait_until, lambda: worker.queued >= n, what=f"{n} queued model jobs"
     )
 
 

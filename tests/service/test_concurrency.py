@@ -129,6 +129,61 @@ async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_setti
         assert_rows_close(retry.outputs.tolist() + rest.outputs.tolist(), want[0])
 
 
+@pytest.mark.asyncio
+async def test_a_push_queued_behind_a_cancelled_one_sees_it_applied(make_settings):
+    # The lock passes from the cancelled push to the model's answer, not to its caller: the
+    # next push of the session waits until the first is recorded, then follows it.
+    app = create_app(make_settings())
+    rows = random_rows(4, seed=9)
+    async with async_serving(app) as c:
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        session, _ = await sessions.create("anonymous", "tiny")
+        worker = runtime.registry.get("tiny").worker
+        gate, blocker = await held(worker)
+        x = np.asarray(rows, dtype=np.float32)
+        lost = asyncio.ensure_future(sessions.push("anonymous", session.id, x[:2], 0))
+        await until_queued(worker, 1)
+        follower = asyncio.ensure_future(sessions.push("anonymous", session.id, x[2:], 2))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not follower.done() and worker.queued == 1  # waiting for the lock, not queued
+        lost.cancel()
+        gate.set()
+        await blocker
+        rest = await follower
+        assert rest.position == 4
+        replay = await sessions.push("anonymous", session.id, x[2:], 2)  # the stored answer
+        assert replay.position == 4
+        want = await expected_outputs(c, [rows])
+        assert_rows_close(rest.outputs.tolist(), want[0][2:])
+
+
+@pytest.mark.asyncio
+async def test_push_many_cancelled_mid_flight_records_every_push(make_settings):
+    app = create_app(make_settings())
+    rows = random_rows(3, seed=10)
+    async with async_serving(app) as c:
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(3)]
+        worker = runtime.registry.get("tiny").worker
+        gate, blocker = await held(worker)
+        x = np.asarray(rows, dtype=np.float32)
+        items = [(s.id, x, 0) for s in opened]
+        lost = asyncio.ensure_future(sessions.push_many("anonymous", items))
+        await until_queued(worker, 3)
+        lost.cancel()
+        gate.set()
+        await blocker
+        replays = await sessions.push_many("anonymous", items)  # each push's stored answer
+        want = await expected_outputs(c, [rows])
+        for replay in replays:
+            assert replay.position == 3
+            assert_rows_close(replay.outputs.tolist(), want[0])
+        assert all(not s.lock.locked() for s in opened)
+
+
 @pytest.fixture(scope="module")
 def shared_client(tmp_path_factory):
     from service.settings import Settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 
@@ -197,13 +198,13 @@ def test_readyz_is_503_until_warmed_then_while_draining(make_settings):
     app = create_app(make_settings())
     entry = runtime_of(app).registry.get("tiny")
     gate = threading.Event()
-    warm = entry._warm
+    warm = entry.worker.warm
 
-    def slow_warm() -> None:
-        gate.wait(30)
-        warm()
+    async def slow_warm(rows) -> None:
+        await asyncio.to_thread(gate.wait, 30)
+        await warm(rows)
 
-    entry._warm = slow_warm  # type: ignore[method-assign]
+    entry.worker.warm = slow_warm  # type: ignore[method-assign]
     with serving_unloaded(app) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
@@ -273,6 +274,32 @@ def test_openapi_documents_the_api(client):
         assert "$ref" not in json.dumps(body)
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert "503" in paths["/readyz"]["get"]["responses"]
+    # The API-key schemes, on every /v1 operation (checked by ApiKeyMiddleware, not by a
+    # dependency), and the answers of the lean routes, documented as for any other route.
+    assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            assert ("security" in operation) == path.startswith("/v1/"), (method, path)
+    for path in ("/v1/sessions/{session_id}/steps", "/v1/steps", "/v1/models/{name}/predict"):
+        answer = paths[path]["post"]["responses"]["200"]["content"]["application/json"]
+        assert answer["schema"]["$ref"].startswith("#/components/schemas/"), path
+
+
+def test_a_lean_route_refuses_endpoints_it_cannot_call():
+    from fastapi import Header, Request, Response
+
+    from service.deps import CallerDep
+    from service.routes.lean import LeanRoute
+
+    async def takes_a_header(request: Request, caller: CallerDep, x_thing: str = Header()):
+        return Response()
+
+    async def takes_no_caller(session_id: str, request: Request) -> Response:
+        return Response()
+
+    for endpoint in (takes_a_header, takes_no_caller):
+        with pytest.raises(TypeError, match="must take only path parameters"):
+            LeanRoute("/v1/things/{session_id}", endpoint, methods=["POST"])
 
 
 def test_metrics_are_exposed(client):

@@ -1,0 +1,171 @@
+"""Per-request CPU of tcnserve's own request path, without sockets: the ASGI app driven directly.
+
+uvicorn, the network and the client are left out, so what remains is what tcnserve's code costs
+on the event loop per push, beside the same harness driving bench/noop_app.py (FastAPI doing no
+work). N sessions each push one row per round, all N pushes of a round in flight together (so
+the model worker batches them), for `--rounds` rounds. Reported per case: event-loop CPU per
+request (thread CPU time of this thread, which runs the loop), and the model worker's CPU per
+request, both in microseconds; the cases run interleaved `--repeats` times and the medians are
+printed. Cheap to run and steady on a busy machine (it measures CPU time, not throughput), so it
+is the quick check while working on the request path; bench/edge_http.py and bench/ws_stream.py
+measure the real thing over sockets.
+
+Run: python bench/asgi_path.py [--sessions 64] [--rounds 200] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from service.app import create_app  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+Receive = Callable[[], Awaitable[dict]]
+KEY = "bench-key-0123456789"
+
+
+async def request(app, method: str, path: str, body: bytes = b"", headers=()) -> tuple[int, bytes]:
+    """One HTTP request through the ASGI app; returns (status, body)."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # a client that stays connected
+        return {"type": "http.disconnect"}
+
+    status, chunks = 0, []
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"authorization", f"Bearer {KEY}".encode()),
+            *headers,
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+def worker_cpu() -> float:
+    """CPU seconds of this process's threads other than the calling one."""
+    me = threading.get_native_id()
+    total = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        if int(task.name) == me:
+            continue
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / 100  # utime + stime, clock ticks
+    return total
+
+
+async def measure(push: Callable[[int, int], Awaitable[None]], sessions: int, rounds: int) -> tuple:
+    for r in range(3):  # warm-up rounds
+        await asyncio.gather(*(push(i, r) for i in range(sessions)))
+    cpu, other = time.thread_time(), worker_cpu()
+    for r in range(3, 3 + rounds):
+        await asyncio.gather(*(push(i, r) for i in range(sessions)))
+    n = sessions * rounds
+    return (time.thread_time() - cpu) / n * 1e6, (worker_cpu() - other) / n * 1e6
+
+
+async def main(args: argparse.Namespace) -> None:
+    import noop_app
+
+    settings = Settings(api_keys=KEY, max_sessions=args.sessions + 8, torch_threads=1)
+    app = create_app(settings)
+    runtime = app.state.runtime
+    await runtime.start()
+    await asyncio.to_thread(runtime.loaded.wait)
+    # As `tcnserve serve` does once its models are loaded: what exists now is never garbage,
+    # so the collector stops walking it (the imports alone are ~1M objects).
+    gc.collect()
+    gc.freeze()
+    ids = []
+    for _ in range(args.sessions):
+        status, body = await request(app, "POST", "/v1/sessions", b'{"model": "default"}')
+        assert status == 201, body
+        ids.append(json.loads(body)["session_id"])
+    rng = np.random.default_rng(0)
+    row = [float(v) for v in rng.random(2)]
+    row[1] = 0.0
+    positions = [0] * args.sessions
+
+    async def push(i: int, _round: int) -> None:
+        body = json.dumps({"inputs": [row], "offset": positions[i]}).encode()
+        status, answer = await request(app, "POST", f"/v1/sessions/{ids[i]}/steps", body)
+        if status != 200:
+            raise SystemExit(f"push answered {status}: {answer[:200]!r}")
+        positions[i] += 1
+
+    async def noop(i: int, _round: int) -> None:
+        body = json.dumps({"inputs": [row], "offset": 0}).encode()
+        status, _ = await request(noop_app.app, "POST", f"/v1/sessions/{ids[i]}/steps", body)
+        assert status == 200
+
+    async def describe(i: int, _round: int) -> None:
+        status, _ = await request(app, "GET", f"/v1/sessions/{ids[i]}")
+        assert status == 200
+
+    cases = {"tcnserve push": push, "tcnserve GET session": describe, "no-work endpoint": noop}
+    results: dict[str, list[tuple[float, float]]] = {case: [] for case in cases}
+    for _ in range(args.repeats):
+        for case, fn in cases.items():
+            results[case].append(await measure(fn, args.sessions, args.rounds))
+    await runtime.stop()
+    print(f"{args.sessions} sessions, one row per push, {args.rounds} rounds x {args.repeats}")
+    print(f"{'case':<22} {'loop us/req':>12} {'worker us/req':>14}")
+    medians = {}
+    for case, values in results.items():
+        loop_us = statistics.median(v[0] for v in values)
+        worker_us = statistics.median(v[1] for v in values)
+        medians[case] = loop_us
+        print(f"{case:<22} {loop_us:>12.1f} {worker_us:>14.1f}")
+    extra = medians["tcnserve push"] - medians["no-work endpoint"]
+    print(f"tcnserve's own event-loop work per push: {extra:.1f} us")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    asyncio.run(main(parser.parse_args()))
