@@ -298,9 +298,7 @@ async def until_queued(worker: ModelWorker, n: int) -> None:
 async def until_queued_from_elsewhere(worker: ModelWorker, n: int) -> None:
     """Wait (off this event loop, which keeps running) until n jobs are queued on the worker:
     for jobs submitted by another thread's loop, such as a server running in a thread."""
-    await asyncio.to_thread(
-        wait_until, lambda: worker.queued >= n, what=f"{n} queued model jobs"
-    )
+    await asyncio.to_thread(wait_until, lambda: worker.queued >= n, what=f"{n} queued model jobs")
 
 
 @contextlib.contextmanager
