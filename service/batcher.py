@@ -74,7 +74,9 @@ class _Step(_Job):
     __slots__ = ("rows", "slot")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, done: Done, slot: int, rows: np.ndarray):
-        super().__init__(loop, done)
+        self.loop = loop  # _Job's fields, set here: one of these is made per push
+        self.done = done
+        self.enqueued = time.perf_counter()
         self.slot = slot
         self.rows = rows
 
@@ -279,9 +281,9 @@ class ModelWorker:
 
     def _run_steps(self, batch: list[_Step]) -> None:
         start = time.perf_counter()
-        delay = self._metrics.queue_delay.labels(self.name)
-        for job in batch:
-            delay.observe(start - job.enqueued)
+        # One observation per call, as for any other call: the wait of its oldest push.
+        oldest = min(job.enqueued for job in batch)
+        self._metrics.queue_delay.labels(self.name).observe(start - oldest)
         try:
             outcomes = self._step(batch)
         except NonFiniteOutputError as e:

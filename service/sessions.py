@@ -35,7 +35,7 @@ from service.errors import (
     SessionExpired,
     SessionNotFound,
 )
-from service.inputs import check_timesteps
+from service.limits import check_timesteps
 from service.metrics import Metrics
 from service.registry import ModelEntry, ModelRegistry
 from service.session_state import AppliedPush, PushResult, RecentIds, Session

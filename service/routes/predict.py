@@ -8,6 +8,7 @@ from service import inputs
 from service.deps import CallerDep
 from service.errors import TooManySequences
 from service.http_errors import ERROR_RESPONSES
+from service.limits import check_timesteps
 from service.request_body import body_bytes, documented_body, json_response
 from service.routes.lean import LeanRoute
 from service.schemas import PredictRequest, PredictResponse
@@ -39,6 +40,6 @@ async def predict(name: str, request: Request, caller: CallerDep) -> Response:
             f"the request has {len(sequences)} sequences; at most "
             f"{settings.max_sequences_per_request} per request (max_sequences_per_request)"
         )
-    inputs.check_timesteps(sum(len(s) for s in sequences), settings.max_timesteps_per_request)
+    check_timesteps(sum(len(s) for s in sequences), settings.max_timesteps_per_request)
     outputs = await entry.predict(sequences, last_only=body.outputs == "last")
     return json_response({"model": name, "outputs": [y.tolist() for y in outputs]})

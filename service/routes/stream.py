@@ -173,6 +173,7 @@ async def answer_messages(
     """
     metrics = runtime.metrics
     metrics.websocket_connections.inc()
+    answered = {kind: metrics.websocket_messages.labels(kind, "ok") for kind in ("binary", "text")}
     try:
         while True:
             message = await websocket.receive()
@@ -181,7 +182,7 @@ async def answer_messages(
             kind = "binary" if message.get("bytes") is not None else "text"
             try:
                 await answer(message)
-                metrics.websocket_messages.labels(kind, "ok").inc()
+                answered[kind].inc()
             except ServiceError as e:
                 metrics.websocket_messages.labels(kind, e.code).inc()
                 if websocket_close_code(e) is not None:
