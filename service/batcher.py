@@ -312,12 +312,16 @@ class ModelWorker:
         slots = [job.slot for job in batch]
         lengths = [len(job.rows) for job in batch]
         x = np.concatenate([job.rows for job in batch])
-        if all(n == 1 for n in lengths):  # one row each: the step kernel
+        one_row_each = len(x) == len(batch)
+        if one_row_each:  # the step kernel
             y = self.pool.step(slots, x)
         else:
             y = self.pool.advance(slots, x, lengths)
         out = y.float().cpu().numpy()  # (rows, out) float32; each caller gets its rows
-        parts = np.split(out, np.cumsum(lengths)[:-1])
+        if one_row_each:  # (N, 1, out): iterating yields each caller's (1, out) view
+            parts = list(out[:, None, :])
+        else:
+            parts = np.split(out, np.cumsum(lengths)[:-1])
         return [(job.done, part, None) for job, part in zip(batch, parts, strict=True)]
 
     def _step_each(self, batch: list[_Step]) -> list[tuple]:
