@@ -145,7 +145,30 @@ async def main(args: argparse.Namespace) -> None:
         status, _ = await request(app, "GET", f"/v1/sessions/{ids[i]}")
         assert status == 200
 
-    cases = {"tcnserve push": push, "tcnserve GET session": describe, "no-work endpoint": noop}
+    many_positions = [0] * args.sessions
+
+    async def many(i: int, _round: int) -> None:
+        # One POST /v1/steps per round carrying every session's row (sent by session 0's turn).
+        if i:
+            return
+        steps = [
+            {"session_id": sid, "inputs": [row], "offset": many_positions[k]}
+            for k, sid in enumerate(ids)
+        ]
+        status, answer = await request(
+            app, "POST", "/v1/steps", json.dumps({"steps": steps}).encode()
+        )
+        if status != 200:
+            raise SystemExit(f"/v1/steps answered {status}: {answer[:200]!r}")
+        for k in range(len(ids)):
+            many_positions[k] += 1
+
+    cases = {
+        "tcnserve push": push,
+        "tcnserve GET session": describe,
+        "no-work endpoint": noop,
+        "/v1/steps, per item": many,
+    }
     results: dict[str, list[tuple[float, float]]] = {case: [] for case in cases}
     for _ in range(args.repeats):
         for case, fn in cases.items():
