@@ -312,15 +312,11 @@ class ModelWorker:
         slots = [job.slot for job in batch]
         lengths = [len(job.rows) for job in batch]
         x = np.concatenate([job.rows for job in batch])
-        one_row_each = len(x) == len(batch)
-        if one_row_each:  # the step kernel
-            y = self.pool.step(slots, x)
+        if len(x) == len(batch):  # one row each: the step kernel
+            out = self.pool.step(slots, x).float().cpu().numpy()  # (N, out) float32
+            parts = list(out[:, None, :])  # iterating (N, 1, out) yields each caller's view
         else:
-            y = self.pool.advance(slots, x, lengths)
-        out = y.float().cpu().numpy()  # (rows, out) float32; each caller gets its rows
-        if one_row_each:  # (N, 1, out): iterating yields each caller's (1, out) view
-            parts = list(out[:, None, :])
-        else:
+            out = self.pool.advance(slots, x, lengths).float().cpu().numpy()  # (rows, out)
             parts = np.split(out, np.cumsum(lengths)[:-1])
         return [(job.done, part, None) for job, part in zip(batch, parts, strict=True)]
 

@@ -66,6 +66,7 @@ class ModelEntry:
     ready: bool = False
 
     def __post_init__(self) -> None:
+        self._inputs: InputSpec | None = None
         self._streamed = self.metrics.timesteps.labels(self.name, "stream")
 
     @property
@@ -74,11 +75,16 @@ class ModelEntry:
 
     @property
     def inputs(self) -> InputSpec:
-        """What requests for this model must hold (decided at load)."""
+        """What requests for this model must hold (decided at load, then kept)."""
+        if self._inputs is not None:
+            return self._inputs
         limit = self.max_input_abs
         if limit is None:
             limit = float(torch.finfo(self.dtype).max)
-        return InputSpec(self.config.in_channels, self.config.vocab_size, self.input_dtype, limit)
+        spec = InputSpec(self.config.in_channels, self.config.vocab_size, self.input_dtype, limit)
+        if self.ready:
+            self._inputs = spec
+        return spec
 
     def info(self) -> dict[str, Any]:
         """The public description served by /v1/models."""

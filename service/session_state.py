@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class AppliedPush:
+class AppliedPush(NamedTuple):  # value records made per push: tuples, not frozen dataclasses
     """The last push a session applied, kept so that its exact retry is answered again."""
 
     offset: int
@@ -38,8 +38,7 @@ class Session:
         return self.last_used_at + self.ttl_s
 
 
-@dataclass(frozen=True)
-class PushResult:
+class PushResult(NamedTuple):
     outputs: np.ndarray  # (rows, out) float32
     position: int
 

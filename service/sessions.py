@@ -19,8 +19,7 @@ import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -453,8 +452,7 @@ class SessionManager:
         return await asyncio.shield(task)
 
 
-@dataclass(frozen=True)
-class _Pending:
+class _Pending(NamedTuple):
     """A push about to be applied: where it starts, its length and its inputs' digest."""
 
     start: int
