@@ -198,9 +198,9 @@ class ModelWorker:
         jobs = self._outboxes.pop(loop, None)
         if not jobs:
             return
-        if self._stopped and not self._thread.is_alive():
-            _settle(loop, [(job.done, None, WorkerStopped(f"model {self.name!r} shut down"))
-                           for job in jobs])  # fmt: skip
+        if self._stopped:  # `stop` delivered its own loop's jobs first: these came too late
+            stopped = WorkerStopped(f"model {self.name!r} shut down")
+            _settle(loop, [(job.done, None, stopped) for job in jobs])
             return
         self._queue.put(jobs)
 

@@ -243,3 +243,43 @@ async def test_non_finite_outputs_fail_only_the_streams_named(worker):
     assert isinstance(results[1], NonFiniteOutputError)
     assert [r.ravel().tolist() for r in (results[0], results[2])] == [[1.0, 1.0], [3.0, 3.0]]
     assert worker.pool.advanced == [([1, 3], [2, 2])]  # the others, again, together
+
+
+def test_pushes_of_one_loop_turn_travel_together():
+    # No held worker and no batching delay: the pushes still share one call, because everything
+    # submitted during one turn of the event loop reaches the worker as one delivery.
+    w = ModelWorker("m", Metrics(), max_batch_size=8, max_batch_delay_s=0.0)
+    w.pool = RecordingPool()
+    w.start()
+
+    async def three_pushes():
+        steps = [w.advance(s, np.array([[1.0]], np.float32)) for s in (4, 5, 6)]
+        return await asyncio.gather(*steps)
+
+    try:
+        results = asyncio.run(three_pushes())
+        assert [r.ravel().tolist() for r in results] == [[5.0], [6.0], [7.0]]
+        assert w.pool.calls == [[4, 5, 6]]
+    finally:
+        asyncio.run(w.stop())
+
+
+@pytest.mark.asyncio
+async def test_a_failing_completion_does_not_cost_the_others_their_answers(worker):
+    gate, blocker = await held(worker)
+    answers, answered = [], asyncio.Event()
+
+    def broken(result, error):
+        raise RuntimeError("a caller's bookkeeping failed")
+
+    def kept(result, error):
+        answers.append(result.ravel().tolist())
+        answered.set()
+
+    worker.submit(1, np.array([[0.0]], np.float32), broken)
+    worker.submit(2, np.array([[0.0]], np.float32), kept)
+    await until_queued(worker, 2)
+    gate.set()
+    await blocker
+    await asyncio.wait_for(answered.wait(), timeout=30)
+    assert answers == [[2.0]]
