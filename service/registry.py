@@ -160,6 +160,20 @@ class ModelEntry:
 
         return await self.worker.call(history, op="history")
 
+    async def stream_histories(self, slots: list[int]) -> list[np.ndarray]:
+        """`stream_history` of many streams in one worker call (snapshots for the store)."""
+
+        def histories() -> list[np.ndarray]:
+            out = []
+            for slot in slots:
+                rows = self.worker.pool.history(slot)
+                if rows.dtype != torch.int64:  # token ids stay int64
+                    rows = rows.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
+                out.append(rows.numpy())
+            return out
+
+        return await self.worker.call(histories, op="history")
+
     async def close_stream(self, slot: int) -> None:
         await self.worker.call(lambda: self.worker.pool.close(slot), op="close")
 

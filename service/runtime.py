@@ -13,6 +13,7 @@ from typing import TypeVar
 import torch
 
 from service.auth import ApiKeys
+from service.durability import build_durability
 from service.errors import Draining, NotReady
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -46,6 +47,7 @@ class Runtime:
             retry_after_s=settings.retry_after_s,
             max_sessions_per_key=settings.sessions_per_key_limit(),
         )
+        self.durability = build_durability(settings, self.sessions, self.registry, self.metrics)
         self.draining = False
         self.load_error: str | None = None
         self.loaded = threading.Event()  # set once loading ends, either way (tests wait on it)
@@ -74,6 +76,8 @@ class Runtime:
     async def _load(self) -> None:
         try:
             await self.registry.load()
+            if self.durability is not None:
+                await self.durability.start()
             self.metrics.models_ready.set(1)
         except Exception as e:
             logger.exception("loading the models failed")
@@ -100,6 +104,12 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.durability is not None:
+            try:  # in-flight requests have finished: every session goes to the store
+                await self.durability.drain()
+            except Exception:
+                logger.exception("writing the sessions to the store failed")
+            await self.durability.close()
         await self.registry.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 

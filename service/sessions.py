@@ -37,6 +37,7 @@ from service.errors import (
 from service.inputs import check_timesteps
 from service.metrics import Metrics
 from service.registry import ModelEntry, ModelRegistry
+from service.session_hooks import SessionHooks
 from service.session_state import AppliedPush, PushResult, RecentIds, Session
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class SessionManager:
         self._per_owner: Counter[str] = Counter()  # sessions held (or being opened) per key
         self._expired = RecentIds(expired_memory)
         self._tasks: set[asyncio.Task] = set()
+        self.hooks: SessionHooks | None = None  # a session store's (service/durability.py)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -142,6 +144,8 @@ class SessionManager:
         session, outputs = await self._shielded(self._open(session, entry, x))
         if snapshot is not None:  # the rows rebuilt state; they are not a push to replay
             session.last_push, outputs = None, outputs[:0]
+        if self.hooks is not None:
+            await self.hooks.opened(session, snapshot)
         return session, outputs
 
     async def push(
@@ -288,6 +292,26 @@ class SessionManager:
     async def get(self, owner: str, session_id: str) -> Session:
         return await self._find(owner, session_id)
 
+    def local(self, owner: str, session_id: str) -> Session | None:
+        """The session if this process holds it (no store lookup, no expiry check)."""
+        return self._sessions.get((owner, session_id))
+
+    def live_sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def ensure_held(self, owner: str, session_ids: list[str]) -> None:
+        """Bring sessions held elsewhere here (a store's hooks), before rows are decoded for
+        them by `model_of`; errors are left for the push itself to report."""
+        if self.hooks is None:
+            return
+        missing = [s for s in session_ids if (owner, s) not in self._sessions]
+        await asyncio.gather(*(self._find(owner, s) for s in missing), return_exceptions=True)
+
+    async def forget(self, session: Session) -> None:
+        """Retire a session that moved to another replica (its lock held by the caller): its
+        slot is freed here; the store keeps it."""
+        await self._retire(session, expired=False, count=False, moved=True)
+
     async def reset(self, owner: str, session_id: str) -> Session:
         session = await self._find(owner, session_id)
         entry = self._registry.get(session.model)
@@ -346,6 +370,8 @@ class SessionManager:
     async def _find(self, owner: str, session_id: str) -> Session:
         key = (owner, session_id)
         session = self._sessions.get(key)
+        if session is None and self.hooks is not None and key not in self._expired:
+            session = await self.hooks.missing(owner, session_id)  # held by another replica?
         if session is None:
             if key in self._expired:
                 raise SessionExpired(f"session {session_id!r} expired after its TTL")
@@ -429,7 +455,9 @@ class SessionManager:
         session.last_used_at = self._clock()
         return PushResult(outputs, session.position)
 
-    async def _retire(self, session: Session, expired: bool, count: bool = True) -> None:
+    async def _retire(
+        self, session: Session, expired: bool, count: bool = True, moved: bool = False
+    ) -> None:
         """Close a session: forget it (remembering expired ids for 410), free its slot."""
         if session.closed:  # retired already (e.g. by the sweep while a delete waited)
             return
@@ -443,6 +471,8 @@ class SessionManager:
             self._expired.add(key)
         if session.slot >= 0:
             await self._registry.get(session.model).close_stream(session.slot)
+        if self.hooks is not None and not moved:
+            await self.hooks.retired(session, expired)
 
     def _reserve(self, session: Session) -> None:
         self._sessions[(session.owner, session.id)] = session
