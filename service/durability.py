@@ -316,10 +316,11 @@ class SessionDurability:
                 held = False
                 for session in locked:
                     session.lock.release()
+            # A session taken over meanwhile (its epoch is gone) gets a write that cannot apply.
             writes = [
                 Write(
                     self._key(s),
-                    self._epochs[self._key(s)],
+                    self._epochs.get(self._key(s), -1),
                     r.encode(),
                     self._ttl_ms(s.ttl_s),
                     release,
