@@ -51,10 +51,14 @@ if owner ~= '' then redis.call('PUBLISH', 'tcnserve:replica:' .. owner, 'taken '
 return {'taken', epoch, v[3]}
 """
 
-# ARGV: me, epoch, has record, record, ttl_ms, release.
+# ARGV: me, epoch, has record, record, ttl_ms, release. A record the store lost (a Redis
+# restart) is written again by its owner; one another replica owns is left alone.
 _SAVE = """
 local v = redis.call('HMGET', KEYS[1], 'replica', 'epoch')
-if v[1] ~= ARGV[1] or tonumber(v[2]) ~= tonumber(ARGV[2]) then return 0 end
+if not v[2] then
+  if ARGV[3] ~= '1' then return 0 end
+  redis.call('HSET', KEYS[1], 'replica', ARGV[1], 'epoch', ARGV[2])
+elseif v[1] ~= ARGV[1] or tonumber(v[2]) ~= tonumber(ARGV[2]) then return 0 end
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'record', ARGV[4]) end
 if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'replica', '') end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])

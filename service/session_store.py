@@ -8,8 +8,9 @@ and who owns it: a replica id and a fencing epoch. The operations are atomic:
   gone: taken at once, epoch + 1, and the old owner is told. Owned by a live replica: that
   owner is asked to hand it off and the answer is `busy` (claim again); with `force`, taken
   anyway, the old owner's later writes fenced off by the epoch;
-- `save`: write records (pipelined), each only if this replica still owns it at that epoch;
-  `release` also gives the session up, so the next claim takes it at once;
+- `save`: write records (pipelined), each only if this replica still owns it at that epoch
+  (or the store lost it: then it is written again); `release` also gives the session up, so
+  the next claim takes it at once;
 - `delete`: forget a session, again only with the right owner and epoch.
 
 Owners hear of handoff requests and takeovers through `on_message(kind, owner, session_id)`,
@@ -159,6 +160,8 @@ class MemoryStore(SessionStore):
         applied = []
         for w in writes:
             stored = self.space.sessions.get(w.key)
+            if stored is None and w.record is not None:  # lost by the store: written again
+                stored = Stored(self.replica, w.epoch, w.record)
             ok = stored is not None and (stored.replica, stored.epoch) == (self.replica, w.epoch)
             if ok:
                 record = w.record if w.record is not None else stored.record

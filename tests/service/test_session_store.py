@@ -12,7 +12,7 @@ import pytest
 from service.redis_store import RedisStore
 from service.session_record import RecordError, SessionRecord
 from service.session_state import AppliedPush
-from service.session_store import MemorySpace, MemoryStore, Write
+from service.session_store import MemorySpace, MemoryStore, Stored, Write
 
 KEY = ("key-0123456789ab", "session-0001")
 TTL_MS = 60_000
@@ -118,6 +118,10 @@ async def test_register_claim_handoff_and_release(stores):
             False,
         ]
         assert await b.delete(KEY, 2) and await b.read(KEY) is None
+        # A record the store lost is written again by its owner (a Redis restart loses all).
+        assert await b.save([Write(KEY, 2, b"v4", TTL_MS)]) == [True]
+        assert (await a.read(KEY)) == Stored("replica-b", 2, b"v4")
+        assert await b.save([Write(("anonymous", "lost-0001"), 3, None, TTL_MS)]) == [False]
     finally:
         await a.close()
         await b.close()
