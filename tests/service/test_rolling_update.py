@@ -270,6 +270,7 @@ def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, t
             list(pool.map(step, streams))
         counts = c.sessions_per_replica()
         assert sum(counts) == SESSIONS
+        assert c.moves("restored") == 0  # every push reached the replica holding its session
         victim = c.replicas[counts.index(max(counts))]
         victim.process.send_signal(signal.SIGTERM)
         rounds_after_exit = 0
