@@ -205,7 +205,7 @@ class SessionDurability:
             if claim.status == "taken":
                 break
             await asyncio.sleep(delay)  # the owner is writing it out (a few ms)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.01)
         self._moves.labels("taken_over" if force else "restored").inc()
         if force:
             logger.warning("took a session over without its owner's handoff (owner unresponsive)")
