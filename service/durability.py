@@ -161,23 +161,17 @@ class SessionDurability:
         finally:
             del self._restoring[key]
 
-    async def opened(self, session: Session, snapshot: tuple[int, np.ndarray] | None) -> None:
+    async def opened(self, session: Session) -> None:
         key = self._key(session)
         if key in self._restoring:  # brought here from the store: registered already
             return
-        if snapshot is None:
-            record = SessionRecord(session.model, session.ttl_s, 0, self._no_rows(session.model))
-        else:
-            record = SessionRecord(session.model, session.ttl_s, snapshot[0], snapshot[1])
-        # Shielded: a client gone mid-create must not leave a session here unknown to the store.
-        try:
-            registered = await asyncio.shield(self._register(key, record, session.ttl_s))
-        except BaseException:
-            await self._sessions.close(session)
-            raise
-        if not registered:
-            await self._sessions.close(session)
+        # The session's lock is held and its prefix or snapshot rows applied: its record is
+        # exact from the start.
+        (rows,) = await self._registry.get(session.model).stream_histories([session.slot])
+        record = SessionRecord(session.model, session.ttl_s, session.position, rows)
+        if not await self._register(key, record, session.ttl_s):
             raise SessionExists(f"session {session.id!r} already exists")
+        self._saved[key] = (session.position, session.last_used_at)
 
     async def retired(self, session: Session, expired: bool) -> None:
         key = self._key(session)

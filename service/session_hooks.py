@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import numpy as np
-
 from service.session_state import Session
 
 
@@ -16,8 +14,8 @@ class SessionHooks(Protocol):
     async def missing(self, owner: str, session_id: str) -> Session | None:
         """A session not held here: bring it here from the store, or None if it is nowhere."""
 
-    async def opened(self, session: Session, snapshot: tuple[int, np.ndarray] | None) -> None:
-        """A session was just opened here; may refuse it (raising), having closed it."""
+    async def opened(self, session: Session) -> None:
+        """A session was just opened here (its lock held); raising refuses it."""
 
     async def retired(self, session: Session, expired: bool) -> None:
         """A session was deleted or expired here: forget it in the store too."""

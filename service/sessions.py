@@ -144,8 +144,6 @@ class SessionManager:
         session, outputs = await self._shielded(self._open(session, entry, x))
         if snapshot is not None:  # the rows rebuilt state; they are not a push to replay
             session.last_push, outputs = None, outputs[:0]
-        if self.hooks is not None:
-            await self.hooks.opened(session, snapshot)
         return session, outputs
 
     async def push(
@@ -409,6 +407,12 @@ class SessionManager:
             if len(x):
                 try:
                     outputs = (await self._apply(session, entry, x, session.position)).outputs
+                except BaseException:
+                    await self._retire(session, expired=False, count=False)
+                    raise
+            if self.hooks is not None:  # still locked: no push before the store knows it
+                try:
+                    await self.hooks.opened(session)
                 except BaseException:
                     await self._retire(session, expired=False, count=False)
                     raise

@@ -210,3 +210,14 @@ async def test_a_gone_replica_loses_only_what_followed_its_last_snapshot(make_se
         assert r.status_code == 409 and r.json()["error"]["position"] == 33
         r = await push(b, sid, 33, 90)
         assert_rows_close(r.json()["outputs"], (await whole(b))[33:90])
+
+
+@pytest.mark.asyncio
+async def test_a_session_is_durable_from_its_creation(make_settings):
+    async with replicas(make_settings, "memory") as (a, b):
+        r = await a.post("/v1/sessions", json={"model": "tiny", "prefix": ROWS[:45]})
+        sid = r.json()["session_id"]
+        await durability_of(a).store.close()  # gone before any periodic snapshot
+        r = await push(b, sid, 45, 60)
+        assert r.status_code == 200, r.text
+        assert_rows_close(r.json()["outputs"], (await whole(b))[45:60])
