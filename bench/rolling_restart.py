@@ -311,6 +311,13 @@ def rolling_part(directory: Path, sessions: int, rate_hz: float) -> None:
                 for r in replicas:
                     r.stop()
     report_rolling(log, sessions, rate_hz)
+    logs = "".join(r.log.read_text() for r in replicas)
+    forced = logs.count("took a session over without its owner's handoff")
+    drained = [int(n) for n in re.findall(r"drain: (\d+) of", logs)]
+    print(
+        f"\nforced takeovers (owner did not hand off within handoff_timeout_s): {forced}; "
+        f"sessions written at each replica's exit: {drained}"
+    )
 
 
 async def stream_through(url: str, sessions: int, rate_hz: float, replicas: list[Replica]):

@@ -79,6 +79,7 @@ class SessionDurability:
         self._restoring: dict[SessionKey, asyncio.Future] = {}
         self._handoffs: dict[SessionKey, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
+        self.connected = False  # the runtime is not ready before
         self._moves = Counter(
             "tcnserve_session_moves",
             "Sessions moved through the store: restored here, handed off, taken over, drained",
@@ -105,6 +106,7 @@ class SessionDurability:
                 logger.warning("session store not reachable yet (%s); retrying", e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        self.connected = True
         logger.info("session store connected as replica %s", self.replica)
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="store-heartbeat"))
         self._tasks.append(asyncio.create_task(self._snapshots(), name="store-snapshots"))

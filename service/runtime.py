@@ -58,7 +58,11 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.registry.ready and not self.draining
+        return self.registry.ready and self._store_ready and not self.draining
+
+    @property
+    def _store_ready(self) -> bool:
+        return self.durability is None or self.durability.connected
 
     async def start(self) -> None:
         torch.set_num_threads(self.settings.resolved_torch_threads())
@@ -115,11 +119,13 @@ class Runtime:
 
     def check_ready(self) -> None:
         """Raise NotReady unless every model is loaded and warmed."""
-        if not self.registry.ready:
+        if not self.registry.ready or not self._store_ready:
             why = (
                 f"model loading failed: {self.load_error}"
                 if self.load_error
                 else "models are loading"
+                if not self.registry.ready
+                else "connecting to the session store"
             )
             raise NotReady(why, self.settings.retry_after_s)
 
