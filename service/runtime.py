@@ -130,7 +130,8 @@ class Runtime:
             raise NotReady(why, self.settings.retry_after_s)
 
     def check_accepting(self) -> None:
-        """Raise unless new sessions may be opened here (ready and not draining)."""
+        """Raise unless new sessions may be opened here (ready and not draining). With a
+        session store a draining replica still opens them: it writes them out when it exits."""
         self.check_ready()
-        if self.draining:
+        if self.draining and self.durability is None:
             raise Draining("this server is shutting down", self.settings.retry_after_s)

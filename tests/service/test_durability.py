@@ -221,3 +221,15 @@ async def test_a_session_is_durable_from_its_creation(make_settings):
         r = await push(b, sid, 45, 60)
         assert r.status_code == 200, r.text
         assert_rows_close(r.json()["outputs"], (await whole(b))[45:60])
+
+
+@pytest.mark.asyncio
+async def test_a_draining_replica_still_opens_sessions_and_writes_them_out(make_settings):
+    async with replicas(make_settings, "memory") as (a, b):
+        a._transport.app.state.runtime.start_draining()
+        assert (await a.get("/readyz")).status_code == 503
+        r = await a.post("/v1/sessions", json={"model": "tiny", "prefix": ROWS[:3]})
+        assert r.status_code == 201, r.text
+        assert await durability_of(a).drain() == 1
+        r = await push(b, r.json()["session_id"], 3, 9)
+        assert_rows_close(r.json()["outputs"], (await whole(b))[3:9])

@@ -273,6 +273,14 @@ def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, t
         assert c.moves("restored") == 0  # every push reached the replica holding its session
         victim = c.replicas[counts.index(max(counts))]
         victim.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{victim.url}/readyz").status_code == 503, "the drain")
+        # Creates the proxy sends to the draining replica (503 draining) go to the next one.
+        for i in range(12):
+            headers = {"X-Session-ID": f"created-while-draining-{i}"}
+            r = client.post("/v1/sessions", json={"model": "tiny"}, headers=headers)
+            assert r.status_code == 201, r.text
+            streams.append(Stream(streams[0].rows, r.json()["session_id"]))
+            streams[-1].outputs, streams[-1].position = [], 0
         rounds_after_exit = 0
         while rounds_after_exit < 3:  # streaming through the drain, the exit and beyond
             if victim.process.poll() is not None:
@@ -281,7 +289,7 @@ def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, t
             list(pool.map(step, streams))
         assert victim.process.wait(30) == 0
         check_outputs(client, streams)
-        assert sum(c.sessions_per_replica()) == SESSIONS
+        assert sum(c.sessions_per_replica()) == SESSIONS + 12
         # Every session of the victim moved: handed off while it drained, or written at exit.
         assert c.moves("restored") >= max(counts) and c.moves("taken_over") == 0
         assert "drain:" in victim.log.read_text()
