@@ -1,8 +1,8 @@
 # tcnserve: one process, one uvicorn worker (sessions live in its memory, and move between
 # replicas through the session store: docs/durability.md).
 #
-#   docker build -t tcnserve .                      # CPU: torch from PyTorch's CPU wheel index
-#   docker run -p 127.0.0.1:8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve
+#   docker build -t tcnserve:0.1.0 .                # CPU: torch from PyTorch's CPU wheel index
+#   docker run -p 127.0.0.1:8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve:0.1.0
 #
 # CUDA: the CUDA builds of torch bundle their CUDA libraries, so the same base image works with
 # the NVIDIA container runtime; name the CUDA wheel index matching your driver:
