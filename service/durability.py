@@ -286,9 +286,15 @@ class SessionDurability:
             if self._key(s) in self._epochs
             and self._saved.get(self._key(s)) != (s.position, s.last_used_at)
         ]
+        # Free sessions are locked at once, together; a busy one is written alone once its
+        # operation ends, so that no push waits behind another session's long one.
+        free = [s for s in changed if not s.lock.locked()]
+        busy = [s for s in changed if s.lock.locked()]
         written = 0
-        for i in range(0, len(changed), SAVE_CHUNK):
-            written += await self._write_out(changed[i : i + SAVE_CHUNK], release=False)
+        for i in range(0, len(free), SAVE_CHUNK):
+            written += await self._write_out(free[i : i + SAVE_CHUNK], release=False)
+        for session in busy:
+            written += await self._write_out([session], release=False)
         return written
 
     async def _write_out(self, sessions: list[Session], release: bool) -> int:
@@ -300,7 +306,7 @@ class SessionDurability:
             for session in sessions:
                 # The operation in flight finishes first. No deadlock: nothing else waits for a
                 # session's lock while it holds another's (push_many skips busy sessions).
-                await session.lock.acquire()
+                await session.lock.acquire()  # a free lock is taken without yielding
                 if session.closed:
                     session.lock.release()
                     continue

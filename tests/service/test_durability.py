@@ -14,6 +14,7 @@ import pytest
 
 from service.app import create_app
 from service.durability import SessionDurability
+from service.session_record import SessionRecord
 from service.session_store import MemorySpace, MemoryStore
 from tests.service.conftest import (
     TINY,
@@ -233,3 +234,23 @@ async def test_a_draining_replica_still_opens_sessions_and_writes_them_out(make_
         assert await durability_of(a).drain() == 1
         r = await push(b, r.json()["session_id"], 3, 9)
         assert_rows_close(r.json()["outputs"], (await whole(b))[3:9])
+
+
+@pytest.mark.asyncio
+async def test_a_busy_session_is_snapshotted_after_its_push_not_skipped(make_settings):
+    space = MemorySpace()
+    async with replicas(make_settings, "memory", space) as (a, _):
+        sid = (await a.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
+        assert (await push(a, sid, 0, 5)).status_code == 200
+        worker = a._transport.app.state.runtime.registry.get("tiny").worker
+        gate, blocker = await held(worker)
+        pushing = asyncio.ensure_future(push(a, sid, 5, 12))  # holds the session's lock
+        session = a._transport.app.state.runtime.sessions.local("anonymous", sid)
+        await until(session.lock.locked, "the push to take the session's lock")
+        saving = asyncio.ensure_future(durability_of(a).save_changed())
+        gate.set()
+        await blocker
+        assert (await pushing).status_code == 200
+        assert await saving == 1
+        record = SessionRecord.decode(space.sessions[("anonymous", sid)].record)
+        assert record.position == 12 and record.last_push.offset == 5
