@@ -1,18 +1,21 @@
-# tcnserve: one process, one uvicorn worker (sessions live in its memory).
+# tcnserve: one process, one uvicorn worker (sessions live in its memory, and move between
+# replicas through the session store: docs/durability.md).
 #
-#   docker build -t tcnserve .                      # CPU
-#   docker run -p 127.0.0.1:8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve
+#   docker build -t tcnserve:0.1.0 .                # CPU: torch from PyTorch's CPU wheel index
+#   docker run -p 127.0.0.1:8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve:0.1.0
 #
 # CUDA: the CUDA builds of torch bundle their CUDA libraries, so the same base image works with
-# the NVIDIA container runtime; point pip at PyTorch's wheel index for your CUDA version:
-#   docker build --build-arg TORCH_INDEX_URL=<PyTorch CUDA wheel index> -t tcnserve:cuda .
-#   docker run --gpus all -p 8000:8000 -e TCNSERVE_DEVICE=cuda tcnserve:cuda
+# the NVIDIA container runtime; name the CUDA wheel index matching your driver:
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 \
+#       -t tcnserve:0.1.0-cuda .
+#   docker run --gpus all -p 127.0.0.1:8000:8000 -e TCNSERVE_DEVICE=cuda tcnserve:0.1.0-cuda
 # or start from another base image with --build-arg BASE_IMAGE=... (it needs python3.11+).
+# Without an explicit index, pip on Linux resolves torch to the CUDA build (~20 NVIDIA packages).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=""
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # 0.0.0.0: inside a container the server must listen on all interfaces to be reachable. Expose it
 # only through a proxy or a Service (deploy/), or publish on loopback (-p 127.0.0.1:8000:8000).
@@ -32,11 +35,12 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 
-# The README's install steps: torch pinned first (an unpinned torch pulls a multi-GB CUDA build
-# from the default index), then the project.
+# The README's install steps: torch pinned first, from TORCH_INDEX_URL (the CPU build by
+# default), then the project, whose torch requirement that build already satisfies.
 RUN python -m pip install --upgrade pip \
- && python -m pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
- && python -m pip install -e .
+ && python -m pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && python -m pip install . \
+ && rm -rf /app/model /app/service
 
 USER tcnserve
 EXPOSE 8000

@@ -158,6 +158,10 @@ class ModelWorker:
         """The stream's last min(position, R - 1) inputs, oldest first (a tensor on the CPU)."""
         return await self.call(lambda: self.pool.history(slot), op="history")
 
+    async def histories(self, slots: list[int]) -> list[Any]:
+        """`history` of many streams in one call."""
+        return await self.call(lambda: [self.pool.history(slot) for slot in slots], op="history")
+
     async def call(self, fn: Callable[[], T], op: str = "call") -> T:
         """Run fn() on the worker thread, in submission order, and return its result."""
         loop = asyncio.get_running_loop()

@@ -46,6 +46,7 @@ async def push_items(runtime: Runtime, owner: str, items: list[Item], size: int)
         )
     if not items:
         raise InvalidInput("steps: give at least one item")
+    await runtime.sessions.ensure_held(owner, [item.session_id for item in items])
     decoded = await runtime.decode(size, lambda: _decode(runtime, owner, items))
     ready = [(i, d) for i, d in enumerate(decoded) if not isinstance(d, ServiceError)]
     results = await runtime.sessions.push_many(owner, [d for _, d in ready])

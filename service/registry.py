@@ -156,10 +156,16 @@ class ModelEntry:
 
     async def stream_history(self, slot: int) -> np.ndarray:
         """The stream's last min(position, R - 1) inputs, oldest first: its snapshot."""
-        rows = await self.worker.history(slot)
-        if rows.dtype == torch.int64:  # token ids
-            return rows.numpy()
-        return rows.to(torch.float64 if self.dtype == torch.float64 else torch.float32).numpy()
+        return self._as_rows(await self.worker.history(slot))
+
+    async def stream_histories(self, slots: list[int]) -> list[np.ndarray]:
+        """`stream_history` of many streams in one worker call (snapshots for the store)."""
+        return [self._as_rows(rows) for rows in await self.worker.histories(slots)]
+
+    def _as_rows(self, history: torch.Tensor) -> np.ndarray:
+        if history.dtype == torch.int64:  # token ids stay int64
+            return history.numpy()
+        return history.to(torch.float64 if self.dtype == torch.float64 else torch.float32).numpy()
 
     async def close_stream(self, slot: int) -> None:
         await self.worker.close(slot)

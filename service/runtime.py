@@ -13,6 +13,7 @@ from typing import TypeVar
 import torch
 
 from service.auth import ApiKeys
+from service.durability import build_durability
 from service.errors import Draining, NotReady
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -46,6 +47,7 @@ class Runtime:
             retry_after_s=settings.retry_after_s,
             max_sessions_per_key=settings.sessions_per_key_limit(),
         )
+        self.durability = build_durability(settings, self.sessions, self.registry, self.metrics)
         self.draining = False
         self.load_error: str | None = None
         self.loaded = threading.Event()  # set once loading ends, either way (tests wait on it)
@@ -56,7 +58,11 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.registry.ready and not self.draining
+        return self.registry.ready and self._store_ready and not self.draining
+
+    @property
+    def _store_ready(self) -> bool:
+        return self.durability is None or self.durability.connected
 
     async def start(self) -> None:
         torch.set_num_threads(self.settings.resolved_torch_threads())
@@ -74,6 +80,8 @@ class Runtime:
     async def _load(self) -> None:
         try:
             await self.registry.load()
+            if self.durability is not None:
+                await self.durability.start()
             self.metrics.models_ready.set(1)
         except Exception as e:
             logger.exception("loading the models failed")
@@ -100,21 +108,30 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.durability is not None:
+            try:  # in-flight requests have finished: every session goes to the store
+                await self.durability.drain()
+            except Exception:
+                logger.exception("writing the sessions to the store failed")
+            await self.durability.close()
         await self.registry.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def check_ready(self) -> None:
         """Raise NotReady unless every model is loaded and warmed."""
-        if not self.registry.ready:
+        if not self.registry.ready or not self._store_ready:
             why = (
                 f"model loading failed: {self.load_error}"
                 if self.load_error
                 else "models are loading"
+                if not self.registry.ready
+                else "connecting to the session store"
             )
             raise NotReady(why, self.settings.retry_after_s)
 
     def check_accepting(self) -> None:
-        """Raise unless new sessions may be opened here (ready and not draining)."""
+        """Raise unless new sessions may be opened here (ready and not draining). With a
+        session store a draining replica still opens them: it writes them out when it exits."""
         self.check_ready()
-        if self.draining:
+        if self.draining and self.durability is None:
             raise Draining("this server is shutting down", self.settings.retry_after_s)

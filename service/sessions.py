@@ -37,6 +37,7 @@ from service.errors import (
 from service.limits import check_timesteps
 from service.metrics import Metrics
 from service.registry import ModelEntry, ModelRegistry
+from service.session_hooks import SessionHooks
 from service.session_state import AppliedPush, PushResult, RecentIds, Session
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class SessionManager:
         self._per_owner: Counter[str] = Counter()  # sessions held (or being opened) per key
         self._expired = RecentIds(expired_memory)
         self._tasks: set[asyncio.Task] = set()
+        self.hooks: SessionHooks | None = None  # a session store's (service/durability.py)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -204,13 +206,19 @@ class SessionManager:
         return results  # type: ignore[return-value]
 
     def _start_push(
-        self, session: Session, entry: ModelEntry, x: np.ndarray, offset: int | None
+        self,
+        session: Session,
+        entry: ModelEntry,
+        x: np.ndarray,
+        offset: int | None,
+        release: bool = True,
     ) -> asyncio.Future[PushResult]:
         """Start a push on a session whose lock the caller has just taken; returns its future.
 
         The hold of the lock passes to the push: it is released once the outcome is recorded,
         by the worker's answer, on the event loop, whether or not anyone still awaits the
         future. The future is settled first, so its awaiter runs before the next operation.
+        With `release=False` the caller keeps the hold (and releases the lock itself).
         """
         answer: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         try:
@@ -218,7 +226,8 @@ class SessionManager:
             planned = self._plan(session, x, offset)
             if isinstance(planned, PushResult):  # a replay: nothing to compute
                 answer.set_result(planned)
-                session.lock.release()
+                if release:
+                    session.lock.release()
                 return answer
 
             def done(outputs: np.ndarray | None, error: BaseException | None) -> None:
@@ -231,11 +240,13 @@ class SessionManager:
                     elif error is None:
                         self._commit(session, planned, outputs)
                 finally:
-                    session.lock.release()
+                    if release:
+                        session.lock.release()
 
             entry.submit(session.slot, x, done)
         except BaseException:
-            session.lock.release()
+            if release:
+                session.lock.release()
             raise
         return answer
 
@@ -272,6 +283,26 @@ class SessionManager:
 
     async def get(self, owner: str, session_id: str) -> Session:
         return await self._find(owner, session_id)
+
+    def local(self, owner: str, session_id: str) -> Session | None:
+        """The session if this process holds it (no store lookup, no expiry check)."""
+        return self._sessions.get((owner, session_id))
+
+    def live_sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def ensure_held(self, owner: str, session_ids: list[str]) -> None:
+        """Bring sessions held elsewhere here (a store's hooks), before rows are decoded for
+        them by `model_of`; errors are left for the push itself to report."""
+        if self.hooks is None:
+            return
+        missing = [s for s in session_ids if (owner, s) not in self._sessions]
+        await asyncio.gather(*(self._find(owner, s) for s in missing), return_exceptions=True)
+
+    async def forget(self, session: Session) -> None:
+        """Retire a session that moved to another replica (its lock held by the caller): its
+        slot is freed here; the store keeps it."""
+        await self._retire(session, expired=False, count=False, moved=True)
 
     async def reset(self, owner: str, session_id: str) -> Session:
         session = await self._find(owner, session_id)
@@ -331,6 +362,8 @@ class SessionManager:
     async def _find(self, owner: str, session_id: str) -> Session:
         key = (owner, session_id)
         session = self._sessions.get(key)
+        if session is None and self.hooks is not None and key not in self._expired:
+            session = await self.hooks.missing(owner, session_id)  # held by another replica?
         if session is None:
             if key in self._expired:
                 raise SessionExpired(f"session {session_id!r} expired after its TTL")
@@ -369,15 +402,26 @@ class SessionManager:
         self._metrics.active_sessions.labels(entry.name).inc()
         outputs = np.zeros((0, entry.config.output_size), dtype=np.float32)
         if len(x):
-            try:  # the warm-up push takes over the lock, and releases it
-                outputs = (await self._start_push(session, entry, x, session.position)).outputs
+            try:  # the warm-up push, under the lock this opening keeps until it is done
+                pushed = self._start_push(session, entry, x, session.position, release=False)
+                outputs = (await pushed).outputs
             except BaseException:
-                # Retired before the push that waited on the lock runs: it finds no session.
-                await self._retire(session, expired=False, count=False)
+                # Retired before any push that waited on the lock runs: it finds no session.
+                try:
+                    await self._retire(session, expired=False, count=False)
+                finally:
+                    session.lock.release()
                 raise
-            if restoring:  # the rows rebuilt state; they are not a push to replay (cleared
-                session.last_push, outputs = None, outputs[:0]  # before a waiting push runs)
-        else:
+            if restoring:  # the rows rebuilt state; they are not a push to replay
+                session.last_push, outputs = None, outputs[:0]
+        try:
+            if self.hooks is not None:  # still locked: no push before the store knows it
+                try:
+                    await self.hooks.opened(session)
+                except BaseException:
+                    await self._retire(session, expired=False, count=False)
+                    raise
+        finally:
             session.lock.release()
         self._metrics.sessions_created.labels(entry.name).inc()
         return session, outputs
@@ -414,7 +458,9 @@ class SessionManager:
         session.last_used_at = self._clock()
         return PushResult(outputs, session.position)
 
-    async def _retire(self, session: Session, expired: bool, count: bool = True) -> None:
+    async def _retire(
+        self, session: Session, expired: bool, count: bool = True, moved: bool = False
+    ) -> None:
         """Close a session: forget it (remembering expired ids for 410), free its slot."""
         if session.closed:  # retired already (e.g. by the sweep while a delete waited)
             return
@@ -428,6 +474,8 @@ class SessionManager:
             self._expired.add(key)
         if session.slot >= 0:
             await self._registry.get(session.model).close_stream(session.slot)
+        if self.hooks is not None and not moved:
+            await self.hooks.retired(session, expired)
 
     def _reserve(self, session: Session) -> None:
         self._sessions[(session.owner, session.id)] = session

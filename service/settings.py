@@ -77,6 +77,19 @@ class Settings(BaseSettings):
         False, description="let CUDA float32 convs/matmuls use TF32 (faster, ~1e-3 error)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Sessions that outlive this process (docs/durability.md).
+    session_store: str = Field(
+        "memory", description="memory (sessions die with the process) or redis://host:port/db"
+    )
+    replica_id: str | None = Field(
+        None, description="this replica's name in the store (unset: hostname-pid-random)"
+    )
+    snapshot_interval_s: float = Field(
+        5.0, gt=0, description="period of the store's snapshots of changed sessions"
+    )
+    handoff_timeout_s: float = Field(
+        2.0, gt=0, description="wait for a live owner's handoff before taking a session over"
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -139,6 +152,13 @@ class Settings(BaseSettings):
             problems.append("dtype float16 needs device cuda; on CPU use float32 or bfloat16")
         if self.device == "cuda" and not _cuda_available():
             problems.append("device is cuda but torch sees no CUDA GPU (use auto or cpu)")
+        if self.session_store != "memory" and not self.session_store.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            problems.append(
+                "session_store must be memory or a Redis URL (redis://host:port/db), got "
+                f"{self.session_store.split('@')[-1]!r}"
+            )
         if problems:
             raise ValueError("refusing to start: " + "; ".join(problems))
         if self.host not in ("127.0.0.1", "localhost", "::1") and not keys:

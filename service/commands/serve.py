@@ -35,6 +35,9 @@ FLAGS: dict[str, tuple[type, str]] = {
     "max_connections": (int, "concurrent connections before 503 (default: 4 per slot)"),
     "drain_s": (float, "seconds /readyz answers 503 after SIGTERM before exiting (default 0)"),
     "torch_threads": (int, "intra-op threads for model compute (default (cores-1)//2, >= 1)"),
+    "session_store": (str, "memory (default) or redis://host:port/db: sessions outlive a replica"),
+    "replica_id": (str, "this replica's name in the session store (default: host-pid-random)"),
+    "snapshot_interval_s": (float, "seconds between snapshots of changed sessions (default 5)"),
 }
 
 

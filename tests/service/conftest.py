@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -320,3 +321,60 @@ def uvicorn_thread(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# ----- a real redis-server on loopback (the session store) -------------------------------------
+
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not installed (.ci/run installs it)"
+)
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """redis-server on a free loopback port, nothing persisted; yields its redis:// URL."""
+    assert REDIS_SERVER is not None
+    port = free_port()
+    with (directory / "redis.log").open("w") as log:
+        process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+
+            def answers() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(f"redis-server exited with {process.returncode}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                        s.sendall(b"PING\r\n")
+                        return s.recv(16).startswith(b"+PONG")
+                except OSError:
+                    return False
+
+            wait_until(answers, "redis-server to answer")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_process(process)
+
+
+@pytest.fixture
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -1,177 +1,173 @@
-"""Deployment files: the nginx consistent-hash config (syntax and a real two-pod run on
-loopback, skipped without nginx), the Kubernetes manifests and the Dockerfile's install steps."""
+"""Deployment files: the Kubernetes manifests' invariants and the Dockerfile's install steps.
+The proxy config itself runs, as deployed, in tests/service/test_rolling_update.py."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import signal
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
-import httpx
-import pytest
+import yaml
 
-from tests.service.conftest import assert_rows_close, random_rows
-from tests.service.test_serve_process import free_port, serve_command, wait_ready
+from service.commands.serve import FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
-)
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+UVICORN_GRACEFUL_S = 30  # service/commands/serve.py: timeout_graceful_shutdown
+DUMP_BUDGET_S = 5  # writing 1,000 sessions to the store takes well under a second
 
 
-def render_nginx_conf(directory: Path, listen_port: int, backends: list[int]) -> Path:
-    """deploy/nginx.conf with loopback servers and paths under `directory`.
-
-    Only what cannot run here changes: the pods' DNS names (and `resolve`, which needs
-    nginx >= 1.27.3), the listen port and the pid/log/temp paths; the routing is untouched.
-    """
-    text = (DEPLOY / "nginx.conf").read_text()
-    servers = "".join(f"        server 127.0.0.1:{port};\n" for port in backends)
-    text, n = re.subn(
-        r"( *# servers: begin\n).*?( *# servers: end\n)", rf"\g<1>{servers}\g<2>", text, flags=re.S
-    )
-    assert n == 1
-    text = re.sub(r"\n *resolver [^;]*;", "", text)
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};")
-    text = text.replace("/tmp/", f"{directory}/").replace("/dev/stdout", f"{directory}/access.log")
-    text = text.replace("/dev/stderr", f"{directory}/error.log")
-    path = directory / "nginx.conf"
-    path.write_text(text)
-    return path
+def documents(*names: str) -> list[dict]:
+    return [doc for name in names for doc in yaml.safe_load_all((DEPLOY / name).read_text())]
 
 
-@needs_nginx
-def test_nginx_config_syntax(tmp_path):
-    conf = render_nginx_conf(tmp_path, free_port(), [free_port(), free_port()])
-    result = subprocess.run(
-        [NGINX, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+def manifests() -> dict[tuple[str, str], dict]:
+    docs = documents("tcnserve.yaml", "proxy.yaml", "redis.yaml")
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
 
-@needs_nginx
-@pytest.mark.slow
-def test_sessions_stay_on_their_pod_behind_nginx(tmp_path, tiny_dir):
-    """Two tcnserve processes behind the proxy: every push of every session reaches its pod."""
-    ports = [free_port(), free_port()]
-    proxy_port = free_port()
-    processes = []
-    try:
-        for port in ports:
-            log = (tmp_path / f"tcnserve-{port}.log").open("w")
-            processes.append(
-                subprocess.Popen(
-                    [*serve_command(), "--port", str(port), "--model", f"tiny={tiny_dir}"],
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        for port, process in zip(ports, processes, strict=True):
-            wait_ready(f"http://127.0.0.1:{port}", process)
-        conf = render_nginx_conf(tmp_path, proxy_port, ports)
-        nginx = subprocess.Popen(
-            [
-                NGINX,
-                "-p",
-                str(tmp_path),
-                "-c",
-                str(conf),
-                "-e",
-                str(tmp_path / "error.log"),
-                "-g",
-                "daemon off;",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        processes.append(nginx)
-        url = f"http://127.0.0.1:{proxy_port}"
-        wait_ready(url, nginx)
-        rows = random_rows(12, seed=40)
-        with httpx.Client(base_url=url, timeout=30) as c:
-            sessions = []
-            for i in range(16):
-                # Half choose their id (sent as X-Session-ID), half let the proxy choose one.
-                headers = {"X-Session-ID": f"client-chosen-{i:04d}"} if i % 2 else {}
-                r = c.post(
-                    "/v1/sessions", json={"model": "tiny", "prefix": rows[:2]}, headers=headers
-                )
-                assert r.status_code == 201, r.text
-                sessions.append((r.json()["session_id"], r.json()["outputs"]))
-            assert sessions[1][0] == "client-chosen-0001"
-            want = c.post("/v1/models/tiny/predict", json={"inputs": [rows]}).json()["outputs"][0]
-            for position in range(2, 12, 2):
-                for sid, outputs in sessions:
-                    r = c.post(
-                        f"/v1/sessions/{sid}/steps",
-                        json={"inputs": rows[position : position + 2], "offset": position},
-                    )
-                    assert r.status_code == 200, r.text  # a 404 would mean the wrong pod
-                    outputs += r.json()["outputs"]
-            for _, outputs in sessions:
-                assert_rows_close(outputs, want)
-            for sid, _ in sessions:
-                assert c.get(f"/v1/sessions/{sid}").json()["position"] == 12
-        counts = []
-        for port in ports:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            match = re.search(r'tcnserve_active_sessions\{model="tiny"\} (\S+)', text)
-            counts.append(float(match.group(1)))
-        assert sum(counts) == 16
-    finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(
-                    signal.SIGTERM if process is not processes[-1] else signal.SIGQUIT
-                )
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container["env"]}
 
 
-def test_manifests_agree_with_the_proxy_config():
-    yaml = pytest.importorskip("yaml")
-    docs = [
-        doc
-        for name in ("tcnserve.yaml", "proxy.yaml", "kustomization.yaml")
-        for doc in yaml.safe_load_all((DEPLOY / name).read_text())
+def pod_specs() -> list[dict]:
+    return [
+        d["spec"]["template"]["spec"] for d in manifests().values() if d["kind"] == "Deployment"
     ]
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs if "metadata" in d}
-    assert ("StatefulSet", "tcnserve") in kinds and ("Deployment", "tcnserve-proxy") in kinds
-    statefulset = next(d for d in docs if d.get("kind") == "StatefulSet")
-    container = statefulset["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["serve"] and "--workers" not in " ".join(container["args"])
+
+
+def test_one_worker_per_pod_with_probes_that_mean_something():
+    m = manifests()
+    pod = m[("Deployment", "tcnserve")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["serve"]
+    assert not any("--workers" in a or "WEB_CONCURRENCY" in a for a in container["args"])
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"  # /healthz is always 200
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["resources"]["requests"]
-    conf = (DEPLOY / "nginx.conf").read_text()
-    assert "hash $tcnserve_route_key consistent;" in conf
-    servers = re.findall(r"server (tcnserve-\d+)\.tcnserve\.(\w+)\.svc", conf)
-    kustomization = next(d for d in docs if d.get("kind") == "Kustomization")
-    assert [name for name, _ in servers] == [
-        f"tcnserve-{i}" for i in range(statefulset["spec"]["replicas"])
-    ]
-    assert {ns for _, ns in servers} == {kustomization["namespace"]}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert set(env_of(container)) - {"TCNSERVE_API_KEYS"} <= {
+        "TCNSERVE_" + f.upper() for f in (*FLAGS, "device")
+    }
 
 
-def test_dockerfile_installs_like_the_readme():
+def test_the_grace_period_covers_the_drain():
+    pod = manifests()[("Deployment", "tcnserve")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(env_of(container)["TCNSERVE_DRAIN_S"])
+    needed = float(pre_stop[1]) + drain + UVICORN_GRACEFUL_S + DUMP_BUDGET_S
+    assert pod["terminationGracePeriodSeconds"] >= needed
+
+
+def test_sessions_go_to_the_store_and_the_proxy_hashes_the_session_id():
+    m = manifests()
+    (container,) = m[("Deployment", "tcnserve")]["spec"]["template"]["spec"]["containers"]
+    store = env_of(container)["TCNSERVE_SESSION_STORE"]
+    redis_service = m[("Service", "tcnserve-redis")]
+    assert store == f"redis://{redis_service['metadata']['name']}:6379/0"
+    assert m[("Service", "tcnserve")]["spec"]["clusterIP"] == "None"  # DNS lists the pods
+    conf = (DEPLOY / "haproxy.cfg").read_text()
+    assert "balance hash req.hdr(X-Session-ID)" in conf and "hash-type consistent" in conf
+    assert 'server-template tcnserve 16 "${TCNSERVE_BACKEND}"' in conf
+    assert "http-check send meth GET uri /readyz" in conf
+    (proxy,) = m[("Deployment", "tcnserve-proxy")]["spec"]["template"]["spec"]["containers"]
+    assert proxy["command"][-1].endswith("haproxy-start.sh")
+    assert proxy["args"][-1].endswith("haproxy.cfg")
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    files = kustomization["configMapGenerator"][0]["files"]
+    assert files == ["haproxy.cfg", "haproxy-start.sh"]
+    # Nothing names the namespace or the cluster domain: the start script finds both.
+    for name in ("haproxy.cfg", "tcnserve.yaml", "proxy.yaml", "redis.yaml"):
+        assert "svc.cluster.local" not in (DEPLOY / name).read_text()
+
+
+def test_every_image_is_set_in_one_place():
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    pinned = {i["name"] for i in kustomization["images"]}
+    used = []
+    gpu_patch = documents("gpu/tcnserve-gpu.yaml")
+    workloads = [d for d in manifests().values() if d["kind"] == "Deployment"]
+    for doc in [*workloads, *gpu_patch]:
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            if "image" in container:
+                used.append(container["image"])
+    assert used and all(":" not in image and "/" not in image for image in used), used
+    assert set(used) <= pinned
+    holders = [p.name for p in DEPLOY.rglob("*.yaml") if "newName:" in p.read_text()]
+    assert holders == ["kustomization.yaml"]  # the registry is named once per image
+    assert "newName" not in (DEPLOY / "gpu" / "kustomization.yaml").read_text()
+
+
+def test_pods_meet_the_restricted_pod_security_standard():
+    for pod in pod_specs():
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["readOnlyRootFilesystem"] is True
+
+
+def test_disruption_budgets_and_spread():
+    m = manifests()
+    for name in ("tcnserve", "tcnserve-proxy"):
+        deployment = m[("Deployment", name)]
+        budget = m[("PodDisruptionBudget", name)]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert budget["spec"]["maxUnavailable"] == 1 < deployment["spec"]["replicas"]
+        spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} >= {"kubernetes.io/hostname"}
+    strategy = m[("Deployment", "tcnserve")]["spec"]["strategy"]["rollingUpdate"]
+    assert strategy == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_the_gpu_variant_asks_for_a_gpu_and_runs_on_cuda():
+    component = yaml.safe_load((DEPLOY / "gpu" / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    kustomization = (DEPLOY / "kustomization.yaml").read_text()
+    assert re.search(r"^# components:\n#   - gpu$", kustomization, re.M)
+    (patch,) = documents("gpu/tcnserve-gpu.yaml")
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(container)["TCNSERVE_DEVICE"] == "cuda"
+    assert container["image"] == "tcnserve-cuda"
+
+
+def test_dockerfile_installs_cpu_torch_from_pytorchs_index():
     dockerfile = (ROOT / "Dockerfile").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     pin = re.search(r"torch==([\d.]+)", ci).group(1)
     assert f"ARG TORCH_VERSION={pin}" in dockerfile
-    assert "pip install" in dockerfile and "torch==${TORCH_VERSION}" in dockerfile
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in dockerfile
     assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
     assert re.search(r"^USER (?!root)", dockerfile, re.M)
     instructions = [line for line in dockerfile.splitlines() if not line.startswith("#")]
     assert not any("--workers" in line for line in instructions)
     assert (ROOT / ".dockerignore").is_file()
+
+
+def test_the_image_install_carries_the_default_model(tmp_path):
+    """The Dockerfile installs the project as a wheel (`pip install .`): it must hold the
+    built-in model, which the image serves by default."""
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    result = subprocess.run(
+        [*command, "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("tcnserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "service/default_model/model.safetensors" in names
+    assert "service/default_model/config.json" in names
+    assert "service/redis_store.py" in names

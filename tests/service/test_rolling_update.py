@@ -1,0 +1,338 @@
+"""Three `tcnserve serve` processes behind the real HAProxy running deploy/haproxy.cfg as it is
+deployed (found through a DNS server, as on a cluster), with a real Redis as the session store.
+Plain HTTP clients stream with offsets while one replica is stopped (SIGTERM) or killed (-9)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.session_record import SessionRecord
+from tests.service.conftest import (
+    ROOT,
+    assert_rows_close,
+    random_rows,
+    serve_command,
+    stop_process,
+    wait_ready,
+    wait_until,
+)
+from tests.service.dns_responder import DnsResponder
+
+HAPROXY = shutil.which("haproxy") or next(
+    (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None
+)
+DEPLOY = ROOT / "deploy"
+NAME = "tcnserve.test"
+ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+SESSIONS = 18
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (.ci/run installs it)"),
+]
+
+
+def proxy_env(bind: str, backend: str, dns: str) -> dict[str, str]:
+    """The only things a test sets: the variables deploy/haproxy.cfg expands."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TCNSERVE_")}
+    return {
+        **base,
+        "TCNSERVE_PROXY_BIND": bind,
+        "TCNSERVE_BACKEND": backend,
+        "TCNSERVE_DNS_SERVER": dns,
+    }
+
+
+def proxy_command() -> list[str]:
+    """The proxy container's command (deploy/proxy.yaml), with this machine's haproxy."""
+    return [
+        str(DEPLOY / "haproxy-start.sh"),
+        HAPROXY,
+        "-W",
+        "-db",
+        "-f",
+        str(DEPLOY / "haproxy.cfg"),
+    ]
+
+
+def test_the_deployed_proxy_config_is_valid():
+    env = proxy_env("127.0.0.1:18080", f"{NAME}:8000", "127.0.0.1:53")
+    result = subprocess.run(
+        [*proxy_command(), "-c"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_start_script_finds_the_cluster_dns_and_namespace(tmp_path):
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(
+        "search shop.svc.k8s.example shop.svc svc.k8s.example\nnameserver 10.0.0.10\n"
+        "options ndots:5\n"
+    )
+    env = {"PATH": os.environ["PATH"], "TCNSERVE_RESOLV_CONF": str(resolv)}
+    result = subprocess.run(
+        [str(DEPLOY / "haproxy-start.sh"), "env"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TCNSERVE_DNS_SERVER=10.0.0.10:53" in result.stdout
+    assert "TCNSERVE_BACKEND=tcnserve.shop.svc.k8s.example:8000" in result.stdout
+    assert "TCNSERVE_PROXY_BIND=:8080" in result.stdout
+
+
+@dataclass
+class Replica:
+    address: str
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Cluster:
+    url: str
+    replicas: list[Replica]
+    redis_url: str
+
+    def moves(self, kind: str) -> int:
+        """Sessions the live replicas took from the store, by `kind` (restored, taken_over)."""
+        total = 0
+        for replica in self.replicas:
+            if replica.process.poll() is None:
+                text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+                prefix = f'tcnserve_session_moves_total{{kind="{kind}"}} '
+                total += int(
+                    float(next(x for x in text.splitlines() if x.startswith(prefix))[len(prefix) :])
+                )
+        return total
+
+    def sessions_per_replica(self) -> list[int]:
+        counts = []
+        for replica in self.replicas:
+            if replica.process.poll() is not None:
+                counts.append(0)
+                continue
+            text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+            line = next(x for x in text.splitlines() if x.startswith("tcnserve_active_sessions{"))
+            counts.append(int(float(line.split()[-1])))
+        return counts
+
+
+def shared_free_port() -> int:
+    """A TCP port free on every replica address."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((ADDRESSES[0], 0))
+            port = s.getsockname()[1]
+        try:
+            for address in ADDRESSES[1:]:
+                with socket.socket() as s:
+                    s.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port free on every loopback address")
+
+
+@contextlib.contextmanager
+def cluster(tmp_path: Path, tiny_dir: Path, redis_url: str) -> Iterator[Cluster]:
+    port = shared_free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TCNSERVE_")}
+    env = {
+        **base,
+        "TCNSERVE_SESSION_STORE": redis_url,
+        "TCNSERVE_DRAIN_S": "3",  # longer than the proxy needs to see /readyz fail twice
+        "TCNSERVE_SNAPSHOT_INTERVAL_S": "0.2",
+        "TCNSERVE_HANDOFF_TIMEOUT_S": "2",
+        "TCNSERVE_MAX_SESSIONS": "64",
+        "TCNSERVE_TORCH_THREADS": "1",
+    }
+    processes: list[subprocess.Popen] = []
+    try:
+        replicas = []
+        for address in ADDRESSES:
+            log = tmp_path / f"tcnserve-{address}.log"
+            with log.open("w") as out:
+                command = [*serve_command(), "--host", address, "--port", str(port)]
+                command += ["--model", f"tiny={tiny_dir}", "--device", "cpu"]
+                process = subprocess.Popen(
+                    command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+            processes.append(process)
+            replicas.append(Replica(address, f"http://{address}:{port}", process, log))
+        for replica in replicas:
+            wait_ready(replica.url, replica.process)
+        with DnsResponder(NAME, ADDRESSES) as dns:
+            proxy_port = shared_free_port()
+            env = proxy_env(f"127.0.0.1:{proxy_port}", f"{NAME}:{port}", dns.address)
+            with (tmp_path / "haproxy.log").open("w") as out:
+                proxy = subprocess.Popen(
+                    proxy_command(), env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+            processes.append(proxy)
+            url = f"http://127.0.0.1:{proxy_port}"
+            seen: set[str] = set()
+
+            def every_replica_serves() -> bool:
+                assert proxy.poll() is None, (tmp_path / "haproxy.log").read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    r = httpx.get(
+                        f"{url}/v1/models", headers={"X-Session-ID": uuid.uuid4().hex}, timeout=5
+                    )
+                    if r.status_code == 200:
+                        seen.add(r.headers["x-tcnserve-server"])
+                return len(seen) == len(ADDRESSES)
+
+            wait_until(every_replica_serves, "the proxy to route to every replica", 60)
+            yield Cluster(url, replicas, redis_url)
+    finally:
+        for process in reversed(processes):
+            stop_process(process)
+
+
+@dataclass
+class Stream:
+    """One client's session: its own rows, the outputs it got, where it is."""
+
+    rows: list
+    session_id: str = ""
+    outputs: list = field(default_factory=list)
+    position: int = 0
+    replays: int = 0
+
+    def push(self, client: httpx.Client, length: int) -> httpx.Response:
+        body = {"inputs": self.rows[self.position : self.position + length]}
+        body["offset"] = self.position
+        return client.post(f"/v1/sessions/{self.session_id}/steps", json=body)
+
+
+def open_streams(client: httpx.Client, rows: int) -> list[Stream]:
+    streams = []
+    for i in range(SESSIONS):
+        stream = Stream(random_rows(rows, seed=100 + i))
+        headers = {"X-Session-ID": f"client-chosen-{i:04d}"} if i % 2 else {}
+        r = client.post("/v1/sessions", json={"model": "tiny"}, headers=headers)
+        assert r.status_code == 201, r.text
+        stream.session_id = r.json()["session_id"]
+        streams.append(stream)
+    return streams
+
+
+def check_outputs(client: httpx.Client, streams: list[Stream]) -> None:
+    sequences = [s.rows[: s.position] for s in streams]
+    r = client.post("/v1/models/tiny/predict", json={"inputs": sequences})
+    assert r.status_code == 200, r.text
+    for stream, want in zip(streams, r.json()["outputs"], strict=True):
+        assert len(stream.outputs) == stream.position
+        assert_rows_close(stream.outputs, want)
+
+
+def durable_positions(cluster: Cluster, streams: list[Stream]) -> list[int]:
+    store = redis.Redis.from_url(cluster.redis_url)
+    try:
+        positions = []
+        for s in streams:
+            record = store.hget(f"tcnserve:s:anonymous:{s.session_id}", "record")
+            positions.append(SessionRecord.decode(record).position if record else -1)
+        return positions
+    finally:
+        store.close()
+
+
+def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, tiny_dir, redis_url):
+    with (
+        cluster(tmp_path, tiny_dir, redis_url) as c,
+        httpx.Client(base_url=c.url, timeout=60) as client,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        streams = open_streams(client, rows=600)
+
+        def step(stream: Stream) -> None:
+            r = stream.push(client, 2)
+            assert r.status_code == 200, (r.status_code, r.text)  # no error, ever
+            assert r.json()["position"] == stream.position + 2  # applied once, in order
+            stream.outputs += r.json()["outputs"]
+            stream.position += 2
+
+        for _ in range(3):
+            list(pool.map(step, streams))
+        counts = c.sessions_per_replica()
+        assert sum(counts) == SESSIONS
+        assert c.moves("restored") == 0  # every push reached the replica holding its session
+        victim = c.replicas[counts.index(max(counts))]
+        victim.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{victim.url}/readyz").status_code == 503, "the drain")
+        # Creates the proxy sends to the draining replica (503 draining) go to the next one.
+        for i in range(12):
+            headers = {"X-Session-ID": f"created-while-draining-{i}"}
+            r = client.post("/v1/sessions", json={"model": "tiny"}, headers=headers)
+            assert r.status_code == 201, r.text
+            streams.append(Stream(streams[0].rows, r.json()["session_id"]))
+            streams[-1].outputs, streams[-1].position = [], 0
+        rounds_after_exit = 0
+        while rounds_after_exit < 3:  # streaming through the drain, the exit and beyond
+            if victim.process.poll() is not None:
+                rounds_after_exit += 1
+            assert streams[0].position + 2 <= len(streams[0].rows), "the drain took too long"
+            list(pool.map(step, streams))
+        assert victim.process.wait(30) == 0
+        check_outputs(client, streams)
+        assert sum(c.sessions_per_replica()) == SESSIONS + 12
+        # Every session of the victim moved: handed off while it drained, or written at exit.
+        assert c.moves("restored") >= max(counts) and c.moves("taken_over") == 0
+        assert "drain:" in victim.log.read_text()
+
+
+def test_kill_9_loses_at_most_the_pushes_since_the_last_snapshot(tmp_path, tiny_dir, redis_url):
+    with (
+        cluster(tmp_path, tiny_dir, redis_url) as c,
+        httpx.Client(base_url=c.url, timeout=60) as client,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        streams = open_streams(client, rows=200)
+        floors: dict[str, int] = {}
+
+        def step(stream: Stream) -> None:
+            r = stream.push(client, 3)
+            if r.status_code == 409 and r.json()["error"]["code"] == "offset_conflict":
+                # Restored from its last durable snapshot: never older than the one seen in the
+                # store before the kill. Replay from there, as the Python client does.
+                durable = r.json()["error"]["position"]
+                assert floors[stream.session_id] <= durable < stream.position, r.text
+                del stream.outputs[durable:]
+                stream.position, stream.replays = durable, stream.replays + 1
+                r = stream.push(client, 3)
+            assert r.status_code == 200, (r.status_code, r.text)
+            stream.outputs += r.json()["outputs"]
+            stream.position += len(r.json()["outputs"])
+
+        for _ in range(4):
+            list(pool.map(step, streams))
+        wait_until(
+            lambda: durable_positions(c, streams) == [s.position for s in streams],
+            "the periodic snapshots to catch up",
+        )
+        floors.update({s.session_id: s.position for s in streams})
+        list(pool.map(step, streams))  # a round that may or may not be durable yet
+        counts = c.sessions_per_replica()
+        victim = c.replicas[counts.index(max(counts))]
+        victim.process.kill()
+        victim.process.wait(10)
+        for _ in range(6):
+            list(pool.map(step, streams))
+        check_outputs(client, streams)
+        assert sum(s.replays for s in streams) <= max(counts)
+        assert sum(c.sessions_per_replica()) == SESSIONS
+        assert c.moves("restored") + c.moves("taken_over") >= max(counts)
