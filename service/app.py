@@ -45,12 +45,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     app.state.runtime = runtime
     http_errors.install(app)
     document_security(app)
-    # The routers' routes themselves, hottest first, rather than include_router: FastAPI keeps
-    # an included router as a nested router matched anew per request, which costs a push more
-    # than the push itself (bench/asgi_path.py). The routes carry their prefixes, tags and
-    # responses already.
-    for module in (sessions, stream, streams, steps, predict, models, health):
-        app.router.routes.extend(module.router.routes)
+    # The LeanRoutes first and flat: FastAPI keeps an included router as a nested router
+    # matched anew per request, which costs a push more than the push itself
+    # (bench/asgi_path.py). Their routes carry their prefixes, tags and responses already, and
+    # honour dependency overrides themselves. The other routes are included as usual.
+    for router in (sessions.lean_router, steps.router, predict.router):
+        app.router.routes.extend(router.routes)
+    for module in (sessions, stream, streams, models, health):
+        app.include_router(module.router)
     settings = runtime.settings
     app.add_middleware(
         BodyLimitMiddleware,

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from model import NonFiniteOutputError
+from service.errors import Draining
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,11 @@ class _Step(_Job):
         self.rows = rows
 
 
-class WorkerStopped(RuntimeError):
-    """The model worker has shut down; no more model calls are taken."""
+class WorkerStopped(Draining):
+    """The model worker has shut down; no more model calls are taken (503 draining)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retry_after_s=1)
 
 
 class ModelWorker:
@@ -316,7 +320,7 @@ class ModelWorker:
         slots = [job.slot for job in batch]
         lengths = [len(job.rows) for job in batch]
         x = np.concatenate([job.rows for job in batch])
-        if len(x) == len(batch):  # one row each: the step kernel
+        if lengths.count(1) == len(lengths):  # one row each: the step kernel
             out = self.pool.step(slots, x).float().cpu().numpy()  # (N, out) float32
             parts = list(out[:, None, :])  # iterating (N, 1, out) yields each caller's view
         else:

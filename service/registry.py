@@ -20,9 +20,8 @@ from model import (
     load_model,
     read_checkpoint_info,
 )
-from service.batcher import ModelWorker, WorkerStopped
+from service.batcher import ModelWorker
 from service.errors import (
-    Draining,
     InternalError,
     InvalidInput,
     ModelNotFound,
@@ -62,7 +61,6 @@ class ModelEntry:
     net: Any = None
     state_bytes_per_stream: int = 0
     max_input_abs: float | None = None  # set at load, from the weights
-    retry_after_s: int = 1
     ready: bool = False
 
     def __post_init__(self) -> None:
@@ -178,7 +176,8 @@ class ModelEntry:
         gets the (T, out) float32 outputs, or the ServiceError refusing them, on this loop.
 
         Arrays, not Python lists, all the way to the edge (a replay cache of lists would cost
-        ~25x the memory, and binary frames need no conversion). Raises WorkerStopped.
+        ~25x the memory, and binary frames need no conversion). Raises WorkerStopped (a 503
+        draining) once the worker has shut down.
         """
         counted = self._streamed
 
@@ -186,8 +185,8 @@ class ModelEntry:
             if error is None:
                 counted.inc(len(x))
                 done(outputs, None)
-            elif isinstance(error, WorkerStopped):
-                done(None, self._stopped())
+            elif isinstance(error, ServiceError):  # WorkerStopped: 503 draining
+                done(None, error)
             elif isinstance(error, ValueError):  # the pool refused it and changed nothing
                 done(None, _refusal(error))
             elif isinstance(error, Exception):  # e.g. out of memory: the pool changed nothing
@@ -196,13 +195,7 @@ class ModelEntry:
             else:
                 done(None, error)  # type: ignore[arg-type]
 
-        try:
-            self.worker.submit(slot, x, settled)
-        except WorkerStopped:
-            raise self._stopped() from None
-
-    def _stopped(self) -> ServiceError:
-        return Draining(f"model {self.name!r} is shutting down", self.retry_after_s)
+        self.worker.submit(slot, x, settled)
 
     async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
         """Per sequence, its (T, out) float32 outputs (or its last row with last_only)."""
@@ -257,7 +250,6 @@ class ModelRegistry:
                     name, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000
                 ),
                 metrics=metrics,
-                retry_after_s=settings.retry_after_s,
             )
             # Create the per-model series now, so they read 0 (not absent) before any traffic.
             metrics.step_batch_size.labels(name)

@@ -26,6 +26,7 @@ import numpy as np
 from model import MAX_POSITION, PoolFullError
 from service.errors import (
     CapacityExceeded,
+    InternalError,
     InvalidInput,
     KeyQuotaExceeded,
     OffsetConflict,
@@ -141,6 +142,9 @@ class SessionManager:
         session.position = start
         self._reserve(session)  # the id and the key's quota, before the first await
         self._expired.discard(key)
+        # Held from here, before any other task can run: a push racing the creation waits for
+        # the opening (a fresh lock is taken without suspending). `_open` releases it.
+        await session.lock.acquire()
         return await self._shielded(self._open(session, entry, x, snapshot is not None))
 
     async def push(
@@ -175,23 +179,29 @@ class SessionManager:
         started: list[tuple[int, asyncio.Future[PushResult]]] = []
         busy: list[int] = []  # sessions another operation holds: pushed alone afterwards
         seen: set[str] = set()
-        for i, (session_id, x, offset) in enumerate(items):
-            try:
-                if session_id in seen:  # its lock is taken already: never wait on it
-                    raise InvalidInput(f"session {session_id!r} is named more than once")
-                seen.add(session_id)
-                session = await self._find(owner, session_id)
-                entry = self._registry.get(session.model)
-                self._check_rows(x, entry)
-                # Never wait for a lock while holding others (two requests naming the same
-                # sessions in another order would wait for each other forever).
-                if session.lock.locked():
-                    busy.append(i)
-                    continue
-                await session.lock.acquire()  # free: taken without a wait
-                started.append((i, self._start_push(session, entry, x, offset)))
-            except ServiceError as e:
-                results[i] = e
+        try:
+            for i, (session_id, x, offset) in enumerate(items):
+                try:
+                    if session_id in seen:  # its lock is taken already: never wait on it
+                        raise InvalidInput(f"session {session_id!r} is named more than once")
+                    seen.add(session_id)
+                    session = await self._find(owner, session_id)
+                    entry = self._registry.get(session.model)
+                    self._check_rows(x, entry)
+                    # Never wait for a lock held by another operation while holding others (two
+                    # requests naming the same sessions in another order would wait for each
+                    # other forever); the hold of those taken passes to their pushes anyway.
+                    if session.lock.locked():
+                        busy.append(i)
+                        continue
+                    await session.lock.acquire()
+                    started.append((i, self._start_push(session, entry, x, offset)))
+                except ServiceError as e:
+                    results[i] = e
+        except BaseException:  # cancelled: the pushes started are recorded; nobody awaits them
+            for _, answer in started:
+                answer.cancel()
+            raise
         outcomes = await asyncio.gather(*(answer for _, answer in started), return_exceptions=True)
         for (i, _), outcome in zip(started, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
@@ -232,13 +242,19 @@ class SessionManager:
 
             def done(outputs: np.ndarray | None, error: BaseException | None) -> None:
                 try:
-                    if not answer.done():  # not cancelled by its caller
+                    result = None
+                    if error is None:
+                        try:
+                            result = self._commit(session, planned, outputs)
+                        except Exception as e:  # never leave the caller waiting
+                            logger.exception("recording a push failed")
+                            error = InternalError("internal server error")
+                            error.__cause__ = e
+                    if not answer.done():  # else cancelled by its caller: recorded all the same
                         if error is None:
-                            answer.set_result(self._commit(session, planned, outputs))
+                            answer.set_result(result)
                         else:
                             answer.set_exception(error)
-                    elif error is None:
-                        self._commit(session, planned, outputs)
                 finally:
                     if release:
                         session.lock.release()
@@ -381,8 +397,7 @@ class SessionManager:
     async def _open(
         self, session: Session, entry: ModelEntry, x: np.ndarray, restoring: bool
     ) -> tuple[Session, np.ndarray]:
-        await session.lock.acquire()  # free: the session was just reserved
-        try:
+        try:  # the caller holds the session's lock
             session.slot = await entry.open_stream(session.position)
         except PoolFullError:
             self._release(session)  # closed, for any push that queued on the lock meanwhile

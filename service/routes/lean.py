@@ -33,16 +33,20 @@ class LeanRoute(APIRoute):
             or d.body_params
             or d.request_param_name != "request"
             or [(s.name, s.call) for s in d.dependencies] != [("caller", get_caller)]
+            or any(
+                p.field_info.annotation is not str or p.field_info.metadata for p in d.path_params
+            )
         ):
             raise TypeError(
-                f"LeanRoute {path}: {endpoint.__name__} must take only path parameters, "
-                "`request: Request` and `caller: CallerDep`"
+                f"LeanRoute {path}: {endpoint.__name__} must take only path parameters (plain "
+                "`str`), `request: Request` and `caller: CallerDep`"
             )
         self.app = self._serve
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, send)
-        caller = await get_caller(request)
+        overrides = request.app.dependency_overrides  # honoured, as for any other route
+        caller = await (overrides.get(get_caller, get_caller) if overrides else get_caller)(request)
         response: Response = await self.endpoint(
             **scope["path_params"], request=request, caller=caller
         )

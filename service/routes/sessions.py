@@ -23,6 +23,10 @@ from service.schemas import (
 from service.session_state import Session
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
+# The hottest route, a LeanRoute (service/routes/lean.py), on a router of its own.
+lean_router = APIRouter(
+    prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES, route_class=LeanRoute
+)
 
 
 def _info(session: Session) -> SessionInfo:
@@ -98,6 +102,12 @@ async def create_session(
     return json_response(created, status.HTTP_201_CREATED)
 
 
+@lean_router.post(
+    "/{session_id}/steps",
+    response_model=StepResponse,
+    summary="Push rows",
+    openapi_extra=documented_body(StepRequest),
+)
 async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Response:
     session = await caller.sessions.get(caller.owner, session_id)
     spec = caller.registry.get(session.model).inputs
@@ -110,18 +120,6 @@ async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Re
     offset, x = await caller.runtime.decode(len(data), decode)
     result = await caller.sessions.push(caller.owner, session_id, x, offset)
     return json_response({"outputs": result.outputs.tolist(), "position": result.position})
-
-
-# The hottest route: a LeanRoute (service/routes/lean.py).
-router.add_api_route(
-    "/{session_id}/steps",
-    push_steps,
-    methods=["POST"],
-    response_model=StepResponse,
-    summary="Push rows",
-    openapi_extra=documented_body(StepRequest),
-    route_class_override=LeanRoute,
-)
 
 
 @router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")

@@ -283,3 +283,16 @@ async def test_a_failing_completion_does_not_cost_the_others_their_answers(worke
     await blocker
     await asyncio.wait_for(answered.wait(), timeout=30)
     assert answers == [[2.0]]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_with_an_empty_push_is_not_stepped_as_one_row_pushes(worker):
+    gate, blocker = await held(worker)
+    empty = asyncio.ensure_future(worker.advance(1, np.zeros((0, 1), np.float32)))
+    two = asyncio.ensure_future(worker.advance(2, np.zeros((2, 1), np.float32)))
+    await until_queued(worker, 2)
+    gate.set()
+    await asyncio.gather(empty, two, return_exceptions=True)
+    await blocker
+    assert worker.pool.calls == []  # the ragged call, which checks the lengths, got them
+    assert worker.pool.advanced == [([1, 2], [0, 2])]

@@ -160,6 +160,32 @@ async def test_a_push_queued_behind_a_cancelled_one_sees_it_applied(make_setting
 
 
 @pytest.mark.asyncio
+async def test_a_push_racing_its_sessions_creation_waits_for_it(make_settings):
+    app = create_app(make_settings())
+    rows = random_rows(1, seed=11)
+    async with async_serving(app) as c:
+        sessions = runtime_of(app).sessions
+        x = np.asarray(rows, dtype=np.float32)
+        creating = asyncio.ensure_future(sessions.create("anonymous", "tiny", "race-id-1"))
+        await asyncio.sleep(0)  # the id is reserved; the opening has not run yet
+        pushed = await sessions.push("anonymous", "race-id-1", x, 0)
+        await creating
+        assert pushed.position == 1
+        assert_rows_close(pushed.outputs.tolist(), (await expected_outputs(c, [rows]))[0])
+        for i in range(6):  # the same over HTTP: create and push sent together
+            sid = f"http-race-{i:03d}"
+            create = asyncio.ensure_future(
+                c.post("/v1/sessions", json={"model": "tiny", "session_id": sid})
+            )
+            for _ in range(i):
+                await asyncio.sleep(0)
+            push = c.post(f"/v1/sessions/{sid}/steps", json={"inputs": rows})
+            created, answer = await asyncio.gather(create, push)
+            assert created.status_code == 201
+            assert answer.status_code in (200, 404), answer.text  # after, or before the create
+
+
+@pytest.mark.asyncio
 async def test_push_many_cancelled_mid_flight_records_every_push(make_settings):
     app = create_app(make_settings())
     rows = random_rows(3, seed=10)

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from fastapi import Request
 from fastapi.testclient import TestClient
 
 from model import load_model
@@ -285,8 +286,26 @@ def test_openapi_documents_the_api(client):
         assert answer["schema"]["$ref"].startswith("#/components/schemas/"), path
 
 
+def test_dependency_overrides_reach_every_route(make_settings):
+    from service.deps import Caller, get_caller
+
+    app = create_app(make_settings())
+    calls = []
+
+    async def caller_for_tests(request: Request) -> Caller:
+        calls.append(request.url.path)
+        return await get_caller(request)
+
+    app.dependency_overrides[get_caller] = caller_for_tests
+    with serving(app) as c:
+        sid = c.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 1.0]]}).status_code == 200
+        assert c.get("/v1/models").status_code == 200
+    assert calls == ["/v1/sessions", f"/v1/sessions/{sid}/steps", "/v1/models"]
+
+
 def test_a_lean_route_refuses_endpoints_it_cannot_call():
-    from fastapi import Header, Request, Response
+    from fastapi import Header, Response
 
     from service.deps import CallerDep
     from service.routes.lean import LeanRoute
