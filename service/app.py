@@ -11,7 +11,8 @@ from fastapi_offline import FastAPIOffline
 
 from service import http_errors
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import health, models, predict, sessions, steps, stream, streams
+from service.oip_inference import OipInference
+from service.routes import health, models, predict, sessions, steps, stream, streams, v2
 from service.runtime import Runtime
 from service.sessions import Clock
 from service.settings import Settings
@@ -42,8 +43,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
         title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
     )
     app.state.runtime = runtime
+    app.state.oip = OipInference(runtime)  # /v2: the Open Inference Protocol (docs/oip.md)
     http_errors.install(app)
-    for module in (health, models, predict, sessions, steps, stream, streams):
+    for module in (health, models, predict, sessions, steps, stream, streams, v2):
         app.include_router(module.router)
     settings = runtime.settings
     app.add_middleware(

@@ -17,8 +17,18 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-NO_BODY_BYTES = 1024  # routes outside /v1 take none
+NO_BODY_BYTES = 1024  # routes outside /v1 and /v2 take none
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def is_api_path(path: str) -> bool:
+    """The API's routes: /v1 and the Open Inference Protocol's /v2. They alone take bodies."""
+    return path.startswith(("/v1/", "/v2/")) or path == "/v2"
+
+
+def needs_api_key(path: str) -> bool:
+    """API routes but the /v2 health probes (as /healthz and /readyz, they answer anyone)."""
+    return is_api_path(path) and not path.startswith("/v2/health/")
 
 
 class RequestContextMiddleware:
@@ -78,7 +88,7 @@ class RequestContextMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 for a /v1 request without a valid key, before any body is read or parsed.
+    """401 for an API request without a valid key, before any body is read or parsed.
 
     Handlers resolve the key again through their dependency (to know its owner); this only
     keeps anonymous clients from making the server buffer and parse bodies.
@@ -92,7 +102,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.api_keys.enabled:
             await self.app(scope, receive, send)
             return
-        if scope["path"].startswith("/v1/"):
+        if needs_api_key(scope["path"]):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             try:
                 self.api_keys.owner(headers.get("authorization"), headers.get("x-api-key"))
@@ -121,9 +131,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # Only /v1 routes take bodies (and only they need an API key): anywhere else a body is
+        # Only API routes take bodies (and they need an API key): anywhere else a body is
         # refused at its first bytes, so anonymous clients cannot fill the shared budget.
-        limit = self.max_bytes if scope["path"].startswith("/v1/") else NO_BODY_BYTES
+        limit = self.max_bytes if is_api_path(scope["path"]) else NO_BODY_BYTES
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, limit)
