@@ -44,12 +44,16 @@ class OipInference:
         if request.sequence is None:
             outputs = await entry.predict(list(request.x), last_only=False)
             return np.stack(outputs), {}  # (B, T, out)
-        # Shielded as a whole: a client gone between the push and the end must not leave an
-        # ended sequence open (each step is itself shielded by the session manager).
-        task = asyncio.ensure_future(self._step(owner, entry, request.sequence, request.x[0]))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        position, y = await asyncio.shield(task)
+        sequence, x = request.sequence, request.x[0]
+        if sequence.start or sequence.end:
+            # Shielded as a whole: a client gone between the push and the end must not leave
+            # an ended sequence open. A plain push is shielded by the session manager itself.
+            task = asyncio.ensure_future(self._step(owner, entry, sequence, x))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            position, y = await asyncio.shield(task)
+        else:
+            position, y = await self._push(owner, entry, sequence, x, sequence.offset)
         return y[None], {"sequence_position": position}  # (1, T, out)
 
     async def _step(
