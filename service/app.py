@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import http_errors
+from service import http_errors, openapi
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.oip_inference import OipInference
 from service.routes import health, models, predict, sessions, steps, stream, streams, v2
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     app.state.runtime = runtime
     app.state.oip = OipInference(runtime)  # /v2: the Open Inference Protocol (docs/oip.md)
     http_errors.install(app)
+    openapi.install(app)  # each route lists only the errors it can answer
     for module in (health, models, predict, sessions, steps, stream, streams, v2):
         app.include_router(module.router)
     settings = runtime.settings

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 HTTP_CODES = {status: code for code, status in codes.STATUS.items() if status in (400, 405)}
 HTTP_CODES[404] = "not_found"
 
-# For the OpenAPI docs: the error body of each status a route may answer.
+# Every error status with one description: superseded by error_responses (each route lists
+# only what it can answer, service/route_errors.py); kept for routes not yet moved to it.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {

@@ -44,6 +44,7 @@ SESSION_OPERATION = error_responses(*CALLER, *SESSION)  # describe, snapshot, re
 PUSH_MANY = error_responses(*CALLER, *BODY, TooManySequences)  # an item's error is in its result
 
 V2_METADATA = error_responses(*CALLER, ModelNotFound, oip=True)
+V2_MODEL_READY = error_responses(Unauthorized, ModelNotFound, oip=True)  # not ready: 400
 V2_INFER = error_responses(
     *CALLER, *BODY, *COMPUTE, *SESSION, Draining, ModelNotFound, TooManySequences,
     OffsetConflict, CapacityExceeded, KeyQuotaExceeded, oip=True,

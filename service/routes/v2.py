@@ -19,7 +19,7 @@ from service.oip_inference import OipInference
 from service.oip_schemas import InferRequestDoc, InferResponseDoc, ModelMetadata, ServerMetadata
 from service.registry import ModelRegistry
 from service.request_body import documented_body, json_response
-from service.route_errors import V2_INFER, V2_METADATA
+from service.route_errors import V2_INFER, V2_METADATA, V2_MODEL_READY
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -29,10 +29,9 @@ async def get_oip(request: Request) -> OipInference:
 
 
 OipDep = Annotated[OipInference, Depends(get_oip)]
-HEALTH = {
-    "responses": {400: {"description": "false (not ready); the body is empty"}},
-    "response_class": Response,
-}
+PROBE = {"response_class": Response, "responses": {200: {"description": "true; empty body"}}}
+HEALTH = {**PROBE, "responses": {**PROBE["responses"], 400: {"description": "false; empty body"}}}
+MODEL_READY = {**HEALTH, "responses": {**HEALTH["responses"], **V2_MODEL_READY}}
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
@@ -42,7 +41,7 @@ async def server_metadata() -> Response:
     )
 
 
-@router.get("/health/live", summary="Liveness: 200 while the process runs", **HEALTH)
+@router.get("/health/live", summary="Liveness: 200 while the process runs", **PROBE)
 async def live() -> Response:
     return Response(status_code=200)
 
@@ -80,13 +79,13 @@ async def version_metadata(name: str, version: str, caller: CallerDep) -> Respon
     return await model_metadata(name, caller)
 
 
-@router.get("/models/{name}/ready", summary="Model readiness", **HEALTH)
+@router.get("/models/{name}/ready", summary="Model readiness", **MODEL_READY)
 async def model_ready(name: str, runtime: RuntimeDep) -> Response:
     entry = runtime.registry.get(name)
     return Response(status_code=200 if entry.ready and not runtime.draining else 400)
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness", **HEALTH)
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness", **MODEL_READY)
 async def version_ready(name: str, version: str, runtime: RuntimeDep) -> Response:
     _check_version(runtime.registry, name, version)
     return await model_ready(name, runtime)
