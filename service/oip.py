@@ -274,17 +274,20 @@ def _input_tensor(
 
 
 def _check_range(values: np.ndarray, spec: inputs.InputSpec) -> None:
-    """Finite and within the model's max_abs, without a copy of the values (max and min)."""
+    """Finite and within the model's max_abs, without a copy of the values: a NaN makes the
+    max and the min NaN, which fails the comparison, as an Inf does."""
+    bound = min(spec.max_abs, float(np.finfo(values.dtype).max))  # never inf: Inf must fail
+    if -bound <= float(values.min()) and float(values.max()) <= bound:
+        return
     if not np.isfinite(values).all():
         raise InvalidInput(
             "input: values must be finite numbers (no NaN or Inf; FP32 holds at most 3.4e38)"
         )
-    if max(float(values.max()), -float(values.min())) > spec.max_abs:
-        i = int(np.argmax(np.abs(values) > spec.max_abs))
-        raise InvalidInput(
-            f"input: value {i} is beyond +-{spec.max_abs:.3g}, the largest magnitude this model "
-            "takes without overflowing"
-        )
+    i = int(np.argmax(np.abs(values) > bound))
+    raise InvalidInput(
+        f"input: value {i} is beyond +-{spec.max_abs:.3g}, the largest magnitude this model "
+        "takes without overflowing"
+    )
 
 
 def _tensor_values(

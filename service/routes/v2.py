@@ -34,6 +34,40 @@ HEALTH = {**PROBE, "responses": {**PROBE["responses"], 400: {"description": "fal
 MODEL_READY = {**HEALTH, "responses": {**HEALTH["responses"], **V2_MODEL_READY}}
 
 
+# The infer routes first: the router tries routes in order, and these carry the traffic.
+INFER = {
+    "response_model": InferResponseDoc,
+    "responses": V2_INFER,
+    "openapi_extra": documented_body(InferRequestDoc),
+}
+
+
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", **INFER)
+async def infer(name: str, request: Request, caller: CallerDep, runner: OipDep) -> Response:
+    entry = caller.registry.get(name)
+    settings = caller.runtime.settings
+    encoding = request.headers.get("content-encoding", "identity")
+    if encoding != "identity":
+        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported: send the body as is")
+    data = await request.body()
+    header = request.headers.get(oip.INFERENCE_HEADER)
+    limits = oip.Limits(settings.max_timesteps_per_request, settings.max_sequences_per_request)
+    decoded = await caller.runtime.decode(
+        len(data), lambda: oip.decode_request(data, header, entry.inputs, limits)
+    )
+    y, parameters = await runner.infer(caller.owner, entry, decoded)
+    body, headers, media_type = oip.encode_response(name, decoded, y, parameters)
+    return Response(body, headers=headers, media_type=media_type)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference of a version", **INFER)
+async def version_infer(
+    name: str, version: str, request: Request, caller: CallerDep, runner: OipDep
+) -> Response:
+    _check_version(caller.registry, name, version)
+    return await infer(name, request, caller, runner)
+
+
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata() -> Response:
     return json_response(
@@ -89,36 +123,3 @@ async def model_ready(name: str, runtime: RuntimeDep) -> Response:
 async def version_ready(name: str, version: str, runtime: RuntimeDep) -> Response:
     _check_version(runtime.registry, name, version)
     return await model_ready(name, runtime)
-
-
-INFER = {
-    "response_model": InferResponseDoc,
-    "responses": V2_INFER,
-    "openapi_extra": documented_body(InferRequestDoc),
-}
-
-
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", **INFER)
-async def infer(name: str, request: Request, caller: CallerDep, runner: OipDep) -> Response:
-    entry = caller.registry.get(name)
-    settings = caller.runtime.settings
-    encoding = request.headers.get("content-encoding", "identity")
-    if encoding != "identity":
-        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported: send the body as is")
-    data = await request.body()
-    header = request.headers.get(oip.INFERENCE_HEADER)
-    limits = oip.Limits(settings.max_timesteps_per_request, settings.max_sequences_per_request)
-    decoded = await caller.runtime.decode(
-        len(data), lambda: oip.decode_request(data, header, entry.inputs, limits)
-    )
-    y, parameters = await runner.infer(caller.owner, entry, decoded)
-    body, headers, media_type = oip.encode_response(name, decoded, y, parameters)
-    return Response(body, headers=headers, media_type=media_type)
-
-
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference of a version", **INFER)
-async def version_infer(
-    name: str, version: str, request: Request, caller: CallerDep, runner: OipDep
-) -> Response:
-    _check_version(caller.registry, name, version)
-    return await infer(name, request, caller, runner)
