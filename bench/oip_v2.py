@@ -11,7 +11,7 @@ wrk runs as its own process (bench/wrk/post_requests.lua); its CPU share of one 
 next to the server's, so the load generator is seen not to be the limit. No offsets are sent
 (every push applies at the sequence's position), the same on both protocols.
 
-Run: python bench/oip_v2.py [--duration 10] [--model DIR] [--sequences 1,64]
+Run: python bench/oip_v2.py [--duration 10] [--model DIR] [--sequences 1,64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--sequences", default="1,64", help="concurrent sequences per case")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every case this many times, interleaved"
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.sequences.split(",")]
     print(environment())
@@ -140,7 +143,7 @@ def main() -> None:
                 "/v2 infer, binary tensors": v2_requests(server.url, rows_of[n], next_id + n, True),
             }
             next_id += 2 * n
-            for name, requests in cases.items():
+            for name, requests in [c for _ in range(args.rounds) for c in cases.items()]:
                 wrk(server.url, requests, 2)  # warm-up
                 cpu0 = server_cpu(server.process.pid)
                 metrics0 = httpx.get(f"{server.url}/metrics").text
@@ -167,7 +170,8 @@ def main() -> None:
     )
     base = {}
     for n, name, r in results:
-        base.setdefault(n, r["rps"])
+        if name.startswith("/v1"):
+            base[n] = r["rps"]  # each round's /v2 cases against that round's /v1
         print(
             f"{n:>9} {name:<28} {r['rps']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
             f"{r['errors']:>6} {r['batch']:>6.1f} {r['wrk_cpu']:>7.0%} {r['server_cpu']:>9.0%} "
