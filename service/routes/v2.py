@@ -55,6 +55,13 @@ async def infer(name: str, request: Request, caller: CallerDep, runner: OipDep) 
     decoded = await caller.runtime.decode(
         len(data), lambda: oip.decode_request(data, header, entry.inputs, limits)
     )
+    routed = request.headers.get("x-session-id")
+    if decoded.sequence is not None and routed not in (None, decoded.sequence.session_id):
+        raise InvalidInput(
+            f"X-Session-ID is {routed!r}, but {decoded.sequence.describe()} is session "
+            f"{decoded.sequence.session_id!r}: behind the consistent-hash proxy, send that id "
+            "as X-Session-ID (the proxy routes by it)"
+        )
     y, parameters = await runner.infer(caller.owner, entry, decoded)
     body, headers, media_type = oip.encode_response(name, decoded, y, parameters)
     return Response(body, headers=headers, media_type=media_type)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.service.conftest import assert_rows_close, random_rows
@@ -120,6 +121,22 @@ def test_sessions_stay_on_their_pod_behind_nginx(tmp_path, tiny_dir):
                 assert_rows_close(outputs, want)
             for sid, _ in sessions:
                 assert c.get(f"/v1/sessions/{sid}").json()["position"] == 12
+            # /v2 sequences: the proxy routes each request by its X-Session-ID, the sequence's
+            # session id (docs/oip.md); an "unknown sequence" 400 would mean the wrong pod.
+            for n in range(1, 9):
+                outputs, route = [], {"X-Session-ID": f"oip-int-{n}"}
+                for start in range(0, 12, 3):
+                    flags = {"sequence_start": start == 0, "sequence_end": start == 9}
+                    data = [v for row in rows[start : start + 3] for v in row]
+                    tensor = {"name": "input", "shape": [1, 3, 2], "datatype": "FP32"}
+                    body = {
+                        "parameters": {"sequence_id": n, **flags},
+                        "inputs": [{**tensor, "data": data}],
+                    }
+                    r = c.post("/v2/models/tiny/infer", json=body, headers=route)
+                    assert r.status_code == 200, r.text
+                    outputs += np.reshape(r.json()["outputs"][0]["data"], (3, 2)).tolist()
+                assert_rows_close(outputs, want)
         counts = []
         for port in ports:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics").text

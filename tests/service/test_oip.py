@@ -316,6 +316,19 @@ def test_offsets_make_retries_exactly_once(client):
     assert session_position(client, "oip-int-21") == 4
 
 
+def test_x_session_id_must_name_the_sequences_session(client):
+    # Behind deploy/'s consistent-hash proxy, a sequence's requests carry its session id as
+    # X-Session-ID; one that names another session would have been routed elsewhere.
+    body = {
+        "parameters": {"sequence_id": 8, "sequence_start": True},
+        "inputs": [tensor(rows(1, 1)[None])],
+    }  # noqa: E501
+    r = client.post("/v2/models/tiny/infer", json=body, headers={"X-Session-ID": "oip-int-9"})
+    assert r.status_code == 400 and "send that id as X-Session-ID" in r.json()["error"]
+    r = client.post("/v2/models/tiny/infer", json=body, headers={"X-Session-ID": "oip-int-8"})
+    assert r.status_code == 200
+
+
 def test_a_sequence_stays_on_its_model(make_settings, tiny_dir):
     settings = make_settings(models={"tiny": tiny_dir, "other": tiny_dir})
     with serving(create_app(settings)) as client:
