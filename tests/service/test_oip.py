@@ -111,6 +111,13 @@ def test_model_metadata_float_and_token_models(make_settings, tiny_dir, tokens_d
         got = outputs_of(client.post("/v2/models/tokens/infer", json=body))
         want = predict(client, [[[i] for i in ids]], model="tokens")
         assert_rows_close(got[0].tolist(), want[0])
+        raw = np.asarray(ids, dtype="<i8").tobytes()
+        binary = {"name": "input", "shape": [1, 5], "datatype": "INT64"}
+        binary["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps({"inputs": [binary]}).encode()
+        length = {"Inference-Header-Content-Length": str(len(head))}
+        r = client.post("/v2/models/tokens/infer", content=head + raw, headers=length)
+        assert_rows_close(outputs_of(r)[0].tolist(), want[0])
         bad = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "INT64", "data": [1, 7]}]}
         r = client.post("/v2/models/tokens/infer", json=bad)
         assert r.status_code == 400 and "outside [0, 7)" in r.json()["error"]
@@ -322,7 +329,7 @@ def test_x_session_id_must_name_the_sequences_session(client):
     body = {
         "parameters": {"sequence_id": 8, "sequence_start": True},
         "inputs": [tensor(rows(1, 1)[None])],
-    }  # noqa: E501
+    }
     r = client.post("/v2/models/tiny/infer", json=body, headers={"X-Session-ID": "oip-int-9"})
     assert r.status_code == 400 and "send that id as X-Session-ID" in r.json()["error"]
     r = client.post("/v2/models/tiny/infer", json=body, headers={"X-Session-ID": "oip-int-8"})
