@@ -50,11 +50,16 @@ class OipInference:
             # an ended sequence open. A plain push is shielded by the session manager itself.
             task = asyncio.ensure_future(self._step(owner, entry, sequence, x))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._forget)
             position, y = await asyncio.shield(task)
         else:
             position, y = await self._push(owner, entry, sequence, x, sequence.offset)
         return y[None], {"sequence_position": position}  # (1, T, out)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure whose client left is not "never retrieved"
 
     async def _step(
         self, owner: str, entry: ModelEntry, sequence: Sequence, x: np.ndarray
