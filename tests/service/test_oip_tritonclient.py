@@ -152,3 +152,29 @@ def test_unknown_and_expired_sequences_say_which(triton, clock):
     with pytest.raises(InferenceServerException, match="sequence 78 expired") as raised:
         client.infer("tiny", inputs_of(x[None, 1:]), sequence_id=78, headers=auth())
     assert raised.value.status() == "400"
+
+
+def test_sequence_offset_makes_a_retry_exactly_once(triton):
+    client, url, _ = triton
+    x = rows(6, 6)
+
+    def push(a: int, b: int, **kwargs):
+        return client.infer(
+            "tiny",
+            inputs_of(x[None, a:b]),
+            sequence_id=55,
+            parameters={"sequence_offset": a},
+            headers=auth(),
+            **kwargs,
+        )
+
+    push(0, 3, sequence_start=True)
+    first = push(3, 6)
+    retry = push(3, 6)  # the answer was lost, say: sent again, answered again, applied once
+    np.testing.assert_array_equal(first.as_numpy("output"), retry.as_numpy("output"))
+    assert retry.get_response()["parameters"]["sequence_position"] == 6
+    r = httpx.get(f"{url}/v1/sessions/oip-int-55", headers=auth())
+    assert r.json()["position"] == 6
+    with pytest.raises(InferenceServerException, match="position 6") as raised:
+        push(2, 5)
+    assert raised.value.status() == "409"
