@@ -17,18 +17,16 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-NO_BODY_BYTES = 1024  # routes outside /v1 and /v2 take none
+NO_BODY_BYTES = 1024  # routes outside the API (is_api_path) take none
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def is_api_path(path: str) -> bool:
-    """The API's routes: /v1 and the Open Inference Protocol's /v2. They alone take bodies."""
-    return path.startswith(("/v1/", "/v2/")) or path == "/v2"
-
-
-def needs_api_key(path: str) -> bool:
-    """API routes but the /v2 health probes (as /healthz and /readyz, they answer anyone)."""
-    return is_api_path(path) and not path.startswith("/v2/health/")
+    """/v1 and the Open Inference Protocol's /v2, but /v2's health probes (which, as /healthz
+    and /readyz, answer anyone): the routes that need an API key, and alone take bodies."""
+    if path.startswith("/v1/"):
+        return True
+    return (path == "/v2" or path.startswith("/v2/")) and not path.startswith("/v2/health/")
 
 
 class RequestContextMiddleware:
@@ -102,7 +100,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.api_keys.enabled:
             await self.app(scope, receive, send)
             return
-        if needs_api_key(scope["path"]):
+        if is_api_path(scope["path"]):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             try:
                 self.api_keys.owner(headers.get("authorization"), headers.get("x-api-key"))

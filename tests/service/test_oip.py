@@ -376,6 +376,13 @@ def test_api_keys_apply_to_v2_but_not_its_health_probes(make_settings):
         assert r.status_code == 200
 
 
+def test_the_open_health_probes_take_no_body(make_settings):
+    # Open to anyone even with keys on, so, as /healthz, they refuse a body at its first KiB.
+    with serving(create_app(make_settings(api_keys=[KEY]))) as client:
+        r = client.post("/v2/health/live", content=b"x" * 4096)
+        assert r.status_code == 413 and "takes no request body" in r.json()["error"]
+
+
 def test_body_limit_applies_in_the_protocols_form(make_settings):
     with serving(create_app(make_settings(max_body_bytes=2048))) as client:
         r = infer(client, rows(200, 1)[None])
