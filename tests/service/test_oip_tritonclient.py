@@ -8,12 +8,11 @@ import itertools
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonclient_http  # a dev dependency (pyproject): never skipped
+from tritonclient.utils import InferenceServerException
 
-tritonclient_http = pytest.importorskip("tritonclient.http")  # a dev dependency (pyproject)
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from service.app import create_app  # noqa: E402
-from tests.service.conftest import (  # noqa: E402
+from service.app import create_app
+from tests.service.conftest import (
     assert_rows_close,
     random_rows,
     uvicorn_thread,
