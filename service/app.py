@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import http_errors
-from service.deps import document_security
+from service import http_errors, openapi
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import health, models, predict, sessions, steps, stream, streams
+from service.oip_inference import OipInference
+from service.routes import health, models, predict, sessions, steps, stream, streams, v2
 from service.runtime import Runtime
 from service.sessions import Clock
 from service.settings import Settings
@@ -43,15 +43,16 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
         title="tcnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
     )
     app.state.runtime = runtime
+    app.state.oip = OipInference(runtime)  # /v2: the Open Inference Protocol (docs/oip.md)
     http_errors.install(app)
-    document_security(app)
+    openapi.install(app)  # security schemes; each route lists only the errors it can answer
     # The LeanRoutes first and flat: FastAPI keeps an included router as a nested router
     # matched anew per request, which costs a push more than the push itself
     # (bench/asgi_path.py). Their routes carry their prefixes, tags and responses already, and
     # honour dependency overrides themselves. The other routes are included as usual.
     for router in (sessions.lean_router, steps.router, predict.router):
         app.router.routes.extend(router.routes)
-    for module in (sessions, stream, streams, models, health):
+    for module in (sessions, stream, streams, models, health, v2):
         app.include_router(module.router)
     settings = runtime.settings
     app.add_middleware(

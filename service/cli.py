@@ -23,10 +23,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(module_name)
+            module = _import_command(name, module_name)
             module.add_arguments(cmd, name)
             cmd.set_defaults(_run=module.run)
     return parser
+
+
+def _import_command(name: str, module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:  # a missing dependency of an installed command: a real error
+            raise
+        sys.exit(
+            f"tcnserve {name}: not in this install. This is the client alone (tcnserve-client: "
+            "predict and stream); the server's commands come with the full project: "
+            "pip install torch==2.13.0 tcnserve (see README)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,17 @@ STATUS: dict[str, int] = {
     "internal": 500,
 }
 
+# The Open Inference Protocol (/v2, docs/oip.md) answers a request it cannot take with 400; the
+# statuses that say more than that (auth, unknown model, conflicts, limits, busy) are kept.
+OIP_STATUS: dict[str, int] = {
+    **STATUS,
+    "invalid_input": 400,
+    "invalid_query": 400,
+    "non_finite_output": 400,
+    "session_not_found": 400,  # an unknown or ended sequence
+    "session_expired": 400,  # an expired sequence (the message says which)
+}
+
 # Errors that end a WebSocket stream close it with these codes (docs/streaming.md); any other
 # error is answered as an error message and the socket stays open.
 CLOSE: dict[str, int] = {

@@ -17,9 +17,17 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-NO_BODY_BYTES = 1024  # routes outside /v1 take none
+NO_BODY_BYTES = 1024  # routes outside the API (is_api_path) take none
 OWNER = "tcnserve.owner"  # the scope state key of the authenticated key's owner id
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def is_api_path(path: str) -> bool:
+    """/v1 and the Open Inference Protocol's /v2, but /v2's health probes (which, as /healthz
+    and /readyz, answer anyone): the routes that need an API key, and alone take bodies."""
+    if path.startswith("/v1/"):
+        return True
+    return (path == "/v2" or path.startswith("/v2/")) and not path.startswith("/v2/health/")
 
 
 class RequestContextMiddleware:
@@ -79,7 +87,7 @@ class RequestContextMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 for a /v1 request without a valid key, before any body is read or parsed.
+    """401 for an API request without a valid key, before any body is read or parsed.
 
     The key is checked here once: the key's owner id goes into the scope's state (`OWNER`),
     where the handlers' dependency (service/deps.py) reads it.
@@ -90,7 +98,7 @@ class ApiKeyMiddleware:
         self.api_keys = api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and is_api_path(scope["path"]):
             authorization = x_api_key = None
             for key, value in scope["headers"]:
                 if key == b"authorization":
@@ -125,9 +133,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # Only /v1 routes take bodies (and only they need an API key): anywhere else a body is
+        # Only API routes take bodies (and they need an API key): anywhere else a body is
         # refused at its first bytes, so anonymous clients cannot fill the shared budget.
-        limit = self.max_bytes if scope["path"].startswith("/v1/") else NO_BODY_BYTES
+        limit = self.max_bytes if is_api_path(scope["path"]) else NO_BODY_BYTES
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, limit)

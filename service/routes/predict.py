@@ -4,24 +4,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service import inputs
+from service import inputs, route_errors
 from service.deps import CallerDep
 from service.errors import TooManySequences
-from service.http_errors import ERROR_RESPONSES
 from service.limits import check_timesteps
 from service.request_body import body_bytes, documented_body, json_response
 from service.routes.lean import LeanRoute
 from service.schemas import PredictRequest, PredictResponse
 
-router = APIRouter(
-    prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES, route_class=LeanRoute
-)
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=LeanRoute)
 
 
 @router.post(
     "/{name}/predict",
     response_model=PredictResponse,
     summary="Run whole sequences",
+    responses=route_errors.PREDICT,
     openapi_extra=documented_body(PredictRequest),
 )
 async def predict(name: str, request: Request, caller: CallerDep) -> Response:

@@ -6,10 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response, status
 
-from service import inputs
+from service import inputs, route_errors
 from service.deps import CallerDep
 from service.errors import InvalidInput
-from service.http_errors import ERROR_RESPONSES
 from service.request_body import body_bytes, documented_body, json_response
 from service.routes.lean import LeanRoute
 from service.schemas import (
@@ -22,11 +21,9 @@ from service.schemas import (
 )
 from service.session_state import Session
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 # The hottest route, a LeanRoute (service/routes/lean.py), on a router of its own.
-lean_router = APIRouter(
-    prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES, route_class=LeanRoute
-)
+lean_router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=LeanRoute)
 
 
 def _info(session: Session) -> SessionInfo:
@@ -47,6 +44,7 @@ def _info(session: Session) -> SessionInfo:
     response_model=SessionCreated,
     response_model_exclude_none=True,
     summary="Open a session, warmed by prefix rows or rebuilt from a snapshot",
+    responses=route_errors.CREATE_SESSION,
     openapi_extra=documented_body(CreateSessionRequest),
 )
 async def create_session(
@@ -106,6 +104,7 @@ async def create_session(
     "/{session_id}/steps",
     response_model=StepResponse,
     summary="Push rows",
+    responses=route_errors.PUSH,
     openapi_extra=documented_body(StepRequest),
 )
 async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Response:
@@ -122,7 +121,12 @@ async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Re
     return json_response({"outputs": result.outputs.tolist(), "position": result.position})
 
 
-@router.get("/{session_id}", response_model=SessionInfo, summary="Describe a session")
+@router.get(
+    "/{session_id}",
+    response_model=SessionInfo,
+    summary="Describe a session",
+    responses=route_errors.SESSION_OPERATION,
+)
 async def get_session(session_id: str, caller: CallerDep) -> SessionInfo:
     return _info(await caller.sessions.get(caller.owner, session_id))
 
@@ -131,6 +135,7 @@ async def get_session(session_id: str, caller: CallerDep) -> SessionInfo:
     "/{session_id}/snapshot",
     response_model=Snapshot,
     summary="The position and last inputs that rebuild this session anywhere",
+    responses=route_errors.SESSION_OPERATION,
 )
 async def get_snapshot(session_id: str, caller: CallerDep) -> Snapshot:
     session, rows = await caller.sessions.snapshot(caller.owner, session_id)
@@ -140,12 +145,22 @@ async def get_snapshot(session_id: str, caller: CallerDep) -> Snapshot:
     )
 
 
-@router.post("/{session_id}/reset", response_model=SessionInfo, summary="Back to position 0")
+@router.post(
+    "/{session_id}/reset",
+    response_model=SessionInfo,
+    summary="Back to position 0",
+    responses=route_errors.SESSION_OPERATION,
+)
 async def reset_session(session_id: str, caller: CallerDep) -> SessionInfo:
     return _info(await caller.sessions.reset(caller.owner, session_id))
 
 
-@router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Close a session")
+@router.delete(
+    "/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Close a session",
+    responses=route_errors.SESSION_OPERATION,
+)
 async def delete_session(session_id: str, caller: CallerDep) -> Response:
     await caller.sessions.delete(caller.owner, session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -12,23 +12,22 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from service import inputs, many_steps
+from service import inputs, many_steps, route_errors
 from service.deps import CallerDep
-from service.http_errors import ERROR_RESPONSES, error_message
+from service.http_errors import error_message
 from service.many_steps import push_items
 from service.request_body import body_bytes, documented_body, json_response
 from service.routes.lean import LeanRoute
 from service.schemas import ManyStepsRequest, ManyStepsResponse
 
-router = APIRouter(
-    prefix="/v1", tags=["sessions"], responses=ERROR_RESPONSES, route_class=LeanRoute
-)
+router = APIRouter(prefix="/v1", tags=["sessions"], route_class=LeanRoute)
 
 
 @router.post(
     "/steps",
     response_model=ManyStepsResponse,
     summary="Push rows to many sessions at once",
+    responses=route_errors.PUSH_MANY,
     openapi_extra=documented_body(ManyStepsRequest),
 )
 async def push_many(request: Request, caller: CallerDep) -> Response:

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from model import load_model
 from service.app import create_app
+from service.middleware import is_api_path
 from tests.service.conftest import (
     TINY,
     assert_rows_close,
@@ -280,7 +281,7 @@ def test_openapi_documents_the_api(client):
     assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
     for path, operations in paths.items():
         for method, operation in operations.items():
-            assert ("security" in operation) == path.startswith("/v1/"), (method, path)
+            assert ("security" in operation) == is_api_path(path), (method, path)
     for path in ("/v1/sessions/{session_id}/steps", "/v1/steps", "/v1/models/{name}/predict"):
         answer = paths[path]["post"]["responses"]["200"]["content"]["application/json"]
         assert answer["schema"]["$ref"].startswith("#/components/schemas/"), path

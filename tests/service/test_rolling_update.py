@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import redis
 
@@ -239,6 +240,24 @@ def check_outputs(client: httpx.Client, streams: list[Stream]) -> None:
         assert_rows_close(stream.outputs, want)
 
 
+def stream_v2_sequences(client: httpx.Client, count: int) -> None:
+    """/v2 sequences (docs/oip.md) through the proxy, routed by their X-Session-ID: outputs
+    equal /v1 predict of each whole sequence."""
+    for n in range(1, count + 1):
+        rows = random_rows(12, seed=300 + n)
+        outputs, route = [], {"X-Session-ID": f"oip-int-{n}"}
+        for start in range(0, 12, 3):
+            flags = {"sequence_start": start == 0, "sequence_end": start == 9}
+            data = [v for row in rows[start : start + 3] for v in row]
+            tensor = {"name": "input", "shape": [1, 3, len(rows[0])], "datatype": "FP32"}
+            body = {"parameters": {"sequence_id": n, **flags}, "inputs": [{**tensor, "data": data}]}
+            r = client.post("/v2/models/tiny/infer", json=body, headers=route)
+            assert r.status_code == 200, r.text
+            outputs += np.reshape(r.json()["outputs"][0]["data"], (3, -1)).tolist()
+        want = client.post("/v1/models/tiny/predict", json={"inputs": [rows]}).json()["outputs"]
+        assert_rows_close(outputs, want[0])
+
+
 def durable_positions(cluster: Cluster, streams: list[Stream]) -> list[int]:
     store = redis.Redis.from_url(cluster.redis_url)
     try:
@@ -268,6 +287,7 @@ def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, t
 
         for _ in range(3):
             list(pool.map(step, streams))
+        stream_v2_sequences(client, 4)  # opened and closed again: not counted below
         counts = c.sessions_per_replica()
         assert sum(counts) == SESSIONS
         assert c.moves("restored") == 0  # every push reached the replica holding its session

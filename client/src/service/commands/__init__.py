@@ -1,0 +1,1 @@
+../../../../service/commands/__init__.py

@@ -1,0 +1,1 @@
+../../../../service/commands/client.py

@@ -1,0 +1,1 @@
+../../../service/error_codes.py
