@@ -31,6 +31,7 @@ class Session:
     position: int = 0
     last_push: AppliedPush | None = None
     closed: bool = False
+    moved: bool = False  # closed here because another replica took it (a session store's)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

@@ -158,6 +158,12 @@ class SessionManager:
         entry = self._registry.get(session.model)
         self._check_rows(x, entry)
         await session.lock.acquire()
+        if session.moved:  # handed to another replica while this waited: follow it, once
+            session.lock.release()
+            session = await self._find(owner, session_id)
+            entry = self._registry.get(session.model)
+            self._check_rows(x, entry)
+            await session.lock.acquire()
         return await self._start_push(session, entry, x, offset)
 
     def model_of(self, owner: str, session_id: str) -> str:
@@ -481,6 +487,7 @@ class SessionManager:
             return
         key = (session.owner, session.id)
         self._release(session)
+        session.moved = moved
         if count:
             counter = self._metrics.sessions_expired if expired else self._metrics.sessions_deleted
             counter.labels(session.model).inc()

@@ -254,3 +254,26 @@ async def test_a_busy_session_is_snapshotted_after_its_push_not_skipped(make_set
         assert await saving == 1
         record = SessionRecord.decode(space.sessions[("anonymous", sid)].record)
         assert record.position == 12 and record.last_push.offset == 5
+
+
+@pytest.mark.asyncio
+async def test_a_push_waiting_through_a_hand_off_follows_the_session(make_settings):
+    # A push queued on the session's lock behind the hand-off to another replica does not
+    # answer 404 when it finally runs: it follows the session (pulls it back) and is applied.
+    async with replicas(make_settings, "memory") as (a, b):
+        sid = (await a.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
+        url = f"/v1/sessions/{sid}/steps"
+        worker = runtime_of(a._transport.app).registry.get("tiny").worker
+        gate, blocker = await held(worker)
+        first = asyncio.ensure_future(a.post(url, json={"inputs": ROWS[:2]}))
+        await until(lambda: worker.queued >= 1, "the first push queued")
+        moving = asyncio.ensure_future(b.post(url, json={"inputs": ROWS[2:4]}))
+        await until(lambda: durability_of(a)._handoffs, "the hand-off asked of replica a")
+        follower = asyncio.ensure_future(a.post(url, json={"inputs": ROWS[4:6]}))
+        for _ in range(20):  # let the follower reach the lock, behind the hand-off
+            await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        answers = await asyncio.gather(first, moving, follower)
+        assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+        assert sorted(r.json()["position"] for r in answers) == [2, 4, 6]
