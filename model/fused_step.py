@@ -106,8 +106,13 @@ def _step(
     bufs,
     y,
     zero,
+    history,
+    history_len,
+    positions,
+    commit,
 ):
-    """The whole step; returns False when a ring write or an output is not finite."""
+    """The whole step; returns False when a ring write or an output is not finite. With
+    `commit`, a finite step also records x in the input history and moves the positions on."""
     h, a, o, r, taps = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
     n, c = x.shape[0], x.shape[1]
     for s in range(n):
@@ -143,6 +148,13 @@ def _step(
     for s in range(n):
         for i in range(y.shape[1]):
             finite &= np.isfinite(y[s, i])
+    if finite and commit:
+        for s in range(n):
+            if history_len > 0:
+                at = slots[s] * history_len + pos[s] % history_len
+                for i in range(x.shape[1]):
+                    history[at, i] = x[s, i]
+            positions[slots[s]] += 1
     return finite
 
 
@@ -162,6 +174,8 @@ class FusedPlan:
     y: np.ndarray  # (max_rows, output width)
     max_rows: int
     zero: Any  # 0 in the pool's dtype, so the compiled code never widens to float64
+    no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
+    no_positions: np.ndarray  # (0,) int64
 
 
 def fused_plan(
@@ -214,16 +228,24 @@ def fused_plan(
         y=np.zeros((max_rows, out_width), dtype=dtype),
         max_rows=max_rows,
         zero=dtype.type(0),
+        no_history=np.zeros((0, in_width), dtype=dtype),
+        no_positions=np.zeros(0, dtype=np.int64),
     )
 
 
 def fused_step(
-    plan: FusedPlan, slots: np.ndarray, positions: np.ndarray, x: np.ndarray
+    plan: FusedPlan,
+    slots: np.ndarray,
+    positions: np.ndarray,
+    x: np.ndarray,
+    commit: tuple[np.ndarray, int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """One step of n <= max_rows streams: x (n, C_in) -> (y (n, out) a fresh array, finite).
 
     Writes time t's rows into the rings (harmless until the positions move on); `finite` is
-    False when an output or a ring write is NaN or Inf.
+    False when an output or a ring write is NaN or Inf. `commit` = (history (rows, C_in),
+    history_len, the pool's positions): when the step is finite, x goes into each stream's
+    input history and its position moves on, inside the same call.
     """
     if not 0 < x.shape[0] <= plan.max_rows:  # the compiled code does not check bounds
         raise ValueError(f"the fused step takes 1 to {plan.max_rows} rows, got {x.shape[0]}")
@@ -242,5 +264,7 @@ def fused_step(
         plan.bufs,
         plan.y,
         plan.zero,
+        *(commit if commit is not None else (plan.no_history, 0, plan.no_positions)),
+        commit is not None,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

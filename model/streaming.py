@@ -140,6 +140,7 @@ class StreamPool:
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+        self._host_dtype = np.dtype("float32" if self.dtype == torch.float32 else "float64")
         if step_kernel in ("numpy", "fused") and not host_ok:
             raise ValueError(
                 f"the {step_kernel} step kernel needs a CPU pool of float32 or float64"
@@ -413,6 +414,25 @@ class StreamPool:
             return x.to(self.device, torch.int64, non_blocking=True)
         return x.to(self.device, self.dtype, non_blocking=True)
 
+    def _host_rows(self, x: torch.Tensor | np.ndarray | Sequence, n: int) -> np.ndarray:
+        """`_rows` for the host kernels, as a numpy array: rows already in the pool's dtype and
+        shape take a numpy-only path (torch ops between two fused steps cost more than the
+        checks); anything else goes through `_rows`, which raises the right error."""
+        tensor_ok = isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad
+        arr = x.numpy() if tensor_ok else x
+        cfg = self.config
+        if not isinstance(arr, np.ndarray) or arr.size == 0 or arr.shape[0] != n:
+            pass
+        elif cfg.vocab_size is None:
+            shaped = arr.dtype == self._host_dtype and arr.shape == (n, cfg.in_channels)
+            if shaped and np.abs(arr).max() <= self.input_limit:  # NaN fails this too
+                return arr
+        elif (
+            arr.dtype == np.int64 and arr.ndim == 1 and 0 <= arr.min() <= arr.max() < cfg.vocab_size
+        ):
+            return arr
+        return self._rows(x, n, "step").numpy()
+
     @property
     def input_limit(self) -> float:
         """The largest |input| accepted: max_input_abs, else the dtype's range."""
@@ -470,26 +490,39 @@ class StreamPool:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
         n = slot_np.size
-        x = self._rows(x, n, "step")
+        on_host = n <= self.fused_max_rows or n <= self.numpy_max_rows
+        x_np = self._host_rows(x, n) if on_host else None
+        if not on_host:
+            x = self._rows(x, n, "step")
         positions = self._positions[slot_np]
         if positions.max() >= MAX_POSITION:
             raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
         # The ring rows of time t are written during the step, but nothing reads them before
         # the position passes t: a refused step (non-finite outputs) leaves the stream as it was
         # as long as the input history and the positions are only written after the check.
-        on_host = n <= self.fused_max_rows or n <= self.numpy_max_rows
         if n <= self.fused_max_rows:
-            h = self._embedding_np[x.numpy()] if self._embedding is not None else x.numpy()
-            y_np, finite = fused_step.fused_step(self._fused_plan, slot_np, positions, h)
+            # Float models without an output activation record the history and positions in
+            # the same compiled call, once the step is known to be finite.
+            commit = self._embedding is None and self.config.output_activation == "none"
+            h = self._embedding_np[x_np] if self._embedding is not None else x_np
+            y_np, finite = fused_step.fused_step(
+                self._fused_plan,
+                slot_np,
+                positions,
+                h,
+                (self._history_np, self.history_len, self._positions) if commit else None,
+            )
             y = apply_output_activation(
                 torch.from_numpy(y_np), self.config.output_activation, dim=-1
             )
+            if finite and commit:
+                return y
             bad = [] if finite and self.config.output_activation == "none" else _nonfinite_rows(y)
             if not bad and not finite:
                 bad = self._nonfinite_ring_rows(slot_np)
         else:
             if on_host:
-                y = torch.from_numpy(self._step_numpy(slot_np, x.numpy()))
+                y = torch.from_numpy(self._step_numpy(slot_np, x_np))
                 y = apply_output_activation(y, self.config.output_activation, dim=-1)
             else:
                 with torch.inference_mode():
@@ -504,7 +537,7 @@ class StreamPool:
         if self.history_len:
             remember = positions % self.history_len + slot_np * self.history_len
             if on_host:
-                self._history_np[remember] = x.numpy()
+                self._history_np[remember] = x_np
             else:
                 with torch.inference_mode():
                     rows = torch.from_numpy(remember).to(self.device)
