@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model import fused_step
+from model.cuda_graphs import GraphedStep
 from model.numeric_range import safe_input_bound
 from model.ragged import ragged_forward, ragged_plan
 from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_numpy, step_torch
@@ -95,12 +96,15 @@ class StreamPool:
         dtype: torch.dtype | None = None,
         step_kernel: str = "auto",
         max_advance_rows: int = 1024,
+        cuda_graphs: bool = False,
     ):
         """`step_kernel`: "auto" runs small steps on CPU through the compiled fused kernel
         (model/fused_step.py; numpy's where numba is absent) and the rest through torch (see
         model/step_kernels.py); "torch", "numpy" or "fused" forces one (tests use each).
         `max_advance_rows`: the most rows one `advance` call may carry (its scratch rows are
-        preallocated in every layer's ring tensor)."""
+        preallocated in every layer's ring tensor). `cuda_graphs`: run `step` as captured CUDA
+        graphs, one per batch-size bucket (model/cuda_graphs.py; its outputs come back on the
+        CPU); on a CPU pool the same bucketed static-buffer step runs uncaptured, for tests."""
         if step_kernel not in STEP_KERNELS:
             raise ValueError(f"step_kernel must be one of {STEP_KERNELS}, got {step_kernel!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -127,10 +131,13 @@ class StreamPool:
         self._open = np.zeros(capacity, dtype=bool)
         self._positions = np.zeros(capacity, dtype=np.int64)
         self._free = list(range(capacity - 1, -1, -1))  # a stack: open() pops the lowest slot
+        # CUDA graphs pad their buckets with rows of one extra slot that no stream ever gets.
+        self._slots_held = capacity + 1 if cuda_graphs else capacity
         self._iota = np.arange(capacity, dtype=np.int64)
         self._slot_marks = np.zeros(capacity, dtype=np.int64)  # scratch of `_slot_array`
         with torch.no_grad():
             self._build(net)
+        self._graphs = GraphedStep(self, pad_slot=capacity) if cuda_graphs else None
         self._plan_kernels(step_kernel)
 
     def _plan_kernels(self, step_kernel: str) -> None:
@@ -147,7 +154,7 @@ class StreamPool:
             )
         if step_kernel == "fused" and not fused_step.AVAILABLE:
             raise ValueError("the fused step kernel needs numba, which is not installed")
-        if not host_ok or step_kernel == "torch":
+        if not host_ok or step_kernel == "torch" or self._graphs is not None:
             return
         self._history_np = self._history.numpy()
         self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
@@ -195,7 +202,7 @@ class StreamPool:
                 dilation=dilation,
                 # capacity * L ring rows, then the scratch rows of `advance` (model/ragged.py)
                 ring=torch.zeros(
-                    self.capacity * ring_len + self.max_advance_rows, c_in, device=dev, dtype=dt
+                    self._slots_held * ring_len + self.max_advance_rows, c_in, device=dev, dtype=dt
                 ),
                 ring_len=ring_len,
                 past_offsets=torch.arange(1 - ring_len, 0, device=dev),
@@ -217,7 +224,7 @@ class StreamPool:
         self._tap_offsets_np = (dilations * np.arange(k - 1, -1, -1))[:, None, :]  # (layers,1,k)
         self._ring_lengths_np = np.array([[layer.ring_len] for layer in self._layers])
         self._tap_lengths_np = self._ring_lengths_np[:, :, None]  # (layers, 1, 1)
-        self._scratch_at = [self.capacity * layer.ring_len for layer in self._layers]
+        self._scratch_at = [self._slots_held * layer.ring_len for layer in self._layers]
         self._scratch_at_np = np.array(self._scratch_at)[:, None, None]  # (layers, 1, 1)
         self._tap_offsets = torch.from_numpy(self._tap_offsets_np).to(dev)
         self._ring_lengths = torch.from_numpy(self._ring_lengths_np).to(dev)  # (layers, 1)
@@ -242,7 +249,7 @@ class StreamPool:
         # The last R - 1 raw inputs of each stream: all a stream's future outputs depend on,
         # so they rebuild its state anywhere (see `history`). Token models keep the ids.
         self.history_len = cfg.receptive_field - 1
-        shape = (self.capacity * self.history_len,)
+        shape = (self._slots_held * self.history_len,)
         if cfg.vocab_size is None:
             shape += (cfg.in_channels,)
         self._history = torch.zeros(
@@ -375,9 +382,14 @@ class StreamPool:
     # ----- inputs ----------------------------------------------------------------------------
 
     def _rows(
-        self, x: torch.Tensor | np.ndarray | Sequence, n: int | None, what: str
+        self,
+        x: torch.Tensor | np.ndarray | Sequence,
+        n: int | None,
+        what: str,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Validate (n, in_channels) floats or (n,) token ids and move them to the device."""
+        """Validate (n, in_channels) floats or (n,) token ids and move them to the pool's
+        device (or `device`)."""
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # e.g. decoded from a network buffer; torch wants writable memory
         x = torch.as_tensor(x)
@@ -410,9 +422,10 @@ class StreamPool:
             raise ValueError(f"{what}: no rows given")
         if n is not None and x.shape[0] != n:
             raise ValueError(f"{what}: {x.shape[0]} rows for {n} slots")
+        device = self.device if device is None else device
         if cfg.vocab_size is not None:
-            return x.to(self.device, torch.int64, non_blocking=True)
-        return x.to(self.device, self.dtype, non_blocking=True)
+            return x.to(device, torch.int64, non_blocking=True)
+        return x.to(device, self.dtype, non_blocking=True)
 
     def _host_rows(self, x: torch.Tensor | np.ndarray | Sequence, n: int) -> np.ndarray:
         """`_rows` for the host kernels, as a numpy array: rows already in the pool's dtype and
@@ -490,6 +503,8 @@ class StreamPool:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
         n = slot_np.size
+        if self._graphs is not None:
+            return self._step_graphed(slot_np, x)
         on_host = n <= self.fused_max_rows or n <= self.numpy_max_rows
         x_np = self._host_rows(x, n) if on_host else None
         if not on_host:
@@ -542,6 +557,22 @@ class StreamPool:
                 with torch.inference_mode():
                     rows = torch.from_numpy(remember).to(self.device)
                     self._history.index_copy_(0, rows, x)
+        self._positions[slot_np] += 1
+        return y
+
+    def _step_graphed(self, slot_np: np.ndarray, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """`step` through model/cuda_graphs.py: one copy each way, outputs on the CPU."""
+        x = self._rows(x, slot_np.size, "step", device=torch.device("cpu"))
+        positions = self._positions[slot_np]
+        if positions.max() >= MAX_POSITION:
+            raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
+        y, finite, bucket = self._graphs.run(slot_np, positions, x)
+        if not finite.all():
+            bad = np.flatnonzero(~finite).tolist()
+            raise NonFiniteOutputError(
+                f"the outputs of streams {bad} would not be finite; the step was refused", bad
+            )
+        self._graphs.commit(bucket)
         self._positions[slot_np] += 1
         return y
 
