@@ -23,9 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-
-from model.step_kernels import _addmm_relu
 
 try:  # an optional accelerator: everything works without it, only slower for small N
     import numba
@@ -35,58 +32,6 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     TypedList = None
 
 AVAILABLE = numba is not None
-
-
-def _prefetch_intrinsic() -> Any:
-    """`prefetch(array, row, col)`: a hint to start loading array[row, col]'s cache line (LLVM's
-    prefetch intrinsic; numba has no prefetch of its own). A no-op function where it fails."""
-
-    def nothing(array, row, col):  # pragma: no cover - only where the intrinsic is missing
-        pass
-
-    if numba is None:
-        return nothing
-    try:
-        import llvmlite.binding
-        from llvmlite import ir
-        from numba.core import cgutils, types
-        from numba.extending import intrinsic
-    except ImportError:  # pragma: no cover
-        return _jit(nothing)
-    name = (
-        "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
-    )
-
-    @intrinsic
-    def prefetch(typingctx, array, row, col):
-        def codegen(context, builder, signature, args):
-            array_type = signature.args[0]
-            arr = context.make_array(array_type)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer2(
-                context,
-                builder,
-                data=arr.data,
-                shape=cgutils.unpack_tuple(builder, arr.shape),
-                strides=cgutils.unpack_tuple(builder, arr.strides),
-                layout=array_type.layout,
-                inds=[args[1], args[2]],
-            )
-            byte_ptr = ir.PointerType(ir.IntType(8))
-            i32 = ir.IntType(32)
-            fn_type = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
-            fn = cgutils.get_or_insert_function(builder.module, fn_type, name)
-            # read (0), keep in all cache levels (3), data cache (1)
-            builder.call(
-                fn,
-                [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                 ir.Constant(i32, 1)],
-            )  # fmt: skip
-            return context.get_dummy_value()
-
-        return types.void(array, row, col), codegen
-
-    return prefetch
-
 
 # Largest per-layer product (rows x k*C_in x C_out) the fused kernel takes under "auto": beyond
 # it a BLAS GEMM (torch) wins. R1's layers are 28,672 MACs a row, so N <= 16 runs fused; the
@@ -101,9 +46,6 @@ def _jit(fn: Any) -> Any:
     if numba is None:
         return fn
     return numba.njit(nogil=True, fastmath=_FASTMATH, cache=False)(fn)
-
-
-_prefetch = _prefetch_intrinsic()
 
 
 @_jit
@@ -146,39 +88,6 @@ def _affine(weight_t, bias, inp, c_in, out, n):
             for i in range(c_in):
                 acc += weight_t[o, i] * inp[s, i]
             out[s, o] = acc
-
-
-# Streams ahead whose tap rows a gather asks the memory system for: enough to cover the
-# latency of rows that come from L3 or DRAM (measured best between 16 and 32 at N = 256).
-PREFETCH_AHEAD = 16
-
-
-@_jit
-def _write_gather(ring, writes, inp, taps, out, next_ring, next_taps, ahead):
-    """ring[writes[s]] = inp[s], then out[s] = the k tap rows of stream s, side by side.
-
-    Prefetches the taps of stream s + ahead in this ring, and of stream s in `next_ring` (the
-    next conv's ring, read after this conv's matmul), so those rows are on their way from
-    memory while this gather and the matmul run.
-    """
-    n, k = taps.shape
-    c = ring.shape[1]
-    line = max(1, 64 // ring.itemsize)  # values per 64-byte cache line
-    for s in range(n):
-        if s + ahead < n:
-            for j in range(k):
-                for col in range(0, c, line):
-                    _prefetch(ring, taps[s + ahead, j], col)
-        for j in range(next_taps.shape[1]):
-            for col in range(0, next_ring.shape[1], line):
-                _prefetch(next_ring, next_taps[s, j], col)
-        row = writes[s]
-        for i in range(c):
-            ring[row, i] = inp[s, i]
-        for j in range(k):
-            src = taps[s, j]
-            for i in range(c):
-                out[s, j * c + i] = ring[src, i]
 
 
 @_jit
@@ -359,34 +268,3 @@ def fused_step(
         commit is not None,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)
-
-
-def step_gathered(
-    plan: tuple,  # StreamPool._step_plan: (ring1, w1, b1, ring2, w2, b2, downsample) per block
-    h: torch.Tensor,  # (N, C_in) on the CPU
-    writes: np.ndarray,  # (blocks, N) ring row of time t
-    taps: np.ndarray,  # (blocks, N, k) tap rows, oldest first
-    scratch: np.ndarray,  # (>= N * k * C_max,) the gathered taps of one conv at a time
-) -> torch.Tensor:  # (N, C_last)
-    """`step_kernels.step_torch` with each conv's ring write and tap gather in one compiled,
-    prefetching call: for large N on a CPU the gathers, not the matmuls, miss the caches."""
-    n = h.shape[0]
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
-        a = _gathered_conv(ring1, w1, b1, h, writes[i], taps[i], ring2, taps[i], scratch, n)
-        last = i + 1 == len(plan)
-        next_ring = ring2 if last else plan[i + 1][0]
-        next_taps = taps[i] if last else taps[i + 1]
-        a = _gathered_conv(ring2, w2, b2, a, writes[i], taps[i], next_ring, next_taps, scratch, n)
-        residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
-        h = a.add_(residual).relu_()
-    return h
-
-
-def _gathered_conv(ring, w, b, inp, writes, taps, next_ring, next_taps, scratch, n):
-    k_c = taps.shape[1] * ring.shape[1]
-    gathered = scratch[: n * k_c].reshape(n, k_c)
-    _write_gather(
-        ring.numpy(), writes, inp.numpy(), taps, gathered, next_ring.numpy(), next_taps,
-        PREFETCH_AHEAD,
-    )  # fmt: skip
-    return _addmm_relu(b, torch.from_numpy(gathered), w)

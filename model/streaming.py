@@ -144,7 +144,6 @@ class StreamPool:
         """Decide once, at load, which kernel runs a step of how many streams."""
         self._numpy_plan = None
         self._fused_plan = None
-        self._gather_scratch = None  # large CPU steps: compiled prefetching gathers (if numba)
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
@@ -160,11 +159,6 @@ class StreamPool:
         self._history_np = self._history.numpy()
         self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
         biggest = max(w.numel() for w in self._matrices())
-        if step_kernel == "auto" and fused_step.AVAILABLE:
-            widest = max(layer.ring.shape[1] for layer in self._layers)
-            self._gather_scratch = np.zeros(
-                self.capacity * self.config.kernel_size * widest, dtype=self._host_dtype
-            )
         if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
             rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
             self.fused_max_rows = min(self.capacity, max(rows, 1))
@@ -592,10 +586,6 @@ class StreamPool:
         return torch.nonzero(~finite).flatten().tolist()
 
     def _step_torch(self, slot_np: np.ndarray, x: torch.Tensor) -> torch.Tensor:
-        if self._gather_scratch is not None:
-            writes, taps = self._ring_rows(slot_np, per_block=True)
-            h = self._embed(x)
-            return fused_step.step_gathered(self._step_plan, h, writes, taps, self._gather_scratch)
         if self.device.type == "cpu":
             writes, taps = map(torch.from_numpy, self._ring_rows(slot_np, per_block=True))
         else:

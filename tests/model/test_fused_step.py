@@ -109,37 +109,3 @@ def test_fused_relu_keeps_nan_like_torch() -> None:
     )
     assert not finite
     assert np.isnan(y).all()
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        TCNConfig(in_channels=3, channels=(6, 6, 4), kernel_size=3, out_channels=2),
-        TCNConfig(in_channels=2, channels=(5, 3), kernel_size=1, vocab_size=9),
-        TCNConfig(in_channels=1, channels=(4,), kernel_size=4, dilations=(3,)),
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_prefetching_gather_path_equals_the_full_forward(monkeypatch, config, dtype) -> None:
-    # Every step of two or more streams takes the compiled-gather torch path here.
-    monkeypatch.setattr(fused_step, "FUSED_MAX_MACS", 0)
-    net = random_net(config, seed=5)
-    pool = StreamPool(net, 6, dtype=dtype)
-    assert pool.fused_max_rows == 1 and pool._gather_scratch is not None
-    seqs = [random_sequence(config, 25, seed=i) for i in range(6)]
-    slots = [pool.open() for _ in range(6)]
-    gen = torch.Generator().manual_seed(1)
-    fed = [0] * 6
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(6)]
-    while min(fed) < 25:
-        live = [i for i in range(6) if fed[i] < 25]
-        chosen = [live[j] for j in torch.randperm(len(live), generator=gen)[: max(2, len(live))]]
-        y = pool.step(
-            [slots[i] for i in chosen], torch.stack([row(seqs[i], fed[i]) for i in chosen])
-        )
-        for j, i in enumerate(chosen):
-            outputs[i].append(y[j])
-            fed[i] += 1
-    for i in range(6):
-        want = full_forward(net, seqs[i], dtype=torch.float64)
-        torch.testing.assert_close(torch.stack(outputs[i]).double(), want, atol=1e-5, rtol=1e-5)
