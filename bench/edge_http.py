@@ -148,7 +148,9 @@ def main() -> None:
 
     if args.json:
         write_results(
-            args.json, "edge_http", {"sessions": args.sessions, "many": args.many, **results}
+            args.json,
+            "edge_http",
+            {"push_sessions": args.sessions, "sessions_per_request": args.many, **results},
         )
     push, noop_push = results["push"], results["noop_push"]
     many_r, noop_many = results["many"], results["noop_many"]
