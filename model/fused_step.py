@@ -247,8 +247,13 @@ def fused_step(
     history_len, the pool's positions): when the step is finite, x goes into each stream's
     input history and its position moves on, inside the same call.
     """
-    if not 0 < x.shape[0] <= plan.max_rows:  # the compiled code does not check bounds
+    if not 0 < x.shape[0] <= plan.max_rows or slots.shape != (x.shape[0],):
+        # the compiled code does not check bounds
         raise ValueError(f"the fused step takes 1 to {plan.max_rows} rows, got {x.shape[0]}")
+    # One array layout per argument (writable, C-contiguous), so each dtype compiles once.
+    slots, positions, x = (
+        a if a.flags.c_contiguous and a.flags.writeable else a.copy() for a in (slots, positions, x)
+    )
     finite = _step(
         plan.rings,
         plan.weights_t,

@@ -147,7 +147,7 @@ class StreamPool:
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
-        self._host_dtype = np.dtype("float32" if self.dtype == torch.float32 else "float64")
+        self._host_dtype = np.dtype(str(self.dtype).removeprefix("torch.")) if host_ok else None
         if step_kernel in ("numpy", "fused") and not host_ok:
             raise ValueError(
                 f"the {step_kernel} step kernel needs a CPU pool of float32 or float64"
@@ -428,13 +428,15 @@ class StreamPool:
         return x.to(device, self.dtype, non_blocking=True)
 
     def _host_rows(self, x: torch.Tensor | np.ndarray | Sequence, n: int) -> np.ndarray:
-        """`_rows` for the host kernels, as a numpy array: rows already in the pool's dtype and
-        shape take a numpy-only path (torch ops between two fused steps cost more than the
-        checks); anything else goes through `_rows`, which raises the right error."""
+        """`_rows` for the host kernels, as a writable C-contiguous numpy array: rows already in
+        the pool's dtype and shape take a numpy-only path (torch ops between two fused steps
+        cost more than the checks); anything else goes through `_rows`, which raises the right
+        error. (One array layout, so the compiled kernel is compiled for one only.)"""
         tensor_ok = isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad
         arr = x.numpy() if tensor_ok else x
         cfg = self.config
-        if not isinstance(arr, np.ndarray) or arr.size == 0 or arr.shape[0] != n:
+        plain = isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.flags.writeable
+        if not plain or arr.size == 0 or arr.shape[0] != n:
             pass
         elif cfg.vocab_size is None:
             shaped = arr.dtype == self._host_dtype and arr.shape == (n, cfg.in_channels)
@@ -444,7 +446,8 @@ class StreamPool:
             arr.dtype == np.int64 and arr.ndim == 1 and 0 <= arr.min() <= arr.max() < cfg.vocab_size
         ):
             return arr
-        return self._rows(x, n, "step").numpy()
+        rows = self._rows(x, n, "step").numpy()
+        return rows if rows.flags.c_contiguous and rows.flags.writeable else rows.copy()
 
     @property
     def input_limit(self) -> float:

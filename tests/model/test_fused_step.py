@@ -109,3 +109,28 @@ def test_fused_relu_keeps_nan_like_torch() -> None:
     )
     assert not finite
     assert np.isnan(y).all()
+
+
+def test_read_only_and_strided_inputs_give_the_same_steps() -> None:
+    # Network buffers decode to read-only arrays and callers may pass views: same results, and
+    # the caller's arrays are not written.
+    config = TCNConfig(in_channels=2, channels=(4, 4), kernel_size=3, out_channels=1)
+    net = random_net(config, seed=7)
+    fused = StreamPool(net, 3, step_kernel="fused")
+    plain = StreamPool(net, 3, step_kernel="torch")
+    for pool in (fused, plain):
+        for _ in range(3):
+            pool.open()
+    rng = np.random.default_rng(0)
+    for t in range(12):
+        wide = rng.standard_normal((3, 4)).astype(np.float32)
+        x = wide[:, ::2] if t % 2 else wide[:, :2].copy()
+        if t % 3 == 0:
+            x.flags.writeable = False
+        slots = np.array([2, 0, 1])[: 1 + t % 3]
+        if t % 4 == 0:
+            slots.flags.writeable = False
+        before = x.copy()
+        got = fused.step(slots, x[: slots.size])
+        torch.testing.assert_close(got, plain.step(slots, x[: slots.size]), atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(x, before)
