@@ -34,9 +34,9 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 AVAILABLE = numba is not None
 
 # Largest per-layer product (rows x k*C_in x C_out) the fused kernel takes under "auto": beyond
-# it a BLAS GEMM (torch) wins. R1's layers are 28,672 MACs a row, so N <= 16 runs fused; the
-# crossover measured on one core is between N = 16 and N = 32 (bench/README.md).
-FUSED_MAX_MACS = 2**19
+# it a BLAS GEMM (torch) wins. R1's layers are 28,672 MACs a row, so N <= 24 runs fused; the
+# crossover measured on one core is between N = 24 and N = 32 (docs/step_engine.md).
+FUSED_MAX_MACS = 700_000
 
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
 _FASTMATH = {"reassoc", "contract"}
@@ -71,11 +71,29 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
                 taps[s, j * c_in + c] = ring[src, c]
     width = k * c_in
     for o in range(weight_t.shape[0]):  # each weight row is read once for all n streams
-        for s in range(n):
+        w = weight_t[o]
+        s = 0
+        while s + 4 <= n:  # four streams at a time share each load of the weight row
+            t0, t1, t2, t3 = taps[s], taps[s + 1], taps[s + 2], taps[s + 3]
+            a0 = a1 = a2 = a3 = bias[o]
+            for i in range(width):
+                v = w[i]
+                a0 += v * t0[i]
+                a1 += v * t1[i]
+                a2 += v * t2[i]
+                a3 += v * t3[i]
+            out[s, o] = a0 if not a0 < zero else zero  # a ReLU that keeps NaN
+            out[s + 1, o] = a1 if not a1 < zero else zero
+            out[s + 2, o] = a2 if not a2 < zero else zero
+            out[s + 3, o] = a3 if not a3 < zero else zero
+            s += 4
+        while s < n:
+            t0 = taps[s]
             acc = bias[o]
             for i in range(width):
-                acc += weight_t[o, i] * taps[s, i]
-            out[s, o] = acc if not acc < zero else zero  # a ReLU that keeps NaN
+                acc += w[i] * t0[i]
+            out[s, o] = acc if not acc < zero else zero
+            s += 1
     return finite
 
 
