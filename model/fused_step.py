@@ -71,9 +71,9 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
                 taps[s, j * c_in + c] = ring[src, c]
     width = k * c_in
     for o in range(weight_t.shape[0]):  # each weight row is read once for all n streams
-        w = weight_t[o]
         s = 0
         while s + 4 <= n:  # four streams at a time share each load of the weight row
+            w = weight_t[o]
             t0, t1, t2, t3 = taps[s], taps[s + 1], taps[s + 2], taps[s + 3]
             a0 = a1 = a2 = a3 = bias[o]
             for i in range(width):
@@ -88,10 +88,9 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
             out[s + 3, o] = a3 if not a3 < zero else zero
             s += 4
         while s < n:
-            t0 = taps[s]
             acc = bias[o]
             for i in range(width):
-                acc += w[i] * t0[i]
+                acc += weight_t[o, i] * taps[s, i]
             out[s, o] = acc if not acc < zero else zero
             s += 1
     return finite
