@@ -565,6 +565,8 @@ class StreamPool:
 
     def _step_graphed(self, slot_np: np.ndarray, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """`step` through model/cuda_graphs.py: one copy each way, outputs on the CPU."""
+        if isinstance(x, torch.Tensor) and not x.is_cpu:
+            x = x.cpu()  # a blocking copy: the rows are read on the host right after
         x = self._rows(x, slot_np.size, "step", device=torch.device("cpu"))
         positions = self._positions[slot_np]
         if positions.max() >= MAX_POSITION:
