@@ -122,6 +122,18 @@ def environment() -> str:
     )
 
 
+def write_results(path: Path | str, bench: str, results: object) -> None:
+    """`--json PATH`: one benchmark run, machine-readable, for bench/plot_service.py."""
+    record = {
+        "bench": bench,
+        "argv": sys.argv[1:],
+        "environment": environment(),
+        "cpu_count": os.cpu_count(),
+        "results": results,
+    }
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+
+
 class HttpPushers:
     """Sessions that each push one row per POST /v1/sessions/{id}/steps, in lockstep.
 

@@ -34,6 +34,7 @@ from _harness import (
     environment,
     free_port,
     serve_command,
+    write_results,
 )
 
 LUA = ROOT / "bench" / "wrk" / "post_body.lua"
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--many", type=int, default=1000, help="sessions per /v1/steps request")
+    parser.add_argument("--json", type=Path, help="also write the results here (plot_service.py)")
     args = parser.parse_args()
     print(environment())
     from model import read_checkpoint_info
@@ -144,6 +146,12 @@ def main() -> None:
         results["noop_push"] = wrk(floor.url, fake, single, args.sessions, args.duration)
         results["noop_many"] = wrk(floor.url, ["/v1/steps"], many, 2, args.duration)
 
+    if args.json:
+        write_results(
+            args.json,
+            "edge_http",
+            {"push_sessions": args.sessions, "sessions_per_request": args.many, **results},
+        )
     push, noop_push = results["push"], results["noop_push"]
     many_r, noop_many = results["many"], results["noop_many"]
     print(f"\nmodel {args.model.name}, {args.duration:.0f} s per case, wrk on the same 2 cores")

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Server, environment, free_port, percentile, serve_command
+from _harness import Server, environment, free_port, percentile, serve_command, write_results
 
 
 def rss_mib(pid: int) -> float:
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=10, help="requests per second")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-batch-size", type=int, default=128, help="server setting")
+    parser.add_argument("--json", type=Path, help="also write the results here (plot_service.py)")
     args = parser.parse_args()
     print(environment())
     port = free_port()
@@ -155,6 +156,17 @@ def main() -> None:
     )
     if os.cpu_count() and os.cpu_count() <= 2:
         print("(client and server share this machine's cores)")
+    if args.json:
+        summary = {key: value for key, value in result.items() if key != "latencies"}
+        summary.update(
+            sessions=args.sessions,
+            rate=args.rate,
+            steps_per_s=result["steps"] / result["elapsed"],
+            p50_ms=percentile(lat, 50) * 1e3,
+            p99_ms=percentile(lat, 99) * 1e3,
+            rss_mib=peak,
+        )
+        write_results(args.json, "open_loop", summary)
 
 
 if __name__ == "__main__":

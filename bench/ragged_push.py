@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._harness import environment
+from bench._harness import environment, write_results
 from model import TCN, StreamPool, TCNConfig
 
 R1 = TCNConfig(in_channels=4, channels=[64] * 8, kernel_size=7, out_channels=3)
@@ -39,7 +39,9 @@ def best_us(fn, repeats: int, inner: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the timings here")
     args = parser.parse_args()
+    results: list[dict] = []
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(environment())
@@ -59,17 +61,23 @@ def main() -> None:
         push = best_us(lambda xt=xt: pool.push(int(one[0]), xt), args.repeats, 3)
         print(f"{f'1 stream x {t} rows':<34} {steps:>8.0f}us {adv:>8.0f}us {push:>8.0f}us "
               f"{adv / steps:>13.2f}x")  # fmt: skip
+        results.append({"streams": 1, "rows": t, "steps_us": steps, "advance_us": adv,
+                        "push_us": push})  # fmt: skip
     x64 = rng.standard_normal((64, 4)).astype(np.float32)
     x640 = rng.standard_normal((640, 4)).astype(np.float32)
     steps = best_us(lambda: [pool.step(slots, x64) for _ in range(10)], args.repeats, 1)
     adv = best_us(lambda: pool.advance(slots, x640, [10] * 64), args.repeats, 1)
     print(f"{'64 streams x 10 rows':<34} {steps:>8.0f}us {adv:>8.0f}us {'':>10} "
           f"{adv / steps:>13.2f}x")  # fmt: skip
+    results.append({"streams": 64, "rows": 10, "steps_us": steps, "advance_us": adv})
     lengths = rng.integers(1, 20, 64)
     xr = rng.standard_normal((int(lengths.sum()), 4)).astype(np.float32)
     adv = best_us(lambda: pool.advance(slots, xr, lengths), args.repeats, 1)
     print(f"{f'64 streams x 1-19 rows ({lengths.sum()} rows)':<34} {'':>10} {adv:>8.0f}us "
           f"{'':>10}   {adv / lengths.sum():.1f} us/row")  # fmt: skip
+    results.append({"streams": 64, "rows": int(lengths.sum()), "advance_us": adv, "ragged": True})
+    if args.json:
+        write_results(args.json, "ragged_push", results)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ from _harness import (
     histogram_totals,
     percentile,
     serve_command,
+    write_results,
 )
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -467,6 +469,9 @@ def main() -> None:
         help="rows in each WebSocket message (a ragged batch on the server; default 1)",
     )
     parser.add_argument(
+        "--json", type=Path, help="also write the cases here (bench/plot_service.py)"
+    )
+    parser.add_argument(
         "--echo",
         action="store_true",
         help="also run every case against bench/noop_app.py (the same stack doing no work)",
@@ -526,6 +531,8 @@ def main() -> None:
     print("\nsummary")
     print(table(cases))
     print(LEGEND)
+    if args.json:
+        write_results(args.json, "ws_stream", [dataclasses.asdict(c) for c in cases])
     if args.echo:
         port = free_port()
         noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port)]

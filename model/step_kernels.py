@@ -36,15 +36,16 @@ Block = tuple[Any, ...]
 def step_torch(
     plan: tuple[Block, ...],
     h: torch.Tensor,  # (N, C_in) inputs of the first block
-    writes: tuple[torch.Tensor, ...],  # per layer (N,): ring row of time t
-    taps: tuple[torch.Tensor, ...],  # per layer (N, k): ring rows of the taps, oldest first
+    writes: tuple[torch.Tensor, ...],  # per block (N,): ring row of time t
+    taps: tuple[torch.Tensor, ...],  # per block (N, k): ring rows of the taps, oldest first
 ) -> torch.Tensor:  # (N, C_last)
+    """A block's two convs have the same dilation and ring length, so the same ring rows."""
     n = h.shape[0]
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
-        ring1.index_copy_(0, writes[2 * i], h)
-        a = _addmm_relu(b1, F.embedding(taps[2 * i], ring1).view(n, -1), w1)
-        ring2.index_copy_(0, writes[2 * i + 1], a)
-        a = _addmm_relu(b2, F.embedding(taps[2 * i + 1], ring2).view(n, -1), w2)
+        ring1.index_copy_(0, writes[i], h)
+        a = _addmm_relu(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
+        ring2.index_copy_(0, writes[i], a)
+        a = _addmm_relu(b2, F.embedding(taps[i], ring2).view(n, -1), w2)
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = a.add_(residual).relu_()
     return h

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import fused_step
+from model.cuda_graphs import GraphedStep
 from model.numeric_range import safe_input_bound
 from model.ragged import ragged_forward, ragged_plan
 from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_numpy, step_torch
@@ -33,7 +35,7 @@ from model.tcn import TCN, apply_output_activation
 
 STATE_FORMAT = "tcnserve.stream-state/1"
 
-STEP_KERNELS = ("auto", "torch", "numpy")
+STEP_KERNELS = ("auto", "torch", "numpy", "fused")
 
 # The largest position a stream may reach: 2**53, so that positions stay exact in every JSON
 # client (a JavaScript number) and int64 arithmetic on them can never wrap.
@@ -94,11 +96,15 @@ class StreamPool:
         dtype: torch.dtype | None = None,
         step_kernel: str = "auto",
         max_advance_rows: int = 1024,
+        cuda_graphs: bool = False,
     ):
-        """`step_kernel`: "auto" runs small steps on CPU through numpy and the rest through
-        torch (see model/step_kernels.py); "torch" or "numpy" forces one (tests use both).
+        """`step_kernel`: "auto" runs small steps on CPU through the compiled fused kernel
+        (model/fused_step.py; numpy's where numba is absent) and the rest through torch (see
+        model/step_kernels.py); "torch", "numpy" or "fused" forces one (tests use each).
         `max_advance_rows`: the most rows one `advance` call may carry (its scratch rows are
-        preallocated in every layer's ring tensor)."""
+        preallocated in every layer's ring tensor). `cuda_graphs`: run `step` as captured CUDA
+        graphs, one per batch-size bucket (model/cuda_graphs.py; its outputs come back on the
+        CPU); on a CPU pool the same bucketed static-buffer step runs uncaptured, for tests."""
         if step_kernel not in STEP_KERNELS:
             raise ValueError(f"step_kernel must be one of {STEP_KERNELS}, got {step_kernel!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -125,20 +131,59 @@ class StreamPool:
         self._open = np.zeros(capacity, dtype=bool)
         self._positions = np.zeros(capacity, dtype=np.int64)
         self._free = list(range(capacity - 1, -1, -1))  # a stack: open() pops the lowest slot
+        # CUDA graphs pad their buckets with rows of one extra slot that no stream ever gets.
+        self._slots_held = capacity + 1 if cuda_graphs else capacity
+        self._iota = np.arange(capacity, dtype=np.int64)
+        self._slot_marks = np.zeros(capacity, dtype=np.int64)  # scratch of `_slot_array`
         with torch.no_grad():
             self._build(net)
+        self._graphs = GraphedStep(self, pad_slot=capacity) if cuda_graphs else None
+        self._plan_kernels(step_kernel)
+
+    def _plan_kernels(self, step_kernel: str) -> None:
+        """Decide once, at load, which kernel runs a step of how many streams."""
         self._numpy_plan = None
+        self._fused_plan = None
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
-        numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
-        if step_kernel == "numpy" and not numpy_ok:
-            raise ValueError("the numpy step kernel needs a CPU pool of float32 or float64")
-        if numpy_ok and step_kernel != "torch":
+        self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
+        host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+        self._host_dtype = np.dtype(str(self.dtype).removeprefix("torch.")) if host_ok else None
+        if step_kernel in ("numpy", "fused") and not host_ok:
+            raise ValueError(
+                f"the {step_kernel} step kernel needs a CPU pool of float32 or float64"
+            )
+        if step_kernel == "fused" and not fused_step.AVAILABLE:
+            raise ValueError("the fused step kernel needs numba, which is not installed")
+        if not host_ok or step_kernel == "torch" or self._graphs is not None:
+            return
+        self._history_np = self._history.numpy()
+        self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
+        biggest = max(w.numel() for w in self._matrices())
+        if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
+            rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
+            self.fused_max_rows = min(self.capacity, max(rows, 1))
+            self._fused_plan = fused_step.fused_plan(
+                [
+                    (
+                        layer.ring.numpy(),
+                        layer.step_weight.numpy(),
+                        layer.bias.numpy(),
+                        layer.ring_len,
+                    )
+                    for layer in self._layers
+                ],
+                [block.conv1.dilation for block in self._blocks],
+                self.config.kernel_size,
+                [numpy_view(block.downsample) for block in self._blocks],
+                numpy_view(self._head),
+                self.config.in_channels,
+                self.fused_max_rows,
+            )
+        if step_kernel in ("auto", "numpy"):
             self._numpy_plan = numpy_view(self._step_plan)
-            self._history_np = self._history.numpy()
-            self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
             self._head_np = numpy_view(self._head) if self._head is not None else None
-            biggest = max(w.numel() for w in self._matrices())
-            self.numpy_max_rows = capacity if step_kernel == "numpy" else NUMPY_MAX_MACS // biggest
+            rows = self.capacity if step_kernel == "numpy" else NUMPY_MAX_MACS // biggest
+            self.numpy_max_rows = rows
 
     def _build(self, net: TCN) -> None:
         cfg, dev, dt = self.config, self.device, self.dtype
@@ -157,7 +202,7 @@ class StreamPool:
                 dilation=dilation,
                 # capacity * L ring rows, then the scratch rows of `advance` (model/ragged.py)
                 ring=torch.zeros(
-                    self.capacity * ring_len + self.max_advance_rows, c_in, device=dev, dtype=dt
+                    self._slots_held * ring_len + self.max_advance_rows, c_in, device=dev, dtype=dt
                 ),
                 ring_len=ring_len,
                 past_offsets=torch.arange(1 - ring_len, 0, device=dev),
@@ -179,7 +224,7 @@ class StreamPool:
         self._tap_offsets_np = (dilations * np.arange(k - 1, -1, -1))[:, None, :]  # (layers,1,k)
         self._ring_lengths_np = np.array([[layer.ring_len] for layer in self._layers])
         self._tap_lengths_np = self._ring_lengths_np[:, :, None]  # (layers, 1, 1)
-        self._scratch_at = [self.capacity * layer.ring_len for layer in self._layers]
+        self._scratch_at = [self._slots_held * layer.ring_len for layer in self._layers]
         self._scratch_at_np = np.array(self._scratch_at)[:, None, None]  # (layers, 1, 1)
         self._tap_offsets = torch.from_numpy(self._tap_offsets_np).to(dev)
         self._ring_lengths = torch.from_numpy(self._ring_lengths_np).to(dev)  # (layers, 1)
@@ -204,7 +249,7 @@ class StreamPool:
         # The last R - 1 raw inputs of each stream: all a stream's future outputs depend on,
         # so they rebuild its state anywhere (see `history`). Token models keep the ids.
         self.history_len = cfg.receptive_field - 1
-        shape = (self.capacity * self.history_len,)
+        shape = (self._slots_held * self.history_len,)
         if cfg.vocab_size is None:
             shape += (cfg.in_channels,)
         self._history = torch.zeros(
@@ -316,21 +361,35 @@ class StreamPool:
         if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
             raise SlotError(f"slots must be a non-empty 1-D sequence of ints, got {arr!r}")
         arr = arr.astype(np.int64, copy=False)
-        bad = (arr < 0) | (arr >= self.capacity)
-        if not bad.any():
-            bad = ~self._open[arr]
-        if bad.any():
+        # Few numpy calls, each a microsecond or so: this runs on every step.
+        if arr.size == 1:
+            if not (0 <= arr[0] < self.capacity and self._open[arr[0]]):
+                raise SlotError(f"slots {arr.tolist()} are not open streams of this pool")
+            return arr
+        if arr.min() < 0 or arr.max() >= self.capacity or not self._open[arr].all():
+            bad = (arr < 0) | (arr >= self.capacity)
+            if not bad.any():
+                bad = ~self._open[arr]
             raise SlotError(f"slots {arr[bad].tolist()} are not open streams of this pool")
-        if arr.size > 1 and np.unique(arr).size != arr.size:
+        # Duplicates without sorting: write each entry's index at its slot; a slot named twice
+        # keeps only its last index.
+        order = self._iota[: arr.size]
+        self._slot_marks[arr] = order
+        if not np.array_equal(self._slot_marks[arr], order):
             raise SlotError("a slot appears more than once in one step; push its rows in order")
         return arr
 
     # ----- inputs ----------------------------------------------------------------------------
 
     def _rows(
-        self, x: torch.Tensor | np.ndarray | Sequence, n: int | None, what: str
+        self,
+        x: torch.Tensor | np.ndarray | Sequence,
+        n: int | None,
+        what: str,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Validate (n, in_channels) floats or (n,) token ids and move them to the device."""
+        """Validate (n, in_channels) floats or (n,) token ids and move them to the pool's
+        device (or `device`)."""
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # e.g. decoded from a network buffer; torch wants writable memory
         x = torch.as_tensor(x)
@@ -350,9 +409,10 @@ class StreamPool:
                 )
             if not x.is_floating_point():
                 raise TypeError(f"{what}: expected floating-point rows, got {x.dtype}")
-            if not _all_finite(x):
-                raise ValueError(f"{what}: inputs must be finite (no NaN or Inf)")
-            if x.numel() and _max_abs(x) > self.input_limit:
+            # One reduction answers both checks when the rows are fine: NaN fails `<=` too.
+            if x.numel() and not _max_abs(x) <= self.input_limit:
+                if not _all_finite(x):
+                    raise ValueError(f"{what}: inputs must be finite (no NaN or Inf)")
                 raise ValueError(
                     f"{what}: inputs must be within +-{self.input_limit:.3g}, the largest "
                     f"magnitude this model takes in {str(self.dtype).removeprefix('torch.')} "
@@ -362,9 +422,32 @@ class StreamPool:
             raise ValueError(f"{what}: no rows given")
         if n is not None and x.shape[0] != n:
             raise ValueError(f"{what}: {x.shape[0]} rows for {n} slots")
+        device = self.device if device is None else device
         if cfg.vocab_size is not None:
-            return x.to(self.device, torch.int64, non_blocking=True)
-        return x.to(self.device, self.dtype, non_blocking=True)
+            return x.to(device, torch.int64, non_blocking=True)
+        return x.to(device, self.dtype, non_blocking=True)
+
+    def _host_rows(self, x: torch.Tensor | np.ndarray | Sequence, n: int) -> np.ndarray:
+        """`_rows` for the host kernels, as a writable C-contiguous numpy array: rows already in
+        the pool's dtype and shape take a numpy-only path (torch ops between two fused steps
+        cost more than the checks); anything else goes through `_rows`, which raises the right
+        error. (One array layout, so the compiled kernel is compiled for one only.)"""
+        tensor_ok = isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad
+        arr = x.numpy() if tensor_ok else x
+        cfg = self.config
+        plain = isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.flags.writeable
+        if not plain or arr.size == 0 or arr.shape[0] != n:
+            pass
+        elif cfg.vocab_size is None:
+            shaped = arr.dtype == self._host_dtype and arr.shape == (n, cfg.in_channels)
+            if shaped and np.abs(arr).max() <= self.input_limit:  # NaN fails this too
+                return arr
+        elif (
+            arr.dtype == np.int64 and arr.ndim == 1 and 0 <= arr.min() <= arr.max() < cfg.vocab_size
+        ):
+            return arr
+        rows = self._rows(x, n, "step").numpy()
+        return rows if rows.flags.c_contiguous and rows.flags.writeable else rows.copy()
 
     @property
     def input_limit(self) -> float:
@@ -387,58 +470,114 @@ class StreamPool:
 
     # ----- the hot paths ---------------------------------------------------------------------
 
-    def _ring_rows(self, slot_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _ring_rows(
+        self, slot_np: np.ndarray, per_block: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Host-side ring rows of one step, every layer at once (a few numpy ops).
 
         taps (layers, N, k): the rows of the k taps, oldest first; writes (layers, N): the row
-        of time t, which is the last tap (a view).
+        of time t, which is the last tap (a view). `per_block`: one entry per block instead,
+        as a block's two convs share dilation and ring length, hence their rows.
         """
         pos = self._positions[slot_np]
-        lengths = self._tap_lengths_np  # (layers, 1, 1)
-        taps = (pos[:, None] - self._tap_offsets_np) % lengths
+        step = 2 if per_block else 1
+        lengths = self._tap_lengths_np[::step]  # (layers, 1, 1)
+        taps = (pos[:, None] - self._tap_offsets_np[::step]) % lengths
         taps += slot_np[:, None] * lengths
         return taps[:, :, -1], taps
 
-    def _device_ring_rows(self, slot_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _device_ring_rows(
+        self, slot_np: np.ndarray, per_block: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same on the pool's device: only 2N integers cross the bus."""
         pos = self._positions[slot_np]
         where = torch.from_numpy(np.stack([slot_np, pos])).to(self.device, non_blocking=True)
         s, t = where[0], where[1]
-        lengths = self._ring_lengths
+        step = 2 if per_block else 1
+        lengths = self._ring_lengths[::step]
         base = s * lengths
         writes = torch.remainder(t, lengths).add_(base)
-        taps = torch.remainder(t[:, None] - self._tap_offsets, lengths[:, :, None])
+        taps = torch.remainder(t[:, None] - self._tap_offsets[::step], lengths[:, :, None])
         return writes, taps.add_(base[:, :, None])
 
-    @torch.inference_mode()
     def step(
         self, slots: Sequence[int] | np.ndarray | torch.Tensor, x: torch.Tensor | np.ndarray
     ) -> torch.Tensor:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
-        x = self._rows(x, slot_np.size, "step")
-        self._check_advance(slot_np, 1)
+        n = slot_np.size
+        if self._graphs is not None:
+            return self._step_graphed(slot_np, x)
+        on_host = n <= self.fused_max_rows or n <= self.numpy_max_rows
+        x_np = self._host_rows(x, n) if on_host else None
+        if not on_host:
+            x = self._rows(x, n, "step")
+        positions = self._positions[slot_np]
+        if positions.max() >= MAX_POSITION:
+            raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
         # The ring rows of time t are written during the step, but nothing reads them before
         # the position passes t: a refused step (non-finite outputs) leaves the stream as it was
         # as long as the input history and the positions are only written after the check.
-        if slot_np.size <= self.numpy_max_rows:
-            y = torch.from_numpy(self._step_numpy(slot_np, x.numpy()))
-            y = apply_output_activation(y, self.config.output_activation, dim=-1)
+        if n <= self.fused_max_rows:
+            # Float models without an output activation record the history and positions in
+            # the same compiled call, once the step is known to be finite.
+            commit = self._embedding is None and self.config.output_activation == "none"
+            h = self._embedding_np[x_np] if self._embedding is not None else x_np
+            y_np, finite = fused_step.fused_step(
+                self._fused_plan,
+                slot_np,
+                positions,
+                h,
+                (self._history_np, self.history_len, self._positions) if commit else None,
+            )
+            y = apply_output_activation(
+                torch.from_numpy(y_np), self.config.output_activation, dim=-1
+            )
+            if finite and commit:
+                return y
+            bad = [] if finite and self.config.output_activation == "none" else _nonfinite_rows(y)
+            if not bad and not finite:
+                bad = self._nonfinite_ring_rows(slot_np)
         else:
-            y = self._finish(self._step_torch(slot_np, x))
-        bad = _nonfinite_rows(y)
-        if not bad and not self.overflow_safe:
-            bad = self._nonfinite_ring_rows(slot_np)
+            if on_host:
+                y = torch.from_numpy(self._step_numpy(slot_np, x_np))
+                y = apply_output_activation(y, self.config.output_activation, dim=-1)
+            else:
+                with torch.inference_mode():
+                    y = self._finish(self._step_torch(slot_np, x))
+            bad = _nonfinite_rows(y)
+            if not bad and not self.overflow_safe:
+                bad = self._nonfinite_ring_rows(slot_np)
         if bad:
             raise NonFiniteOutputError(
                 f"the outputs of streams {bad} would not be finite; the step was refused", bad
             )
         if self.history_len:
-            remember = self._positions[slot_np] % self.history_len + slot_np * self.history_len
-            if slot_np.size <= self.numpy_max_rows:
-                self._history_np[remember] = x.numpy()
+            remember = positions % self.history_len + slot_np * self.history_len
+            if on_host:
+                self._history_np[remember] = x_np
             else:
-                self._history.index_copy_(0, torch.from_numpy(remember).to(self.device), x)
+                with torch.inference_mode():
+                    rows = torch.from_numpy(remember).to(self.device)
+                    self._history.index_copy_(0, rows, x)
+        self._positions[slot_np] += 1
+        return y
+
+    def _step_graphed(self, slot_np: np.ndarray, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """`step` through model/cuda_graphs.py: one copy each way, outputs on the CPU."""
+        if isinstance(x, torch.Tensor) and not x.is_cpu:
+            x = x.cpu()  # a blocking copy: the rows are read on the host right after
+        x = self._rows(x, slot_np.size, "step", device=torch.device("cpu"))
+        positions = self._positions[slot_np]
+        if positions.max() >= MAX_POSITION:
+            raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
+        y, finite, bucket = self._graphs.run(slot_np, positions, x)
+        if not finite.all():
+            bad = np.flatnonzero(~finite).tolist()
+            raise NonFiniteOutputError(
+                f"the outputs of streams {bad} would not be finite; the step was refused", bad
+            )
+        self._graphs.commit(bucket)
         self._positions[slot_np] += 1
         return y
 
@@ -453,9 +592,9 @@ class StreamPool:
 
     def _step_torch(self, slot_np: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
-            writes, taps = map(torch.from_numpy, self._ring_rows(slot_np))
+            writes, taps = map(torch.from_numpy, self._ring_rows(slot_np, per_block=True))
         else:
-            writes, taps = self._device_ring_rows(slot_np)
+            writes, taps = self._device_ring_rows(slot_np, per_block=True)
         return step_torch(self._step_plan, self._embed(x), writes.unbind(0), taps.unbind(0))
 
     def _step_numpy(self, slot_np: np.ndarray, x: np.ndarray) -> np.ndarray:

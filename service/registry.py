@@ -62,6 +62,7 @@ class ModelEntry:
     state_bytes_per_stream: int = 0
     max_input_abs: float | None = None  # set at load, from the weights
     ready: bool = False
+    cuda_graphs: bool = False  # StreamPool's CUDA-graph step (settings.cuda_graphs)
 
     def __post_init__(self) -> None:
         self._inputs: InputSpec | None = None
@@ -117,7 +118,13 @@ class ModelEntry:
     def _build_pool(self) -> StreamPool:
         """The net and its pool, on the worker thread (which owns the pool from then on)."""
         self.net = load_model(self.directory, device=self.device, dtype=self.dtype)
-        pool = StreamPool(self.net, self.capacity, device=self.device, dtype=self.dtype)
+        pool = StreamPool(
+            self.net,
+            self.capacity,
+            device=self.device,
+            dtype=self.dtype,
+            cuda_graphs=self.cuda_graphs,
+        )
         self.state_bytes_per_stream = pool.state_bytes_per_stream
         self.max_input_abs = pool.max_input_abs
         return pool
@@ -250,6 +257,7 @@ class ModelRegistry:
                     name, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000
                 ),
                 metrics=metrics,
+                cuda_graphs=settings.cuda_graphs,
             )
             # Create the per-model series now, so they read 0 (not absent) before any traffic.
             metrics.step_batch_size.labels(name)

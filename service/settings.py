@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     allow_tf32: bool = Field(
         False, description="let CUDA float32 convs/matmuls use TF32 (faster, ~1e-3 error)"
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="run streaming steps as CUDA graphs, one per batch-size bucket "
+        "(model/cuda_graphs.py; CUDA devices only; tested on CPU, not yet run on a GPU)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Sessions that outlive this process (docs/durability.md).
     session_store: str = Field(
@@ -125,6 +130,8 @@ class Settings(BaseSettings):
                 problems.append(f"models: {name}={directory} has no config.json checkpoint")
         if self.max_batch_size < 1:
             problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.cuda_graphs and not self.resolved_device().startswith("cuda"):
+            problems.append("cuda_graphs needs a CUDA device (device=cuda)")
         if not 0 <= self.max_batch_delay_ms <= 1000:
             problems.append(
                 f"max_batch_delay_ms must be in [0, 1000], got {self.max_batch_delay_ms}"

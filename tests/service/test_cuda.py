@@ -14,11 +14,14 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sessions_on_cuda_equal_predict(make_settings, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "cuda_graphs"), [("float32", False), ("bfloat16", False), ("float32", True)]
+)
+def test_sessions_on_cuda_equal_predict(make_settings, dtype, cuda_graphs):
     rows = random_rows(50, seed=31)
     atol = 1e-4 if dtype == "float32" else 5e-2
-    with serving(create_app(make_settings(device="cuda", dtype=dtype))) as c:
+    settings = make_settings(device="cuda", dtype=dtype, cuda_graphs=cuda_graphs)
+    with serving(create_app(settings)) as c:
         info = c.get("/v1/models/tiny").json()
         assert info["device"].startswith("cuda") and info["dtype"] == dtype
         created = c.post("/v1/sessions", json={"model": "tiny", "prefix": rows[:7]}).json()

@@ -73,3 +73,10 @@ def test_public_bind_without_keys_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="service.settings"):
         Settings(host="0.0.0.0", api_keys=["q" * 16])
     assert "no API keys" not in caplog.text
+
+
+def test_cuda_graphs_need_a_cuda_device(make_settings):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="cuda_graphs needs a CUDA device"):
+        make_settings(cuda_graphs=True, device="cpu")

@@ -1,0 +1,292 @@
+"""The fused step: one compiled call advances a few streams through every layer of the TCN.
+
+A step of one stream multiplies about 1.7 MB of weights (R1) by a few thousand inputs; what a
+chain of torch or numpy ops pays on top is dispatch, a few microseconds for each of ~100 ops.
+Here one numba-compiled function does the whole step, per causal conv: write time t's row into
+the ring, gather the k dilated taps into a contiguous row, one dot product per output channel
+(bias and ReLU folded in), then the residual and its ReLU. Only the weights are read from
+memory, once per step for all N streams (the output-channel loop is outermost).
+
+numba installs as a wheel (its LLVM comes inside llvmlite) and compiles at run time with no C
+compiler; the functions compile on first use, about a second per dtype, once per process.
+Without numba, `AVAILABLE` is False and `StreamPool` falls back to the numpy and torch kernels.
+
+Numerics: the dots are compiled with reassociation allowed, so they sum in vectorised partial
+sums rather than left to right: a different rounding of the same float32 sums (about 1e-7
+relative), never an approximation. NaN and Inf propagate as in torch (no fast-math "no NaN"
+assumption, and the ReLU keeps NaN), so the pool's non-finite checks still see them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+try:  # an optional accelerator: everything works without it, only slower for small N
+    import numba
+    from numba.typed import List as TypedList
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+    TypedList = None
+
+AVAILABLE = numba is not None
+
+# Largest per-layer product (rows x k*C_in x C_out) the fused kernel takes under "auto": beyond
+# it a BLAS GEMM (torch) wins. R1's layers are 28,672 MACs a row, so N <= 24 runs fused; the
+# crossover measured on one core is between N = 24 and N = 32 (docs/step_engine.md).
+FUSED_MAX_MACS = 700_000
+
+# Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
+_FASTMATH = {"reassoc", "contract"}
+
+
+def _jit(fn: Any) -> Any:
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, fastmath=_FASTMATH, cache=False)(fn)
+
+
+@_jit
+def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, out, taps, zero):
+    """One dilated causal conv for n streams: out[:n, :C_out] = relu(taps @ W + b).
+
+    ring (slots * L + scratch, C_in); weight_t (C_out, k * C_in), taps oldest first; inp and
+    out are (max_rows, C_max) scratch, the first c_in / C_out columns in use. Returns False
+    when a value written into the ring is not finite.
+    """
+    n = slots.shape[0]
+    finite = True
+    for s in range(n):
+        base = slots[s] * ring_len
+        row = base + pos[s] % ring_len
+        for c in range(c_in):
+            v = inp[s, c]
+            ring[row, c] = v
+            finite &= np.isfinite(v)
+        for j in range(k):  # tap j is time t - (k - 1 - j) * d
+            src = base + (pos[s] - (k - 1 - j) * dilation) % ring_len
+            for c in range(c_in):
+                taps[s, j * c_in + c] = ring[src, c]
+    width = k * c_in
+    for o in range(weight_t.shape[0]):  # each weight row is read once for all n streams
+        s = 0
+        while s + 4 <= n:  # four streams at a time share each load of the weight row
+            w = weight_t[o]
+            t0, t1, t2, t3 = taps[s], taps[s + 1], taps[s + 2], taps[s + 3]
+            a0 = a1 = a2 = a3 = bias[o]
+            for i in range(width):
+                v = w[i]
+                a0 += v * t0[i]
+                a1 += v * t1[i]
+                a2 += v * t2[i]
+                a3 += v * t3[i]
+            out[s, o] = a0 if not a0 < zero else zero  # a ReLU that keeps NaN
+            out[s + 1, o] = a1 if not a1 < zero else zero
+            out[s + 2, o] = a2 if not a2 < zero else zero
+            out[s + 3, o] = a3 if not a3 < zero else zero
+            s += 4
+        while s < n:
+            acc = bias[o]
+            for i in range(width):
+                acc += weight_t[o, i] * taps[s, i]
+            out[s, o] = acc if not acc < zero else zero
+            s += 1
+    return finite
+
+
+@_jit
+def _affine(weight_t, bias, inp, c_in, out, n):
+    """out[:n, :C_out] = inp[:n, :c_in] @ W + b, with weight_t (C_out, c_in)."""
+    for o in range(weight_t.shape[0]):
+        for s in range(n):
+            acc = bias[o]
+            for i in range(c_in):
+                acc += weight_t[o, i] * inp[s, i]
+            out[s, o] = acc
+
+
+@_jit
+def _step(
+    rings,
+    weights_t,
+    biases,
+    ring_lens,
+    dilations,
+    k,
+    downsample,
+    head,
+    slots,
+    pos,
+    x,
+    bufs,
+    y,
+    zero,
+    history,
+    history_len,
+    positions,
+    commit,
+):
+    """The whole step; returns False when a ring write or an output is not finite. With
+    `commit`, a finite step also records x in the input history and moves the positions on."""
+    h, a, o, r, taps = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
+    n, c = x.shape[0], x.shape[1]
+    for s in range(n):
+        for i in range(c):
+            h[s, i] = x[s, i]
+    finite = True
+    for b in range(dilations.shape[0]):
+        w1, w2 = weights_t[2 * b], weights_t[2 * b + 1]
+        mid, c_out = w1.shape[0], w2.shape[0]
+        finite &= _conv(
+            rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos, h, c,
+            a, taps, zero,
+        )  # fmt: skip
+        finite &= _conv(
+            rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
+            slots, pos, a, mid, o, taps, zero,
+        )  # fmt: skip
+        residual = h
+        if downsample[2 * b].shape[0] > 0:  # a 1x1 conv where the width changes
+            _affine(downsample[2 * b], downsample[2 * b + 1][0], h, c, r, n)
+            residual = r
+        for s in range(n):
+            for i in range(c_out):
+                v = o[s, i] + residual[s, i]
+                h[s, i] = v if not v < zero else zero
+        c = c_out
+    if head[0].shape[0] > 0:
+        _affine(head[0], head[1][0], h, c, y, n)
+    else:
+        for s in range(n):
+            for i in range(c):
+                y[s, i] = h[s, i]
+    for s in range(n):
+        for i in range(y.shape[1]):
+            finite &= np.isfinite(y[s, i])
+    if finite and commit:
+        for s in range(n):
+            if history_len > 0:
+                at = slots[s] * history_len + pos[s] % history_len
+                for i in range(x.shape[1]):
+                    history[at, i] = x[s, i]
+            positions[slots[s]] += 1
+    return finite
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """Everything the compiled step reads, as numpy views of the pool's CPU tensors."""
+
+    rings: Any  # typed list of (slots * L + scratch, C_in) views, one per conv
+    weights_t: Any  # typed list of (C_out, k * C_in)
+    biases: Any  # typed list of (C_out,)
+    ring_lens: np.ndarray  # (convs,) int64
+    dilations: np.ndarray  # (blocks,) int64
+    kernel_size: int
+    downsample: Any  # typed list: per block (C_out, C_in) weight and (1, C_out) bias, or (0, 0)s
+    head: Any  # typed list: (out, C) weight and (1, out) bias, or (0, 0)s
+    bufs: Any  # typed list: h, a, o, residual (max_rows, C_max) and taps (max_rows, k * C_max)
+    y: np.ndarray  # (max_rows, output width)
+    max_rows: int
+    zero: Any  # 0 in the pool's dtype, so the compiled code never widens to float64
+    no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
+    no_positions: np.ndarray  # (0,) int64
+
+
+def fused_plan(
+    layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],  # (ring, step_w, bias, L)
+    dilations: list[int],
+    kernel_size: int,
+    downsample: list[tuple[np.ndarray, np.ndarray] | None],  # per block (C_in, C_out), (C_out,)
+    head: tuple[np.ndarray, np.ndarray] | None,  # (C, out), (out,)
+    in_width: int,
+    max_rows: int,
+) -> FusedPlan:
+    """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
+    if not AVAILABLE:
+        raise RuntimeError("the fused step kernel needs numba (pip install numba)")
+    dtype = layers[0][0].dtype
+    empty = np.zeros((0, 0), dtype=dtype)
+
+    def typed(arrays: list[np.ndarray]) -> Any:
+        out = TypedList()
+        for arr in arrays:
+            out.append(arr)
+        return out
+
+    widths = [in_width] + [w.shape[1] for _, w, _, _ in layers]
+    c_max = max(widths)
+    ds: list[np.ndarray] = []
+    for pair in downsample:
+        if pair is None:
+            ds += [empty, empty]
+        else:
+            ds += [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
+    head_arrays = (
+        [empty, empty]
+        if head is None
+        else [np.ascontiguousarray(head[0].T), head[1].reshape(1, -1).copy()]
+    )
+    out_width = head[0].shape[1] if head is not None else widths[-1]
+    bufs = [np.zeros((max_rows, c_max), dtype=dtype) for _ in range(4)]
+    bufs.append(np.zeros((max_rows, kernel_size * c_max), dtype=dtype))
+    return FusedPlan(
+        rings=typed([ring for ring, _, _, _ in layers]),
+        weights_t=typed([np.ascontiguousarray(w.T) for _, w, _, _ in layers]),
+        biases=typed([b for _, _, b, _ in layers]),
+        ring_lens=np.array([length for _, _, _, length in layers], dtype=np.int64),
+        dilations=np.array(dilations, dtype=np.int64),
+        kernel_size=kernel_size,
+        downsample=typed(ds),
+        head=typed(head_arrays),
+        bufs=typed(bufs),
+        y=np.zeros((max_rows, out_width), dtype=dtype),
+        max_rows=max_rows,
+        zero=dtype.type(0),
+        no_history=np.zeros((0, in_width), dtype=dtype),
+        no_positions=np.zeros(0, dtype=np.int64),
+    )
+
+
+def fused_step(
+    plan: FusedPlan,
+    slots: np.ndarray,
+    positions: np.ndarray,
+    x: np.ndarray,
+    commit: tuple[np.ndarray, int, np.ndarray] | None = None,
+) -> tuple[np.ndarray, bool]:
+    """One step of n <= max_rows streams: x (n, C_in) -> (y (n, out) a fresh array, finite).
+
+    Writes time t's rows into the rings (harmless until the positions move on); `finite` is
+    False when an output or a ring write is NaN or Inf. `commit` = (history (rows, C_in),
+    history_len, the pool's positions): when the step is finite, x goes into each stream's
+    input history and its position moves on, inside the same call.
+    """
+    if not 0 < x.shape[0] <= plan.max_rows or slots.shape != (x.shape[0],):
+        # the compiled code does not check bounds
+        raise ValueError(f"the fused step takes 1 to {plan.max_rows} rows, got {x.shape[0]}")
+    # One array layout per argument (writable, C-contiguous), so each dtype compiles once.
+    slots, positions, x = (
+        a if a.flags.c_contiguous and a.flags.writeable else a.copy() for a in (slots, positions, x)
+    )
+    finite = _step(
+        plan.rings,
+        plan.weights_t,
+        plan.biases,
+        plan.ring_lens,
+        plan.dilations,
+        plan.kernel_size,
+        plan.downsample,
+        plan.head,
+        slots,
+        positions,
+        x,
+        plan.bufs,
+        plan.y,
+        plan.zero,
+        *(commit if commit is not None else (plan.no_history, 0, plan.no_positions)),
+        commit is not None,
+    )
+    return plan.y[: x.shape[0]].copy(), bool(finite)

@@ -1,0 +1,136 @@
+"""The compiled fused step (model/fused_step.py) against the torch kernel and the full forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model import StreamPool, TCNConfig, fused_step
+from tests.model.conftest import full_forward, random_net, random_sequence, row, tcn_configs
+
+pytestmark = pytest.mark.skipif(not fused_step.AVAILABLE, reason="numba is not installed")
+
+
+@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fused_steps_equal_the_full_forward_and_the_torch_kernel(
+    config: TCNConfig, seed: int, data: st.DataObject
+) -> None:
+    net = random_net(config, seed)
+    n = data.draw(st.integers(1, 4), label="streams")
+    length = data.draw(st.integers(1, config.receptive_field + 6), label="steps")
+    seqs = [random_sequence(config, length, seed + i) for i in range(n)]
+    pools = {kernel: StreamPool(net, n + 1, step_kernel=kernel) for kernel in ("fused", "torch")}
+    assert pools["fused"].fused_max_rows == n + 1
+    slots = {kernel: [pool.open() for _ in range(n)] for kernel, pool in pools.items()}
+    outputs = {kernel: [] for kernel in pools}
+    for t in range(length):
+        active = data.draw(st.permutations(range(n)), label="order")[: 1 + t % n]
+        x = torch.stack([row(seqs[i], t) for i in active])
+        for kernel, pool in pools.items():
+            y = pool.step([slots[kernel][i] for i in active], x)
+            outputs[kernel].append((active, y))
+        # streams left out of this step catch up one row at a time, in their own order
+        for i in sorted(set(range(n)) - set(active)):
+            for kernel, pool in pools.items():
+                outputs[kernel].append(([i], pool.step([slots[kernel][i]], row(seqs[i], t)[None])))
+    for (_, fused), (_, torch_y) in zip(outputs["fused"], outputs["torch"], strict=True):
+        torch.testing.assert_close(fused, torch_y, atol=1e-5, rtol=1e-5)
+    per_stream: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for active, y in outputs["fused"]:
+        for j, i in enumerate(active):
+            per_stream[i].append(y[j])
+    for i in range(n):
+        want = full_forward(net, seqs[i])
+        torch.testing.assert_close(torch.stack(per_stream[i]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_runs_small_steps_fused_and_large_ones_through_torch() -> None:
+    config = TCNConfig(in_channels=4, channels=(64, 64), kernel_size=7, out_channels=3)
+    pool = StreamPool(random_net(config, seed=0), capacity=64)
+    biggest = 7 * 64 * 64
+    assert pool.fused_max_rows == fused_step.FUSED_MAX_MACS // biggest < 64
+    assert StreamPool(random_net(config, seed=0), 4).fused_max_rows == 4  # capped at capacity
+    slots = [pool.open() for _ in range(64)]
+    gen = torch.Generator().manual_seed(0)
+    reference = StreamPool(random_net(config, seed=0), capacity=64, step_kernel="torch")
+    ref_slots = [reference.open() for _ in range(64)]
+    for n in (1, pool.fused_max_rows, pool.fused_max_rows + 1, 64):
+        x = torch.randn(n, 4, generator=gen)
+        got = pool.step(slots[:n], x)
+        want = reference.step(ref_slots[:n], x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_float64_and_token_models_run_fused() -> None:
+    config = TCNConfig(in_channels=3, channels=(5, 4), kernel_size=3, out_channels=2, vocab_size=7)
+    net = random_net(config, seed=3)
+    seq = random_sequence(config, 30, seed=4)
+    for dtype in (torch.float32, torch.float64):
+        pool = StreamPool(net, 2, dtype=dtype, step_kernel="fused")
+        slot = pool.open()
+        got = torch.cat([pool.step([slot], seq[t : t + 1]) for t in range(30)])
+        assert got.dtype == dtype
+        want = full_forward(net, seq, dtype=torch.float64)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_numba_auto_falls_back_to_numpy(monkeypatch) -> None:
+    net = random_net(TCNConfig(in_channels=2, channels=(3,), kernel_size=2), seed=0)
+    monkeypatch.setattr(fused_step, "AVAILABLE", False)
+    pool = StreamPool(net, 2)
+    assert pool.fused_max_rows == 0 and pool.numpy_max_rows > 0
+    with pytest.raises(ValueError, match="needs numba"):
+        StreamPool(net, 2, step_kernel="fused")
+
+
+def test_fused_kernel_refuses_more_rows_than_its_buffers() -> None:
+    net = random_net(TCNConfig(in_channels=2, channels=(3,), kernel_size=2), seed=0)
+    pool = StreamPool(net, 2)
+    slots = np.array([0, 1])
+    x = np.zeros((3, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="1 to 2 rows"):
+        fused_step.fused_step(pool._fused_plan, slots, np.zeros(2, dtype=np.int64), x)
+
+
+def test_fused_relu_keeps_nan_like_torch() -> None:
+    # A NaN must not turn into 0 in a ReLU: the pool's refusal of non-finite outputs relies on it.
+    config = TCNConfig(in_channels=1, channels=(2,), kernel_size=1)
+    net = random_net(config, seed=0)
+    with torch.no_grad():
+        net.blocks[0].conv1.bias.fill_(float("nan"))
+    pool = StreamPool(net, 1, step_kernel="fused")
+    plan = pool._fused_plan
+    y, finite = fused_step.fused_step(
+        plan, np.array([0]), np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=np.float32)
+    )
+    assert not finite
+    assert np.isnan(y).all()
+
+
+def test_read_only_and_strided_inputs_give_the_same_steps() -> None:
+    # Network buffers decode to read-only arrays and callers may pass views: same results, and
+    # the caller's arrays are not written.
+    config = TCNConfig(in_channels=2, channels=(4, 4), kernel_size=3, out_channels=1)
+    net = random_net(config, seed=7)
+    fused = StreamPool(net, 3, step_kernel="fused")
+    plain = StreamPool(net, 3, step_kernel="torch")
+    for pool in (fused, plain):
+        for _ in range(3):
+            pool.open()
+    rng = np.random.default_rng(0)
+    for t in range(12):
+        wide = rng.standard_normal((3, 4)).astype(np.float32)
+        x = wide[:, ::2] if t % 2 else wide[:, :2].copy()
+        if t % 3 == 0:
+            x.flags.writeable = False
+        slots = np.array([2, 0, 1])[: 1 + t % 3]
+        if t % 4 == 0:
+            slots.flags.writeable = False
+        before = x.copy()
+        got = fused.step(slots, x[: slots.size])
+        torch.testing.assert_close(got, plain.step(slots, x[: slots.size]), atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(x, before)
