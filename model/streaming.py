@@ -146,6 +146,7 @@ class StreamPool:
         self._fused_plan = None
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
+        self.fused_advance_rows = 0  # ragged advances of at most this many rows in all, too
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
         self._host_dtype = np.dtype(str(self.dtype).removeprefix("torch.")) if host_ok else None
         if step_kernel in ("numpy", "fused") and not host_ok:
@@ -162,6 +163,9 @@ class StreamPool:
         if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
             rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
             self.fused_max_rows = min(self.capacity, max(rows, 1))
+            # A ragged advance of a few rows in all takes the same kernel (`_advance_fused`):
+            # its buffers hold that many rows, whatever the capacity.
+            self.fused_advance_rows = max(rows, 1) if step_kernel == "auto" else self.capacity
             self._fused_plan = fused_step.fused_plan(
                 [
                     (
@@ -177,7 +181,7 @@ class StreamPool:
                 [numpy_view(block.downsample) for block in self._blocks],
                 numpy_view(self._head),
                 self.config.in_channels,
-                self.fused_max_rows,
+                max(self.fused_max_rows, self.fused_advance_rows),
             )
         if step_kernel in ("auto", "numpy"):
             self._numpy_plan = numpy_view(self._step_plan)
@@ -427,7 +431,9 @@ class StreamPool:
             return x.to(device, torch.int64, non_blocking=True)
         return x.to(device, self.dtype, non_blocking=True)
 
-    def _host_rows(self, x: torch.Tensor | np.ndarray | Sequence, n: int) -> np.ndarray:
+    def _host_rows(
+        self, x: torch.Tensor | np.ndarray | Sequence, n: int, what: str = "step"
+    ) -> np.ndarray:
         """`_rows` for the host kernels, as a writable C-contiguous numpy array: rows already in
         the pool's dtype and shape take a numpy-only path (torch ops between two fused steps
         cost more than the checks); anything else goes through `_rows`, which raises the right
@@ -446,7 +452,7 @@ class StreamPool:
             arr.dtype == np.int64 and arr.ndim == 1 and 0 <= arr.min() <= arr.max() < cfg.vocab_size
         ):
             return arr
-        rows = self._rows(x, n, "step").numpy()
+        rows = self._rows(x, n, what).numpy()
         return rows if rows.flags.c_contiguous and rows.flags.writeable else rows.copy()
 
     @property
@@ -630,7 +636,15 @@ class StreamPool:
                 f"advance: {int(counts.sum())} rows in one call, more than max_advance_rows "
                 f"({self.max_advance_rows}); split the call, or push long chunks"
             )
-        x = self._rows(x, int(counts.sum()), "advance")
+        total = int(counts.sum())
+        if (
+            total <= self.fused_advance_rows
+            and self.overflow_safe
+            and self._embedding is None
+            and self.config.output_activation == "none"
+        ):
+            return self._advance_fused(slot_np, counts, self._host_rows(x, total, "advance"))
+        x = self._rows(x, total, "advance")
         if (self._positions[slot_np] > MAX_POSITION - counts).any():
             raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
         plan = ragged_plan(
@@ -660,6 +674,39 @@ class StreamPool:
             self._history.index_copy_(0, plan.history_at, x[plan.history_kept])
         self._positions[slot_np] += counts
         return y
+
+    def _advance_fused(
+        self, slot_np: np.ndarray, counts: np.ndarray, x: np.ndarray
+    ) -> torch.Tensor:
+        """A ragged advance of a few rows through the fused step kernel, as that many rows of
+        one step: each stream's rows in time order, at consecutive positions. A conv's row t
+        is written into its ring before any later row of the same call reads it as a tap, so
+        the rows of one stream may share a call, layer by layer.
+
+        Unlike a one-row step, its ring writes overwrite taps that a refused call would still
+        need, so it is used only where the inputs' bound rules out any overflow
+        (`overflow_safe`): finite inputs within `max_input_abs`, checked first, cannot give a
+        non-finite output, and the call cannot be refused after it has begun.
+        """
+        positions = self._positions[slot_np]
+        if (positions > MAX_POSITION - counts).any():
+            raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
+        row_slots = np.repeat(slot_np, counts)
+        firsts = np.cumsum(counts) - counts  # each stream's first row in x
+        row_positions = np.repeat(positions - firsts, counts) + np.arange(len(row_slots))
+        y_np, finite = fused_step.fused_step(
+            self._fused_plan,
+            row_slots,
+            row_positions,
+            x,
+            (self._history_np, self.history_len, self._positions),
+        )
+        if not finite:  # cannot happen below the bound; the streams' rings are not trusted now
+            raise RuntimeError(
+                f"non-finite values in a fused advance of streams {slot_np.tolist()} despite "
+                "inputs within max_input_abs"
+            )
+        return torch.from_numpy(y_np)
 
     @torch.inference_mode()
     def push(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -90,10 +90,11 @@ def test_without_numba_auto_falls_back_to_numpy(monkeypatch) -> None:
 def test_fused_kernel_refuses_more_rows_than_its_buffers() -> None:
     net = random_net(TCNConfig(in_channels=2, channels=(3,), kernel_size=2), seed=0)
     pool = StreamPool(net, 2)
-    slots = np.array([0, 1])
-    x = np.zeros((3, 2), dtype=np.float32)
-    with pytest.raises(ValueError, match="1 to 2 rows"):
-        fused_step.fused_step(pool._fused_plan, slots, np.zeros(2, dtype=np.int64), x)
+    most = pool._fused_plan.max_rows
+    slots = np.zeros(most + 1, dtype=np.int64)
+    x = np.zeros((most + 1, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match=f"1 to {most} rows"):
+        fused_step.fused_step(pool._fused_plan, slots, np.zeros(most + 1, dtype=np.int64), x)
 
 
 def test_fused_relu_keeps_nan_like_torch() -> None:
@@ -134,3 +135,58 @@ def test_read_only_and_strided_inputs_give_the_same_steps() -> None:
         got = fused.step(slots, x[: slots.size])
         torch.testing.assert_close(got, plain.step(slots, x[: slots.size]), atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(x, before)
+
+
+@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fused_ragged_advances_equal_the_torch_ragged_path_and_the_full_forward(
+    config: TCNConfig, seed: int, data: st.DataObject
+) -> None:
+    # A few rows in all (the service's 10-row pushes) take the fused kernel, each stream's rows
+    # in time order; a "torch" pool takes model/ragged.py for the same calls.
+    net = random_net(config, seed)
+    n = data.draw(st.integers(1, 3), label="streams")
+    length = data.draw(st.integers(1, config.receptive_field + 8), label="rows")
+    seqs = [random_sequence(config, length, seed + i) for i in range(n)]
+    pools = {kernel: StreamPool(net, n, step_kernel=kernel) for kernel in ("auto", "torch")}
+    assert pools["auto"].fused_advance_rows > 0 and pools["torch"].fused_advance_rows == 0
+    slots = {kernel: [pool.open() for _ in range(n)] for kernel, pool in pools.items()}
+    got: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in range(n)] for k in pools}
+    done = [0] * n
+    while min(done) < length:
+        active = [i for i in range(n) if done[i] < length]
+        sizes = [data.draw(st.integers(1, min(6, length - done[i])), label="size") for i in active]
+        chunks = [
+            seqs[i][done[i] : done[i] + k]
+            if seqs[i].dim() == 1
+            else seqs[i][:, done[i] : done[i] + k].T
+            for i, k in zip(active, sizes, strict=True)
+        ]  # (k,) ids or (k, C) rows each
+        x = torch.cat(chunks)
+        for kernel, pool in pools.items():
+            y = pool.advance([slots[kernel][i] for i in active], x, sizes)
+            for part, i in zip(torch.split(y, sizes), active, strict=True):
+                got[kernel][i].append(part)
+        for i, k in zip(active, sizes, strict=True):
+            done[i] += k
+    for i in range(n):
+        want = full_forward(net, seqs[i])
+        for kernel in pools:
+            torch.testing.assert_close(torch.cat(got[kernel][i]), want, atol=1e-5, rtol=1e-5)
+        assert pools["auto"].position(slots["auto"][i]) == length
+        history = pools["auto"].history(slots["auto"][i])
+        torch.testing.assert_close(history, pools["torch"].history(slots["torch"][i]))
+
+
+def test_a_few_ragged_rows_take_the_fused_kernel_and_many_the_ragged_path() -> None:
+    config = TCNConfig(in_channels=2, channels=(64, 64), kernel_size=7)
+    pool = StreamPool(random_net(config, seed=0), 4)
+    calls = []
+    real = pool._advance_fused
+    pool._advance_fused = lambda *args: calls.append(len(args[2])) or real(*args)
+    a, b = pool.open(), pool.open()
+    few, many = 5, pool.fused_advance_rows + 1
+    pool.advance([a, b], torch.randn(few, 2), [2, 3])
+    pool.advance([a, b], torch.randn(many, 2), [1, many - 1])
+    assert calls == [few]
+    assert pool.position(a) == 3 and pool.position(b) == many + 2
