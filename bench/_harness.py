@@ -200,3 +200,27 @@ class HttpPushers:
         finally:
             for c in self.clients:
                 await c.aclose()
+
+
+def run_wrk(command: list[str], env: dict[str, str], duration: float) -> dict:
+    """Run a wrk command whose Lua script prints `WRKRESULT requests errors p50 p99`:
+    requests/s, errors, p50/p99 ms and wrk's CPU share of one core over its run."""
+    before = os.times()
+    start = time.perf_counter()
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - start
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    match = re.search(r"WRKRESULT (\d+) (\d+) (\S+) (\S+)", out)
+    if not match:
+        raise SystemExit(f"wrk said:\n{out}")
+    count, errors, p50, p99 = match.groups()
+    return {
+        "rps": int(count) / duration,
+        "errors": int(errors),
+        "p50": float(p50),
+        "p99": float(p99),
+        "wrk_cpu": cpu / wall,
+    }

@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -33,6 +30,7 @@ from _harness import (
     batch_stats,
     environment,
     free_port,
+    run_wrk,
     serve_command,
     write_results,
 )
@@ -56,27 +54,7 @@ def wrk(url: str, paths: list[str], body: bytes, connections: int, duration: flo
             "-s",
             str(LUA),
         ]
-        before = os.times()
-        start = time.perf_counter()
-        out = subprocess.run(
-            [*command, url], env=env, capture_output=True, text=True, check=True
-        ).stdout
-        wall = time.perf_counter() - start
-        after = os.times()
-    cpu = (after.children_user - before.children_user) + (
-        after.children_system - before.children_system
-    )
-    match = re.search(r"WRKRESULT (\d+) (\d+) (\S+) (\S+)", out)
-    if not match:
-        raise SystemExit(f"wrk said:\n{out}")
-    requests, errors, p50, p99 = match.groups()
-    return {
-        "rps": int(requests) / duration,
-        "errors": int(errors),
-        "p50": float(p50),
-        "p99": float(p99),
-        "wrk_cpu": cpu / wall,
-    }
+        return run_wrk([*command, url], env, duration)
 
 
 def open_sessions(url: str, n: int) -> list[str]:

@@ -19,18 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import DEFAULT_MODEL, ROOT, Server, batch_stats, environment, free_port, serve_command
+from _harness import (
+    DEFAULT_MODEL,
+    ROOT,
+    Server,
+    batch_stats,
+    environment,
+    free_port,
+    run_wrk,
+    serve_command,
+)
 from edge_http import server_cpu
 
 LUA = ROOT / "bench" / "wrk" / "post_requests.lua"
@@ -50,25 +56,7 @@ def wrk(url: str, requests: list[tuple[str, bytes, int | None]], duration: float
         env = {**os.environ, "WRK_REQUESTS": str(listing), "WRK_THREADS": str(threads)}
         command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(duration)}s"]
         command += ["-s", str(LUA), url]
-        before = os.times()
-        start = time.perf_counter()
-        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-        wall = time.perf_counter() - start
-        after = os.times()
-    cpu = (after.children_user - before.children_user) + (
-        after.children_system - before.children_system
-    )
-    match = re.search(r"WRKRESULT (\d+) (\d+) (\S+) (\S+)", out)
-    if not match:
-        raise SystemExit(f"wrk said:\n{out}")
-    count, errors, p50, p99 = match.groups()
-    return {
-        "rps": int(count) / duration,
-        "errors": int(errors),
-        "p50": float(p50),
-        "p99": float(p99),
-        "wrk_cpu": cpu / wall,
-    }
+        return run_wrk(command, env, duration)
 
 
 def v1_requests(url: str, rows: np.ndarray) -> list[tuple[str, bytes, int | None]]:

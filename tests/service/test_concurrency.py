@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.app import create_app
+from service.batcher import ModelWorker
+from service.session_state import Session
+from service.sessions import SessionManager
 from tests.service.conftest import (
     assert_rows_close,
     async_serving,
@@ -21,6 +29,33 @@ from tests.service.conftest import (
     step_batches,
     until_queued,
 )
+
+
+@dataclass
+class HeldWorker:
+    """Sessions of a served app whose model worker is held until `release` (jobs queue up)."""
+
+    client: httpx.AsyncClient
+    sessions: SessionManager
+    opened: list[Session]
+    worker: ModelWorker
+    gate: threading.Event
+    blocker: asyncio.Future
+
+    async def release(self) -> None:
+        self.gate.set()
+        await self.blocker
+
+
+@contextlib.asynccontextmanager
+async def held_worker_sessions(make_settings, count: int = 1) -> AsyncIterator[HeldWorker]:
+    app = create_app(make_settings())
+    async with async_serving(app) as c:
+        runtime = runtime_of(app)
+        opened = [(await runtime.sessions.create("anonymous", "tiny"))[0] for _ in range(count)]
+        worker = runtime.registry.get("tiny").worker
+        gate, blocker = await held(worker)
+        yield HeldWorker(c, runtime.sessions, opened, worker, gate, blocker)
 
 
 async def expected_outputs(client, sequences: list) -> list:
@@ -108,20 +143,14 @@ async def test_concurrent_pushes_to_one_session_apply_one_at_a_time(make_setting
 
 @pytest.mark.asyncio
 async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_settings):
-    app = create_app(make_settings())
     rows = random_rows(3, seed=8)
-    async with async_serving(app) as c:
-        runtime = runtime_of(app)
-        sessions = runtime.sessions
-        session, _ = await sessions.create("anonymous", "tiny")
-        worker = runtime.registry.get("tiny").worker
-        gate, blocker = await held(worker)
-        x = np.asarray(rows, dtype=np.float32)
+    x = np.asarray(rows, dtype=np.float32)
+    async with held_worker_sessions(make_settings) as h:
+        c, sessions, (session,) = h.client, h.sessions, h.opened
         lost = asyncio.ensure_future(sessions.push("anonymous", session.id, x[:2], 0))
-        await until_queued(worker, 1)
+        await until_queued(h.worker, 1)
         lost.cancel()  # the client disconnected while its push waited for the model
-        gate.set()
-        await blocker
+        await h.release()
         retry = await sessions.push("anonymous", session.id, x[:2], 0)
         assert retry.position == 2
         rest = await sessions.push("anonymous", session.id, x[2:], 2)
@@ -133,24 +162,18 @@ async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_setti
 async def test_a_push_queued_behind_a_cancelled_one_sees_it_applied(make_settings):
     # The lock passes from the cancelled push to the model's answer, not to its caller: the
     # next push of the session waits until the first is recorded, then follows it.
-    app = create_app(make_settings())
     rows = random_rows(4, seed=9)
-    async with async_serving(app) as c:
-        runtime = runtime_of(app)
-        sessions = runtime.sessions
-        session, _ = await sessions.create("anonymous", "tiny")
-        worker = runtime.registry.get("tiny").worker
-        gate, blocker = await held(worker)
-        x = np.asarray(rows, dtype=np.float32)
+    x = np.asarray(rows, dtype=np.float32)
+    async with held_worker_sessions(make_settings) as h:
+        c, sessions, (session,) = h.client, h.sessions, h.opened
         lost = asyncio.ensure_future(sessions.push("anonymous", session.id, x[:2], 0))
-        await until_queued(worker, 1)
+        await until_queued(h.worker, 1)
         follower = asyncio.ensure_future(sessions.push("anonymous", session.id, x[2:], 2))
         for _ in range(5):
             await asyncio.sleep(0)
-        assert not follower.done() and worker.queued == 1  # waiting for the lock, not queued
+        assert not follower.done() and h.worker.queued == 1  # waits for the lock, not queued
         lost.cancel()
-        gate.set()
-        await blocker
+        await h.release()
         rest = await follower
         assert rest.position == 4
         replay = await sessions.push("anonymous", session.id, x[2:], 2)  # the stored answer
@@ -187,27 +210,20 @@ async def test_a_push_racing_its_sessions_creation_waits_for_it(make_settings):
 
 @pytest.mark.asyncio
 async def test_push_many_cancelled_mid_flight_records_every_push(make_settings):
-    app = create_app(make_settings())
     rows = random_rows(3, seed=10)
-    async with async_serving(app) as c:
-        runtime = runtime_of(app)
-        sessions = runtime.sessions
-        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(3)]
-        worker = runtime.registry.get("tiny").worker
-        gate, blocker = await held(worker)
-        x = np.asarray(rows, dtype=np.float32)
-        items = [(s.id, x, 0) for s in opened]
-        lost = asyncio.ensure_future(sessions.push_many("anonymous", items))
-        await until_queued(worker, 3)
+    x = np.asarray(rows, dtype=np.float32)
+    async with held_worker_sessions(make_settings, count=3) as h:
+        items = [(s.id, x, 0) for s in h.opened]
+        lost = asyncio.ensure_future(h.sessions.push_many("anonymous", items))
+        await until_queued(h.worker, 3)
         lost.cancel()
-        gate.set()
-        await blocker
-        replays = await sessions.push_many("anonymous", items)  # each push's stored answer
-        want = await expected_outputs(c, [rows])
+        await h.release()
+        replays = await h.sessions.push_many("anonymous", items)  # each push's stored answer
+        want = await expected_outputs(h.client, [rows])
         for replay in replays:
             assert replay.position == 3
             assert_rows_close(replay.outputs.tolist(), want[0])
-        assert all(not s.lock.locked() for s in opened)
+        assert all(not s.lock.locked() for s in h.opened)
 
 
 @pytest.fixture(scope="module")
