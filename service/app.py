@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     # matched anew per request, which costs a push more than the push itself
     # (bench/asgi_path.py). Their routes carry their prefixes, tags and responses already, and
     # honour dependency overrides themselves. The other routes are included as usual.
-    for router in (sessions.lean_router, steps.router, predict.router):
+    for router in (sessions.lean_router, steps.router, predict.router, v2.lean_router):
         app.router.routes.extend(router.routes)
     for module in (sessions, stream, streams, models, health, v2):
         app.include_router(module.router)

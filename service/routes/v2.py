@@ -8,9 +8,7 @@ service/oip_inference.py on the same sessions and workers as /v1. Errors are the
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from service import oip
 from service.deps import CallerDep, RuntimeDep
@@ -20,15 +18,13 @@ from service.oip_schemas import InferRequestDoc, InferResponseDoc, ModelMetadata
 from service.registry import ModelRegistry
 from service.request_body import documented_body, json_response
 from service.route_errors import V2_INFER, V2_METADATA, V2_MODEL_READY
+from service.routes.lean import LeanRoute
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+# The infer routes carry the traffic: LeanRoutes (service/routes/lean.py), registered flat.
+lean_router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=LeanRoute)
 
 
-async def get_oip(request: Request) -> OipInference:
-    return request.app.state.oip
-
-
-OipDep = Annotated[OipInference, Depends(get_oip)]
 PROBE = {"response_class": Response, "responses": {200: {"description": "true; empty body"}}}
 HEALTH = {**PROBE, "responses": {**PROBE["responses"], 400: {"description": "false; empty body"}}}
 MODEL_READY = {**HEALTH, "responses": {**HEALTH["responses"], **V2_MODEL_READY}}
@@ -42,8 +38,9 @@ INFER = {
 }
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", **INFER)
-async def infer(name: str, request: Request, caller: CallerDep, runner: OipDep) -> Response:
+@lean_router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", **INFER)
+async def infer(name: str, request: Request, caller: CallerDep) -> Response:
+    runner: OipInference = request.app.state.oip
     entry = caller.registry.get(name)
     settings = caller.runtime.settings
     encoding = request.headers.get("content-encoding", "identity")
@@ -67,12 +64,12 @@ async def infer(name: str, request: Request, caller: CallerDep, runner: OipDep) 
     return Response(body, headers=headers, media_type=media_type)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference of a version", **INFER)
-async def version_infer(
-    name: str, version: str, request: Request, caller: CallerDep, runner: OipDep
-) -> Response:
+@lean_router.post(
+    "/models/{name}/versions/{version}/infer", summary="Inference of a version", **INFER
+)
+async def version_infer(name: str, version: str, request: Request, caller: CallerDep) -> Response:
     _check_version(caller.registry, name, version)
-    return await infer(name, request, caller, runner)
+    return await infer(name, request, caller)
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
