@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 from model import StreamPool, TCNConfig, fused_step
 from tests.model.conftest import full_forward, random_net, random_sequence, row, tcn_configs
 
-pytestmark = pytest.mark.skipif(not fused_step.AVAILABLE, reason="numba is not installed")
-
 
 @given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -326,9 +326,21 @@ def uvicorn_thread(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
 # ----- a real redis-server on loopback (the session store) -------------------------------------
 
 REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (.ci/run installs it)"
+HAPROXY = shutil.which("haproxy") or next(
+    (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None
 )
+# .ci/run installs both and sets this, so that in CI a missing one is an error, not a skip.
+NEED_SYSTEM_SERVERS = os.environ.get("TCNSERVE_TESTS_NEED_SYSTEM_SERVERS") == "1"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [name for name, path in (("redis-server", REDIS_SERVER), ("haproxy", HAPROXY))
+               if path is None]  # fmt: skip
+    if NEED_SYSTEM_SERVERS and missing:
+        raise pytest.UsageError(
+            f"TCNSERVE_TESTS_NEED_SYSTEM_SERVERS=1 but {', '.join(missing)} not installed "
+            "(apt-get install redis-server haproxy)"
+        )
 
 
 @contextlib.contextmanager

@@ -63,12 +63,13 @@ def store(request) -> str:
 
 
 async def until(condition, what: str, limit_s: float = 30.0) -> None:
-    """Let the event loop run until `condition` holds (another task gets there)."""
+    """Let the event loop run until `condition` holds (another task gets there): each turn
+    yields to the loop, which also polls the store's sockets; the limit only bounds a bug."""
     deadline = time.monotonic() + limit_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
 
 
 def durability_of(client: httpx.AsyncClient) -> SessionDurability:

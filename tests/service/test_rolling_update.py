@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import redis
 
 from service.session_record import SessionRecord
 from tests.service.conftest import (
+    HAPROXY,
     ROOT,
     assert_rows_close,
     random_rows,
@@ -33,9 +33,6 @@ from tests.service.conftest import (
 )
 from tests.service.dns_responder import DnsResponder
 
-HAPROXY = shutil.which("haproxy") or next(
-    (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None
-)
 DEPLOY = ROOT / "deploy"
 NAME = "tcnserve.test"
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
