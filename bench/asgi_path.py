@@ -3,12 +3,13 @@
 uvicorn, the network and the client are left out, so what remains is what tcnserve's code costs
 on the event loop per push, beside the same harness driving bench/noop_app.py (FastAPI doing no
 work). N sessions each push one row per round, all N pushes of a round in flight together (so
-the model worker batches them), for `--rounds` rounds. Reported per case: event-loop CPU per
-request (thread CPU time of this thread, which runs the loop), and the model worker's CPU per
-request, both in microseconds; the cases run interleaved `--repeats` times and the medians are
-printed. Cheap to run and steady on a busy machine (it measures CPU time, not throughput), so it
-is the quick check while working on the request path; bench/edge_http.py and bench/ws_stream.py
-measure the real thing over sockets.
+the model worker batches them), for `--rounds` rounds; and the same with one binary WebSocket
+message per push on each session's socket, beside noop_app.py's echo. Reported per case:
+event-loop CPU per request (thread CPU time of this thread, which runs the loop), and the model
+worker's CPU per request, both in microseconds; the cases run interleaved `--repeats` times and
+the medians are printed. Cheap to run and steady on a busy machine (it measures CPU time, not
+throughput), so it is the quick check while working on the request path; bench/edge_http.py and
+bench/ws_stream.py measure the real thing over sockets.
 
 Run: python bench/asgi_path.py [--sessions 64] [--rounds 200] [--repeats 5]
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from service.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.wire import encode_frame  # noqa: E402
 
 Receive = Callable[[], Awaitable[dict]]
 KEY = "bench-key-0123456789"
@@ -85,6 +87,47 @@ async def request(app, method: str, path: str, body: bytes = b"", headers=()) ->
     return status, b"".join(chunks)
 
 
+class FakeSocket:
+    """One WebSocket connection into the ASGI app: messages handed to its receive, answers taken
+    from its send, with no network and no uvicorn protocol in between."""
+
+    def __init__(self, app, path: str, query: str = ""):
+        self.inbox: asyncio.Queue[dict] = asyncio.Queue()
+        self.accepted = asyncio.Event()
+        self.answer: asyncio.Future | None = None
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {KEY}".encode())],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+            "subprotocols": [],
+            "state": {},
+        }
+        self.inbox.put_nowait({"type": "websocket.connect"})
+        self.task = asyncio.ensure_future(app(self.scope, self.inbox.get, self._send))
+
+    async def _send(self, message: dict) -> None:
+        if message["type"] == "websocket.accept":
+            self.accepted.set()
+        elif message["type"] == "websocket.send":
+            answer, self.answer = self.answer, None
+            answer.set_result(message.get("bytes") or message.get("text"))
+        elif message["type"] == "websocket.close":
+            raise SystemExit(f"the server closed a stream: {message}")
+
+    async def push(self, frame: bytes) -> bytes | str:
+        self.answer = asyncio.get_running_loop().create_future()
+        self.inbox.put_nowait({"type": "websocket.receive", "bytes": frame})
+        return await self.answer
+
+
 def worker_cpu() -> float:
     """CPU seconds of this process's threads other than the calling one."""
     me = threading.get_native_id()
@@ -110,7 +153,7 @@ async def measure(push: Callable[[int, int], Awaitable[None]], sessions: int, ro
 async def main(args: argparse.Namespace) -> None:
     import noop_app
 
-    settings = Settings(api_keys=KEY, max_sessions=args.sessions + 8, torch_threads=1)
+    settings = Settings(api_keys=KEY, max_sessions=2 * args.sessions + 8, torch_threads=1)
     app = create_app(settings)
     runtime = app.state.runtime
     await runtime.start()
@@ -119,11 +162,11 @@ async def main(args: argparse.Namespace) -> None:
     # so the collector stops walking it (the imports alone are ~1M objects).
     gc.collect()
     gc.freeze()
-    ids = []
-    for _ in range(args.sessions):
+    ids, ws_ids = [], []  # sessions pushed over HTTP, and over WebSockets
+    for _ in range(2 * args.sessions):
         status, body = await request(app, "POST", "/v1/sessions", b'{"model": "default"}')
         assert status == 201, body
-        ids.append(json.loads(body)["session_id"])
+        (ids if len(ids) < args.sessions else ws_ids).append(json.loads(body)["session_id"])
     rng = np.random.default_rng(0)
     row = [float(v) for v in rng.random(2)]
     row[1] = 0.0
@@ -163,11 +206,29 @@ async def main(args: argparse.Namespace) -> None:
         for k in range(len(ids)):
             many_positions[k] += 1
 
+    ours = [FakeSocket(app, f"/v1/sessions/{sid}/stream", "framing=offset") for sid in ws_ids]
+    echoes = [FakeSocket(noop_app.app, f"/v1/sessions/{sid}/stream") for sid in ws_ids]
+    for socket in ours + echoes:
+        await socket.accepted.wait()
+    frame_row = np.array([row], dtype=np.float32)
+    ws_positions = [0] * args.sessions
+
+    async def ws_push(i: int, _round: int) -> None:
+        answer = await ours[i].push(encode_frame(frame_row, ws_positions[i]))
+        if not isinstance(answer, bytes):
+            raise SystemExit(f"the stream answered {answer[:200]!r}")
+        ws_positions[i] += 1
+
+    async def ws_echo(i: int, _round: int) -> None:
+        await echoes[i].push(encode_frame(frame_row, 0))
+
     cases = {
         "tcnserve push": push,
         "tcnserve GET session": describe,
         "no-work endpoint": noop,
         "/v1/steps, per item": many,
+        "tcnserve WS binary": ws_push,
+        "no-work WS echo": ws_echo,
     }
     results: dict[str, list[tuple[float, float]]] = {case: [] for case in cases}
     for _ in range(args.repeats):
@@ -184,6 +245,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{case:<22} {loop_us:>12.1f} {worker_us:>14.1f}")
     extra = medians["tcnserve push"] - medians["no-work endpoint"]
     print(f"tcnserve's own event-loop work per push: {extra:.1f} us")
+    extra = medians["tcnserve WS binary"] - medians["no-work WS echo"]
+    print(f"tcnserve's own event-loop work per WebSocket message: {extra:.1f} us")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,10 +41,14 @@ class RequestContextMiddleware:
         # per request costs more than the increment itself.
         self._series: dict[tuple[str, str, str], tuple] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Other scopes (WebSockets, lifespan) get the inner app's awaitable itself: no frame of
+        # ours stays on their stack, which every suspension of a stream would pass through.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
@@ -97,20 +102,24 @@ class ApiKeyMiddleware:
         self.app = app
         self.api_keys = api_keys
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] == "http" and is_api_path(scope["path"]):
-            authorization = x_api_key = None
-            for key, value in scope["headers"]:
-                if key == b"authorization":
-                    authorization = value.decode("latin-1")
-                elif key == b"x-api-key":
-                    x_api_key = value.decode("latin-1")
-            try:
-                owner = self.api_keys.owner(authorization, x_api_key)
-            except Unauthorized as e:
-                await http_errors.error_response(e)(scope, receive, send)
-                return
-            scope.setdefault("state", {})[OWNER] = owner
+            return self._check(scope, receive, send)
+        return self.app(scope, receive, send)  # WebSockets authenticate after their handshake
+
+    async def _check(self, scope: Scope, receive: Receive, send: Send) -> None:
+        authorization = x_api_key = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"x-api-key":
+                x_api_key = value.decode("latin-1")
+        try:
+            owner = self.api_keys.owner(authorization, x_api_key)
+        except Unauthorized as e:
+            await http_errors.error_response(e)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[OWNER] = owner
         await self.app(scope, receive, send)
 
 
@@ -129,10 +138,12 @@ class BodyLimitMiddleware:
         self.retry_after_s = retry_after_s
         self.inflight = 0  # bytes of bodies held by requests in progress (one event loop)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Only API routes take bodies (and they need an API key): anywhere else a body is
         # refused at its first bytes, so anonymous clients cannot fill the shared budget.
         limit = self.max_bytes if is_api_path(scope["path"]) else NO_BODY_BYTES
