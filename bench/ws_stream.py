@@ -268,6 +268,7 @@ class Case:
     client_cpu: float  # all client processes, fraction of one core
     server_us: float  # server CPU (all threads) per step served, microseconds
     client_us: float  # client CPU per push, microseconds
+    rows: int = 1  # rows per message
     ratio: float = float("nan")  # rate / the same N's HTTP rate
 
 
@@ -340,6 +341,7 @@ def run_case(
         client_cpu=sum(r.cpu_s for r in results) / max(r.elapsed for r in results),
         server_us=sum(cpu.values()) / served * 1e6 if served else float("nan"),
         client_us=sum(r.cpu_s for r in results) / pushes * 1e6 if pushes else float("nan"),
+        rows=rows,
     )
 
 
@@ -395,14 +397,14 @@ async def check_outputs(url: str, in_channels: int, receptive_field: int) -> dic
 
 def table(cases: list[Case]) -> str:
     lines = [
-        f"{'sessions':>8} {'transport':<9} {'procs':>5} {'steps/s':>9} {'x http':>6} "
+        f"{'sessions':>8} {'transport':<9} {'rows':>4} {'procs':>5} {'steps/s':>9} {'x http':>6} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'loop':>5} {'worker':>6} {'step':>5} "
         f"{'client':>6} {'srv us':>6} {'cli us':>6}"
     ]
     for c in cases:
         ratio = "-" if np.isnan(c.ratio) else f"{c.ratio:.2f}x"
         lines.append(
-            f"{c.sessions:>8} {c.transport:<9} {c.procs:>5} {c.rate:>9,.0f} {ratio:>6} "
+            f"{c.sessions:>8} {c.transport:<9} {c.rows:>4} {c.procs:>5} {c.rate:>9,.0f} {ratio:>6} "
             f"{c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.batch:>6.1f} {c.loop_cpu:>5.0%} "
             f"{c.other_cpu:>6.0%} {c.step_busy:>5.0%} {c.client_cpu:>6.0%} {c.server_us:>6.0f} "
             f"{c.client_us:>6.0f}"
@@ -411,7 +413,8 @@ def table(cases: list[Case]) -> str:
 
 
 LEGEND = """\
-steps/s: timesteps/s over all sessions (one row per push); x http: / the same N's HTTP rate
+rows: rows per message (HTTP pushes: always 1)
+steps/s: timesteps/s over all sessions; x http: / the same N's one-row HTTP rate
 p50/p99: per push, client side, send -> answer; batch: mean streams per step call (/metrics)
 loop / worker / client: CPU of the server's event-loop thread / its other threads (the model
   worker) / all client processes, in % of one core over the measured window
@@ -422,17 +425,18 @@ The clients share the machine's CPUs with the server."""
 
 
 def run_cases(server: Server, args: argparse.Namespace, in_channels: int, warmup: int) -> list:
-    """Every (sessions, transport) case against one server, each printed as it ends."""
+    """Every (sessions, transport, rows per message) case against one server, each printed as it
+    ends (HTTP pushes once per N, with one row)."""
     cases = []
     for n in args.sessions:
         procs = max(1, min(args.client_procs, n))
         for transport in args.transports:
-            case = run_case(
-                server, transport, n, in_channels, args.seconds, procs, warmup,
-                args.rows_per_message,
-            )  # fmt: skip
-            cases.append(case)
-            print(table([case]).splitlines()[1], flush=True)
+            for rows in [1] if transport == "http" else args.rows_per_message:
+                case = run_case(
+                    server, transport, n, in_channels, args.seconds, procs, warmup, rows
+                )
+                cases.append(case)
+                print(table([case]).splitlines()[1], flush=True)
     return cases
 
 
@@ -464,9 +468,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--rows-per-message",
-        type=int,
-        default=1,
-        help="rows in each WebSocket message (a ragged batch on the server; default 1)",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1],
+        help="rows in each WebSocket message, comma-separated: each is a case (several rows "
+        "are a ragged batch on the server; default 1)",
     )
     parser.add_argument(
         "--json", type=Path, help="also write the cases here (bench/plot_service.py)"
@@ -525,12 +530,19 @@ def main() -> None:
         print(table([]), flush=True)
         cases = run_cases(server, args, config.in_channels, warmup)
     http = {c.sessions: c.rate for c in cases if c.transport == "http"}
+    single = {(c.sessions, c.transport): c.rate for c in cases if c.rows == 1}
     for c in cases:
         if c.sessions in http:
             c.ratio = c.rate / http[c.sessions]
     print("\nsummary")
     print(table(cases))
     print(LEGEND)
+    for c in cases:
+        if c.rows > 1 and (c.sessions, c.transport) in single:
+            print(
+                f"{c.sessions} sessions {c.transport}: {c.rows} rows per message give "
+                f"{c.rate / single[c.sessions, c.transport]:.2f}x the steps/s of one row"
+            )
     if args.json:
         write_results(args.json, "ws_stream", [dataclasses.asdict(c) for c in cases])
     if args.echo:
@@ -543,7 +555,8 @@ def main() -> None:
         print("\ntcnserve as a share of the no-work stack (steps/s; p99 ratio):")
         for ours, base in zip(cases, floor_cases, strict=True):
             print(
-                f"  {ours.sessions:>5} sessions {ours.transport:<9} {ours.rate / base.rate:6.0%}"
+                f"  {ours.sessions:>5} sessions {ours.transport:<9} x{ours.rows:<3}"
+                f"{ours.rate / base.rate:6.0%}"
                 f"   p99 {ours.p99_ms / base.p99_ms:5.1f}x"
             )
     busiest = max(cases, key=lambda c: c.client_cpu / c.procs)
