@@ -12,6 +12,9 @@ rows (each stream's last min(T_i, L) inputs of every layer) and the input histor
 at the end, after the outputs were checked, so a refused call leaves every stream as it was.
 
 Rows are stream-major: stream i's T_i rows, oldest first, then stream i + 1's.
+
+The two convs of a residual block have the same dilation and ring length, so the same tap,
+ring and scratch rows: the plan holds one set of indices per block, which both convs use.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ class RaggedPlan:
     """
 
     n: int  # rows in the call
-    taps: torch.Tensor  # (layers, n, k) rows of each layer's ring tensor (ring or scratch)
-    kept: list[torch.Tensor]  # per layer: rows of this call that the ring keeps
-    kept_at: list[torch.Tensor]  # per layer: ring rows they go to
+    taps: torch.Tensor  # (blocks, n, k) rows of each block's ring tensors (ring or scratch)
+    kept: list[torch.Tensor]  # per block: rows of this call that the rings keep
+    kept_at: list[torch.Tensor]  # per block: ring rows they go to
     history_kept: torch.Tensor  # rows of this call the input history keeps
     history_at: torch.Tensor  # input-history rows they go to
 
@@ -46,9 +49,9 @@ def ragged_plan(
     slots: np.ndarray,  # (N,) distinct open slots
     positions: np.ndarray,  # (N,) their positions before the call
     lengths: np.ndarray,  # (N,) rows per stream, each >= 1
-    tap_offsets: np.ndarray,  # (layers, 1, k) how far back each tap reaches, oldest first
-    ring_lengths: np.ndarray,  # (layers, 1, 1) L per layer
-    scratch_at: np.ndarray,  # (layers, 1, 1) each layer's first scratch row: capacity * L
+    tap_offsets: np.ndarray,  # (blocks, 1, k) how far back each tap reaches, oldest first
+    ring_lengths: np.ndarray,  # (blocks, 1, 1) L per block
+    scratch_at: np.ndarray,  # (blocks, 1, 1) each block's first scratch row: capacity * L
     history_len: int,
     device: torch.device,
 ) -> RaggedPlan:
@@ -60,19 +63,19 @@ def ragged_plan(
     t = t0 + row - starts[stream]  # (n,) time of each row
     last = t0 + lengths[stream] - 1  # (n,) time of the stream's last row
     slot = slots[stream]  # (n,)
-    tap_time = t[None, :, None] - tap_offsets  # (layers, n, k)
+    tap_time = t[None, :, None] - tap_offsets  # (blocks, n, k)
     in_ring = slot[None, :, None] * ring_lengths + tap_time % ring_lengths
     in_call = scratch_at + row[None, :, None] - tap_offsets
     taps = np.where(tap_time >= t0[None, :, None], in_call, in_ring)
-    lengths_2d = ring_lengths[:, :, 0]  # (layers, 1)
-    keep = t[None, :] > last[None, :] - lengths_2d  # (layers, n): each stream's last L rows
+    lengths_2d = ring_lengths[:, :, 0]  # (blocks, 1)
+    keep = t[None, :] > last[None, :] - lengths_2d  # (blocks, n): each stream's last L rows
     ring_at = slot[None, :] * lengths_2d + t[None, :] % lengths_2d
     counts = keep.sum(1)
     kept = np.concatenate([row[m] for m in keep])
     kept_at = np.concatenate([at[m] for at, m in zip(ring_at, keep, strict=True)])
     keep_h = t > last - history_len
     history = np.stack([row[keep_h], slot[keep_h] * history_len + t[keep_h] % max(history_len, 1)])
-    # Few host-to-device copies: one per kind of index, split into views per layer.
+    # Few host-to-device copies: one per kind of index, split into views per block.
     moved = [torch.from_numpy(a).to(device, non_blocking=True) for a in (taps, kept, kept_at)]
     moved_history = torch.from_numpy(history).to(device, non_blocking=True)
     splits = counts.tolist()
@@ -89,11 +92,11 @@ def ragged_plan(
 def ragged_forward(
     plan: RaggedPlan,
     blocks: tuple,  # StreamPool._step_plan: (ring1, w1, b1, ring2, w2, b2, downsample) per block
-    scratch_at: list[int],  # per layer: the first scratch row of its ring tensor
+    scratch_at: list[int],  # per block: the first scratch row of its ring tensors
     h: torch.Tensor,  # (n, C_in) the first block's inputs
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """-> (n, C_last) outputs of the last block, and the ring writes (ring, rows, values) to
-    apply once the caller accepts the result."""
+    apply once the caller accepts the result, one per conv."""
     n = plan.n
     writes = []
 
@@ -104,8 +107,8 @@ def ragged_forward(
         return _addmm_relu(b, taps, w)  # (n, k * C_in) x (k * C_in, C_out)
 
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(blocks):
-        a = conv(2 * i, ring1, w1, b1, h)
-        out = conv(2 * i + 1, ring2, w2, b2, a)
+        a = conv(i, ring1, w1, b1, h)
+        out = conv(i, ring2, w2, b2, a)
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = out.add_(residual).relu_()
     return h, writes

@@ -647,21 +647,22 @@ class StreamPool:
         x = self._rows(x, total, "advance")
         if (self._positions[slot_np] > MAX_POSITION - counts).any():
             raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
-        plan = ragged_plan(
+        plan = ragged_plan(  # one set of indices per block: its two convs share them
             slot_np,
             self._positions[slot_np],
             counts,
-            self._tap_offsets_np,
-            self._tap_lengths_np,
-            self._scratch_at_np,
+            self._tap_offsets_np[::2],
+            self._tap_lengths_np[::2],
+            self._scratch_at_np[::2],
             self.history_len,
             self.device,
         )
-        h, writes = ragged_forward(plan, self._step_plan, self._scratch_at, self._embed(x))
+        h, writes = ragged_forward(plan, self._step_plan, self._scratch_at[::2], self._embed(x))
         y = self._finish(h)
         bad_rows = _nonfinite_rows(y)
         if not bad_rows and not self.overflow_safe:
-            bad_rows = _nonfinite_written(writes, plan.kept)
+            per_conv = [rows for rows in plan.kept for _ in range(2)]  # a block's, per conv
+            bad_rows = _nonfinite_written(writes, per_conv)
         if bad_rows:
             streams = sorted(set(np.searchsorted(np.cumsum(counts), bad_rows, side="right")))
             raise NonFiniteOutputError(
