@@ -38,6 +38,16 @@ AVAILABLE = numba is not None
 # crossover measured on one core is between N = 24 and N = 32 (docs/step_engine.md).
 FUSED_MAX_MACS = 700_000
 
+# A ragged advance runs each row like a row of a step, but its rows need not share a batched
+# matmul's efficiency to win: the kernel releases the GIL for the whole call, where the torch
+# path takes it back between its ~100 ops, and in the service the event loop wants it all the
+# time. Models whose largest layer is at most this many MACs a row send every eligible advance
+# (up to max_advance_rows) through the kernel. Measured on one core: the built-in model (4,608
+# MACs a row) is as fast fused as through torch at 64 to 1,000 rows (0.9-1.1x), and the
+# service's 10-row WebSocket frames gave 1.3x the steps/s; R1 (28,672) is 1.8x slower fused at
+# 160-256 rows, so wider models keep the step's bound (FUSED_MAX_MACS).
+FUSED_NARROW_MACS = 8_192
+
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
 _FASTMATH = {"reassoc", "contract"}
 

@@ -163,9 +163,15 @@ class StreamPool:
         if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
             rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
             self.fused_max_rows = min(self.capacity, max(rows, 1))
-            # A ragged advance of a few rows in all takes the same kernel (`_advance_fused`):
-            # its buffers hold that many rows, whatever the capacity.
-            self.fused_advance_rows = max(rows, 1) if step_kernel == "auto" else self.capacity
+            # A ragged advance of a few rows in all takes the same kernel (`_advance_fused`),
+            # a narrow model's every advance (fused_step.FUSED_NARROW_MACS): its buffers hold
+            # that many rows, whatever the capacity.
+            if step_kernel != "auto":
+                self.fused_advance_rows = self.capacity
+            elif biggest <= fused_step.FUSED_NARROW_MACS:
+                self.fused_advance_rows = self.max_advance_rows
+            else:
+                self.fused_advance_rows = max(rows, 1)
             self._fused_plan = fused_step.fused_plan(
                 [
                     (

@@ -5,9 +5,11 @@ pool, which is not thread-safe, has exactly one user and the event loop never ru
 Other modules reach the pool only through the worker's typed operations (`open`, `close`,
 `reset`, `history`, `submit`), never directly.
 
-Pushes of distinct streams queued within `max_batch_delay_s` of each other are advanced together
-by one call: `StreamPool.step` when every push is one row, `StreamPool.advance` (a ragged batch,
-model/ragged.py) when some carry more. A push longer than `MAX_BATCHED_ROWS` is a chunk for
+Pushes of distinct streams are advanced together by one call, a batch's first push waiting at
+most `max_batch_delay_s` from its submission for others to join (a push that queued behind a
+long call has waited already, and goes with what queued meanwhile): `StreamPool.step` when
+every push is one row, `StreamPool.advance` (a ragged batch, model/ragged.py) when some carry
+more. A push longer than `MAX_BATCHED_ROWS` is a chunk for
 `StreamPool.push` (a conv over its window, cheaper for long chunks), one call on its own.
 
 Crossing threads is paid per batch, not per push: jobs submitted during one turn of an event
@@ -234,7 +236,7 @@ class ModelWorker:
             slots = {job.slot}
             rows = len(job.rows)
             most_rows = self.pool.max_advance_rows
-            deadline = time.perf_counter() + self._delay
+            deadline = job.enqueued + self._delay  # its first push waits at most this long
             # A batch holds distinct open streams: once it has them all, waiting adds nothing
             # (a lone session never waits for company).
             limit = min(self._max_batch, len(self.pool))

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0, description="largest ttl_s a client may ask")
     max_batch_size: int = Field(128, description="most streams advanced by one model call")
-    max_batch_delay_ms: float = Field(1.0, description="longest wait to fill a step batch")
+    max_batch_delay_ms: float = Field(
+        1.0, description="longest a push waits, from its submission, for others to batch with"
+    )
     max_timesteps_per_request: int = Field(100_000, description="rows summed over a request")
     max_sequences_per_request: int = Field(1024, ge=1, description="sequences in one /predict")
     max_body_bytes: int = Field(16 * 1024 * 1024, description="largest request body")

@@ -26,7 +26,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "max_sessions": (int, "stream slots per model (default 256)"),
     "session_ttl_s": (float, "idle seconds before a session expires (default 600)"),
     "max_batch_size": (int, "most streams per batched step (default 128)"),
-    "max_batch_delay_ms": (float, "longest wait to fill a step batch (default 1)"),
+    "max_batch_delay_ms": (float, "longest a push waits for others to batch with (default 1)"),
     "max_timesteps_per_request": (int, "rows summed over a request (default 100000)"),
     "max_sequences_per_request": (int, "sequences in one /predict (default 1024)"),
     "max_body_bytes": (int, "largest request body (default 16 MiB)"),

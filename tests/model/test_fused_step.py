@@ -188,3 +188,26 @@ def test_a_few_ragged_rows_take_the_fused_kernel_and_many_the_ragged_path() -> N
     pool.advance([a, b], torch.randn(many, 2), [1, many - 1])
     assert calls == [few]
     assert pool.position(a) == 3 and pool.position(b) == many + 2
+
+
+def test_a_narrow_models_every_advance_takes_the_fused_kernel() -> None:
+    # Narrow layers (at most FUSED_NARROW_MACS a row): the kernel is as fast as the torch path
+    # at any row count and keeps the GIL released, so advances up to max_advance_rows take it.
+    config = TCNConfig(in_channels=2, channels=(8, 8, 8), kernel_size=3)
+    net = random_net(config, seed=3)
+    pool = StreamPool(net, 3, max_advance_rows=400)
+    reference = StreamPool(net, 3, step_kernel="torch", max_advance_rows=400)
+    assert pool.fused_advance_rows == pool.max_advance_rows == 400
+    calls = []
+    real = pool._advance_fused
+    pool._advance_fused = lambda *args: calls.append(len(args[2])) or real(*args)
+    slots = [pool.open() for _ in range(3)]
+    ref_slots = [reference.open() for _ in range(3)]
+    seqs = [random_sequence(config, 150, seed) for seed in range(3)]  # (C, T) each
+    lengths = [150, 100, 150]
+    x = torch.cat([seq[:, :n].T for seq, n in zip(seqs, lengths, strict=True)])
+    got = pool.advance(slots, x, lengths)
+    assert calls == [400]
+    torch.testing.assert_close(got, reference.advance(ref_slots, x, lengths), atol=1e-5, rtol=1e-5)
+    for y, seq, n in zip(torch.split(got, lengths), seqs, lengths, strict=True):
+        torch.testing.assert_close(y, full_forward(net, seq[:, :n]), atol=1e-5, rtol=1e-5)

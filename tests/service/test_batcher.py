@@ -155,6 +155,38 @@ def test_a_batch_of_every_open_stream_goes_without_waiting():
         asyncio.run(w.stop())
 
 
+def test_the_batch_delay_counts_from_the_first_pushs_submission(monkeypatch):
+    # Two pushes queue behind a long call, of three open streams: by the time the worker takes
+    # them, the first has already waited longer than max_batch_delay_s, so they go at once
+    # instead of waiting (30 s, which the test would notice) for a third that never comes.
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr("service.batcher.time", clock)
+    w = ModelWorker("m", Metrics(), max_batch_size=8, max_batch_delay_s=30.0)
+    w.pool = RecordingPool(open_streams=3)
+    w.start()
+
+    async def two_steps():
+        gate, blocker = await held(w)
+        steps = [asyncio.ensure_future(w.advance(s, np.array([[1.0]]))) for s in (0, 1)]
+        await until_queued(w, 2)
+        clock.now = 31.0  # the held call took longer than the delay
+        gate.set()
+        await blocker
+        return await asyncio.wait_for(asyncio.gather(*steps), timeout=10)
+
+    try:
+        assert len(asyncio.run(two_steps())) == 2
+        assert w.pool.calls == [[0, 1]]
+    finally:
+        asyncio.run(w.stop())
+
+
 @pytest.mark.asyncio
 async def test_one_bad_step_does_not_fail_its_batch(worker):
     refused = {2}
