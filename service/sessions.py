@@ -180,27 +180,62 @@ class SessionManager:
     ) -> list[PushResult | ServiceError]:
         """`push` for many distinct sessions at once: (session id, rows, offset) each, answered
         in order, each its result or its error. Their rows reach the model workers together,
-        so each model advances them in one batched call."""
+        so each model advances them in one batched call.
+
+        A session that another operation holds (e.g. an overlapping request naming it too) is
+        left for a later round: never wait for a lock while holding others (two requests naming
+        the same sessions in another order would wait for each other forever). Each round
+        starts every push whose session is free, waits for them, then goes again with the
+        sessions that were busy, the first of them awaited while holding nothing; so the busy
+        ones still advance together, not one model call each.
+        """
         results: list[PushResult | ServiceError | None] = [None] * len(items)
-        started: list[tuple[int, asyncio.Future[PushResult]]] = []
-        busy: list[int] = []  # sessions another operation holds: pushed alone afterwards
+        todo: list[int] = []
         seen: set[str] = set()
+        for i, (session_id, _, _) in enumerate(items):
+            if session_id in seen:  # its lock would be ours already: never wait on it
+                results[i] = InvalidInput(f"session {session_id!r} is named more than once")
+            else:
+                seen.add(session_id)
+                todo.append(i)
+        while todo:
+            started, todo = await self._start_round(owner, items, todo, results)
+            outcomes = await asyncio.gather(
+                *(answer for _, answer in started), return_exceptions=True
+            )
+            for (i, _), outcome in zip(started, outcomes, strict=True):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
+                    raise outcome
+                results[i] = outcome
+        return results  # type: ignore[return-value]
+
+    async def _start_round(
+        self,
+        owner: str,
+        items: list[tuple[str, np.ndarray, int | None]],
+        todo: list[int],
+        results: list,
+    ) -> tuple[list[tuple[int, asyncio.Future[PushResult]]], list[int]]:
+        """One round of `push_many`: start the pushes of `todo` whose sessions are free (and
+        the first one's in any case, waiting for it before holding any other); -> (the pushes
+        started, the items left for the next round). Errors go into `results`."""
+        started: list[tuple[int, asyncio.Future[PushResult]]] = []
+        busy: list[int] = []
         try:
-            for i, (session_id, x, offset) in enumerate(items):
+            for i in todo:
+                session_id, x, offset = items[i]
                 try:
-                    if session_id in seen:  # its lock is taken already: never wait on it
-                        raise InvalidInput(f"session {session_id!r} is named more than once")
-                    seen.add(session_id)
                     session = await self._find(owner, session_id)
                     entry = self._registry.get(session.model)
                     self._check_rows(x, entry)
-                    # Never wait for a lock held by another operation while holding others (two
-                    # requests naming the same sessions in another order would wait for each
-                    # other forever); the hold of those taken passes to their pushes anyway.
-                    if session.lock.locked():
-                        busy.append(i)
+                    if session.lock.locked() and started:
+                        busy.append(i)  # we hold locks: only ever take a free one
                         continue
-                    await session.lock.acquire()
+                    await session.lock.acquire()  # free, or the round's first: holding none
+                    if session.moved:  # handed to another replica while this waited
+                        session.lock.release()
+                        busy.append(i)  # found again next round, wherever it is now
+                        continue
                     started.append((i, self._start_push(session, entry, x, offset)))
                 except ServiceError as e:
                     results[i] = e
@@ -208,18 +243,7 @@ class SessionManager:
             for _, answer in started:
                 answer.cancel()
             raise
-        outcomes = await asyncio.gather(*(answer for _, answer in started), return_exceptions=True)
-        for (i, _), outcome in zip(started, outcomes, strict=True):
-            if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
-                raise outcome
-            results[i] = outcome
-        for i in busy:  # one at a time, each waiting only for its own session
-            session_id, x, offset = items[i]
-            try:
-                results[i] = await self.push(owner, session_id, x, offset)
-            except ServiceError as e:
-                results[i] = e
-        return results  # type: ignore[return-value]
+        return started, busy
 
     def _start_push(
         self,

@@ -167,3 +167,38 @@ async def test_requests_naming_sessions_in_opposite_orders_never_wait_for_each_o
         done = await asyncio.wait_for(asyncio.gather(first, second), timeout=20)
         assert all(r.position in (1, 2) for results in done for r in results)
         assert (a.position, b.position) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_sessions_busy_in_an_overlapping_request_still_advance_together(make_settings):
+    # Two requests name the same 40 sessions at once: the second finds them all held by the
+    # first's pushes. It waits for the first of them (holding nothing), then takes the others
+    # as they come free: a few model calls in all, never one call per session.
+    import asyncio
+
+    import numpy as np
+
+    from tests.service.conftest import async_serving, held, step_batches, until_queued
+
+    app = create_app(make_settings(max_sessions=64))
+    async with async_serving(app):
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        ids = [(await sessions.create("anonymous", "tiny"))[0].id for _ in range(40)]
+        x = np.zeros((1, 2), dtype=np.float32)
+        items = [(sid, x, None) for sid in ids]
+        worker = runtime.registry.get("tiny").worker
+        before = runtime.metrics.render().decode()
+        gate, blocker = await held(worker)
+        first = asyncio.ensure_future(sessions.push_many("anonymous", items))
+        await until_queued(worker, 40)
+        second = asyncio.ensure_future(sessions.push_many("anonymous", list(reversed(items))))
+        for _ in range(20):  # the second request is now waiting for a lock the first holds
+            await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        done = await asyncio.wait_for(asyncio.gather(first, second), timeout=20)
+        calls, streams = step_batches(before, runtime.metrics.render().decode())
+        assert [r.position for r in done[0]] == [1] * 40
+        assert [r.position for r in done[1]] == [2] * 40
+        assert streams == 80 and calls <= 4, (calls, streams)
