@@ -22,6 +22,9 @@ from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 app = FastAPI()
 STEP = b'{"outputs":[[0.123456789]],"position":1}'
 HEADER = struct.Struct("<q")
+COUNT = struct.Struct("<I")  # a multiplexed frame's push count
+PUSH = struct.Struct("<qIH")  # offset, rows, width (after the session id)
+ROWS = struct.Struct("<IH")
 OUTPUT = struct.pack("<f", 0.123456789)
 ROW_BYTES = 2 * 4  # a row of the built-in model: two float32 inputs
 
@@ -60,6 +63,27 @@ async def echo(websocket: WebSocket, session_id: str) -> None:
                 rows = len(body["inputs"])
                 answer = {"outputs": [[0.123456789]] * rows, "position": body["offset"] + rows}
                 await websocket.send_text(json.dumps(answer))
+    except WebSocketDisconnect:
+        return
+
+
+@app.websocket("/v1/streams")
+async def echo_many(websocket: WebSocket) -> None:
+    """The multiplexed stream: walks a frame of pushes (service/wire.py's layout, read with
+    struct alone) and answers each with its next position and one float32 per row."""
+    await websocket.accept()
+    try:
+        while True:
+            data = await websocket.receive_bytes()
+            (count,) = COUNT.unpack_from(data)
+            at, parts = COUNT.size, [data[: COUNT.size]]
+            for _ in range(count):
+                end = at + 1 + data[at]
+                offset, rows, width = PUSH.unpack_from(data, end)
+                parts += [data[at:end], HEADER.pack(offset + rows), ROWS.pack(rows, 1)]
+                parts.append(OUTPUT * rows)
+                at = end + PUSH.size + 4 * rows * width
+            await websocket.send_bytes(b"".join(parts))
     except WebSocketDisconnect:
         return
 

@@ -6,7 +6,10 @@ push one row per message in lockstep (send, await the answer, repeat) for `--sec
   * ws-binary: `WS /v1/sessions/{id}/stream?framing=offset`, int64 offset header + float32 row;
   * ws-json: the same socket with text frames `{"inputs": [row], "offset": n}`;
   * http: `POST /v1/sessions/{id}/steps`, one keep-alive client per session (bench/_harness.py's
-    HttpPushers, the code path of bench/service_http.py).
+    HttpPushers, the code path of bench/service_http.py);
+  * ws-multi: one `WS /v1/streams` socket per client process, each binary message carrying one
+    push for every session of that process (service/wire.py's multi-session frame); its
+    p50/p99 are per message.
 All sessions of a client process run in one asyncio loop; `--client-procs` splits them over
 several processes. Reported per case: aggregate timesteps/s, client-side p50/p99 latency per push
 (send -> answer), the mean step batch size and the model's step compute time (server /metrics
@@ -49,9 +52,9 @@ from _harness import (
 )
 from websockets.asyncio.client import ClientConnection, connect
 
-from service.wire import HEADER, decode_frame, encode_frame
+from service.wire import HEADER, decode_answers, decode_frame, encode_frame, encode_pushes
 
-TRANSPORTS = ("ws-binary", "ws-json", "http")
+TRANSPORTS = ("ws-binary", "ws-json", "http", "ws-multi")
 WARMUP_PUSHES = 5  # per session, untimed (1 with --quick): first-message costs on both sides
 CHECK_ROWS = 200  # rows streamed one per message in the correctness check
 CLIENT_TIMEOUT_S = 300.0
@@ -72,20 +75,13 @@ class WsPushers:
         self.positions: list[int] = []
         shape = (64, rows, in_channels)
         chunks = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        self.chunks = chunks  # (64, rows, in_channels): the pushes cycle through them
         # Binary frames are HEADER.pack(offset) + payload: encode_frame's bytes, built per push.
         self.payloads = [encode_frame(chunk) for chunk in chunks]
         self.texts = [json.dumps(chunk)[1:-1] for chunk in chunks.tolist()]  # JSON: its rows
 
     async def open(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
-
-            async def create() -> str:
-                r = await c.post("/v1/sessions", json={"model": "default"})
-                r.raise_for_status()
-                return r.json()["session_id"]
-
-            self.session_ids = list(await asyncio.gather(*(create() for _ in range(self.sessions))))
-        self.positions = [0] * self.sessions
+        await self.create_sessions()
         ws_url = self.url.replace("http://", "ws://", 1)
         self.sockets = list(
             await asyncio.gather(
@@ -101,6 +97,17 @@ class WsPushers:
                 )
             )
         )
+
+    async def create_sessions(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
+
+            async def create() -> str:
+                r = await c.post("/v1/sessions", json={"model": "default"})
+                r.raise_for_status()
+                return r.json()["session_id"]
+
+            self.session_ids = list(await asyncio.gather(*(create() for _ in range(self.sessions))))
+        self.positions = [0] * self.sessions
 
     async def run(
         self, count: int | None, end: float = 0.0, latencies: list[float] | None = None
@@ -140,6 +147,47 @@ class WsPushers:
         if delete:
             async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
                 await asyncio.gather(*(c.delete(f"/v1/sessions/{sid}") for sid in self.session_ids))
+
+
+class MultiPushers(WsPushers):
+    """The same sessions pushing over one multiplexed socket (`WS /v1/streams`): each message
+    carries one push of `rows` rows for every session of this client, in lockstep."""
+
+    async def open(self) -> None:
+        await self.create_sessions()
+        ws_url = self.url.replace("http://", "ws://", 1)
+        multiplexed = await connect(
+            f"{ws_url}/v1/streams",
+            compression=None,
+            ping_interval=None,
+            proxy=None,
+            open_timeout=60,
+            max_size=None,
+        )
+        self.sockets = [multiplexed]
+
+    async def run(
+        self, count: int | None, end: float = 0.0, latencies: list[float] | None = None
+    ) -> int:
+        ws, i = self.sockets[0], 0
+        while i < count if count is not None else time.perf_counter() < end:
+            rows = self.chunks[i % 64]
+            frame = encode_pushes(
+                [(sid, p, rows) for sid, p in zip(self.session_ids, self.positions, strict=True)]
+            )
+            start = time.perf_counter()
+            await ws.send(frame)
+            answer = await ws.recv()
+            if latencies is not None:
+                latencies.append(time.perf_counter() - start)
+            if isinstance(answer, str):
+                raise RuntimeError(f"frame refused: {answer}")
+            for k, got in enumerate(decode_answers(answer)):
+                if got.position != self.positions[k] + self.rows:
+                    raise RuntimeError(f"answer at position {got.position}: {got.error!r}")
+                self.positions[k] = got.position
+            i += 1
+        return i * self.rows * self.sessions  # timesteps
 
 
 # ----- client processes ---------------------------------------------------------------------
@@ -182,6 +230,8 @@ async def _client(
 ) -> None:
     if transport == "http":
         pushers: HttpPushers | WsPushers = HttpPushers(url, sessions, in_channels, seed)
+    elif transport == "ws-multi":
+        pushers = MultiPushers(url, sessions, in_channels, seed, binary=True, rows=rows)
     else:
         binary = transport == "ws-binary"
         pushers = WsPushers(url, sessions, in_channels, seed, binary=binary, rows=rows)
@@ -362,20 +412,25 @@ async def check_outputs(url: str, in_channels: int, receptive_field: int) -> dic
         r.raise_for_status()
         expected = np.asarray(r.json()["outputs"][0], dtype=np.float64)[len(prefix) :]
         diffs = {}
-        for kind in ("ws-binary", "ws-json"):
+        for kind in ("ws-binary", "ws-json", "ws-multi"):
             r = await c.post("/v1/sessions", json={"model": "default", "prefix": prefix.tolist()})
             r.raise_for_status()
             sid = r.json()["session_id"]
             got = []
             ws_url = url.replace("http://", "ws://", 1)
+            path = "/v1/streams" if kind == "ws-multi" else f"/v1/sessions/{sid}/stream"
             async with connect(
-                f"{ws_url}/v1/sessions/{sid}/stream?framing=offset",
-                compression=None,
-                proxy=None,
+                f"{ws_url}{path}?framing=offset", compression=None, proxy=None
             ) as ws:
                 for i, row in enumerate(rows):
                     offset = len(prefix) + i
-                    if kind == "ws-binary":
+                    if kind == "ws-multi":
+                        await ws.send(encode_pushes([(sid, offset, row[None, :])]))
+                        (answer,) = decode_answers(await ws.recv())
+                        if answer.position != offset + 1:
+                            raise SystemExit(f"check: answer {answer}")
+                        got.append(answer.outputs[0])
+                    elif kind == "ws-binary":
                         await ws.send(encode_frame(row[None, :], offset))
                         answer = await ws.recv()
                         if isinstance(answer, str):
