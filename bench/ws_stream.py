@@ -316,8 +316,8 @@ class Case:
     other_cpu: float  # the server's other threads (the model worker), fraction of one core
     step_busy: float  # step compute seconds per second
     client_cpu: float  # all client processes, fraction of one core
-    server_us: float  # server CPU (all threads) per step served, microseconds
-    client_us: float  # client CPU per push, microseconds
+    server_us: float  # server CPU (all threads) per timestep served, microseconds
+    client_us: float  # client CPU per timestep, microseconds
     rows: int = 1  # rows per message
     ratio: float = float("nan")  # rate / the same N's HTTP rate
 
@@ -375,7 +375,8 @@ def run_case(
         for tid, seconds_now in after.thread_cpu.items()
     }
     latencies = np.concatenate([r.latencies for r in results])
-    served = after.batch[0] - before.batch[0]  # steps the server applied in the window
+    batched = after.batch[0] - before.batch[0]  # pushes the server applied in the window
+    served = batched * rows  # their timesteps
     pushes = sum(r.pushes for r in results)
     return Case(
         sessions=sessions,
@@ -384,7 +385,7 @@ def run_case(
         rate=sum(r.pushes / r.elapsed for r in results),
         p50_ms=percentile(latencies, 50) * 1e3,
         p99_ms=percentile(latencies, 99) * 1e3,
-        batch=served / calls if calls else float("nan"),
+        batch=batched / calls if calls else float("nan"),
         loop_cpu=cpu.get(main_tid, 0.0) / wall,
         other_cpu=sum(v for tid, v in cpu.items() if tid != main_tid) / wall,
         step_busy=(after.step_compute[0] - before.step_compute[0]) / wall,
@@ -475,7 +476,7 @@ loop / worker / client: CPU of the server's event-loop thread / its other thread
   worker) / all client processes, in % of one core over the measured window
 step: model step compute time per second (/metrics); wall time on the worker thread, so it
   includes its waits for the GIL and for a CPU
-srv us / cli us: CPU microseconds per step, of the server (all threads) / of the clients
+srv us / cli us: CPU microseconds per timestep, of the server (all threads) / of the clients
 The clients share the machine's CPUs with the server."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -123,7 +124,7 @@ class LoopCounter:
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, child in list(self._children.items()):
-            family.add_metric(key, child.value)
+            family.add_metric(key, child.value, created=child.created)
         yield family
 
     def describe(self) -> Iterator[CounterMetricFamily]:
@@ -131,10 +132,11 @@ class LoopCounter:
 
 
 class _LoopCount:
-    __slots__ = ("value",)
+    __slots__ = ("created", "value")
 
     def __init__(self) -> None:
         self.value = 0
+        self.created = time.time()  # rendered as <name>_created, as prometheus_client does
 
     def inc(self, amount: int = 1) -> None:
         if amount < 0:

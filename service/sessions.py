@@ -185,9 +185,10 @@ class SessionManager:
         A session that another operation holds (e.g. an overlapping request naming it too) is
         left for a later round: never wait for a lock while holding others (two requests naming
         the same sessions in another order would wait for each other forever). Each round
-        starts every push whose session is free, waits for them, then goes again with the
-        sessions that were busy, the first of them awaited while holding nothing; so the busy
-        ones still advance together, not one model call each.
+        starts every push whose session is free and waits for them; a round that finds every
+        session busy waits for the first (holding nothing), then takes the others that came
+        free. So the free ones never wait for a busy one, and the busy ones still advance
+        together, not one model call each.
         """
         results: list[PushResult | ServiceError | None] = [None] * len(items)
         todo: list[int] = []
@@ -198,8 +199,9 @@ class SessionManager:
             else:
                 seen.add(session_id)
                 todo.append(i)
+        moved: set[int] = set()
         while todo:
-            started, todo = await self._start_round(owner, items, todo, results)
+            started, todo = await self._start_round(owner, items, todo, results, moved)
             outcomes = await asyncio.gather(
                 *(answer for _, answer in started), return_exceptions=True
             )
@@ -215,35 +217,56 @@ class SessionManager:
         items: list[tuple[str, np.ndarray, int | None]],
         todo: list[int],
         results: list,
+        moved: set[int],
     ) -> tuple[list[tuple[int, asyncio.Future[PushResult]]], list[int]]:
-        """One round of `push_many`: start the pushes of `todo` whose sessions are free (and
-        the first one's in any case, waiting for it before holding any other); -> (the pushes
-        started, the items left for the next round). Errors go into `results`."""
+        """One round of `push_many`: start the pushes of `todo` whose sessions are free; if
+        none is, wait for the first busy one (holding no lock), then take the others that came
+        free meanwhile. -> (the pushes started, the items left for the next round). Errors go
+        into `results`; `moved` holds the items whose session has moved once already."""
         started: list[tuple[int, asyncio.Future[PushResult]]] = []
-        busy: list[int] = []
+        busy: list[tuple[int, Session, ModelEntry]] = []
+
+        async def take(i: int, session: Session, entry: ModelEntry) -> None:
+            try:
+                await session.lock.acquire()
+                if session.moved:  # handed to another replica: looked up again, once
+                    session.lock.release()
+                    if i in moved:
+                        self._check_open(session)  # moved twice: its error, as `push` gives
+                    moved.add(i)
+                    busy.append((i, session, entry))
+                    return
+                started.append((i, self._start_push(session, entry, items[i][1], items[i][2])))
+            except ServiceError as e:
+                results[i] = e
+
         try:
             for i in todo:
-                session_id, x, offset = items[i]
                 try:
-                    session = await self._find(owner, session_id)
+                    session = await self._find(owner, items[i][0])
                     entry = self._registry.get(session.model)
-                    self._check_rows(x, entry)
-                    if session.lock.locked() and started:
-                        busy.append(i)  # we hold locks: only ever take a free one
-                        continue
-                    await session.lock.acquire()  # free, or the round's first: holding none
-                    if session.moved:  # handed to another replica while this waited
-                        session.lock.release()
-                        busy.append(i)  # found again next round, wherever it is now
-                        continue
-                    started.append((i, self._start_push(session, entry, x, offset)))
+                    self._check_rows(items[i][1], entry)
                 except ServiceError as e:
                     results[i] = e
+                    continue
+                if session.lock.locked():
+                    busy.append((i, session, entry))  # never wait while holding: later
+                else:
+                    await take(i, session, entry)  # free: taken at once
+            if busy and not started:  # every one busy: wait for the first, holding nothing
+                first, *waiting = busy
+                busy = []
+                await take(*first)
+                for waiter in waiting:  # and take those that came free meanwhile
+                    if waiter[1].lock.locked():
+                        busy.append(waiter)
+                    else:
+                        await take(*waiter)
         except BaseException:  # cancelled: the pushes started are recorded; nobody awaits them
             for _, answer in started:
                 answer.cancel()
             raise
-        return started, busy
+        return started, [i for i, _, _ in busy]
 
     def _start_push(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -202,3 +203,32 @@ async def test_sessions_busy_in_an_overlapping_request_still_advance_together(ma
         assert [r.position for r in done[0]] == [1] * 40
         assert [r.position for r in done[1]] == [2] * 40
         assert streams == 80 and calls <= 4, (calls, streams)
+
+
+@pytest.mark.asyncio
+async def test_a_busy_session_does_not_hold_back_the_free_ones(make_settings):
+    # The first session named is held by another operation: the others' pushes start at once
+    # (they reach the model worker while the busy one still waits), and the busy one follows.
+    import numpy as np
+
+    from tests.service.conftest import async_serving, held, until_queued
+
+    app = create_app(make_settings())
+    async with async_serving(app):
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        a, _ = await sessions.create("anonymous", "tiny")
+        b, _ = await sessions.create("anonymous", "tiny")
+        c, _ = await sessions.create("anonymous", "tiny")
+        x = np.zeros((1, 2), dtype=np.float32)
+        worker = runtime.registry.get("tiny").worker
+        gate, blocker = await held(worker)
+        await a.lock.acquire()  # another operation holds A
+        items = [(a.id, x, None), (b.id, x, None), (c.id, x, None)]
+        task = asyncio.ensure_future(sessions.push_many("anonymous", items))
+        await until_queued(worker, 2)  # B's and C's pushes, while A is still busy
+        a.lock.release()
+        gate.set()
+        await blocker
+        results = await asyncio.wait_for(task, timeout=20)
+        assert [r.position for r in results] == [1, 1, 1]

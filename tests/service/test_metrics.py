@@ -29,6 +29,8 @@ def test_loop_counters_render_as_counters_with_their_labels() -> None:
     assert got[("tcnserve_timesteps_total", (("mode", "predict"), ("model", "m")))] == 10
     key = ("tcnserve_websocket_messages_total", (("kind", "binary"), ("outcome", "ok")))
     assert got[key] == 1
+    created = ("tcnserve_timesteps_created", (("mode", "stream"), ("model", "m")))
+    assert got[created] > 1.7e9  # a Unix time, as a prometheus_client Counter renders it
     text = metrics.render().decode()
     assert "# TYPE tcnserve_timesteps_total counter" in text
     assert "# HELP tcnserve_websocket_messages_total WebSocket pushes answered" in text
