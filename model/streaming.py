@@ -163,9 +163,9 @@ class StreamPool:
         if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
             rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
             self.fused_max_rows = min(self.capacity, max(rows, 1))
-            # A ragged advance of a few rows in all takes the same kernel (`_advance_fused`),
-            # a narrow model's every advance (fused_step.FUSED_NARROW_MACS): its buffers hold
-            # that many rows, whatever the capacity.
+            # Ragged advances of up to `fused_advance_rows` rows in all take the same kernel
+            # (`_advance_fused`): every advance of a narrow model (fused_step.FUSED_NARROW_MACS),
+            # a few rows of a wider one. Its buffers hold that many rows, whatever the capacity.
             if step_kernel != "auto":
                 self.fused_advance_rows = self.capacity
             elif biggest <= fused_step.FUSED_NARROW_MACS:
