@@ -55,17 +55,17 @@ class Case:
         return addmm_relu(b, gathered, w)
 
 
-class TimeMajor(Case):
-    def __init__(self, n: int, seed: int):
-        super().__init__(n, lambda d: (K - 1) * d + 1, C, seed)
+class RowTaps(Case):
+    """A layout whose k taps are k rows of C values, wherever `tap_rows` puts them: a step
+    writes time t's row (the newest tap), gathers the k rows, and multiplies."""
+
+    def tap_rows(self, d: int) -> torch.Tensor:  # (N, k) ring rows, oldest first
+        raise NotImplementedError
 
     def step(self) -> torch.Tensor:
         h, n = self.x, self.n
         for b, d in enumerate(DILATIONS):
-            length = (K - 1) * d + 1
-            offsets = d * np.arange(K - 1, -1, -1)
-            taps = torch.from_numpy((self.pos[:, None] - offsets) % length)
-            taps += torch.from_numpy(self.slots[:, None] * length)
+            taps = self.tap_rows(d)
             now = taps[:, -1].contiguous()
             r1, r2 = self.rings[2 * b], self.rings[2 * b + 1]
             r1.index_copy_(0, now, h)
@@ -75,6 +75,16 @@ class TimeMajor(Case):
             h = a.add_(h).relu_()
         self.pos += 1
         return h
+
+
+class TimeMajor(RowTaps):
+    def __init__(self, n: int, seed: int):
+        super().__init__(n, lambda d: (K - 1) * d + 1, C, seed)
+
+    def tap_rows(self, d: int) -> torch.Tensor:
+        length = (K - 1) * d + 1
+        times = self.pos[:, None] - d * np.arange(K - 1, -1, -1)
+        return torch.from_numpy(times % length + self.slots[:, None] * length)
 
 
 class PhaseGrouped(Case):
@@ -97,24 +107,13 @@ class PhaseGrouped(Case):
         return h
 
 
-class TapContiguous(Case):
+class TapContiguous(RowTaps):
     def __init__(self, n: int, seed: int):
         super().__init__(n, lambda d: d * K, C, seed)
 
-    def step(self) -> torch.Tensor:
-        h, n = self.x, self.n
-        for b, d in enumerate(DILATIONS):
-            times = self.pos[:, None] - d * np.arange(K - 1, -1, -1)  # (N, k), oldest first
-            taps = torch.from_numpy((self.slots[:, None] * d + times % d) * K + (times // d) % K)
-            now = taps[:, -1].contiguous()
-            r1, r2 = self.rings[2 * b], self.rings[2 * b + 1]
-            r1.index_copy_(0, now, h)
-            a = self.conv(2 * b, F.embedding(taps, r1).view(n, -1))
-            r2.index_copy_(0, now, a)
-            a = self.conv(2 * b + 1, F.embedding(taps, r2).view(n, -1))
-            h = a.add_(h).relu_()
-        self.pos += 1
-        return h
+    def tap_rows(self, d: int) -> torch.Tensor:
+        times = self.pos[:, None] - d * np.arange(K - 1, -1, -1)  # (N, k), oldest first
+        return torch.from_numpy((self.slots[:, None] * d + times % d) * K + (times // d) % K)
 
 
 class Floor(Case):

@@ -19,7 +19,7 @@ from service.http_protocol import deadline_protocol
 from service.runtime import Runtime
 from service.settings import DTYPES, Settings, parse_model_specs
 
-# Young-generation collections between two full ones, once the models are loaded (see on_tick).
+# Middle-generation collections between two full ones, once the models are loaded (on_tick).
 FULL_COLLECTION_EVERY = 100
 
 # CLI flag -> Settings field; every one is also TCNSERVE_<FIELD> in the environment.
@@ -152,7 +152,7 @@ class DrainingServer(uvicorn.Server):
             gc.freeze()
             # Full collections only after 100 middle-generation ones, not CPython's 10: each
             # scans every session (~30k objects at 10,000 sessions, ~8 ms), and the objects of
-            # requests in flight, promoted as they outlive young collections, called one every
+            # requests in flight, promoted as they outlive young collections, caused one every
             # 0.4 s in bench/open_loop.py (51 in a run); with 100, 6 in a run, p99 44-56 ->
             # 40-44 ms. Cycles still get collected, a few seconds later.
             young, middle, _ = gc.get_threshold()

@@ -133,32 +133,40 @@ async def test_stopped_worker_refuses_new_work():
         await w.call(lambda: 5)
 
 
-def test_a_batch_of_every_open_stream_goes_without_waiting():
-    # A long delay that the test would notice if it were waited out: with two open streams
-    # and both in the batch, the worker must not wait for a third that cannot come.
+def two_held_steps(open_streams: int, while_held=lambda: None) -> list[list[int]]:
+    """Two one-row pushes (slots 0 and 1) queued behind a held call of a worker whose delay
+    (30 s) a test would notice if it were waited out; `while_held()` runs before the release.
+    -> the pool's step calls."""
     w = ModelWorker("m", Metrics(), max_batch_size=8, max_batch_delay_s=30.0)
-    w.pool = RecordingPool(open_streams=2)
+    w.pool = RecordingPool(open_streams=open_streams)
     w.start()
 
     async def two_steps():
         gate, blocker = await held(w)
         steps = [asyncio.ensure_future(w.advance(s, np.array([[1.0]]))) for s in (0, 1)]
         await until_queued(w, 2)
+        while_held()
         gate.set()
         await blocker
         return await asyncio.wait_for(asyncio.gather(*steps), timeout=10)
 
     try:
         assert len(asyncio.run(two_steps())) == 2
-        assert w.pool.calls == [[0, 1]]
+        return w.pool.calls
     finally:
         asyncio.run(w.stop())
+
+
+def test_a_batch_of_every_open_stream_goes_without_waiting():
+    # With two open streams and both in the batch, the worker must not wait for a third that
+    # cannot come.
+    assert two_held_steps(open_streams=2) == [[0, 1]]
 
 
 def test_the_batch_delay_counts_from_the_first_pushs_submission(monkeypatch):
     # Two pushes queue behind a long call, of three open streams: by the time the worker takes
     # them, the first has already waited longer than max_batch_delay_s, so they go at once
-    # instead of waiting (30 s, which the test would notice) for a third that never comes.
+    # instead of waiting for a third that never comes.
     class Clock:
         now = 0.0
 
@@ -167,24 +175,11 @@ def test_the_batch_delay_counts_from_the_first_pushs_submission(monkeypatch):
 
     clock = Clock()
     monkeypatch.setattr("service.batcher.time", clock)
-    w = ModelWorker("m", Metrics(), max_batch_size=8, max_batch_delay_s=30.0)
-    w.pool = RecordingPool(open_streams=3)
-    w.start()
 
-    async def two_steps():
-        gate, blocker = await held(w)
-        steps = [asyncio.ensure_future(w.advance(s, np.array([[1.0]]))) for s in (0, 1)]
-        await until_queued(w, 2)
-        clock.now = 31.0  # the held call took longer than the delay
-        gate.set()
-        await blocker
-        return await asyncio.wait_for(asyncio.gather(*steps), timeout=10)
+    def the_held_call_outlasts_the_delay() -> None:
+        clock.now = 31.0
 
-    try:
-        assert len(asyncio.run(two_steps())) == 2
-        assert w.pool.calls == [[0, 1]]
-    finally:
-        asyncio.run(w.stop())
+    assert two_held_steps(3, the_held_call_outlasts_the_delay) == [[0, 1]]
 
 
 @pytest.mark.asyncio
