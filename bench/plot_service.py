@@ -6,8 +6,10 @@
     python bench/plot_service.py      # -> docs/benchmarks/service_throughput.png
 
 Reads whichever of those files exist (or the paths given): per transport, timesteps/s over all
-sessions against the number of sessions, one row per message (WebSocket binary, WebSocket
-JSON, HTTP per-session pushes, from ws_stream), and many sessions per request (`POST
+sessions against the number of sessions: from ws_stream, WebSocket binary (one and, if
+measured, ten rows per message), WebSocket JSON, `WS /v1/streams` (many sessions per
+message) and, when it ran with --echo, the same stack's WebSocket echo
+doing no work (the floor the others are read against); many sessions per request (`POST
 /v1/steps`, from edge_http and open_loop; open_loop is paced, so its point is what was asked
 for, not a ceiling). No timing happens here: rerun the benches on a quiet machine and redraw.
 """
@@ -23,10 +25,35 @@ RESULTS = ROOT / "docs" / "benchmarks" / "results"
 DEFAULT_INPUTS = [RESULTS / f"{name}.json" for name in ("ws_stream", "edge_http", "open_loop")]
 
 TRANSPORTS = {
-    "ws-binary": "WebSocket, binary frames (one row each)",
-    "ws-json": "WebSocket, JSON text frames (one row each)",
-    "http": "HTTP POST /v1/sessions/{id}/steps (one row each)",
+    "ws-binary": "WebSocket, binary frames",
+    "ws-json": "WebSocket, JSON text frames",
+    "ws-multi": "WS /v1/streams, many sessions per message",
 }
+# label prefix -> (marker and line, color); the first that a label starts with wins. Ten rows
+# per message are drawn dotted, in their transport's color.
+STYLES = [
+    ("no-work", ("--", "0.45")),
+    ("WebSocket, binary", ("o-", "C0")),
+    ("WebSocket, JSON", ("s-", "C2")),
+    ("WS /v1/streams", ("X-", "C5")),
+    ("HTTP single-row", ("v", "C1")),
+    ("many sessions per request", ("D", "C3")),
+    ("", ("P", "C4")),
+]
+
+
+def ws_label(case: dict) -> str | None:
+    """The series a ws_stream case belongs to (transport, rows per message, stack), or None
+    for a case the plot leaves out."""
+    rows = case.get("rows", 1)
+    if case["transport"] not in TRANSPORTS:
+        return None  # HTTP pushes: its Python client is the limit there; edge_http uses wrk
+    if case.get("stack", "tcnserve") != "tcnserve":
+        if (case["transport"], rows) != ("ws-binary", 1):
+            return None  # one floor is enough to read the others against
+        return "no-work: the same stack's WebSocket echo, 1 row per message"
+    per = "session" if case["transport"] == "ws-multi" else "message"
+    return f"{TRANSPORTS[case['transport']]}, {rows} row{'s' if rows > 1 else ''} per {per}"
 
 
 def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -36,8 +63,9 @@ def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
         results = record["results"]
         if record["bench"] == "ws_stream":
             for case in results:
-                label = TRANSPORTS.get(case["transport"], case["transport"])
-                out.setdefault(label, []).append((case["sessions"], case["rate"]))
+                label = ws_label(case)
+                if label is not None:
+                    out.setdefault(label, []).append((case["sessions"], case["rate"]))
         elif record["bench"] == "edge_http":
             push, many = results["push"], results["many"]
             out.setdefault("HTTP single-row pushes under wrk (keep-alive connections)", []).append(
@@ -54,14 +82,8 @@ def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
 
 
 def style(label: str) -> tuple[str, str]:
-    for name, color in (("binary", "C0"), ("JSON", "C2"), ("{id}", "C1")):
-        if name in label:
-            return ("o-" if name == "binary" else "s-" if name == "JSON" else "^-"), color
-    if "wrk" in label and "many" in label:
-        return "D", "C3"
-    if "wrk" in label:
-        return "v", "C1"
-    return "P", "C4"
+    fmt, color = next(look for prefix, look in STYLES if label.startswith(prefix))
+    return (fmt.replace("-", ":") if "10 rows" in label else fmt), color
 
 
 def draw(records: list[dict], path: Path, note: str) -> None:
@@ -70,7 +92,7 @@ def draw(records: list[dict], path: Path, note: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(11, 5.4))
     for label, points in series(records).items():
         marker, color = style(label)
         xs, ys = zip(*points, strict=True)
@@ -81,14 +103,14 @@ def draw(records: list[dict], path: Path, note: str) -> None:
     ax.set_ylabel("timesteps served per second, all sessions")
     ax.set_title("Service throughput vs concurrent sessions (built-in model, 1 process, CPU)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7.5)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5)
     where = []
     for record in records:
         lines = record["environment"].splitlines()
         where.append(f"{record['bench']}: {' | '.join(lines)}")
     fig.text(0.01, 0.01, "\n".join([*where, note]), fontsize=6, va="bottom")
     fig.tight_layout(rect=(0, 0.04 + 0.018 * len(where), 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

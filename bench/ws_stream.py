@@ -320,6 +320,7 @@ class Case:
     client_us: float  # client CPU per timestep, microseconds
     rows: int = 1  # rows per message
     ratio: float = float("nan")  # rate / the same N's HTTP rate
+    stack: str = "tcnserve"  # or "no-work": bench/noop_app.py, the --echo floor
 
 
 def run_case(
@@ -599,8 +600,7 @@ def main() -> None:
                 f"{c.sessions} sessions {c.transport}: {c.rows} rows per message give "
                 f"{c.rate / single[c.sessions, c.transport]:.2f}x the steps/s of one row"
             )
-    if args.json:
-        write_results(args.json, "ws_stream", [dataclasses.asdict(c) for c in cases])
+    floor_cases = []
     if args.echo:
         port = free_port()
         noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port)]
@@ -608,6 +608,8 @@ def main() -> None:
         print(table([]), flush=True)
         with Server(noop, port) as floor:
             floor_cases = run_cases(floor, args, config.in_channels, warmup)
+        for c in floor_cases:
+            c.stack = "no-work"
         print("\ntcnserve as a share of the no-work stack (steps/s; p99 ratio):")
         for ours, base in zip(cases, floor_cases, strict=True):
             print(
@@ -615,6 +617,8 @@ def main() -> None:
                 f"{ours.rate / base.rate:6.0%}"
                 f"   p99 {ours.p99_ms / base.p99_ms:5.1f}x"
             )
+    if args.json:
+        write_results(args.json, "ws_stream", [dataclasses.asdict(c) for c in cases + floor_cases])
     busiest = max(cases, key=lambda c: c.client_cpu / c.procs)
     per_proc = busiest.client_cpu / busiest.procs
     if per_proc > 0.9:

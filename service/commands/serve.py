@@ -19,7 +19,9 @@ from service.http_protocol import deadline_protocol
 from service.runtime import Runtime
 from service.settings import DTYPES, Settings, parse_model_specs
 
-# Middle-generation collections between two full ones, once the models are loaded (on_tick).
+# Once the models are loaded (on_tick): allocations between two young collections (CPython:
+# 700), and middle-generation collections between two full ones (CPython: 10).
+YOUNG_COLLECTION_EVERY = 50_000
 FULL_COLLECTION_EVERY = 100
 
 # CLI flag -> Settings field; every one is also TCNSERVE_<FIELD> in the environment.
@@ -150,13 +152,17 @@ class DrainingServer(uvicorn.Server):
             # this took the p99 of bench/open_loop.py from 146 ms to 50 ms.
             gc.collect()
             gc.freeze()
-            # Full collections only after 100 middle-generation ones, not CPython's 10: each
-            # scans every session (~30k objects at 10,000 sessions, ~8 ms), and the objects of
-            # requests in flight, promoted as they outlive young collections, caused one every
-            # 0.4 s in bench/open_loop.py (51 in a run); with 100, 6 in a run, p99 44-56 ->
-            # 40-44 ms. Cycles still get collected, a few seconds later.
-            young, middle, _ = gc.get_threshold()
-            gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+            # A young collection promotes whatever is alive then, and with hundreds of requests
+            # in flight that is mostly their objects, which then burden the older generations.
+            # Collecting the young after 50,000 allocations instead of 700 lets most of them
+            # die first: 1,000 one-row WebSocket sessions went from 16,700-19,300 to
+            # 21,900-22,300 steps/s, p99 87 -> 62 ms (bench/ws_stream.py, pairs in one
+            # sitting; 256 sessions unchanged). Full collections only after 100
+            # middle-generation ones, not 10: each scans every session (~30k objects at 10,000
+            # sessions, ~8 ms), and came every 0.4 s in bench/open_loop.py; with both, its p99
+            # is 33-41 ms. Cycles still get collected, a few seconds later.
+            _, middle, _ = gc.get_threshold()
+            gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
             self._gc_frozen = True
         if self._exit_at is not None and time.monotonic() >= self._exit_at:
             self.should_exit = True

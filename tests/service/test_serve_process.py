@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import signal
 import subprocess
 
 import httpx
 import pytest
+import uvicorn
 
+from service.app import create_app
+from service.commands.serve import FULL_COLLECTION_EVERY, YOUNG_COLLECTION_EVERY, DrainingServer
 from tests.service.conftest import (
     ROOT,
     assert_rows_close,
     free_port,
     random_rows,
+    runtime_of,
     serve_command,
     serve_process,
+    serving,
     wait_ready,
 )
 
@@ -97,3 +104,22 @@ def test_sigterm_drains_then_exits(tiny_dir, tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
+
+
+def test_once_the_models_load_the_collector_freezes_them_and_collects_less_often(make_settings):
+    """`tcnserve serve`'s garbage-collector settings (serve.py: on_tick), restored afterwards."""
+    app = create_app(make_settings())
+    runtime = runtime_of(app)
+    server = DrainingServer(uvicorn.Config(app), runtime, drain_s=0)
+    before = gc.get_threshold()
+    try:
+        asyncio.run(server.on_tick(1))  # not loaded yet: nothing changes
+        assert gc.get_threshold() == before
+        with serving(app):
+            assert runtime.loaded.wait(60)
+            asyncio.run(server.on_tick(2))
+            assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, before[1], FULL_COLLECTION_EVERY)
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
