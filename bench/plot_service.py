@@ -9,7 +9,7 @@ Reads whichever of those files exist (or the paths given): per transport, timest
 sessions against the number of sessions: from ws_stream, WebSocket binary (one and, if
 measured, ten rows per message), WebSocket JSON, `WS /v1/streams` (many sessions per
 message) and, when it ran with --echo, the same stack's WebSocket echo
-doing no work (the floor the others are read against); many sessions per request (`POST
+doing no work (the reference the others are read against); many sessions per request (`POST
 /v1/steps`, from edge_http and open_loop; open_loop is paced, so its point is what was asked
 for, not a ceiling). No timing happens here: rerun the benches on a quiet machine and redraw.
 """
@@ -29,8 +29,8 @@ TRANSPORTS = {
     "ws-json": "WebSocket, JSON text frames",
     "ws-multi": "WS /v1/streams, many sessions per message",
 }
-# label prefix -> (marker and line, color); the first that a label starts with wins. Ten rows
-# per message are drawn dotted, in their transport's color.
+# label prefix -> (marker and line, color); the first that a label starts with wins. Several
+# rows per message are drawn dotted, in their transport's color.
 STYLES = [
     ("no-work", ("--", "0.45")),
     ("WebSocket, binary", ("o-", "C0")),
@@ -83,7 +83,8 @@ def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
 
 def style(label: str) -> tuple[str, str]:
     fmt, color = next(look for prefix, look in STYLES if label.startswith(prefix))
-    return (fmt.replace("-", ":") if "10 rows" in label else fmt), color
+    several = " rows per " in label and not label.startswith("no-work")
+    return (fmt.replace("-", ":") if several else fmt), color
 
 
 def draw(records: list[dict], path: Path, note: str) -> None:

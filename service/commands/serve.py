@@ -19,10 +19,13 @@ from service.http_protocol import deadline_protocol
 from service.runtime import Runtime
 from service.settings import DTYPES, Settings, parse_model_specs
 
-# Once the models are loaded (on_tick): allocations between two young collections (CPython:
-# 700), and middle-generation collections between two full ones (CPython: 10).
+# Once the models are loaded (on_tick), on CPython's generational collector (3.11-3.13; 3.14's
+# incremental one reads these differently, so it keeps its defaults): allocations between two
+# young collections (CPython 3.11: 700), and middle-generation collections between two full
+# ones (CPython: 10).
+TUNE_COLLECTOR = sys.version_info < (3, 14)
 YOUNG_COLLECTION_EVERY = 50_000
-FULL_COLLECTION_EVERY = 100
+FULL_COLLECTION_EVERY = 2
 
 # CLI flag -> Settings field; every one is also TCNSERVE_<FIELD> in the environment.
 FLAGS: dict[str, tuple[type, str]] = {
@@ -153,16 +156,17 @@ class DrainingServer(uvicorn.Server):
             gc.collect()
             gc.freeze()
             # A young collection promotes whatever is alive then, and with hundreds of requests
-            # in flight that is mostly their objects, which then burden the older generations.
-            # Collecting the young after 50,000 allocations instead of 700 lets most of them
-            # die first: 1,000 one-row WebSocket sessions went from 16,700-19,300 to
-            # 21,900-22,300 steps/s, p99 87 -> 62 ms (bench/ws_stream.py, pairs in one
-            # sitting; 256 sessions unchanged). Full collections only after 100
-            # middle-generation ones, not 10: each scans every session (~30k objects at 10,000
-            # sessions, ~8 ms), and came every 0.4 s in bench/open_loop.py; with both, its p99
-            # is 33-41 ms. Cycles still get collected, a few seconds later.
-            _, middle, _ = gc.get_threshold()
-            gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
+            # in flight that is mostly their objects, which the older generations then scan
+            # again. Collecting the young after 50,000 allocations instead of 700 lets most of
+            # them die first: with 1,000 one-row WebSocket sessions, p99 82-89 -> 69-78 ms at
+            # 18,200-18,700 -> 18,800-19,000 steps/s (bench/ws_stream.py, alternating pairs;
+            # 256 sessions unchanged). A full collection scans every session (~30k objects at
+            # 10,000 sessions, ~8 ms); after 2 middle-generation ones it comes about every 1M
+            # allocations, as often as with last round's 700 x 10 x 100 (bench/open_loop.py
+            # p99 38 ms), so cycles that outlive the young collections wait no longer than then.
+            if TUNE_COLLECTOR:
+                _, middle, _ = gc.get_threshold()
+                gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
             self._gc_frozen = True
         if self._exit_at is not None and time.monotonic() >= self._exit_at:
             self.should_exit = True

@@ -12,7 +12,12 @@ import pytest
 import uvicorn
 
 from service.app import create_app
-from service.commands.serve import FULL_COLLECTION_EVERY, YOUNG_COLLECTION_EVERY, DrainingServer
+from service.commands.serve import (
+    FULL_COLLECTION_EVERY,
+    TUNE_COLLECTOR,
+    YOUNG_COLLECTION_EVERY,
+    DrainingServer,
+)
 from tests.service.conftest import (
     ROOT,
     assert_rows_close,
@@ -112,14 +117,19 @@ def test_once_the_models_load_the_collector_freezes_them_and_collects_less_often
     runtime = runtime_of(app)
     server = DrainingServer(uvicorn.Config(app), runtime, drain_s=0)
     before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    want = (YOUNG_COLLECTION_EVERY, before[1], FULL_COLLECTION_EVERY) if TUNE_COLLECTOR else before
     try:
         asyncio.run(server.on_tick(1))  # not loaded yet: nothing changes
-        assert gc.get_threshold() == before
-        with serving(app):
-            assert runtime.loaded.wait(60)
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        with serving(app):  # its lifespan loads the models
             asyncio.run(server.on_tick(2))
-            assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, before[1], FULL_COLLECTION_EVERY)
-            assert gc.get_freeze_count() > 0
+            frozen = gc.get_freeze_count()
+            assert gc.get_threshold() == want and frozen > 0
+            gc.set_threshold(*before)
+            _ = [[] for _ in range(100)]  # objects a second freeze would take
+            asyncio.run(server.on_tick(3))  # once only: no second freeze, no second setting
+            assert gc.get_freeze_count() == frozen and gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
