@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,13 +156,7 @@ def same_weight_models() -> tuple[TCN, torch.nn.Module | None, str]:
         import pytorch_tcn
     except ImportError:
         return TCN(R1).fold_weight_norm().eval(), None, "random (pytorch-tcn not installed)"
-    theirs = pytorch_tcn.TCN(
-        R1.in_channels,
-        list(R1.channels),
-        kernel_size=R1.kernel_size,
-        causal=True,
-        output_projection=R1.out_channels,
-    ).eval()
+    theirs = pytorch_tcn_like(pytorch_tcn, R1)
     try:
         from model.convert import convert_state_dict
 
@@ -173,6 +168,17 @@ def same_weight_models() -> tuple[TCN, torch.nn.Module | None, str]:
     x = torch.randn(1, R1.in_channels, 500)
     diff = (net(x) - theirs(x)).abs().max().item()
     return net.eval(), theirs, f"pytorch-tcn's init, {source} (forward max|diff| {diff:.1e})"
+
+
+def pytorch_tcn_like(pytorch_tcn: Any, config: TCNConfig) -> torch.nn.Module:
+    """A causal pytorch-tcn TCN (default options, its own random init) shaped like `config`."""
+    return pytorch_tcn.TCN(
+        config.in_channels,
+        list(config.channels),
+        kernel_size=config.kernel_size,
+        causal=True,
+        output_projection=config.out_channels,
+    ).eval()
 
 
 def copy_pytorch_tcn_weights(theirs: torch.nn.Module) -> TCN:

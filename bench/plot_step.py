@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_step import R1, MatmulFloor, Timer, checkout, cpu_model  # noqa: E402
+from model_step import R1, MatmulFloor, Timer, checkout, cpu_model, pytorch_tcn_like  # noqa: E402
 
 from model import TCN, StreamPool, TCNConfig  # noqa: E402
 
@@ -61,13 +61,7 @@ def same_weights(config: TCNConfig) -> tuple[TCN, torch.nn.Module | None]:
         return TCN(config).fold_weight_norm().eval(), None
     from model.convert import convert_state_dict
 
-    theirs = pytorch_tcn.TCN(
-        config.in_channels,
-        list(config.channels),
-        kernel_size=config.kernel_size,
-        causal=True,
-        output_projection=config.out_channels,
-    ).eval()
+    theirs = pytorch_tcn_like(pytorch_tcn, config)
     return convert_state_dict(theirs.state_dict(), "pytorch-tcn").eval(), theirs
 
 
