@@ -29,7 +29,7 @@ import torch
 # Measure the working tree's model/, whether or not (and however) tcnserve is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import TCN, StreamPool, TCNConfig
+from model import TCN, StreamPool, TCNConfig, fused_step
 
 R1 = TCNConfig(in_channels=4, channels=(64,) * 8, kernel_size=7, out_channels=3)
 TEMPLATE_EXTRA_STEPS = (0, 97, 1234, 2900)  # streams sit at different ring positions
@@ -146,6 +146,65 @@ class MatmulFloor:
             torch.addmm(bias, operand, weight, out=out)
 
 
+class RingReadFloor:
+    """One load from every 64-byte line of the ring rows a step of these streams touches (per
+    conv and stream, its k taps; the newest is the row the step writes), compiled, the
+    positions moving on one step per call: a step's memory traffic without its copies or
+    arithmetic. Its own rings of the pool's shape (same bytes, pages faulted in), so the cache
+    sees what a step's does. With the matmul floor, it bounds any step that does not overlap
+    memory with compute."""
+
+    def __init__(self, config: TCNConfig, capacity: int, slots: np.ndarray, positions: np.ndarray):
+        import numba  # the pool's compiled kernels need it too; no numba, no row
+
+        self.touch = numba.njit(nogil=True)(_touch_rows)
+        self.ahead = fused_step.PREFETCH_AHEAD
+        k = config.kernel_size
+        widths = (config.in_channels, *config.channels)
+        self.layers = []
+        for block, dilation in enumerate(config.dilations):
+            for c_in in (widths[block], widths[block + 1]):
+                ring_len = (k - 1) * dilation + 1
+                ring = np.ones((capacity * ring_len, c_in), dtype=np.float32)
+                self.layers.append((ring, ring_len, dilation))
+        self.k = k
+        self.slots = slots.astype(np.int64)
+        self.positions = positions.astype(np.int64)
+
+    def __call__(self) -> float:
+        total = 0.0
+        for ring, ring_len, dilation in self.layers:
+            total += self.touch(
+                ring, ring_len, dilation, self.k, self.slots, self.positions, self.ahead
+            )
+        self.positions += 1
+        return total
+
+
+def _touch_rows(ring, ring_len, dilation, k, slots, positions, ahead):  # see RingReadFloor
+    """Sum one value per cache line of each stream's k tap rows, asking for the rows of the
+    stream `ahead` places on first, as the pool's compiled gather does."""
+    total = 0.0
+    per_line = 64 // ring.itemsize
+    n = slots.shape[0]
+    for s in range(n):
+        for stream in (s + ahead, s):  # ask for a later stream's rows, then read this one's
+            if stream >= n:
+                continue
+            base = slots[stream] * ring_len
+            now = positions[stream] % ring_len
+            for j in range(k):
+                row = now - j * dilation
+                if row < 0:
+                    row += ring_len
+                for q in range(0, ring.shape[1], per_line):
+                    if stream == s:
+                        total += ring[base + row, q]
+                    else:
+                        fused_step.prefetch(ring, base + row, q)
+    return total
+
+
 def same_weight_models() -> tuple[TCN, torch.nn.Module | None, str]:
     """Our folded TCN and pytorch-tcn's on the same random weights, and where ours came from.
 
@@ -224,9 +283,10 @@ def warm_pool(
     device: torch.device,
     dtype: torch.dtype,
     cuda_graphs: bool = False,
+    step_kernel: str = "auto",
 ) -> tuple[StreamPool, list[int], list[Template]]:
     """A full pool of n steady-state streams (imported copies of the templates)."""
-    pool = StreamPool(net, n, device, dtype, cuda_graphs=cuda_graphs)
+    pool = StreamPool(net, n, device, dtype, step_kernel=step_kernel, cuda_graphs=cuda_graphs)
     picks = [templates[i % len(templates)] for i in range(n)]
     slots = [pool.import_state(t.state) for t in picks]
     return pool, slots, picks
@@ -290,6 +350,12 @@ def step_rows(
             "ours": lambda pool=pool, slots=slots, x=x: pool.step(slots, x),
             "floor": MatmulFloor(net, n, device, dtype),
         }
+        kernel, plain = pool.kernel_for(n), None
+        if kernel == "blas":  # the same step through torch ops alone, and the memory floor
+            plain, _, _ = warm_pool(net, n, templates, device, dtype, step_kernel="torch")
+            cases["torch kernel"] = lambda plain=plain, slots=slots, x=x: plain.step(slots, x)
+            positions = np.array([pool.position(int(slot)) for slot in slots])
+            cases["ring floor"] = RingReadFloor(R1, n, slots, positions)
         graphed = None
         if device.type == "cuda":  # the same step as captured CUDA graphs, outputs on the host
             graphed, _, _ = warm_pool(net, n, templates, device, dtype, cuda_graphs=True)
@@ -303,13 +369,13 @@ def step_rows(
         if theirs_step is not None and theirs_1 is None:  # batch 1: the same at every N
             cases["theirs"] = theirs_step
         timings = timer.measure(cases)
-        del pool, cases, graphed
+        del pool, cases, graphed, plain
         theirs_1 = timings.get("theirs", theirs_1)
         ours, floor = timings["ours"], timings["floor"]
         recompute = timings["recompute"].scaled(n / batch) if "recompute" in timings else None
 
         label = str(n)
-        rows.append(Row(label, "ours StreamPool.step", ours, ours.scaled(1 / n)))
+        rows.append(Row(label, "ours StreamPool.step", ours, ours.scaled(1 / n), note=kernel))
         rows.append(
             Row(
                 label,
@@ -347,6 +413,30 @@ def step_rows(
                 ours.median / floor.median,
             )
         )
+        if "ring floor" in timings:
+            torch_ops, ring = timings["torch kernel"], timings["ring floor"]
+            rows.append(
+                Row(
+                    label,
+                    "ours, torch kernel",
+                    torch_ops,
+                    torch_ops.scaled(1 / n),
+                    "torch/ours",
+                    torch_ops.median / ours.median,
+                    note="step_kernel='torch'",
+                )
+            )
+            rows.append(
+                Row(
+                    label,
+                    "ring-read floor",
+                    ring,
+                    ring.scaled(1 / n),
+                    "(floor+ring)/floor",
+                    (floor.median + ring.median) / floor.median,
+                    note="memory alone",
+                )
+            )
         if "graphs" in timings:
             graphs = timings["graphs"]
             rows.append(
@@ -535,7 +625,14 @@ def report(args: argparse.Namespace, rows: list[Row]) -> str:
             table(rows),
             "",
             "ours: StreamPool.step on all N slots of a capacity-N pool, streams past the "
-            "receptive field at mixed ring positions, slots in shuffled order.",
+            "receptive field at mixed ring positions, slots in shuffled order; its note names "
+            "the kernel (pool.kernel_for(N)).",
+            "torch kernel (where ours is 'blas'): the same step with step_kernel='torch' "
+            "(index_copy_ and embedding where 'blas' runs its compiled ring gathers).",
+            "ring-read floor (there too): one load per 64-byte line of every ring row the step "
+            "touches, compiled, on rings of the same shape; (floor+ring)/floor is the least "
+            "multiple of the matmul floor a step reaches without overlapping memory and "
+            "arithmetic.",
             f"recompute: TCN.forward over (N, {R1.in_channels}, {r:,}), last output kept; "
             f"'bK' = timed on a batch of K windows and scaled to N; "
             f"'too slow' = not measured above N = {args.recompute_max_n}.",

@@ -26,7 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_step import R1, MatmulFloor, Timer, checkout, cpu_model, pytorch_tcn_like  # noqa: E402
+from model_step import (  # noqa: E402
+    R1,
+    MatmulFloor,
+    RingReadFloor,
+    Timer,
+    checkout,
+    cpu_model,
+    pytorch_tcn_like,
+)
 
 from model import TCN, StreamPool, TCNConfig  # noqa: E402
 
@@ -65,7 +73,7 @@ def same_weights(config: TCNConfig) -> tuple[TCN, torch.nn.Module | None]:
     return convert_state_dict(theirs.state_dict(), "pytorch-tcn").eval(), theirs
 
 
-def warm_stream(net: TCN, n: int) -> tuple[StreamPool, np.ndarray]:
+def warm_stream(net: TCN, n: int, step_kernel: str = "auto") -> tuple[StreamPool, np.ndarray]:
     """A pool of n streams past the receptive field, at different ring positions."""
     source = StreamPool(net, 4)
     states = []
@@ -73,7 +81,7 @@ def warm_stream(net: TCN, n: int) -> tuple[StreamPool, np.ndarray]:
         slot = source.open()
         source.push(slot, torch.randn(net.receptive_field + extra, net.config.in_channels))
         states.append(source.export_state(slot))
-    pool = StreamPool(net, n)
+    pool = StreamPool(net, n, step_kernel=step_kernel)
     slots = [pool.import_state(states[i % 4]) for i in range(n)]
     return pool, np.random.default_rng(0).permutation(np.asarray(slots, dtype=np.int64))
 
@@ -165,16 +173,22 @@ def measure_streams(args: argparse.Namespace) -> dict:
     for n in ns:
         pool, slots = warm_stream(net, n)
         x = torch.randn(n, 4)
-        timings = timer.measure(
-            {
-                "ours": lambda pool=pool, slots=slots, x=x: pool.step(slots, x),
-                "floor": MatmulFloor(net, n, torch.device("cpu"), torch.float32),
-            }
-        )
-        point = {"n": n, "ours": timings["ours"].median / n, "floor": timings["floor"].median / n}
+        cases = {
+            "ours": lambda pool=pool, slots=slots, x=x: pool.step(slots, x),
+            "floor": MatmulFloor(net, n, torch.device("cpu"), torch.float32),
+        }
+        kernel, plain = pool.kernel_for(n), None
+        if kernel == "blas":  # as bench/model_step.py: the torch kernel and the memory floor
+            plain, _ = warm_stream(net, n, step_kernel="torch")
+            cases["torch"] = lambda plain=plain, slots=slots, x=x: plain.step(slots, x)
+            positions = np.array([pool.position(int(slot)) for slot in slots])
+            cases["ring"] = RingReadFloor(R1, n, slots, positions)
+        timings = timer.measure(cases)
+        point = {"n": n, "kernel": kernel}
+        point.update({name: timing.median / n for name, timing in timings.items()})
         points.append(point)
         print(point, flush=True)
-        del pool
+        del pool, plain, cases
     return {"plot": "streams", "points": points, "pytorch_tcn_per_step": theirs_s}
 
 
@@ -191,6 +205,13 @@ def plot_streams(data: dict, meta: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(ns, ours, "o-", color="C0", label="tcnserve StreamPool.step, per stream")
     ax.plot(ns, floor, "s--", color="C7", label="GEMM floor: the step's matmuls alone, per stream")
+    blas = [p for p in points if "torch" in p]  # N where the pool takes its "blas" kernel
+    if blas:
+        at = [p["n"] for p in blas]
+        ax.plot(at, [p["torch"] * 1e6 for p in blas], "x:", color="C3",
+                label="the same step through torch ops alone (step_kernel='torch')")  # fmt: skip
+        ax.plot(at, [(p["floor"] + p["ring"]) * 1e6 for p in blas], "^-.", color="C2",
+                label="GEMM floor + ring-read floor (memory alone), no overlap")  # fmt: skip
     if data.get("pytorch_tcn_per_step"):
         ax.axhline(
             data["pytorch_tcn_per_step"] * 1e6,
@@ -211,7 +232,9 @@ def plot_streams(data: dict, meta: dict, path: Path) -> None:
     fig.text(
         0.01,
         0.01,
-        footer(meta) + "\nlabels: ours / floor at that N. R1: in 4, 8 x 64, kernel 7, R = 3,061",
+        footer(meta) + "\nlabels: ours / floor at that N; kernel 'fused' up to "
+        f"N = {max([p['n'] for p in points if p.get('kernel') == 'fused'], default=0)}, "
+        "'blas' above. R1: in 4, 8 x 64, kernel 7, R = 3,061",
         fontsize=6.5,
         va="bottom",
     )

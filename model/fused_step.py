@@ -52,10 +52,94 @@ FUSED_NARROW_MACS = 8_192
 _FASTMATH = {"reassoc", "contract"}
 
 
+# How many streams ahead `write_and_gather` asks for ring rows: at N = 256 (R1), 1 or 2 ahead
+# took the "blas" step from 2.78 to 2.56 ms, 4 to 12 ahead less (docs/step_engine.md).
+PREFETCH_AHEAD = 2
+
+
 def _jit(fn: Any) -> Any:
     if numba is None:
         return fn
     return numba.njit(nogil=True, fastmath=_FASTMATH, cache=False)(fn)
+
+
+if numba is not None:
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, array, row, col):
+        """Start loading the cache line of array[row, col] (x86: prefetcht0) and go on: a hint
+        with no effect on results, so that a stream's ring rows, which a step of many streams
+        finds in L3 or DRAM, are on their way while the previous stream's are copied."""
+
+        def codegen(context, builder, signature, args):
+            view = context.make_array(signature.args[0])(context, builder, args[0])
+            at = [
+                context.cast(builder, v, t, types.intp)
+                for v, t in zip(args[1:], signature.args[1:], strict=True)
+            ]
+            ptr = cgutils.get_item_pointer(context, builder, signature.args[0], view, at)
+            byte_ptr = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            # Unsuffixed: LLVM renames it to its own mangling (typed or opaque pointers).
+            fn = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+                "llvm.prefetch",
+            )
+            # read, highest locality, data cache
+            builder.call(fn, [builder.bitcast(ptr, byte_ptr), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return types.void(array, row, col), codegen
+
+else:  # pragma: no cover - where numba is absent the kernels are never called
+
+    def prefetch(array: Any, row: int, col: int) -> None:
+        pass
+
+
+@_jit
+def write_and_gather(ring, ring_len, dilation, k, slots, pos, inp, c, out):
+    """The memory half of one causal conv for n streams at positions `pos`: write each
+    stream's input (the first c columns of inp[s]) into its ring row of time t, and lay its k
+    taps (times t - j*d, oldest first) side by side in the first k * c columns of out[s].
+    Returns False when a value written into the ring is not finite.
+
+    The fused step calls it per conv; the "blas" step (whose matmuls run in torch) calls it
+    alone, where it replaces an index_copy_ and an embedding that cost ~2x its time on rings
+    larger than the caches (docs/step_engine.md).
+    """
+    finite = True
+    n = slots.shape[0]
+    per_line = max(1, 64 // ring.itemsize)  # values in a 64-byte cache line
+    for s in range(n):
+        ahead = s + PREFETCH_AHEAD
+        if ahead < n:  # that stream's k rows, every line of each
+            later = slots[ahead] * ring_len
+            then = pos[ahead] % ring_len
+            for j in range(k):
+                src = then - j * dilation
+                if src < 0:
+                    src += ring_len
+                for q in range(0, c + per_line - 1, per_line):
+                    prefetch(ring, later + src, min(q, c - 1))
+        base = slots[s] * ring_len
+        now = pos[s] % ring_len
+        for q in range(c):
+            v = inp[s, q]
+            ring[base + now, q] = v
+            out[s, (k - 1) * c + q] = v
+            finite &= np.isfinite(v)
+        for j in range(k - 1):  # tap j is time t - (k - 1 - j) * d
+            src = now - (k - 1 - j) * dilation
+            if src < 0:
+                src += ring_len
+            for q in range(c):
+                out[s, j * c + q] = ring[base + src, q]
+    return finite
 
 
 @_jit
@@ -67,18 +151,7 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
     when a value written into the ring is not finite.
     """
     n = slots.shape[0]
-    finite = True
-    for s in range(n):
-        base = slots[s] * ring_len
-        row = base + pos[s] % ring_len
-        for c in range(c_in):
-            v = inp[s, c]
-            ring[row, c] = v
-            finite &= np.isfinite(v)
-        for j in range(k):  # tap j is time t - (k - 1 - j) * d
-            src = base + (pos[s] - (k - 1 - j) * dilation) % ring_len
-            for c in range(c_in):
-                taps[s, j * c_in + c] = ring[src, c]
+    finite = write_and_gather(ring, ring_len, dilation, k, slots, pos, inp, c_in, taps)
     width = k * c_in
     for o in range(weight_t.shape[0]):  # each weight row is read once for all n streams
         s = 0

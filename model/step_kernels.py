@@ -1,14 +1,19 @@
-"""The two kernels behind `StreamPool.step`: one timestep of N streams from their ring buffers.
+"""Three kernels behind `StreamPool.step`: one timestep of N streams from their ring buffers.
 
-Both do, per causal conv layer: write time t's input row into the ring, gather the k dilated
+Each does, per causal conv layer: write time t's input row into the ring, gather the k dilated
 taps (rows t - j*d), and one (N, k*C_in) x (k*C_in, C_out) matmul + bias + ReLU; then the
-residual add and ReLU per block. They differ only in who dispatches the ops:
+residual add and ReLU per block. They differ in who runs which part:
 
 - `step_torch`: torch ops; any device and dtype. Each op costs a few microseconds of dispatch,
   which dominates a step of a few streams on a CPU.
+- `step_blas`: CPU, many streams: the ring writes and tap gathers in one compiled pass per conv
+  (`fused_step.write_and_gather`, numba), the matmuls in torch. At N = 256 (R1) the rings are
+  far larger than the caches, and torch's index_copy_ and embedding cost twice that pass.
 - `step_numpy`: the same arithmetic through numpy on zero-copy views of the same CPU tensors,
   about 1 us an op. Only for small steps: numpy's BLAS starts its own threads on large
   products, which would fight the service's threads; `numpy_max_rows` keeps it below that.
+
+(The fourth, `fused_step.fused_step`, is the whole step of a few streams in one compiled call.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from model.fused_step import write_and_gather
 
 # Largest per-layer product (rows x k*C_in x C_out) handed to numpy: below OpenBLAS's
 # multithreading threshold (measured to start between 2**18.8 and 2**19.1 here).
@@ -49,6 +56,37 @@ def step_torch(
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = a.add_(residual).relu_()
     return h
+
+
+def step_blas(
+    plan: tuple[Block, ...],
+    rings: tuple[tuple[np.ndarray, np.ndarray, int, int], ...],  # per block: numpy views of
+    # its two rings, their length L and the dilation
+    slots: np.ndarray,  # (N,) int64
+    positions: np.ndarray,  # (N,) int64: time t of each stream
+    h: torch.Tensor,  # (N, C_in) inputs of the first block, on the CPU
+    operand: np.ndarray,  # flat scratch of at least N * k * C_max values, the rings' dtype
+) -> tuple[torch.Tensor, bool]:  # (N, C_last), whether every value written to a ring is finite
+    n = h.shape[0]
+
+    def conv(ring, ring_len, dilation, w, b, inp):  # -> relu(taps @ w + b), written finite
+        c = inp.shape[1]
+        taps = operand[: n * w.shape[0]].reshape(n, -1)  # (N, k * C_in)
+        k = w.shape[0] // c
+        ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
+        return _addmm_relu(b, torch.from_numpy(taps), w), ok
+
+    h = h.contiguous()
+    finite = True
+    for (_, w1, b1, _, w2, b2, downsample), (ring1, ring2, ring_len, dilation) in zip(
+        plan, rings, strict=True
+    ):
+        a, ok1 = conv(ring1, ring_len, dilation, w1, b1, h)
+        a, ok2 = conv(ring2, ring_len, dilation, w2, b2, a)
+        finite = finite and ok1 and ok2
+        residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
+        h = a.add_(residual).relu_()
+    return h, finite
 
 
 def step_numpy(

@@ -30,12 +30,12 @@ from model import fused_step
 from model.cuda_graphs import GraphedStep
 from model.numeric_range import safe_input_bound
 from model.ragged import ragged_forward, ragged_plan
-from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_numpy, step_torch
+from model.step_kernels import NUMPY_MAX_MACS, numpy_view, step_blas, step_numpy, step_torch
 from model.tcn import TCN, apply_output_activation
 
 STATE_FORMAT = "tcnserve.stream-state/1"
 
-STEP_KERNELS = ("auto", "torch", "numpy", "fused")
+STEP_KERNELS = ("auto", "torch", "numpy", "fused", "blas")
 
 # The largest position a stream may reach: 2**53, so that positions stay exact in every JSON
 # client (a JavaScript number) and int64 arithmetic on them can never wrap.
@@ -99,8 +99,10 @@ class StreamPool:
         cuda_graphs: bool = False,
     ):
         """`step_kernel`: "auto" runs small steps on CPU through the compiled fused kernel
-        (model/fused_step.py; numpy's where numba is absent) and the rest through torch (see
-        model/step_kernels.py); "torch", "numpy" or "fused" forces one (tests use each).
+        (model/fused_step.py; numpy's where numba is absent), larger ones through "blas"
+        (compiled ring gathers, torch matmuls; torch where numba is absent) and any other
+        device or dtype through torch (see model/step_kernels.py); "torch", "numpy", "fused"
+        or "blas" forces one (tests use each).
         `max_advance_rows`: the most rows one `advance` call may carry (its scratch rows are
         preallocated in every layer's ring tensor). `cuda_graphs`: run `step` as captured CUDA
         graphs, one per batch-size bucket (model/cuda_graphs.py; its outputs come back on the
@@ -147,19 +149,29 @@ class StreamPool:
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
         self.fused_advance_rows = 0  # ragged advances of at most this many rows in all, too
+        self._blas_rings = None  # set: steps above those take `step_blas`, else `step_torch`
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
         self._host_dtype = np.dtype(str(self.dtype).removeprefix("torch.")) if host_ok else None
-        if step_kernel in ("numpy", "fused") and not host_ok:
+        if step_kernel in ("numpy", "fused", "blas") and not host_ok:
             raise ValueError(
                 f"the {step_kernel} step kernel needs a CPU pool of float32 or float64"
             )
-        if step_kernel == "fused" and not fused_step.AVAILABLE:
-            raise ValueError("the fused step kernel needs numba, which is not installed")
+        if step_kernel in ("fused", "blas") and not fused_step.AVAILABLE:
+            raise ValueError(f"the {step_kernel} step kernel needs numba, which is not installed")
         if not host_ok or step_kernel == "torch" or self._graphs is not None:
             return
         self._history_np = self._history.numpy()
         self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
         biggest = max(w.numel() for w in self._matrices())
+        if step_kernel == "blas" or (step_kernel == "auto" and fused_step.AVAILABLE):
+            self._blas_rings = tuple(
+                (b.conv1.ring.numpy(), b.conv2.ring.numpy(), b.conv1.ring_len, b.conv1.dilation)
+                for b in self._blocks
+            )
+            widest = max(layer.step_weight.shape[0] for layer in self._layers)  # k * C_in
+            self._operand = np.empty(self.capacity * widest, dtype=self._host_dtype)
+            if step_kernel == "blas":
+                return
         if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
             rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
             self.fused_max_rows = min(self.capacity, max(rows, 1))
@@ -512,15 +524,27 @@ class StreamPool:
         taps = torch.remainder(t[:, None] - self._tap_offsets[::step], lengths[:, :, None])
         return writes, taps.add_(base[:, :, None])
 
+    def kernel_for(self, n: int) -> str:
+        """Which kernel a step of n streams runs: "graphs" (CUDA graphs), "fused", "numpy",
+        "blas" or "torch" (docs/step_engine.md); decided by the pool's settings at load."""
+        if self._graphs is not None:
+            return "graphs"
+        if n <= self.fused_max_rows:
+            return "fused"
+        if n <= self.numpy_max_rows:
+            return "numpy"
+        return "blas" if self._blas_rings is not None else "torch"
+
     def step(
         self, slots: Sequence[int] | np.ndarray | torch.Tensor, x: torch.Tensor | np.ndarray
     ) -> torch.Tensor:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
         slot_np = self._slot_array(slots)
         n = slot_np.size
-        if self._graphs is not None:
+        kernel = self.kernel_for(n)
+        if kernel == "graphs":
             return self._step_graphed(slot_np, x)
-        on_host = n <= self.fused_max_rows or n <= self.numpy_max_rows
+        on_host = kernel in ("fused", "numpy")
         x_np = self._host_rows(x, n) if on_host else None
         if not on_host:
             x = self._rows(x, n, "step")
@@ -530,7 +554,7 @@ class StreamPool:
         # The ring rows of time t are written during the step, but nothing reads them before
         # the position passes t: a refused step (non-finite outputs) leaves the stream as it was
         # as long as the input history and the positions are only written after the check.
-        if n <= self.fused_max_rows:
+        if kernel == "fused":
             # Float models without an output activation record the history and positions in
             # the same compiled call, once the step is known to be finite.
             commit = self._embedding is None and self.config.output_activation == "none"
@@ -551,14 +575,26 @@ class StreamPool:
             if not bad and not finite:
                 bad = self._nonfinite_ring_rows(slot_np)
         else:
-            if on_host:
+            written_finite = False  # not known: look at the ring rows if it matters
+            if kernel == "numpy":
                 y = torch.from_numpy(self._step_numpy(slot_np, x_np))
                 y = apply_output_activation(y, self.config.output_activation, dim=-1)
+            elif kernel == "blas":
+                with torch.inference_mode():
+                    h, written_finite = step_blas(
+                        self._step_plan,
+                        self._blas_rings,
+                        slot_np,
+                        positions,
+                        self._embed(x),
+                        self._operand,
+                    )
+                    y = self._finish(h)
             else:
                 with torch.inference_mode():
                     y = self._finish(self._step_torch(slot_np, x))
             bad = _nonfinite_rows(y)
-            if not bad and not self.overflow_safe:
+            if not bad and not self.overflow_safe and not written_finite:
                 bad = self._nonfinite_ring_rows(slot_np)
         if bad:
             raise NonFiniteOutputError(

@@ -1,4 +1,5 @@
-"""The compiled fused step (model/fused_step.py) against the torch kernel and the full forward."""
+"""The compiled kernels (model/fused_step.py: the fused step, and the ring gathers of the "blas"
+step) against the torch kernel and the full forward."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ from model import StreamPool, TCNConfig, fused_step
 from tests.model.conftest import full_forward, random_net, random_sequence, row, tcn_configs
 
 
+@pytest.mark.parametrize("compiled", ["fused", "blas"])
 @given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_fused_steps_equal_the_full_forward_and_the_torch_kernel(
-    config: TCNConfig, seed: int, data: st.DataObject
+def test_compiled_steps_equal_the_full_forward_and_the_torch_kernel(
+    compiled: str, config: TCNConfig, seed: int, data: st.DataObject
 ) -> None:
     net = random_net(config, seed)
     n = data.draw(st.integers(1, 4), label="streams")
     length = data.draw(st.integers(1, config.receptive_field + 6), label="steps")
     seqs = [random_sequence(config, length, seed + i) for i in range(n)]
-    pools = {kernel: StreamPool(net, n + 1, step_kernel=kernel) for kernel in ("fused", "torch")}
-    assert pools["fused"].fused_max_rows == n + 1
+    pools = {kernel: StreamPool(net, n + 1, step_kernel=kernel) for kernel in (compiled, "torch")}
+    assert all(pools[compiled].kernel_for(rows) == compiled for rows in range(1, n + 2))
     slots = {kernel: [pool.open() for _ in range(n)] for kernel, pool in pools.items()}
     outputs = {kernel: [] for kernel in pools}
     for t in range(length):
@@ -35,10 +37,10 @@ def test_fused_steps_equal_the_full_forward_and_the_torch_kernel(
         for i in sorted(set(range(n)) - set(active)):
             for kernel, pool in pools.items():
                 outputs[kernel].append(([i], pool.step([slots[kernel][i]], row(seqs[i], t)[None])))
-    for (_, fused), (_, torch_y) in zip(outputs["fused"], outputs["torch"], strict=True):
-        torch.testing.assert_close(fused, torch_y, atol=1e-5, rtol=1e-5)
+    for (_, got), (_, torch_y) in zip(outputs[compiled], outputs["torch"], strict=True):
+        torch.testing.assert_close(got, torch_y, atol=1e-5, rtol=1e-5)
     per_stream: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for active, y in outputs["fused"]:
+    for active, y in outputs[compiled]:
         for j, i in enumerate(active):
             per_stream[i].append(y[j])
     for i in range(n):
@@ -46,7 +48,7 @@ def test_fused_steps_equal_the_full_forward_and_the_torch_kernel(
         torch.testing.assert_close(torch.stack(per_stream[i]), want, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_runs_small_steps_fused_and_large_ones_through_torch() -> None:
+def test_auto_runs_small_steps_fused_and_large_ones_through_blas() -> None:
     config = TCNConfig(in_channels=4, channels=(64, 64), kernel_size=7, out_channels=3)
     pool = StreamPool(random_net(config, seed=0), capacity=64)
     biggest = 7 * 64 * 64
@@ -55,20 +57,24 @@ def test_auto_runs_small_steps_fused_and_large_ones_through_torch() -> None:
     slots = [pool.open() for _ in range(64)]
     gen = torch.Generator().manual_seed(0)
     reference = StreamPool(random_net(config, seed=0), capacity=64, step_kernel="torch")
+    assert reference.kernel_for(1) == reference.kernel_for(64) == "torch"
     ref_slots = [reference.open() for _ in range(64)]
-    for n in (1, pool.fused_max_rows, pool.fused_max_rows + 1, 64):
+    most = pool.fused_max_rows
+    for n, kernel in ((1, "fused"), (most, "fused"), (most + 1, "blas"), (64, "blas")):
+        assert pool.kernel_for(n) == kernel
         x = torch.randn(n, 4, generator=gen)
         got = pool.step(slots[:n], x)
         want = reference.step(ref_slots[:n], x)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_float64_and_token_models_run_fused() -> None:
+@pytest.mark.parametrize("kernel", ["fused", "blas"])
+def test_float64_and_token_models_run_compiled(kernel: str) -> None:
     config = TCNConfig(in_channels=3, channels=(5, 4), kernel_size=3, out_channels=2, vocab_size=7)
     net = random_net(config, seed=3)
     seq = random_sequence(config, 30, seed=4)
     for dtype in (torch.float32, torch.float64):
-        pool = StreamPool(net, 2, dtype=dtype, step_kernel="fused")
+        pool = StreamPool(net, 2, dtype=dtype, step_kernel=kernel)
         slot = pool.open()
         got = torch.cat([pool.step([slot], seq[t : t + 1]) for t in range(30)])
         assert got.dtype == dtype
@@ -81,8 +87,10 @@ def test_without_numba_auto_falls_back_to_numpy(monkeypatch) -> None:
     monkeypatch.setattr(fused_step, "AVAILABLE", False)
     pool = StreamPool(net, 2)
     assert pool.fused_max_rows == 0 and pool.numpy_max_rows > 0
-    with pytest.raises(ValueError, match="needs numba"):
-        StreamPool(net, 2, step_kernel="fused")
+    assert pool.kernel_for(1) == "numpy" and pool.kernel_for(pool.numpy_max_rows + 1) == "torch"
+    for kernel in ("fused", "blas"):
+        with pytest.raises(ValueError, match=f"the {kernel} step kernel needs numba"):
+            StreamPool(net, 2, step_kernel=kernel)
 
 
 def test_fused_kernel_refuses_more_rows_than_its_buffers() -> None:
@@ -116,8 +124,9 @@ def test_read_only_and_strided_inputs_give_the_same_steps() -> None:
     config = TCNConfig(in_channels=2, channels=(4, 4), kernel_size=3, out_channels=1)
     net = random_net(config, seed=7)
     fused = StreamPool(net, 3, step_kernel="fused")
+    blas = StreamPool(net, 3, step_kernel="blas")
     plain = StreamPool(net, 3, step_kernel="torch")
-    for pool in (fused, plain):
+    for pool in (fused, blas, plain):
         for _ in range(3):
             pool.open()
     rng = np.random.default_rng(0)
@@ -130,8 +139,10 @@ def test_read_only_and_strided_inputs_give_the_same_steps() -> None:
         if t % 4 == 0:
             slots.flags.writeable = False
         before = x.copy()
-        got = fused.step(slots, x[: slots.size])
-        torch.testing.assert_close(got, plain.step(slots, x[: slots.size]), atol=1e-5, rtol=1e-5)
+        want = plain.step(slots, x[: slots.size])
+        for pool in (fused, blas):
+            got = pool.step(slots, x[: slots.size])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(x, before)
 
 

@@ -46,12 +46,22 @@ def exploding_net():
     return net
 
 
+# A step through each kernel a CPU pool can take (kernel_for(2) is "fused" under "auto").
+CALLS = ["step", "step:blas", "step:torch", "step:numpy", "push", "advance"]
+
+
+def pool_for(net: TCN, call: str, capacity: int) -> tuple[StreamPool, str]:
+    """A pool whose steps take the kernel that `call` names after its colon, and the call."""
+    call, _, kernel = call.partition(":")
+    return StreamPool(net, capacity, step_kernel=kernel or "auto"), call
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("call", ["step", "push", "advance"])
+@pytest.mark.parametrize("call", CALLS)
 def test_non_finite_outputs_are_refused_and_change_nothing(call):
     net = exploding_net()
-    pool = StreamPool(net, 3)
+    pool, call = pool_for(net, call, 3)
     assert pool.max_input_abs is None
     seqs = [random_sequence(CONFIG, 30, seed) * 1e-12 for seed in (1, 2)]
     a, b = pool.open(), pool.open()
@@ -112,9 +122,9 @@ def hiding_net() -> TCN:
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("call", ["step", "push", "advance"])
+@pytest.mark.parametrize("call", CALLS)
 def test_an_inf_hidden_from_the_outputs_is_refused_too(call):
-    pool = StreamPool(hiding_net(), 2)
+    pool, call = pool_for(hiding_net(), call, 2)
     assert not pool.overflow_safe
     slot = pool.open()
     pool.push(slot, torch.full((3, 1), 1e-3))

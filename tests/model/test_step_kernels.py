@@ -64,8 +64,9 @@ def test_bad_kernel_choices():
     net = _net()
     with pytest.raises(ValueError, match="step_kernel must be one of"):
         StreamPool(net, 2, step_kernel="fast")
-    with pytest.raises(ValueError, match="numpy step kernel needs a CPU pool"):
-        StreamPool(net, 2, dtype=torch.float16, step_kernel="numpy")
+    for kernel in ("numpy", "fused", "blas"):
+        with pytest.raises(ValueError, match=f"{kernel} step kernel needs a CPU pool"):
+            StreamPool(net, 2, dtype=torch.float16, step_kernel=kernel)
 
 
 def test_a_push_that_fails_half_way_leaves_the_stream_untouched(monkeypatch):
