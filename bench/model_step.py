@@ -148,26 +148,35 @@ class MatmulFloor:
 
 class RingReadFloor:
     """One load from every 64-byte line of the ring rows a step of these streams touches (per
-    conv and stream, its k taps; the newest is the row the step writes), compiled, the
+    conv and stream, its k taps; the newest is the row the step writes), compiled, with the
+    rows of the stream PREFETCH_AHEAD places on asked for first as the pool's gather does, the
     positions moving on one step per call: a step's memory traffic without its copies or
     arithmetic. Its own rings of the pool's shape (same bytes, pages faulted in), so the cache
     sees what a step's does. With the matmul floor, it bounds any step that does not overlap
     memory with compute."""
 
-    def __init__(self, config: TCNConfig, capacity: int, slots: np.ndarray, positions: np.ndarray):
+    def __init__(
+        self,
+        config: TCNConfig,
+        dtype: torch.dtype,
+        capacity: int,
+        slots: np.ndarray,
+        positions: np.ndarray,
+    ):
         import numba  # the pool's compiled kernels need it too; no numba, no row
 
         self.touch = numba.njit(nogil=True)(_touch_rows)
-        self.ahead = fused_step.PREFETCH_AHEAD
         k = config.kernel_size
         widths = (config.in_channels, *config.channels)
+        host = torch.empty(0, dtype=dtype).numpy().dtype
         self.layers = []
         for block, dilation in enumerate(config.dilations):
             for c_in in (widths[block], widths[block + 1]):
                 ring_len = (k - 1) * dilation + 1
-                ring = np.ones((capacity * ring_len, c_in), dtype=np.float32)
+                ring = np.ones((capacity * ring_len, c_in), dtype=host)
                 self.layers.append((ring, ring_len, dilation))
         self.k = k
+        self.ahead = fused_step.PREFETCH_AHEAD
         self.slots = slots.astype(np.int64)
         self.positions = positions.astype(np.int64)
 
@@ -182,26 +191,22 @@ class RingReadFloor:
 
 
 def _touch_rows(ring, ring_len, dilation, k, slots, positions, ahead):  # see RingReadFloor
-    """Sum one value per cache line of each stream's k tap rows, asking for the rows of the
-    stream `ahead` places on first, as the pool's compiled gather does."""
     total = 0.0
+    n, c = slots.shape[0], ring.shape[1]
     per_line = 64 // ring.itemsize
-    n = slots.shape[0]
     for s in range(n):
-        for stream in (s + ahead, s):  # ask for a later stream's rows, then read this one's
-            if stream >= n:
-                continue
-            base = slots[stream] * ring_len
-            now = positions[stream] % ring_len
-            for j in range(k):
-                row = now - j * dilation
-                if row < 0:
-                    row += ring_len
-                for q in range(0, ring.shape[1], per_line):
-                    if stream == s:
-                        total += ring[base + row, q]
-                    else:
-                        fused_step.prefetch(ring, base + row, q)
+        if s + ahead < n:
+            later = slots[s + ahead] * ring_len
+            then = positions[s + ahead] % ring_len
+            fused_step.prefetch_taps(ring, later, then, ring_len, dilation, k, c)
+        base = slots[s] * ring_len
+        now = positions[s] % ring_len
+        for j in range(k):
+            row = now - j * dilation
+            if row < 0:
+                row += ring_len
+            for q in range(0, c, per_line):
+                total += ring[base + row, q]
     return total
 
 
@@ -355,7 +360,7 @@ def step_rows(
             plain, _, _ = warm_pool(net, n, templates, device, dtype, step_kernel="torch")
             cases["torch kernel"] = lambda plain=plain, slots=slots, x=x: plain.step(slots, x)
             positions = np.array([pool.position(int(slot)) for slot in slots])
-            cases["ring floor"] = RingReadFloor(R1, n, slots, positions)
+            cases["ring floor"] = RingReadFloor(net.config, dtype, n, slots, positions)
         graphed = None
         if device.type == "cuda":  # the same step as captured CUDA graphs, outputs on the host
             graphed, _, _ = warm_pool(net, n, templates, device, dtype, cuda_graphs=True)

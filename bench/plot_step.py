@@ -182,7 +182,7 @@ def measure_streams(args: argparse.Namespace) -> dict:
             plain, _ = warm_stream(net, n, step_kernel="torch")
             cases["torch"] = lambda plain=plain, slots=slots, x=x: plain.step(slots, x)
             positions = np.array([pool.position(int(slot)) for slot in slots])
-            cases["ring"] = RingReadFloor(R1, n, slots, positions)
+            cases["ring"] = RingReadFloor(net.config, torch.float32, n, slots, positions)
         timings = timer.measure(cases)
         point = {"n": n, "kernel": kernel}
         point.update({name: timing.median / n for name, timing in timings.items()})
@@ -190,6 +190,18 @@ def measure_streams(args: argparse.Namespace) -> dict:
         print(point, flush=True)
         del pool, plain, cases
     return {"plot": "streams", "points": points, "pytorch_tcn_per_step": theirs_s}
+
+
+def kernel_spans(points: list[dict]) -> str:
+    """Which kernel ours ran at which N, e.g. "fused N = 1-16, blas N = 32-1024"."""
+    spans: list[list] = []
+    for p in points:
+        kernel = p.get("kernel", "?")
+        if spans and spans[-1][0] == kernel:
+            spans[-1][2] = p["n"]
+        else:
+            spans.append([kernel, p["n"], p["n"]])
+    return ", ".join(f"{k} N = {lo}" + (f"-{hi}" if hi != lo else "") for k, lo, hi in spans)
 
 
 def plot_streams(data: dict, meta: dict, path: Path) -> None:
@@ -232,9 +244,8 @@ def plot_streams(data: dict, meta: dict, path: Path) -> None:
     fig.text(
         0.01,
         0.01,
-        footer(meta) + "\nlabels: ours / floor at that N; kernel 'fused' up to "
-        f"N = {max([p['n'] for p in points if p.get('kernel') == 'fused'], default=0)}, "
-        "'blas' above. R1: in 4, 8 x 64, kernel 7, R = 3,061",
+        footer(meta) + f"\nlabels: ours / floor at that N; kernels: {kernel_spans(points)}. "
+        "R1: in 4, 8 x 64, kernel 7, R = 3,061",
         fontsize=6.5,
         va="bottom",
     )

@@ -1,4 +1,6 @@
-"""The fused step: one compiled call advances a few streams through every layer of the TCN.
+"""The compiled CPU kernels: the fused step, and the ring gathers of the "blas" step.
+
+The fused step is one compiled call that advances a few streams through every layer of the TCN.
 
 A step of one stream multiplies about 1.7 MB of weights (R1) by a few thousand inputs; what a
 chain of torch or numpy ops pays on top is dispatch, a few microseconds for each of ~100 ops.
@@ -10,6 +12,11 @@ memory, once per step for all N streams (the output-channel loop is outermost).
 numba installs as a wheel (its LLVM comes inside llvmlite) and compiles at run time with no C
 compiler; the functions compile on first use, about a second per dtype, once per process.
 Without numba, `AVAILABLE` is False and `StreamPool` falls back to the numpy and torch kernels.
+
+`write_and_gather` is the fused step's memory half on its own: per conv, the ring write and
+the gather of the k taps, the rows of a later stream prefetched meanwhile (`prefetch`, an LLVM
+intrinsic). The "blas" step (model/step_kernels.py) of many streams calls it and leaves the
+matmuls to torch.
 
 Numerics: the dots are compiled with reassociation allowed, so they sum in vectorised partial
 sums rather than left to right: a different rounding of the same float32 sums (about 1e-7
@@ -33,10 +40,19 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 
 AVAILABLE = numba is not None
 
-# Largest per-layer product (rows x k*C_in x C_out) the fused kernel takes under "auto": beyond
-# it a BLAS GEMM (torch) wins. R1's layers are 28,672 MACs a row, so N <= 24 runs fused; the
-# crossover measured on one core is between N = 24 and N = 32 (docs/step_engine.md).
-FUSED_MAX_MACS = 700_000
+# Largest per-layer product (rows x k*C_in x C_out) a step of a wide model (largest layer above
+# FUSED_NARROW_MACS) runs fused under "auto"; above it the "blas" kernel wins (compiled gathers,
+# torch's GEMM). R1's layers are 28,672 MACs a row, so N <= 18 runs fused. Measured on one core,
+# R1, per-stream time fused / blas: 0.69 at N = 8, 0.94 at 16, 1.13 at 24, 1.24 at 32.
+FUSED_MAX_MACS = 520_000
+
+# The same bound for narrow models: 151 rows for the built-in model (4,608 MACs a row), though
+# per stream the fused step alone takes 0.97x "blas"'s time at 32 rows, 1.07x at 64, 1.16x at
+# 128 and 1.26x at 151. The
+# fused kernel keeps the GIL released for the whole step, where "blas" takes it back between its
+# ~40 calls, and in the service the event loop wants it all the time (the advance below was
+# measured in the service; this step bound was not).
+FUSED_NARROW_STEP_MACS = 700_000
 
 # A ragged advance runs each row like a row of a step, but its rows need not share a batched
 # matmul's efficiency to win: the kernel releases the GIL for the whole call, where the torch
@@ -52,8 +68,8 @@ FUSED_NARROW_MACS = 8_192
 _FASTMATH = {"reassoc", "contract"}
 
 
-# How many streams ahead `write_and_gather` asks for ring rows: at N = 256 (R1), 1 or 2 ahead
-# took the "blas" step from 2.78 to 2.56 ms, 4 to 12 ahead less (docs/step_engine.md).
+# How many streams ahead `write_and_gather` asks for ring rows. R1, N = 256, "blas" step, one
+# run: none 2.78 ms, 1 or 2 ahead 2.56, 4 2.60, 8 2.64, 12 2.68 (docs/step_engine.md).
 PREFETCH_AHEAD = 2
 
 
@@ -102,30 +118,39 @@ else:  # pragma: no cover - where numba is absent the kernels are never called
 
 
 @_jit
+def prefetch_taps(ring, base, now, ring_len, dilation, k, c):
+    """Ask for every cache line of one stream's k tap rows, times now, now - d, ...: ring rows
+    `base + (now - j*d) % L`, c values each. A hint, without effect on any result."""
+    per_line = max(1, 64 // ring.itemsize)  # values in a 64-byte cache line
+    for j in range(k):
+        row = now - j * dilation
+        if row < 0:
+            row += ring_len
+        for q in range(0, c, per_line):
+            prefetch(ring, base + row, q)
+        prefetch(ring, base + row, c - 1)  # the last line, where a row does not start on one
+
+
+@_jit
 def write_and_gather(ring, ring_len, dilation, k, slots, pos, inp, c, out):
     """The memory half of one causal conv for n streams at positions `pos`: write each
     stream's input (the first c columns of inp[s]) into its ring row of time t, and lay its k
     taps (times t - j*d, oldest first) side by side in the first k * c columns of out[s].
-    Returns False when a value written into the ring is not finite.
+    Returns False when a value written into the ring is not finite. Unchecked (compiled code
+    does no bounds checks): the caller sizes inp (n, >= c), out (n, >= k * c) and the slots.
 
     The fused step calls it per conv; the "blas" step (whose matmuls run in torch) calls it
-    alone, where it replaces an index_copy_ and an embedding that cost ~2x its time on rings
-    larger than the caches (docs/step_engine.md).
+    alone, in place of an index_copy_ and an embedding: R1 at N = 256, 1.0 ms against their
+    1.5 ms (docs/step_engine.md). While one stream's rows are copied, the rows of the stream
+    PREFETCH_AHEAD places on are already asked for.
     """
     finite = True
     n = slots.shape[0]
-    per_line = max(1, 64 // ring.itemsize)  # values in a 64-byte cache line
     for s in range(n):
         ahead = s + PREFETCH_AHEAD
-        if ahead < n:  # that stream's k rows, every line of each
+        if ahead < n:
             later = slots[ahead] * ring_len
-            then = pos[ahead] % ring_len
-            for j in range(k):
-                src = then - j * dilation
-                if src < 0:
-                    src += ring_len
-                for q in range(0, c + per_line - 1, per_line):
-                    prefetch(ring, later + src, min(q, c - 1))
+            prefetch_taps(ring, later, pos[ahead] % ring_len, ring_len, dilation, k, c)
         base = slots[s] * ring_len
         now = pos[s] % ring_len
         for q in range(c):

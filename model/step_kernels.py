@@ -58,35 +58,48 @@ def step_torch(
     return h
 
 
+# A block's operands for `step_blas`: (ring1, w1, b1, ring2, w2, b2, downsample, L, d), where
+# ring1 and ring2 are numpy views of the rings, the rest as in `Block`.
+BlasBlock = tuple[Any, ...]
+
+
 def step_blas(
-    plan: tuple[Block, ...],
-    rings: tuple[tuple[np.ndarray, np.ndarray, int, int], ...],  # per block: numpy views of
-    # its two rings, their length L and the dilation
-    slots: np.ndarray,  # (N,) int64
+    plan: tuple[BlasBlock, ...],
+    slots: np.ndarray,  # (N,) int64, C-contiguous
     positions: np.ndarray,  # (N,) int64: time t of each stream
     h: torch.Tensor,  # (N, C_in) inputs of the first block, on the CPU
-    operand: np.ndarray,  # flat scratch of at least N * k * C_max values, the rings' dtype
-) -> tuple[torch.Tensor, bool]:  # (N, C_last), whether every value written to a ring is finite
-    n = h.shape[0]
-
-    def conv(ring, ring_len, dilation, w, b, inp):  # -> relu(taps @ w + b), written finite
-        c = inp.shape[1]
-        taps = operand[: n * w.shape[0]].reshape(n, -1)  # (N, k * C_in)
-        k = w.shape[0] // c
-        ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
-        return _addmm_relu(b, torch.from_numpy(taps), w), ok
-
+    operand: np.ndarray,  # flat scratch of at least N * k * C_in values for every conv
+) -> tuple[torch.Tensor, bool]:
+    """The step of many CPU streams: per conv, `write_and_gather` (compiled, GIL released)
+    lays the taps out in `operand`, then torch's addmm + ReLU. Returns the last block's output
+    (N, C_last) and whether every value written into a ring is finite."""
     h = h.contiguous()
     finite = True
-    for (_, w1, b1, _, w2, b2, downsample), (ring1, ring2, ring_len, dilation) in zip(
-        plan, rings, strict=True
-    ):
-        a, ok1 = conv(ring1, ring_len, dilation, w1, b1, h)
-        a, ok2 = conv(ring2, ring_len, dilation, w2, b2, a)
+    for ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation in plan:
+        a, ok1 = _gathered_conv(ring1, ring_len, dilation, w1, b1, slots, positions, h, operand)
+        a, ok2 = _gathered_conv(ring2, ring_len, dilation, w2, b2, slots, positions, a, operand)
         finite = finite and ok1 and ok2
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = a.add_(residual).relu_()
     return h, finite
+
+
+def _gathered_conv(
+    ring: np.ndarray,
+    ring_len: int,
+    dilation: int,
+    weight: torch.Tensor,  # (k * C_in, C_out)
+    bias: torch.Tensor,
+    slots: np.ndarray,
+    positions: np.ndarray,
+    inp: torch.Tensor,  # (N, C_in), contiguous
+    operand: np.ndarray,
+) -> tuple[torch.Tensor, bool]:
+    n, c = inp.shape
+    taps = operand[: n * weight.shape[0]].reshape(n, -1)  # (N, k * C_in)
+    k = weight.shape[0] // c
+    ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
+    return _addmm_relu(bias, torch.from_numpy(taps), weight), ok
 
 
 def step_numpy(

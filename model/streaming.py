@@ -4,16 +4,18 @@ Layout. Every causal conv layer (kernel k, dilation d) owns one ring tensor of s
 (capacity * L, C_in) with L = (k - 1) * d + 1: for each slot, L time-major rows of C_in
 contiguous values, the layer's whole receptive window (the current input and the (k-1)*d before
 it). The input of time t lives at row `slot * L + t % L`. A step first writes the new row, then
-gathers the k dilated taps `t - j*d` with one index op: each tap is a contiguous run of C_in
-values, so the gather reads k short contiguous rows per stream. A channel-major layout
+gathers the k dilated taps `t - j*d` into one (N, k*C_in) operand: each tap is a contiguous run
+of C_in values, so the gather reads k short contiguous rows per stream. A channel-major layout
 (C_in, L) would need C_in strided reads per tap instead. Keeping the current input in the ring
-(L rather than (k-1)*d rows) lets the k taps feed a single (N, k*C_in) x (k*C_in, C_out) matmul
-without a concatenation; rows of times before 0 are the zeros the ring starts with, which is the
-full forward's left padding.
+(L rather than (k-1)*d rows) lets the torch kernel gather all k taps with one index op, without a
+concatenation; rows of times before 0 are the zeros the ring starts with, which is the full
+forward's left padding.
 
-Per step the host only does bookkeeping (which slots are open, their positions); all index
-arithmetic runs on the pool's device, so a step issues a fixed number of kernels per layer and
-never waits on the device.
+Per step the host does the bookkeeping (which slots are open, their positions). Which kernel
+moves the rows and multiplies is decided once, at load (`kernel_for`; model/step_kernels.py and
+docs/step_engine.md): on CPU, compiled kernels for float32/float64; elsewhere torch ops, whose
+index arithmetic runs on the pool's device, so a step issues a fixed number of kernels per layer
+and never waits on the device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,6 +39,9 @@ from model.tcn import TCN, apply_output_activation
 STATE_FORMAT = "tcnserve.stream-state/1"
 
 STEP_KERNELS = ("auto", "torch", "numpy", "fused", "blas")
+
+# What `StreamPool.kernel_for` names: the kernel a step of some number of streams runs.
+StepKernel = Literal["graphs", "fused", "numpy", "blas", "torch"]
 
 # The largest position a stream may reach: 2**53, so that positions stay exact in every JSON
 # client (a JavaScript number) and int64 arithmetic on them can never wrap.
@@ -146,12 +152,14 @@ class StreamPool:
         """Decide once, at load, which kernel runs a step of how many streams."""
         self._numpy_plan = None
         self._fused_plan = None
+        self._blas_plan = None  # set: steps above the lines below take `step_blas`
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
         self.fused_advance_rows = 0  # ragged advances of at most this many rows in all, too
-        self._blas_rings = None  # set: steps above those take `step_blas`, else `step_torch`
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
         self._host_dtype = np.dtype(str(self.dtype).removeprefix("torch.")) if host_ok else None
+        if step_kernel != "auto" and step_kernel != "torch" and self._graphs is not None:
+            raise ValueError(f"cuda_graphs=True runs its own step; step_kernel={step_kernel!r}")
         if step_kernel in ("numpy", "fused", "blas") and not host_ok:
             raise ValueError(
                 f"the {step_kernel} step kernel needs a CPU pool of float32 or float64"
@@ -163,27 +171,25 @@ class StreamPool:
         self._history_np = self._history.numpy()
         self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
         biggest = max(w.numel() for w in self._matrices())
-        if step_kernel == "blas" or (step_kernel == "auto" and fused_step.AVAILABLE):
-            self._blas_rings = tuple(
-                (b.conv1.ring.numpy(), b.conv2.ring.numpy(), b.conv1.ring_len, b.conv1.dilation)
-                for b in self._blocks
+        compiled = step_kernel == "auto" and fused_step.AVAILABLE  # "auto" with numba
+        if compiled or step_kernel == "blas":
+            self._blas_plan = tuple(
+                (r1.numpy(), w1, b1, r2.numpy(), w2, b2, ds, b.conv1.ring_len, b.conv1.dilation)
+                for (r1, w1, b1, r2, w2, b2, ds), b in zip(
+                    self._step_plan, self._blocks, strict=True
+                )
             )
             widest = max(layer.step_weight.shape[0] for layer in self._layers)  # k * C_in
             self._operand = np.empty(self.capacity * widest, dtype=self._host_dtype)
-            if step_kernel == "blas":
-                return
-        if step_kernel == "fused" or (step_kernel == "auto" and fused_step.AVAILABLE):
-            rows = fused_step.FUSED_MAX_MACS // biggest if step_kernel == "auto" else self.capacity
-            self.fused_max_rows = min(self.capacity, max(rows, 1))
+        if compiled or step_kernel == "fused":
+            narrow = biggest <= fused_step.FUSED_NARROW_MACS
+            budget = fused_step.FUSED_NARROW_STEP_MACS if narrow else fused_step.FUSED_MAX_MACS
+            rows = max(budget // biggest, 1) if compiled else self.capacity
+            self.fused_max_rows = min(self.capacity, rows)
             # Ragged advances of up to `fused_advance_rows` rows in all take the same kernel
-            # (`_advance_fused`): every advance of a narrow model (fused_step.FUSED_NARROW_MACS),
-            # a few rows of a wider one. Its buffers hold that many rows, whatever the capacity.
-            if step_kernel != "auto":
-                self.fused_advance_rows = self.capacity
-            elif biggest <= fused_step.FUSED_NARROW_MACS:
-                self.fused_advance_rows = self.max_advance_rows
-            else:
-                self.fused_advance_rows = max(rows, 1)
+            # (`_advance_fused`): every advance of a narrow model, a few rows of a wider one.
+            # Its buffers hold that many rows, whatever the capacity.
+            self.fused_advance_rows = self.max_advance_rows if compiled and narrow else rows
             self._fused_plan = fused_step.fused_plan(
                 [
                     (
@@ -383,6 +389,8 @@ class StreamPool:
         if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
             raise SlotError(f"slots must be a non-empty 1-D sequence of ints, got {arr!r}")
         arr = arr.astype(np.int64, copy=False)
+        if not (arr.flags.c_contiguous and arr.flags.writeable):
+            arr = arr.copy()  # one array layout for the compiled kernels: each compiles once
         # Few numpy calls, each a microsecond or so: this runs on every step.
         if arr.size == 1:
             if not (0 <= arr[0] < self.capacity and self._open[arr[0]]):
@@ -524,7 +532,7 @@ class StreamPool:
         taps = torch.remainder(t[:, None] - self._tap_offsets[::step], lengths[:, :, None])
         return writes, taps.add_(base[:, :, None])
 
-    def kernel_for(self, n: int) -> str:
+    def kernel_for(self, n: int) -> StepKernel:
         """Which kernel a step of n streams runs: "graphs" (CUDA graphs), "fused", "numpy",
         "blas" or "torch" (docs/step_engine.md); decided by the pool's settings at load."""
         if self._graphs is not None:
@@ -533,7 +541,7 @@ class StreamPool:
             return "fused"
         if n <= self.numpy_max_rows:
             return "numpy"
-        return "blas" if self._blas_rings is not None else "torch"
+        return "blas" if self._blas_plan is not None else "torch"
 
     def step(
         self, slots: Sequence[int] | np.ndarray | torch.Tensor, x: torch.Tensor | np.ndarray
@@ -582,12 +590,7 @@ class StreamPool:
             elif kernel == "blas":
                 with torch.inference_mode():
                     h, written_finite = step_blas(
-                        self._step_plan,
-                        self._blas_rings,
-                        slot_np,
-                        positions,
-                        self._embed(x),
-                        self._operand,
+                        self._blas_plan, slot_np, positions, self._embed(x), self._operand
                     )
                     y = self._finish(h)
             else:

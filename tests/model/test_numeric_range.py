@@ -88,8 +88,9 @@ def test_non_finite_outputs_are_refused_and_change_nothing(call):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
-def test_no_stream_passes_the_largest_position():
-    pool = StreamPool(random_net(CONFIG, seed=1), 2)
+@pytest.mark.parametrize("kernel", ["auto", "blas", "torch"])
+def test_no_stream_passes_the_largest_position(kernel):
+    pool = StreamPool(random_net(CONFIG, seed=1), 2, step_kernel=kernel)
     with pytest.raises(ValueError, match="position"):
         pool.open(MAX_POSITION + 1)
     assert pool.free == 2  # refused before a slot was taken
@@ -137,3 +138,20 @@ def test_an_inf_hidden_from_the_outputs_is_refused_too(call):
         else:
             pool.advance([slot], loud, [2])
     assert pool.position(slot) == 3
+
+
+@pytest.mark.parametrize("kernel, scans", [("blas", False), ("torch", True)])
+def test_the_rings_are_scanned_only_when_the_kernel_cannot_vouch_for_them(
+    monkeypatch, kernel, scans
+):
+    # Without a useful bound the written ring rows must be checked; "blas" checks them as it
+    # writes them, so a finite step needs no second look, while the torch kernel looks again.
+    pool = StreamPool(hiding_net(), 3, step_kernel=kernel)
+    assert not pool.overflow_safe
+    slots = [pool.open() for _ in range(3)]
+    scanned = []
+    real = pool._nonfinite_ring_rows
+    monkeypatch.setattr(pool, "_nonfinite_ring_rows", lambda s: scanned.append(s) or real(s))
+    y = pool.step(slots, torch.full((3, 1), 1e-3))
+    assert torch.isfinite(y).all()
+    assert bool(scanned) is scans

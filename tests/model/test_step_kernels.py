@@ -1,4 +1,4 @@
-"""The two step kernels and the two ways of computing ring rows agree."""
+"""The step kernels and the two ways of computing ring rows agree."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def _net(kernel_size: int = 3, channels=(6, 4, 4), vocab_size=None) -> TCN:
     return net.fold_weight_norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("vocab_size", [None, 5])
-def test_numpy_and_torch_kernels_agree_step_by_step(vocab_size):
+def test_numpy_blas_and_torch_kernels_agree_step_by_step(vocab_size, dtype):
     net = _net(vocab_size=vocab_size)
-    pools = {k: StreamPool(net, 6, step_kernel=k) for k in ("numpy", "torch")}
+    pools = {k: StreamPool(net, 6, dtype=dtype, step_kernel=k) for k in ("numpy", "blas", "torch")}
     slots = {k: [p.open() for _ in range(6)] for k, p in pools.items()}
     gen = torch.Generator().manual_seed(0)
     for t in range(40):
@@ -32,9 +33,12 @@ def test_numpy_and_torch_kernels_agree_step_by_step(vocab_size):
         else:
             x = torch.randn(len(active), 3, generator=gen)
         ys = {k: pools[k].step([slots[k][i] for i in active], x) for k in pools}
-        torch.testing.assert_close(ys["numpy"], ys["torch"], atol=1e-5, rtol=1e-5)
+        for kernel in ("numpy", "blas"):
+            assert ys[kernel].dtype == dtype
+            torch.testing.assert_close(ys[kernel], ys["torch"], atol=1e-5, rtol=1e-5)
     for i in range(6):
-        torch.testing.assert_close(pools["numpy"].history(i), pools["torch"].history(i))
+        for kernel in ("numpy", "blas"):
+            torch.testing.assert_close(pools[kernel].history(i), pools["torch"].history(i))
 
 
 def test_device_ring_rows_match_host_ring_rows():
@@ -67,6 +71,8 @@ def test_bad_kernel_choices():
     for kernel in ("numpy", "fused", "blas"):
         with pytest.raises(ValueError, match=f"{kernel} step kernel needs a CPU pool"):
             StreamPool(net, 2, dtype=torch.float16, step_kernel=kernel)
+        with pytest.raises(ValueError, match="cuda_graphs=True runs its own step"):
+            StreamPool(net, 2, step_kernel=kernel, cuda_graphs=True)
 
 
 def test_a_push_that_fails_half_way_leaves_the_stream_untouched(monkeypatch):
