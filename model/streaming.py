@@ -472,7 +472,8 @@ class StreamPool:
             pass
         elif cfg.vocab_size is None:
             shaped = arr.dtype == self._host_dtype and arr.shape == (n, cfg.in_channels)
-            if shaped and np.abs(arr).max() <= self.input_limit:  # NaN fails this too
+            # As Python floats: a limit beyond the dtype's range must not be cast into it.
+            if shaped and float(np.abs(arr).max()) <= self.input_limit:  # NaN fails this too
                 return arr
         elif (
             arr.dtype == np.int64 and arr.ndim == 1 and 0 <= arr.min() <= arr.max() < cfg.vocab_size
