@@ -137,7 +137,9 @@ class ModelWorker:
 
     async def warm(self, rows: np.ndarray) -> None:
         """Run each kind of pool call once on a scratch stream, so the first push pays no
-        set-up: a step, a ragged advance and a chunked push (`rows`: at least 4 of them)."""
+        set-up: a step, a ragged advance and a chunked push (`rows`: at least 4 of them); and,
+        when a larger batch takes another step kernel (`pool.kernel_for`), one step of that
+        many scratch streams."""
 
         def warm() -> None:
             slot = self.pool.open()
@@ -147,6 +149,14 @@ class ModelWorker:
                 self.pool.push(slot, rows[:4])
             finally:
                 self.pool.close(slot)
+            wide = min(self._max_batch, self.pool.free)
+            if self.pool.kernel_for(wide) != self.pool.kernel_for(1):
+                slots = [self.pool.open() for _ in range(wide)]
+                try:
+                    self.pool.step(slots, np.repeat(rows[:1], wide, axis=0))
+                finally:
+                    for slot in slots:
+                        self.pool.close(slot)
 
         await self.call(warm, op="warmup")
 

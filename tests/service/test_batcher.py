@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import TCN, StreamPool, TCNConfig
 from service.batcher import ModelWorker, WorkerStopped
 from service.metrics import Metrics
 from tests.service.conftest import held, until_queued
@@ -323,3 +324,25 @@ async def test_a_batch_with_an_empty_push_is_not_stepped_as_one_row_pushes(worke
     await blocker
     assert worker.pool.calls == []  # the ragged call, which checks the lengths, got them
     assert worker.pool.advanced == [([1, 2], [0, 2])]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("channels, wide_step", [((64, 64), True), ((4, 4), False)])
+async def test_warm_up_also_steps_a_full_batch_when_it_takes_another_kernel(channels, wide_step):
+    # 64-channel kernel-7 layers run fused up to a few streams and "blas" above: the warm-up
+    # steps a full batch too, so that the first one served does not pay the kernel's set-up.
+    net = TCN(TCNConfig(in_channels=2, channels=channels, kernel_size=7)).fold_weight_norm()
+    pool = StreamPool(net, 40)
+    sizes = []
+    step = pool.step
+    pool.step = lambda slots, x: sizes.append(len(slots)) or step(slots, x)
+    assert (pool.kernel_for(32) != pool.kernel_for(1)) is wide_step
+    w = ModelWorker("m", Metrics(), max_batch_size=32, max_batch_delay_s=0.0)
+    w.pool = pool
+    w.start()
+    try:
+        await w.warm(np.ones((4, 2), np.float32))
+    finally:
+        await w.stop()
+    assert sizes == ([1, 32] if wide_step else [1])
+    assert pool.free == 40
