@@ -2,9 +2,11 @@
 
 Reference config R1: in 4, 8 blocks x 64 channels, kernel 7, head 3 (receptive field 3,061),
 float32. Compares StreamPool.step (N streams per call) with recomputing the receptive window by
-TCN.forward, pytorch-tcn 1.2.3's batch-1 streaming mode and the bare per-step matmuls, and
+TCN.forward, pytorch-tcn 1.2.3's batch-1 streaming mode and the bare per-step matmuls; where the
+step runs the "blas" kernel, also with the same step through torch ops alone and with a read of
+the ring rows the step touches (the ring-read floor); on CUDA, with the step as CUDA graphs; and
 StreamPool.push of a chunk with TCN.forward over the same rows. Prints one table; see
-bench/README.md for the columns. Run: python bench/model_step.py [--quick]
+bench/README.md for the rows and columns. Run: python bench/model_step.py [--quick]
 """
 
 from __future__ import annotations
@@ -168,12 +170,12 @@ class RingReadFloor:
         self.touch = numba.njit(nogil=True)(_touch_rows)
         k = config.kernel_size
         widths = (config.in_channels, *config.channels)
-        host = torch.empty(0, dtype=dtype).numpy().dtype
         self.layers = []
         for block, dilation in enumerate(config.dilations):
             for c_in in (widths[block], widths[block + 1]):
                 ring_len = (k - 1) * dilation + 1
-                ring = np.ones((capacity * ring_len, c_in), dtype=host)
+                # torch's allocator, as the pool's: rows start where its rows do on cache lines
+                ring = torch.ones(capacity * ring_len, c_in, dtype=dtype).numpy()
                 self.layers.append((ring, ring_len, dilation))
         self.k = k
         self.ahead = fused_step.PREFETCH_AHEAD
@@ -188,6 +190,18 @@ class RingReadFloor:
             )
         self.positions += 1
         return total
+
+
+def beside_blas(
+    pool: StreamPool, plain: StreamPool, slots: np.ndarray, x: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    """What to time beside a "blas" step of `slots`: "torch kernel", the same step on `plain`
+    (a step_kernel="torch" pool of the same streams), and "ring floor" (RingReadFloor)."""
+    positions = np.array([pool.position(int(slot)) for slot in slots])
+    return {
+        "torch kernel": lambda: plain.step(slots, x),
+        "ring floor": RingReadFloor(pool.config, pool.dtype, pool.capacity, slots, positions),
+    }
 
 
 def _touch_rows(ring, ring_len, dilation, k, slots, positions, ahead):  # see RingReadFloor
@@ -207,6 +221,7 @@ def _touch_rows(ring, ring_len, dilation, k, slots, positions, ahead):  # see Ri
                 row += ring_len
             for q in range(0, c, per_line):
                 total += ring[base + row, q]
+            total += ring[base + row, c - 1]  # the last line, where a row does not start on one
     return total
 
 
@@ -358,9 +373,7 @@ def step_rows(
         kernel, plain = pool.kernel_for(n), None
         if kernel == "blas":  # the same step through torch ops alone, and the memory floor
             plain, _, _ = warm_pool(net, n, templates, device, dtype, step_kernel="torch")
-            cases["torch kernel"] = lambda plain=plain, slots=slots, x=x: plain.step(slots, x)
-            positions = np.array([pool.position(int(slot)) for slot in slots])
-            cases["ring floor"] = RingReadFloor(net.config, dtype, n, slots, positions)
+            cases.update(beside_blas(pool, plain, slots, x))
         graphed = None
         if device.type == "cuda":  # the same step as captured CUDA graphs, outputs on the host
             graphed, _, _ = warm_pool(net, n, templates, device, dtype, cuda_graphs=True)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from model_step import (  # noqa: E402
     R1,
     MatmulFloor,
-    RingReadFloor,
     Timer,
+    beside_blas,
     checkout,
     cpu_model,
     pytorch_tcn_like,
@@ -180,9 +180,7 @@ def measure_streams(args: argparse.Namespace) -> dict:
         kernel, plain = pool.kernel_for(n), None
         if kernel == "blas":  # as bench/model_step.py: the torch kernel and the memory floor
             plain, _ = warm_stream(net, n, step_kernel="torch")
-            cases["torch"] = lambda plain=plain, slots=slots, x=x: plain.step(slots, x)
-            positions = np.array([pool.position(int(slot)) for slot in slots])
-            cases["ring"] = RingReadFloor(net.config, torch.float32, n, slots, positions)
+            cases.update(beside_blas(pool, plain, slots, x))
         timings = timer.measure(cases)
         point = {"n": n, "kernel": kernel}
         point.update({name: timing.median / n for name, timing in timings.items()})
@@ -217,12 +215,12 @@ def plot_streams(data: dict, meta: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(ns, ours, "o-", color="C0", label="tcnserve StreamPool.step, per stream")
     ax.plot(ns, floor, "s--", color="C7", label="GEMM floor: the step's matmuls alone, per stream")
-    blas = [p for p in points if "torch" in p]  # N where the pool takes its "blas" kernel
+    blas = [p for p in points if "torch kernel" in p]  # N where the pool takes "blas"
     if blas:
         at = [p["n"] for p in blas]
-        ax.plot(at, [p["torch"] * 1e6 for p in blas], "x:", color="C3",
+        ax.plot(at, [p["torch kernel"] * 1e6 for p in blas], "x:", color="C3",
                 label="the same step through torch ops alone (step_kernel='torch')")  # fmt: skip
-        ax.plot(at, [(p["floor"] + p["ring"]) * 1e6 for p in blas], "^-.", color="C2",
+        ax.plot(at, [(p["floor"] + p["ring floor"]) * 1e6 for p in blas], "^-.", color="C2",
                 label="GEMM floor + ring-read floor (memory alone), no overlap")  # fmt: skip
     if data.get("pytorch_tcn_per_step"):
         ax.axhline(

@@ -48,11 +48,15 @@ FUSED_MAX_MACS = 520_000
 
 # The same bound for narrow models: 151 rows for the built-in model (4,608 MACs a row), though
 # per stream the fused step alone takes 0.97x "blas"'s time at 32 rows, 1.07x at 64, 1.16x at
-# 128 and 1.26x at 151. The
-# fused kernel keeps the GIL released for the whole step, where "blas" takes it back between its
-# ~40 calls, and in the service the event loop wants it all the time (the advance below was
-# measured in the service; this step bound was not).
+# 128 and 1.26x at 151. The fused kernel keeps the GIL released for the whole step, where
+# "blas" takes it back between its ~40 calls, and in the service the event loop wants it all
+# the time (docs/step_engine.md has the service A/B).
 FUSED_NARROW_STEP_MACS = 700_000
+
+# Ragged advances of wide models run fused up to this many MACs per layer in all (R1: 24 rows),
+# above it through model/ragged.py: the bound the step had before "blas" (whose crossover
+# lowered FUSED_MAX_MACS), kept because advances were not re-measured against it.
+FUSED_ADVANCE_MAX_MACS = 700_000
 
 # A ragged advance runs each row like a row of a step, but its rows need not share a batched
 # matmul's efficiency to win: the kernel releases the GIL for the whole call, where the torch
@@ -61,7 +65,7 @@ FUSED_NARROW_STEP_MACS = 700_000
 # (up to max_advance_rows) through the kernel. Measured on one core: the built-in model (4,608
 # MACs a row) is as fast fused as through torch at 64 to 1,000 rows (0.9-1.1x), and the
 # service's 10-row WebSocket frames gave 1.3x the steps/s; R1 (28,672) is 1.8x slower fused at
-# 160-256 rows, so wider models keep the step's bound (FUSED_MAX_MACS).
+# 160-256 rows, so wider models stop at FUSED_ADVANCE_MAX_MACS.
 FUSED_NARROW_MACS = 8_192
 
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
@@ -79,10 +83,14 @@ def _jit(fn: Any) -> Any:
     return numba.njit(nogil=True, fastmath=_FASTMATH, cache=False)(fn)
 
 
-if numba is not None:
+try:  # numba's extension API (public, but `cgutils` sits under numba.core)
     from llvmlite import ir
     from numba.core import cgutils, types
     from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba absent, or an API that moved: no prefetch
+    intrinsic = None
+
+if intrinsic is not None:
 
     @intrinsic
     def prefetch(typingctx, array, row, col):
@@ -111,8 +119,9 @@ if numba is not None:
 
         return types.void(array, row, col), codegen
 
-else:  # pragma: no cover - where numba is absent the kernels are never called
+else:  # pragma: no cover - a no-op hint: the kernels run the same without it
 
+    @_jit
     def prefetch(array: Any, row: int, col: int) -> None:
         pass
 

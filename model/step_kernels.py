@@ -8,7 +8,7 @@ residual add and ReLU per block. They differ in who runs which part:
   which dominates a step of a few streams on a CPU.
 - `step_blas`: CPU, many streams: the ring writes and tap gathers in one compiled pass per conv
   (`fused_step.write_and_gather`, numba), the matmuls in torch. At N = 256 (R1) the rings are
-  far larger than the caches, and torch's index_copy_ and embedding cost twice that pass.
+  far larger than the caches, and torch's index_copy_ and embedding cost ~1.4x that pass.
 - `step_numpy`: the same arithmetic through numpy on zero-copy views of the same CPU tensors,
   about 1 us an op. Only for small steps: numpy's BLAS starts its own threads on large
   products, which would fight the service's threads; `numpy_max_rows` keeps it below that.

@@ -13,7 +13,8 @@ forward's left padding.
 
 Per step the host does the bookkeeping (which slots are open, their positions). Which kernel
 moves the rows and multiplies is decided once, at load (`kernel_for`; model/step_kernels.py and
-docs/step_engine.md): on CPU, compiled kernels for float32/float64; elsewhere torch ops, whose
+docs/step_engine.md): on CPU, float32/float64, compiled kernels (numpy ones without numba);
+elsewhere torch ops, whose
 index arithmetic runs on the pool's device, so a step issues a fixed number of kernels per layer
 and never waits on the device.
 """
@@ -115,6 +116,8 @@ class StreamPool:
         CPU); on a CPU pool the same bucketed static-buffer step runs uncaptured, for tests."""
         if step_kernel not in STEP_KERNELS:
             raise ValueError(f"step_kernel must be one of {STEP_KERNELS}, got {step_kernel!r}")
+        if cuda_graphs and step_kernel not in ("auto", "torch"):
+            raise ValueError(f"cuda_graphs=True runs its own step; step_kernel={step_kernel!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
         ref = next(net.parameters())
@@ -158,8 +161,6 @@ class StreamPool:
         self.fused_advance_rows = 0  # ragged advances of at most this many rows in all, too
         host_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
         self._host_dtype = np.dtype(str(self.dtype).removeprefix("torch.")) if host_ok else None
-        if step_kernel != "auto" and step_kernel != "torch" and self._graphs is not None:
-            raise ValueError(f"cuda_graphs=True runs its own step; step_kernel={step_kernel!r}")
         if step_kernel in ("numpy", "fused", "blas") and not host_ok:
             raise ValueError(
                 f"the {step_kernel} step kernel needs a CPU pool of float32 or float64"
@@ -171,8 +172,8 @@ class StreamPool:
         self._history_np = self._history.numpy()
         self._embedding_np = self._embedding.numpy() if self._embedding is not None else None
         biggest = max(w.numel() for w in self._matrices())
-        compiled = step_kernel == "auto" and fused_step.AVAILABLE  # "auto" with numba
-        if compiled or step_kernel == "blas":
+        auto_numba = step_kernel == "auto" and fused_step.AVAILABLE
+        if auto_numba or step_kernel == "blas":
             self._blas_plan = tuple(
                 (r1.numpy(), w1, b1, r2.numpy(), w2, b2, ds, b.conv1.ring_len, b.conv1.dilation)
                 for (r1, w1, b1, r2, w2, b2, ds), b in zip(
@@ -180,16 +181,22 @@ class StreamPool:
                 )
             )
             widest = max(layer.step_weight.shape[0] for layer in self._layers)  # k * C_in
-            self._operand = np.empty(self.capacity * widest, dtype=self._host_dtype)
-        if compiled or step_kernel == "fused":
+            # torch's allocator aligns to 64 bytes (numpy's to 16): rows start on cache lines
+            self._operand = torch.empty(self.capacity * widest, dtype=self.dtype).numpy()
+        if auto_numba or step_kernel == "fused":
             narrow = biggest <= fused_step.FUSED_NARROW_MACS
             budget = fused_step.FUSED_NARROW_STEP_MACS if narrow else fused_step.FUSED_MAX_MACS
-            rows = max(budget // biggest, 1) if compiled else self.capacity
+            rows = max(budget // biggest, 1) if auto_numba else self.capacity
             self.fused_max_rows = min(self.capacity, rows)
             # Ragged advances of up to `fused_advance_rows` rows in all take the same kernel
             # (`_advance_fused`): every advance of a narrow model, a few rows of a wider one.
             # Its buffers hold that many rows, whatever the capacity.
-            self.fused_advance_rows = self.max_advance_rows if compiled and narrow else rows
+            if not auto_numba:
+                self.fused_advance_rows = self.capacity
+            elif narrow:
+                self.fused_advance_rows = self.max_advance_rows
+            else:
+                self.fused_advance_rows = max(fused_step.FUSED_ADVANCE_MAX_MACS // biggest, 1)
             self._fused_plan = fused_step.fused_plan(
                 [
                     (
@@ -207,7 +214,7 @@ class StreamPool:
                 self.config.in_channels,
                 max(self.fused_max_rows, self.fused_advance_rows),
             )
-        if step_kernel in ("auto", "numpy"):
+        if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)
             self._head_np = numpy_view(self._head) if self._head is not None else None
             rows = self.capacity if step_kernel == "numpy" else NUMPY_MAX_MACS // biggest
@@ -536,6 +543,8 @@ class StreamPool:
     def kernel_for(self, n: int) -> StepKernel:
         """Which kernel a step of n streams runs: "graphs" (CUDA graphs), "fused", "numpy",
         "blas" or "torch" (docs/step_engine.md); decided by the pool's settings at load."""
+        if n < 1:
+            raise ValueError(f"a step advances at least one stream, not {n}")
         if self._graphs is not None:
             return "graphs"
         if n <= self.fused_max_rows:

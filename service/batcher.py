@@ -155,7 +155,7 @@ class ModelWorker:
                 try:
                     self.pool.step(slots, np.repeat(rows[:1], wide, axis=0))
                 finally:
-                    for slot in slots:
+                    for slot in reversed(slots):  # the pool hands out the lowest free slot
                         self.pool.close(slot)
 
         await self.call(warm, op="warmup")

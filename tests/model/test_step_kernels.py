@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import TCN, StreamPool, TCNConfig
+from model import TCN, StreamPool, TCNConfig, fused_step
 from model.step_kernels import NUMPY_MAX_MACS
 
 
@@ -54,8 +54,10 @@ def test_device_ring_rows_match_host_ring_rows():
         np.testing.assert_array_equal(h, d.cpu().numpy())
 
 
-def test_auto_dispatch_threshold():
+def test_auto_dispatch_threshold(monkeypatch):
     net = _net(channels=(64, 64))
+    assert StreamPool(net, 4).numpy_max_rows == 0  # with numba the fused kernel takes these
+    monkeypatch.setattr(fused_step, "AVAILABLE", False)
     pool = StreamPool(net, 4)
     biggest = max(w.numel() for w in pool._matrices())
     assert biggest == 3 * 64 * 64
@@ -73,6 +75,8 @@ def test_bad_kernel_choices():
             StreamPool(net, 2, dtype=torch.float16, step_kernel=kernel)
         with pytest.raises(ValueError, match="cuda_graphs=True runs its own step"):
             StreamPool(net, 2, step_kernel=kernel, cuda_graphs=True)
+    with pytest.raises(ValueError, match="at least one stream"):
+        StreamPool(net, 2).kernel_for(0)
 
 
 def test_a_push_that_fails_half_way_leaves_the_stream_untouched(monkeypatch):
