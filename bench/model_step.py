@@ -328,6 +328,11 @@ class Row:
     check: float | None = None
     note: str = ""
 
+    @classmethod
+    def timed(cls, label: str, case: str, per_call: Timing, per: int, *rest: Any, **kw: Any) -> Row:
+        """A row of a measured case: per call, and per stream (or row) of the `per` it did."""
+        return cls(label, case, per_call, per_call.scaled(1 / per), *rest, **kw)
+
 
 def recompute_window(net: TCN, history: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The step output as a window recompute gives it: the last of R forward outputs."""
@@ -393,7 +398,7 @@ def step_rows(
         recompute = timings["recompute"].scaled(n / batch) if "recompute" in timings else None
 
         label = str(n)
-        rows.append(Row(label, "ours StreamPool.step", ours, ours.scaled(1 / n), note=kernel))
+        rows.append(Row.timed(label, "ours StreamPool.step", ours, n, note=kernel))
         rows.append(
             Row(
                 label,
@@ -421,54 +426,24 @@ def step_rows(
                     "" if n == 1 else "n x 1",
                 )
             )
-        rows.append(
-            Row(
-                label,
-                "matmul floor",
-                floor,
-                floor.scaled(1 / n),
-                "ours/floor",
-                ours.median / floor.median,
-            )
-        )
+        ratio = ours.median / floor.median
+        rows.append(Row.timed(label, "matmul floor", floor, n, "ours/floor", ratio))
         if "ring floor" in timings:
             torch_ops, ring = timings["torch kernel"], timings["ring floor"]
             rows.append(
-                Row(
-                    label,
-                    "ours, torch kernel",
-                    torch_ops,
-                    torch_ops.scaled(1 / n),
-                    "torch/ours",
-                    torch_ops.median / ours.median,
-                    note="step_kernel='torch'",
-                )
-            )
+                Row.timed(label, "ours, torch kernel", torch_ops, n, "torch/ours",
+                          torch_ops.median / ours.median, note="step_kernel='torch'")
+            )  # fmt: skip
             rows.append(
-                Row(
-                    label,
-                    "ring-read floor",
-                    ring,
-                    ring.scaled(1 / n),
-                    "(floor+ring)/floor",
-                    (floor.median + ring.median) / floor.median,
-                    note="memory alone",
-                )
-            )
+                Row.timed(label, "ring-read floor", ring, n, "(floor+ring)/floor",
+                          (floor.median + ring.median) / floor.median, note="memory alone")
+            )  # fmt: skip
         if "graphs" in timings:
             graphs = timings["graphs"]
             rows.append(
-                Row(
-                    label,
-                    "ours, CUDA graphs",
-                    graphs,
-                    graphs.scaled(1 / n),
-                    "graphs/floor",
-                    graphs.median / floor.median,
-                    graph_check,
-                    "vs eager step",
-                )
-            )
+                Row.timed(label, "ours, CUDA graphs", graphs, n, "graphs/floor",
+                          graphs.median / floor.median, graph_check, "vs eager step")
+            )  # fmt: skip
     return rows
 
 
@@ -491,17 +466,9 @@ def push_rows(args: argparse.Namespace, net: TCN) -> list[Row]:
         )
         push, forward = timings["push"], timings["forward"]
         label = f"T={t}"
-        rows.append(Row(label, "ours StreamPool.push", push, push.scaled(1 / t), check=check))
-        rows.append(
-            Row(
-                label,
-                "TCN.forward, no history",
-                forward,
-                forward.scaled(1 / t),
-                "push/forward",
-                push.median / forward.median,
-            )
-        )
+        rows.append(Row.timed(label, "ours StreamPool.push", push, t, check=check))
+        ratio = push.median / forward.median
+        rows.append(Row.timed(label, "TCN.forward, no history", forward, t, "push/forward", ratio))
     return rows
 
 

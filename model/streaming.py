@@ -14,9 +14,8 @@ forward's left padding.
 Per step the host does the bookkeeping (which slots are open, their positions). Which kernel
 moves the rows and multiplies is decided once, at load (`kernel_for`; model/step_kernels.py and
 docs/step_engine.md): on CPU, float32/float64, compiled kernels (numpy ones without numba);
-elsewhere torch ops, whose
-index arithmetic runs on the pool's device, so a step issues a fixed number of kernels per layer
-and never waits on the device.
+elsewhere torch ops, whose index arithmetic runs on the pool's device, so a step issues a fixed
+number of kernels per layer and never waits on the device.
 """
 
 from __future__ import annotations
