@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
-        max_inflight_bytes=settings.max_inflight_body_bytes,
+        budget=runtime.inflight,
         retry_after_s=settings.retry_after_s,
     )
     app.add_middleware(ApiKeyMiddleware, api_keys=runtime.api_keys)  # before any body is read

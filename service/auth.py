@@ -25,8 +25,10 @@ class ApiKeys:
         """The owner id for the presented key; Unauthorized when keys are on and it is wrong."""
         if not self._digests:
             return ANONYMOUS
-        presented = x_api_key
-        if presented is None and authorization:
+        # An empty X-API-Key (a proxy or client template with the value left blank) is no key:
+        # it must not hide the Bearer key beside it.
+        presented = x_api_key.strip() if x_api_key else None
+        if not presented and authorization:
             scheme, _, credentials = authorization.partition(" ")
             if scheme.lower() == "bearer":
                 presented = credentials.strip()

@@ -10,6 +10,16 @@
   not answer within `handoff_timeout_s` is taken over from its last durable snapshot, with a
   new epoch: its later writes are refused and it is told to drop its copy.
 - On drain (SIGTERM, after the in-flight requests), every live session is written and released.
+- The loss bound is kept, not hoped for: each owned session remembers when its oldest
+  acknowledged push that no write has stored was applied. Once that is more than
+  `bound_s` (snapshot_interval_s + store_timeout_s) ago, because writes fail or the store
+  hangs (each store operation gives up after store_timeout_s), the session's new pushes are
+  refused `503 durability_unavailable` until a snapshot of it is written: a crash never loses
+  more than `bound_s` of acknowledged pushes.
+- A register whose answer is lost (a timeout: it may or may not have been applied) answers 503
+  and leaves a note: the session is treated as absent here, a retry of the same create
+  succeeds (registers are idempotent), and otherwise the record is deleted once the store
+  answers again. So a create either exists or not after any answer.
 
 docs/durability.md states what this guarantees and what a kill -9 loses.
 """
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -29,7 +40,7 @@ import numpy as np
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from service.errors import NotReady, ServiceError, SessionExists
+from service.errors import DurabilityUnavailable, NotReady, ServiceError, SessionExists
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.session_record import SessionRecord
@@ -41,6 +52,9 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
 SAVE_CHUNK = 512  # writes per pipelined round trip
+# A failed create's record is deleted twice, this far apart: a register still queued on the
+# connection that timed out reaches Redis within a moment of its other commands.
+UNCONFIRMED_RECHECK_S = 1.0
 Monotonic = Callable[[], float]
 
 
@@ -64,6 +78,7 @@ class SessionDurability:
         snapshot_interval_s: float,
         handoff_timeout_s: float,
         retry_after_s: int,
+        store_timeout_s: float,
         monotonic: Monotonic = time.monotonic,
     ):
         self.store = store
@@ -71,6 +86,7 @@ class SessionDurability:
         self._sessions = sessions
         self._registry = registry
         self._interval = snapshot_interval_s
+        self.bound_s = snapshot_interval_s + store_timeout_s  # the most a crash may lose
         self._handoff_timeout = handoff_timeout_s
         self._retry_after = retry_after_s
         self._monotonic = monotonic
@@ -78,6 +94,14 @@ class SessionDurability:
         self._saved: dict[SessionKey, tuple[int, float]] = {}  # (position, last use) stored
         self._restoring: dict[SessionKey, asyncio.Future] = {}
         self._handoffs: dict[SessionKey, asyncio.Task] = {}
+        # Monotonic time of each owned session's oldest acknowledged, unstored push: pushed
+        # since its last capture, and captured by a write still in flight.
+        self._unsaved_since: dict[SessionKey, float] = {}
+        self._writing: dict[SessionKey, float] = {}
+        # Registers whose outcome is unknown (their answer was lost): key -> the record.
+        self._unconfirmed: dict[SessionKey, bytes] = {}
+        self._cleanups: dict[SessionKey, asyncio.Task] = {}
+        self._deleting: set[SessionKey] = set()
         self._tasks: list[asyncio.Task] = []
         self.connected = False  # the runtime is not ready before
         self._moves = Counter(
@@ -88,6 +112,16 @@ class SessionDurability:
         )
         for kind in ("restored", "handed_off", "taken_over", "lost", "drained"):
             self._moves.labels(kind)
+        self._refused = Counter(
+            "tcnserve_durability_refusals",
+            "Pushes refused because their session's snapshots were not stored within the bound",
+            registry=metrics.registry,
+        )
+        self._failed_writes = Counter(
+            "tcnserve_store_write_failures",
+            "Snapshot writes (one per session) the store did not take: errors and timeouts",
+            registry=metrics.registry,
+        )
         sessions.hooks = self
 
     # ----- lifecycle ---------------------------------------------------------------------------
@@ -137,7 +171,7 @@ class SessionDurability:
         return written
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._cleanups.values()]:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.store.close()
@@ -146,6 +180,8 @@ class SessionDurability:
 
     async def missing(self, owner: str, session_id: str) -> Session | None:
         key = (owner, session_id)
+        if key in self._unconfirmed:  # its create failed: it does not exist
+            return None
         pending = self._restoring.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -179,11 +215,32 @@ class SessionDurability:
         key = self._key(session)
         epoch = self._epochs.pop(key, None)
         self._saved.pop(key, None)
+        self._unsaved_since.pop(key, None)
+        self._writing.pop(key, None)
         if epoch is not None:
             try:
                 await self.store.delete(key, epoch)
             except (RedisError, OSError):  # the store's own expiry removes it later
                 logger.warning("session store: could not delete a retired session")
+
+    def check_push(self, session: Session) -> None:
+        key = self._key(session)
+        oldest = min(self._unsaved_since.get(key, math.inf), self._writing.get(key, math.inf))
+        age = self._monotonic() - oldest
+        if age > self.bound_s:
+            self._refused.inc()
+            raise DurabilityUnavailable(
+                f"the session store has not stored this session's pushes of the last {age:.1f} "
+                f"s, past the durability bound of {self.bound_s:g} s (snapshot_interval_s + "
+                "store_timeout_s): new pushes are refused, nothing was applied; retry once the "
+                "store answers again",
+                self._retry_after,
+            )
+
+    def pushed(self, session: Session) -> None:
+        key = self._key(session)
+        if key in self._epochs and key not in self._unsaved_since:
+            self._unsaved_since[key] = self._monotonic()
 
     # ----- taking a session over ---------------------------------------------------------------
 
@@ -235,6 +292,9 @@ class SessionDurability:
             task.add_done_callback(lambda _: self._handoffs.pop(key, None))
 
     async def _hand_off(self, key: SessionKey) -> None:
+        if key in self._unconfirmed:  # a failed create: make sure nobody restores it
+            await self._delete_unconfirmed(key)
+            return
         pending = self._restoring.get(key)
         if pending is not None:  # being brought here: hand off what we end up with
             with contextlib.suppress(Exception):
@@ -263,8 +323,12 @@ class SessionDurability:
     # ----- writing sessions out ----------------------------------------------------------------
 
     async def _snapshots(self) -> None:
+        # Rounds start every interval, however long the last took (a slow round is followed at
+        # once), so a push waits at most an interval plus one round to be captured and stored.
+        due = self._monotonic() + self._interval
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(max(0.0, due - self._monotonic()))
+            due = max(due + self._interval, self._monotonic())
             try:
                 await self.save_changed()
             except Exception:
@@ -313,6 +377,14 @@ class SessionDurability:
                 locked.append(session)
             held = True
             records = await self._capture(locked)
+            # What this write stores: each session's pushes up to now (later ones start anew).
+            captured: dict[SessionKey, float] = {}
+            for session in locked:
+                key = self._key(session)
+                since = self._unsaved_since.pop(key, None)
+                if since is not None:
+                    captured[key] = since
+                    self._writing[key] = min(since, self._writing.get(key, math.inf))
             if not release:  # the snapshot is taken: pushes may go on while it is written
                 held = False
                 for session in locked:
@@ -332,12 +404,16 @@ class SessionDurability:
                 applied = await self.store.save(writes)
             except (RedisError, OSError) as e:
                 logger.warning("session store: %d snapshots not written: %s", len(writes), e)
+                self._failed_writes.inc(len(writes))
+                self._uncapture(captured)
                 if release:
                     raise
                 return 0
             written = 0
             for session, record, ok in zip(locked, records, applied, strict=True):
                 key = self._key(session)
+                if key in captured:
+                    self._writing.pop(key, None)
                 if ok:
                     written += 1
                     self._saved[key] = (record.position, session.last_used_at)
@@ -369,16 +445,72 @@ class SessionDurability:
             for s, rows in zip(sessions, tails, strict=True)
         ]
 
+    def _uncapture(self, captured: dict[SessionKey, float]) -> None:
+        """A write failed: what it captured is unstored again, since the oldest push."""
+        for key, since in captured.items():
+            self._writing.pop(key, None)
+            if key in self._epochs:
+                self._unsaved_since[key] = min(since, self._unsaved_since.get(key, math.inf))
+
     # ----- small pieces ------------------------------------------------------------------------
 
     async def _register(self, key: SessionKey, record: SessionRecord, ttl_s: float) -> bool:
+        encoded = record.encode()
+        await self._stop_cleanup(key)
         try:
-            registered = await self.store.register(key, record.encode(), self._ttl_ms(ttl_s))
+            registered = await self.store.register(key, encoded, self._ttl_ms(ttl_s))
         except (RedisError, OSError) as e:
+            # Applied or not, nobody can tell: refuse it here, and delete it once the store
+            # answers again, unless a retry of the same create comes first.
+            self._unconfirmed[key] = encoded
+            self._cleanups[key] = asyncio.create_task(
+                self._clean_unconfirmed(key), name="store-unconfirmed"
+            )
             raise self._unreachable(e) from None
+        self._unconfirmed.pop(key, None)
         if registered:
             self._epochs[key] = 1
         return registered
+
+    async def _clean_unconfirmed(self, key: SessionKey) -> None:
+        """Delete a record whose register failed, once the store answers: twice, a while
+        apart, so that a register still queued on the dead connection is deleted too."""
+        answered = 0
+        delay = 0.1
+        while answered < 2:
+            await asyncio.sleep(delay)
+            self._deleting.add(key)
+            try:
+                ok = await self._delete_unconfirmed(key)
+            finally:
+                self._deleting.discard(key)
+            if key not in self._unconfirmed:  # a retry of the create came meanwhile
+                return
+            answered += ok
+            delay = UNCONFIRMED_RECHECK_S if ok else min(delay * 2, 2.0)
+        self._cleanups.pop(key, None)
+        self._unconfirmed.pop(key, None)
+
+    async def _stop_cleanup(self, key: SessionKey) -> None:
+        """Before a register of `key`: no delete of an earlier failed try may follow it."""
+        self._unconfirmed.pop(key, None)
+        task = self._cleanups.pop(key, None)
+        if task is None:
+            return
+        if key in self._deleting:  # its delete is on the wire: let it be answered first
+            with contextlib.suppress(Exception):
+                await task
+        else:
+            task.cancel()
+
+    async def _delete_unconfirmed(self, key: SessionKey) -> bool:
+        """Delete the record of a failed create if it is ours at epoch 1; whether the store
+        answered (it may have held nothing)."""
+        try:
+            await self.store.delete(key, 1)
+        except (RedisError, OSError):
+            return False
+        return True
 
     def _ttl_ms(self, ttl_s: float) -> int:
         """The store keeps a record a while past its TTL: the owner renews it every interval."""
@@ -408,7 +540,7 @@ def build_durability(
     from service.redis_store import RedisStore  # only a Redis deployment needs its client
 
     return SessionDurability(
-        RedisStore(settings.session_store),
+        RedisStore(settings.session_store, timeout_s=settings.store_timeout_s),
         sessions,
         registry,
         metrics,
@@ -416,4 +548,5 @@ def build_durability(
         snapshot_interval_s=settings.snapshot_interval_s,
         handoff_timeout_s=settings.handoff_timeout_s,
         retry_after_s=settings.retry_after_s,
+        store_timeout_s=settings.store_timeout_s,
     )

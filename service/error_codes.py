@@ -19,6 +19,7 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "too_many_timesteps": 413,
     "too_many_sequences": 413,
+    "headers_too_large": 431,
     "invalid_input": 422,
     "invalid_query": 422,
     "non_finite_output": 422,
@@ -27,6 +28,7 @@ STATUS: dict[str, int] = {
     "not_ready": 503,
     "draining": 503,
     "overloaded": 503,
+    "durability_unavailable": 503,
     "internal": 500,
 }
 

@@ -104,6 +104,13 @@ class Draining(NotReady):
     code = "draining"
 
 
+class DurabilityUnavailable(NotReady):
+    """The store has not taken this session's snapshots for longer than the durability bound:
+    its pushes are refused (nothing applied) until it does."""
+
+    code = "durability_unavailable"
+
+
 class Overloaded(NotReady):
     """Too many request bodies are buffered at once; the request was not read."""
 

@@ -1,39 +1,64 @@
-"""uvicorn's httptools protocol with a deadline for each request: headers and body must arrive
-within `request_timeout_s`, or the connection is answered 408 and closed.
+"""uvicorn's httptools protocol with a deadline for each request and a bound on its headers.
 
-uvicorn itself only times out idle keep-alive connections; a client that trickles its headers or
-body one byte at a time would hold a connection (and, with the body buffered, memory) forever.
-The deadline starts when a connection opens or, on a kept-alive connection, when the next request
-begins, and ends when the request is complete (or the connection upgrades to a WebSocket). A
-pipelined request queued behind one still being answered is not timed out: uvicorn does not read
-it meanwhile.
+Deadline: headers and body must arrive within `request_timeout_s`, or the connection is
+answered 408 and closed. uvicorn itself only times out idle keep-alive connections; a client
+that trickles its headers or body one byte at a time would hold a connection (and, with the
+body buffered, memory) forever. The deadline starts when a connection opens or, on a kept-alive
+connection, when the next request begins, and ends when the request is complete (or the
+connection upgrades to a WebSocket). A pipelined request queued behind one still being answered
+is not timed out: uvicorn does not read it meanwhile.
+
+Headers: the request line and headers of one request (a WebSocket handshake's included) may
+take at most `max_header_bytes`, or the connection is answered 431 and closed. httptools keeps
+an unfinished header in its own buffer and uvicorn keeps every finished one, outside any body
+budget, so the bytes are counted as they arrive, before the parser has them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
+import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
-)
-_TIMEOUT_BODY = (
-    b'{"error": {"code": "request_timeout", "message": "the request was not complete within '
-    b'request_timeout_s"}}'
+from service.error_codes import STATUS
+
+# The codes this protocol answers itself, before any request reaches the app.
+REQUEST_TIMEOUT, HEADERS_TOO_LARGE = "request_timeout", "headers_too_large"
+CODES = (REQUEST_TIMEOUT, HEADERS_TOO_LARGE)
+
+
+def _closing_response(code: str, message: str) -> bytes:
+    """A complete JSON error response after which the connection closes."""
+    status = HTTPStatus(STATUS[code])
+    body = msgspec.json.encode({"error": {"code": code, "message": message}})
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_TIMEOUT_RESPONSE = _closing_response(
+    REQUEST_TIMEOUT, "the request was not complete within request_timeout_s"
 )
 
 
 class DeadlineHttpProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol plus a per-request deadline (set `request_timeout_s` by subclassing)."""
+    """HttpToolsProtocol plus a per-request deadline and header bound (set `request_timeout_s`
+    and `max_header_bytes` by subclassing: `deadline_protocol`)."""
 
     request_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._awaiting_headers = True  # until the current request's headers are complete
+        self._header_bytes = 0  # bytes received since then: an upper bound of their size
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,12 +68,38 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        # Still inside the headers after all of it: every byte so far was header.
+        if self._awaiting_headers and self._header_bytes > self.max_header_bytes:
+            self._refuse_headers()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._deadline is None:  # a kept-alive connection's next request
             self._arm()
 
+    def on_headers_complete(self) -> None:
+        self._awaiting_headers = False
+        # Headers that ended inside the last chunk: their exact size (4: ": " and CRLF).
+        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if size > self.max_header_bytes:
+            self._refuse_headers()
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._awaiting_headers, self._header_bytes = True, 0
         self._disarm()
         super().on_message_complete()
 
@@ -75,15 +126,33 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self._arm()
             return
         if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(_TIMEOUT_RESPONSE % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+            self.transport.write(_TIMEOUT_RESPONSE)
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's receive() now sees http.disconnect
             self.cycle.message_event.set()
         self.transport.close()
 
+    def _refuse_headers(self) -> None:
+        """431 and close: nothing of this request reaches the app, nothing more is read."""
+        self._refused = True
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(
+                _closing_response(
+                    HEADERS_TOO_LARGE,
+                    f"the request line and headers exceed max_header_bytes "
+                    f"({self.max_header_bytes} bytes)",
+                )
+            )
+            self.transport.close()
 
-def deadline_protocol(request_timeout_s: float) -> type[DeadlineHttpProtocol]:
+
+def deadline_protocol(
+    request_timeout_s: float, max_header_bytes: int
+) -> type[DeadlineHttpProtocol]:
     """The protocol class to hand uvicorn.Config(http=...)."""
     return type(
-        "DeadlineHttpProtocol", (DeadlineHttpProtocol,), {"request_timeout_s": request_timeout_s}
+        "DeadlineHttpProtocol",
+        (DeadlineHttpProtocol,),
+        {"request_timeout_s": request_timeout_s, "max_header_bytes": max_header_bytes},
     )

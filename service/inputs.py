@@ -22,7 +22,9 @@ import msgspec
 import numpy as np
 
 from model import MAX_POSITION
-from service.errors import InvalidInput
+from service import json_bounds
+from service.errors import InvalidInput, ServiceError, TooManySequences, TooManyTimesteps
+from service.limits import RequestLimits
 
 S = TypeVar("S")
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{8,128}$"
@@ -31,12 +33,23 @@ SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN)]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True):
-    pass
+    @staticmethod
+    def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
+        """What the body's depths hold, bounded before it is parsed (service/json_bounds.py)."""
+        return ()
 
 
 class PredictBody(_Body):
     inputs: msgspec.Raw
     outputs: Literal["all", "last"] = "all"
+
+    @staticmethod
+    def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
+        # {"inputs": [[row, ...], ...]}: sequences at depth 3, their rows at depth 4
+        return (
+            json_bounds.Count(3, limits.max_sequences, SEQUENCES),
+            json_bounds.Count(4, limits.max_timesteps, TIMESTEPS),
+        )
 
 
 class SnapshotBody(_Body):
@@ -53,10 +66,22 @@ class CreateBody(_Body):
     prefix: msgspec.Raw = msgspec.Raw()  # empty when absent; see `given`
     snapshot: SnapshotBody | None = None
 
+    @staticmethod
+    def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
+        # prefix rows at depth 3 (a snapshot's `inputs` too: never both), its rows at 4
+        return (
+            json_bounds.Count(3, limits.max_timesteps, TIMESTEPS),
+            json_bounds.Count(4, limits.max_timesteps, TIMESTEPS),
+        )
+
 
 class StepBody(_Body):
     inputs: msgspec.Raw
     offset: Position | None = None
+
+    @staticmethod
+    def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
+        return (json_bounds.Count(3, limits.max_timesteps, TIMESTEPS),)  # {"inputs": [row]}
 
 
 class ManyStep(_Body):
@@ -70,6 +95,12 @@ class ManyStep(_Body):
 
 class ManyStepsBody(_Body):
     steps: list[ManyStep]
+
+    @staticmethod
+    def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
+        # {"steps": [{...}, ...]}: items at depth 3. An item's rows fail that item alone, so
+        # they are bounded when it is decoded (`rows`, max_rows).
+        return (json_bounds.Count(3, limits.max_sequences, ITEMS),)
 
 
 def offset(raw: msgspec.Raw, what: str = "offset") -> int | None:
@@ -114,8 +145,13 @@ def _rows_decoder(width: int, tokens: bool, nested: bool) -> msgspec.json.Decode
     return msgspec.json.Decoder(list[rows] if nested else rows)  # type: ignore[valid-type]
 
 
-def decode_body(data: bytes | msgspec.Raw, kind: type[S], what: str = "") -> S:
-    """JSON bytes -> a body struct; InvalidInput names the first problem."""
+def decode_body(
+    data: bytes | msgspec.Raw, kind: type[S], what: str = "", limits: RequestLimits | None = None
+) -> S:
+    """JSON bytes -> a body struct; InvalidInput names the first problem. Its depth, and with
+    `limits` the counts of the body `kind` (`_Body.counts`), are checked before it is parsed."""
+    counts = kind.counts(limits) if limits is not None else ()  # type: ignore[attr-defined]
+    check_shape(data, counts, what)
     try:
         return _envelope(kind).decode(data)
     except msgspec.ValidationError as e:
@@ -124,9 +160,58 @@ def decode_body(data: bytes | msgspec.Raw, kind: type[S], what: str = "") -> S:
         raise InvalidInput(_malformed(e, data, what)) from None
 
 
-def rows(raw: msgspec.Raw, spec: InputSpec, what: str, allow_empty: bool = False) -> np.ndarray:
+# Refusals of a body's shape: the error, and what its message says of the limit.
+SEQUENCES, TIMESTEPS, ITEMS = "sequences", "timesteps", "items"
+_REFUSALS: dict[str, tuple[type[ServiceError], str, str]] = {
+    SEQUENCES: (TooManySequences, "sequences", "max_sequences_per_request"),
+    TIMESTEPS: (TooManyTimesteps, "timesteps", "max_timesteps_per_request"),
+    ITEMS: (TooManySequences, "items", "max_sequences_per_request"),
+}
+
+
+def check_shape(
+    data: bytes | msgspec.Raw, counts: tuple[json_bounds.Count, ...], what: str = ""
+) -> None:
+    """Refuse JSON nested deeper than json_bounds.MAX_DEPTH or with more containers at a depth
+    than `counts` allow, before any of it is parsed."""
+    text = data if isinstance(data, bytes) else bytes(data)
+    # Openers counted at C speed: a body with few containers (a streamed step: ~100 ns) can
+    # pass no bound, and skips the scan.
+    openers = text.count(b"[") + text.count(b"{")
+    if openers <= json_bounds.MAX_DEPTH and all(openers <= c.limit for c in counts):
+        return
+    exceeded = json_bounds.check(text, counts)
+    if exceeded is None:
+        return
+    if exceeded.count is None:
+        raise InvalidInput(_too_deep(what))
+    error, things, setting = _REFUSALS[exceeded.count.what]
+    limit = exceeded.count.limit
+    raise error(
+        f"the request has more than {limit} {things}; at most {limit} per request ({setting}): "
+        "split it into several requests"
+    )
+
+
+def _too_deep(what: str) -> str:
+    return (
+        f"{what or 'body'}: JSON nested more than {json_bounds.MAX_DEPTH} levels deep (no "
+        "body of this API nests that deep)"
+    )
+
+
+def rows(
+    raw: msgspec.Raw,
+    spec: InputSpec,
+    what: str,
+    allow_empty: bool = False,
+    max_rows: int | None = None,
+) -> np.ndarray:
     """JSON rows -> (T, width) floats, or (T,) int64 ids for a token model; T >= 1 unless
-    allow_empty (a snapshot at position 0)."""
+    allow_empty (a snapshot at position 0). More than `max_rows` rows are refused before any is
+    parsed (rows of a body whose own counts did not bound them: an item of /v1/steps)."""
+    if max_rows is not None:
+        check_shape(raw, (json_bounds.Count(2, max_rows, TIMESTEPS),), what)
     decoded = _decode_rows(raw, spec, what, nested=False)
     if not decoded and allow_empty:
         shape = (0,) if spec.vocab_size is not None else (0, spec.width)

@@ -84,12 +84,13 @@ def _decode(
     return out
 
 
-def json_items(steps: list[inputs.ManyStep]) -> list[Item]:
-    """Items of a JSON body: {"steps": [{"session_id", "inputs", "offset"?}, ...]}."""
+def json_items(steps: list[inputs.ManyStep], max_rows: int) -> list[Item]:
+    """Items of a JSON body: {"steps": [{"session_id", "inputs", "offset"?}, ...]}; an item
+    of more than `max_rows` rows fails alone, before they are parsed."""
     return [
         Item(
             step.session_id,
-            lambda spec, raw=step.inputs: inputs.rows(raw, spec, "inputs"),
+            lambda spec, raw=step.inputs: inputs.rows(raw, spec, "inputs", max_rows=max_rows),
             lambda raw=step.offset: inputs.offset(raw),
         )
         for step in steps

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import http_errors
 from service.auth import ApiKeys
 from service.errors import BodyTooLarge, Overloaded, Unauthorized
+from service.limits import InflightBudget, header_int
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -131,12 +132,11 @@ class BodyLimitMiddleware:
     connections sending large bodies at once could take the server's memory between them.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_inflight_bytes: int, retry_after_s: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, budget: InflightBudget, retry_after_s: int):
         self.app = app
         self.max_bytes = max_bytes
-        self.max_inflight = max_inflight_bytes
+        self.budget = budget  # shared with the WebSocket streams (service/routes/stream.py)
         self.retry_after_s = retry_after_s
-        self.inflight = 0  # bytes of bodies held by requests in progress (one event loop)
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http":
@@ -147,8 +147,8 @@ class BodyLimitMiddleware:
         # Only API routes take bodies (and they need an API key): anywhere else a body is
         # refused at its first bytes, so anonymous clients cannot fill the shared budget.
         limit = self.max_bytes if is_api_path(scope["path"]) else NO_BODY_BYTES
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared = header_int(dict(scope["headers"]).get(b"content-length"))
+        if declared is not None and declared > limit:
             await self._refuse(scope, receive, send, limit)
             return
         # Read the whole body here (the handlers would anyway) so an oversized stream is refused
@@ -160,18 +160,17 @@ class BodyLimitMiddleware:
                 if message["type"] != "http.request":
                     return  # the client went away mid-body: nobody to answer
                 chunk = message.get("body", b"")
-                size += len(chunk)
-                self.inflight += len(chunk)
-                if size > limit:
+                if size + len(chunk) > limit:
                     await self._refuse(scope, receive, send, limit)
                     return
-                if self.inflight > self.max_inflight:
+                if not self.budget.take(len(chunk)):
                     error = Overloaded(
                         "the server is holding too many request bodies; retry shortly",
                         self.retry_after_s,
                     )
                     await http_errors.error_response(error)(scope, receive, send)
                     return
+                size += len(chunk)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
@@ -188,7 +187,7 @@ class BodyLimitMiddleware:
 
             await self.app(scope, replay, send)
         finally:
-            self.inflight -= size
+            self.budget.release(size)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         if limit == self.max_bytes:

@@ -31,6 +31,7 @@ import numpy as np
 from model import MAX_POSITION
 from service import inputs
 from service.errors import InvalidInput, TooManySequences, TooManyTimesteps
+from service.limits import RequestLimits, header_int
 
 INPUT = "input"
 OUTPUT = "output"
@@ -144,12 +145,6 @@ class InferRequest:
     binary_output: bool  # ...as binary data (else as JSON `data`)
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_timesteps: int
-    max_sequences: int
-
-
 # ----- metadata ----------------------------------------------------------------------------------
 
 
@@ -172,7 +167,7 @@ def model_metadata(name: str, spec: inputs.InputSpec, out_channels: int) -> dict
 
 
 def decode_request(
-    body: bytes, header_length: str | None, spec: inputs.InputSpec, limits: Limits
+    body: bytes, header_length: str | None, spec: inputs.InputSpec, limits: RequestLimits
 ) -> InferRequest:
     """An infer request's bytes -> InferRequest; InvalidInput (400) names the first problem."""
     view = memoryview(body)
@@ -194,12 +189,14 @@ def decode_request(
 
 
 def _header_length(value: str, body_length: int) -> int:
-    if not value.isdigit() or not 0 < int(value) <= body_length:
+    length = header_int(value)
+    if length is None or not 0 < length <= body_length:
+        shown = value if len(value) <= 40 else f"{value[:40]}... ({len(value)} characters)"
         raise InvalidInput(
             f"Inference-Header-Content-Length must be the byte length of the JSON header, in "
-            f"[1, {body_length}] for this body; got {value!r}"
+            f"[1, {body_length}] for this body, as ASCII digits; got {shown!r}"
         )
-    return int(value)
+    return length
 
 
 def _request_parameters(parameters: RequestParameters) -> tuple[Sequence | None, bool]:
@@ -231,7 +228,7 @@ def _input_tensor(
     tensors: list[TensorIn],
     binary: memoryview,
     spec: inputs.InputSpec,
-    limits: Limits,
+    limits: RequestLimits,
     has_header: bool,
 ) -> np.ndarray:
     if len(tensors) != 1 or tensors[0].name != INPUT:

@@ -25,8 +25,13 @@ logger = logging.getLogger(__name__)
 PREFIX = "tcnserve:"
 HEARTBEAT_TTL_MS = 5000  # a replica silent this long is gone: its sessions are taken at once
 
+# ARGV: me, record, ttl_ms. Stored already: 1 only if by an earlier try of this register.
 _REGISTER = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local v = redis.call('HMGET', KEYS[1], 'replica', 'epoch', 'record')
+if v[2] then
+  if v[1] == ARGV[1] and tonumber(v[2]) == 1 and v[3] == ARGV[2] then return 1 end
+  return 0
+end
 redis.call('HSET', KEYS[1], 'replica', ARGV[1], 'epoch', 1, 'record', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -79,11 +84,17 @@ def session_key(key: SessionKey) -> str:
 
 
 class RedisStore(SessionStore):
-    def __init__(self, url: str, heartbeat_ttl_ms: int = HEARTBEAT_TTL_MS):
+    def __init__(
+        self, url: str, timeout_s: float | None = None, heartbeat_ttl_ms: int = HEARTBEAT_TTL_MS
+    ):
         self.url = url
         self.replica = ""
         self._heartbeat_ttl_ms = heartbeat_ttl_ms
-        self._redis = aioredis.Redis.from_url(url, decode_responses=False)
+        # A store that stops answering (a stalled Redis) fails each operation after timeout_s
+        # instead of holding it forever: snapshots then count as not written (durability.py).
+        self._redis = aioredis.Redis.from_url(
+            url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         self._register = self._redis.register_script(_REGISTER)
         self._claim = self._redis.register_script(_CLAIM)
         self._save = self._redis.register_script(_SAVE)

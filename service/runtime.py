@@ -12,9 +12,11 @@ from typing import TypeVar
 
 import torch
 
+from service import json_bounds
 from service.auth import ApiKeys
 from service.durability import build_durability
 from service.errors import Draining, NotReady
+from service.limits import InflightBudget, RequestLimits, StreamsPerKey
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.sessions import Clock, SessionManager
@@ -33,6 +35,11 @@ class Runtime:
         self.settings = settings
         self.clock = clock
         self.metrics = Metrics()
+        self.limits = RequestLimits(
+            settings.max_timesteps_per_request, settings.max_sequences_per_request
+        )
+        self.inflight = InflightBudget(settings.max_inflight_body_bytes)
+        self.streams = StreamsPerKey(settings.streams_per_key_limit(), settings.retry_after_s)
         self.api_keys = ApiKeys(settings.api_key_values())
         # Reads every checkpoint's config.json now: a bad model directory refuses to start.
         self.registry = ModelRegistry(settings, self.metrics)
@@ -79,6 +86,7 @@ class Runtime:
 
     async def _load(self) -> None:
         try:
+            await asyncio.to_thread(json_bounds.warm)
             await self.registry.load()
             if self.durability is not None:
                 await self.durability.start()

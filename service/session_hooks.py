@@ -19,3 +19,9 @@ class SessionHooks(Protocol):
 
     async def retired(self, session: Session, expired: bool) -> None:
         """A session was deleted or expired here: forget it in the store too."""
+
+    def check_push(self, session: Session) -> None:
+        """Before a new push is applied (its lock held): raising refuses it, changing nothing."""
+
+    def pushed(self, session: Session) -> None:
+        """A push was applied and is about to be acknowledged."""

@@ -3,7 +3,9 @@
 The store keeps, per session (keyed by owner and id), its durable record (session_record.py)
 and who owns it: a replica id and a fencing epoch. The operations are atomic:
 
-- `register`: a new session, owned by this replica at epoch 1 (refused if the id is stored);
+- `register`: a new session, owned by this replica at epoch 1 (refused if the id is stored,
+  unless by this very register: the same record, ours at epoch 1, so that a register whose
+  answer was lost can be tried again);
 - `claim`: take a session over. Released (its owner drained) or owned by a replica that is
   gone: taken at once, epoch + 1, and the old owner is told. Owned by a live replica: that
   owner is asked to hand it off and the answer is `busy` (claim again); with `force`, taken
@@ -78,7 +80,8 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def register(self, key: SessionKey, record: bytes, ttl_ms: int) -> bool:
-        """Store a new session owned here at epoch 1; False if the id is stored already."""
+        """Store a new session owned here at epoch 1; False if the id is stored already, but
+        for this same record owned here at epoch 1 (an earlier try of this register)."""
 
     @abstractmethod
     async def claim(self, key: SessionKey, force: bool = False) -> Claim: ...
@@ -135,8 +138,9 @@ class MemoryStore(SessionStore):
             task.add_done_callback(self._tasks.discard)
 
     async def register(self, key: SessionKey, record: bytes, ttl_ms: int) -> bool:
-        if key in self.space.sessions:
-            return False
+        stored = self.space.sessions.get(key)
+        if stored is not None:
+            return stored == Stored(self.replica, 1, record)
         self.space.sessions[key] = Stored(self.replica, 1, record)
         return True
 

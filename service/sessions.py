@@ -292,6 +292,8 @@ class SessionManager:
                 if release:
                     session.lock.release()
                 return answer
+            if self.hooks is not None:  # a new push: the store may refuse it (durability)
+                self.hooks.check_push(session)
 
             def done(outputs: np.ndarray | None, error: BaseException | None) -> None:
                 try:
@@ -381,6 +383,8 @@ class SessionManager:
             await entry.reset_stream(session.slot)
             session.position, session.last_push = 0, None
             session.last_used_at = self._clock()
+            if self.hooks is not None:
+                self.hooks.pushed(session)
             return session
 
         return await self._shielded(self._locked(session, reset))
@@ -524,6 +528,8 @@ class SessionManager:
         session.position = pending.start + pending.length
         session.last_push = AppliedPush(pending.start, pending.length, pending.digest, outputs)
         session.last_used_at = self._clock()
+        if self.hooks is not None:
+            self.hooks.pushed(session)
         return PushResult(outputs, session.position)
 
     async def _retire(

@@ -57,8 +57,17 @@ class Settings(BaseSettings):
         description="sessions one API key may hold across models (unset: all slots with one "
         "key; with several keys, 3/4 of max_sessions, so no key can lock the others out)",
     )
+    max_streams_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="WebSocket streams one API key may hold open at once (unset: no cap with "
+        "zero or one key; with several keys, 3/4 of max_connections)",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="time a connection has to deliver a whole request (headers+body)"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="request line and headers of one request (431 above)"
     )
     max_connections: int | None = Field(
         None,
@@ -93,6 +102,12 @@ class Settings(BaseSettings):
     )
     snapshot_interval_s: float = Field(
         5.0, gt=0, description="period of the store's snapshots of changed sessions"
+    )
+    store_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="most seconds one store operation may take before it counts as failed; "
+        "snapshot_interval_s + store_timeout_s is the crash loss bound the server enforces",
     )
     handoff_timeout_s: float = Field(
         2.0, gt=0, description="wait for a live owner's handoff before taking a session over"
@@ -202,6 +217,14 @@ class Settings(BaseSettings):
             return self.max_sessions_per_key
         if len(self.api_keys) >= 2:
             return max(1, self.max_sessions * 3 // 4)
+        return None
+
+    def streams_per_key_limit(self) -> int | None:
+        """The per-key cap on open WebSocket streams in force (None: no cap)."""
+        if self.max_streams_per_key is not None:
+            return self.max_streams_per_key
+        if len(self.api_keys) >= 2:
+            return max(1, self.connection_limit() * 3 // 4)
         return None
 
     def api_key_values(self) -> list[str]:

@@ -18,6 +18,7 @@ from service.app import create_app
 from service.http_protocol import deadline_protocol
 from service.runtime import Runtime
 from service.settings import DTYPES, Settings, parse_model_specs
+from service.ws_protocol import ReleasingWebSocketProtocol
 
 # Once the models are loaded (on_tick), on CPython's generational collector (3.11-3.13; 3.14's
 # incremental one reads these differently, so it keeps its defaults): allocations between two
@@ -99,12 +100,14 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
-        http=deadline_protocol(settings.request_timeout_s),  # 408 for trickled requests
+        http=deadline_protocol(settings.request_timeout_s, settings.max_header_bytes),  # 408, 431
         limit_concurrency=settings.connection_limit(),  # 503 beyond it
-        ws_max_size=settings.max_body_bytes,  # a larger message closes the socket with 1009
-        # Per connection: a client that does not read stops being read, and at most this many
-        # messages of up to ws_max_size wait (WebSocket messages are not in the body budget).
-        ws_max_queue=4,
+        # uvicorn's sans-I/O websockets protocol, which stops reading a connection after each
+        # message until the app has taken it, so at most one message of up to ws_max_size waits
+        # per connection (a larger one closes the socket with 1009); messages being answered
+        # are held against max_inflight_body_bytes (service/routes/stream.py).
+        ws=ReleasingWebSocketProtocol,  # frees a dropped connection's last message at once
+        ws_max_size=settings.max_body_bytes,
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
     log_redaction.install()  # after Config has set up logging: no API key in any log line

@@ -29,7 +29,7 @@ async def predict(name: str, request: Request, caller: CallerDep) -> Response:
     spec = entry.inputs
 
     def decode() -> tuple[inputs.PredictBody, list]:
-        body = inputs.decode_body(data, inputs.PredictBody)
+        body = inputs.decode_body(data, inputs.PredictBody, limits=caller.runtime.limits)
         return body, inputs.sequences(body.inputs, spec, "inputs")
 
     body, sequences = await caller.runtime.decode(len(data), decode)

@@ -60,7 +60,10 @@ async def create_session(
 ) -> SessionCreated:
     caller.runtime.check_accepting()
     data = await body_bytes(request)
-    body = inputs.decode_body(data, inputs.CreateBody)
+    limits = caller.runtime.limits
+    body = await caller.runtime.decode(
+        len(data), lambda: inputs.decode_body(data, inputs.CreateBody, limits=limits)
+    )
     if inputs.given(body.prefix) and body.snapshot is not None:
         raise InvalidInput("give either prefix or snapshot, not both")
     if body.session_id and x_session_id and body.session_id != x_session_id:
@@ -113,7 +116,7 @@ async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Re
     data = await body_bytes(request)
 
     def decode() -> tuple[int | None, object]:
-        body = inputs.decode_body(data, inputs.StepBody)
+        body = inputs.decode_body(data, inputs.StepBody, limits=caller.runtime.limits)
         return body.offset, inputs.rows(body.inputs, spec, "inputs")
 
     offset, x = await caller.runtime.decode(len(data), decode)

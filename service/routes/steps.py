@@ -33,11 +33,11 @@ router = APIRouter(prefix="/v1", tags=["sessions"], route_class=LeanRoute)
 async def push_many(request: Request, caller: CallerDep) -> Response:
     data = await body_bytes(request)
     body = await caller.runtime.decode(
-        len(data), lambda: inputs.decode_body(data, inputs.ManyStepsBody)
+        len(data),
+        lambda: inputs.decode_body(data, inputs.ManyStepsBody, limits=caller.runtime.limits),
     )
-    outcomes = await push_items(
-        caller.runtime, caller.owner, many_steps.json_items(body.steps), len(data)
-    )
+    items = many_steps.json_items(body.steps, caller.runtime.limits.max_timesteps)
+    outcomes = await push_items(caller.runtime, caller.owner, items, len(data))
     return json_response({"results": [json_result(o) for o in outcomes]})
 
 

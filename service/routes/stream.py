@@ -3,8 +3,9 @@
 The handlers only decode frames, hand pushes to the SessionManager (so they join the same
 micro-batches as HTTP pushes) and encode the answers; errors are mapped in http_errors.py.
 Messages of one connection are handled one at a time: the next is read after the answer is
-sent, so a client that does not read stops being read (uvicorn queues at most ws_max_queue
-messages per connection) and server memory stays bounded.
+sent, so a client that does not read stops being read (uvicorn's sans-I/O protocol pauses
+reading after each message until it is taken), and a message being answered is held against
+the request bodies' shared budget, so server memory stays bounded.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from starlette.types import Message
 
 from service import inputs
 from service.error_codes import CLOSE_BAD_REQUEST, CLOSE_INTERNAL_ERROR
-from service.errors import InvalidInput, InvalidQuery, ServiceError
+from service.errors import InvalidInput, InvalidQuery, Overloaded, ServiceError
 from service.http_errors import error_message, websocket_close_code
+from service.limits import RequestLimits
 from service.runtime import Runtime
 from service.session_state import Session
 from service.wire import FrameError, decode_frame, encode_frame
@@ -78,7 +80,10 @@ async def attach_stream(websocket: WebSocket, session_id: str) -> None:
     started = await _accept(websocket, find)
     if started is not None:
         runtime, owner, session, params = started
-        await _serve(websocket, runtime, owner, session, params.framing == "offset")
+        try:
+            await _serve(websocket, runtime, owner, session, params.framing == "offset")
+        finally:
+            runtime.streams.release(owner)
 
 
 @router.websocket("/v1/stream")
@@ -111,6 +116,7 @@ async def open_stream(websocket: WebSocket) -> None:
         await websocket.send_text(_encode(created).decode())
         await _serve(websocket, runtime, owner, session, params.framing == "offset")
     finally:
+        runtime.streams.release(owner)
         if not params.keep:  # this very session: never a newer one that took its id
             with contextlib.suppress(ServiceError):
                 await runtime.sessions.close(session)
@@ -120,8 +126,9 @@ async def _accept(
     websocket: WebSocket,
     start: Callable[[Runtime, str, _Params], Awaitable[Session]],
 ) -> tuple[Runtime, str, Session, _Params] | None:
-    """Accept, read the parameters, authenticate (header, else the token parameter) and find
-    or open the session; on an error, close with its code and return None."""
+    """Accept, read the parameters, authenticate (header, else the token parameter), count the
+    stream against its key (the caller releases it) and find or open the session; on an error,
+    close with its code and return None."""
     runtime: Runtime = websocket.app.state.runtime
     await websocket.accept()
     headers = websocket.headers
@@ -130,8 +137,14 @@ async def _accept(
         owner = runtime.api_keys.owner(
             headers.get("authorization"), headers.get("x-api-key") or params.token
         )
+        runtime.streams.acquire(owner)
+    except ServiceError as e:
+        await close_for_error(websocket, e)
+        return None
+    try:
         return runtime, owner, await start(runtime, owner, params), params
     except ServiceError as e:
+        runtime.streams.release(owner)
         await close_for_error(websocket, e)
         return None
 
@@ -151,7 +164,7 @@ async def _serve(
         else:
             text = message.get("text") or ""
             offset, rows = await runtime.decode(
-                len(text), functools.partial(_decode_text, text, spec)
+                len(text), functools.partial(_decode_text, text, spec, runtime.limits)
             )
             result = await runtime.sessions.push(owner, session_id, rows, offset)
             body = {"outputs": result.outputs.tolist(), "position": result.position}
@@ -168,19 +181,30 @@ async def answer_messages(
 ) -> None:
     """The message loop of an accepted stream: one message at a time, answered by `answer`.
 
-    A ServiceError is answered as an error message, or closes the socket with its close code;
+    A message is held against the bodies' shared budget (max_inflight_body_bytes) while it is
+    answered: over it, the answer is `overloaded` and the message is dropped unread. A
+    ServiceError is answered as an error message, or closes the socket with its close code;
     anything else closes it with 1011. Counts connections and messages by kind and outcome.
     """
     metrics = runtime.metrics
     metrics.websocket_connections.inc()
     answered = {kind: metrics.websocket_messages.labels(kind, "ok") for kind in ("binary", "text")}
+    budget = runtime.inflight
     try:
         while True:
-            message = await websocket.receive()
+            message: Message | None = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            kind = "binary" if message.get("bytes") is not None else "text"
+            data = message.get("bytes")
+            kind = "binary" if data is not None else "text"
+            size = len(data if data is not None else message.get("text") or "")
+            held = budget.take(size)
             try:
+                if not held:
+                    raise Overloaded(
+                        "the server is holding too many request bodies and messages; retry shortly",
+                        runtime.settings.retry_after_s,
+                    )
                 await answer(message)
                 answered[kind].inc()
             except ServiceError as e:
@@ -189,6 +213,10 @@ async def answer_messages(
                     await close_for_error(websocket, e)
                     return
                 await websocket.send_text(_encode(error_message(e)).decode())
+            finally:
+                if held:
+                    budget.release(size)
+                message = data = None  # not held while the next message is awaited
     except WebSocketDisconnect:
         return
     except Exception:
@@ -211,10 +239,12 @@ def _decode_binary(
     )
 
 
-def _decode_text(text: str, spec: inputs.InputSpec) -> tuple[int | None, np.ndarray]:
+def _decode_text(
+    text: str, spec: inputs.InputSpec, limits: RequestLimits
+) -> tuple[int | None, np.ndarray]:
     if not text:
         raise InvalidInput('message: send a JSON object like {"inputs": [[...]]}')
-    body = inputs.decode_body(text.encode(), inputs.StepBody, "message")
+    body = inputs.decode_body(text.encode(), inputs.StepBody, "message", limits=limits)
     return body.offset, inputs.rows(body.inputs, spec, "inputs")
 
 

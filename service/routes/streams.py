@@ -40,6 +40,7 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
             headers.get("x-api-key") or websocket.query_params.get("token"),
         )
         runtime.check_ready()
+        runtime.streams.acquire(owner)
     except ServiceError as e:
         await close_for_error(websocket, e)
         return
@@ -56,14 +57,20 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
         else:
             text = (message.get("text") or "").encode()
             body = await runtime.decode(
-                len(text), lambda: inputs.decode_body(text, inputs.ManyStepsBody, "message")
+                len(text),
+                lambda: inputs.decode_body(
+                    text, inputs.ManyStepsBody, "message", limits=runtime.limits
+                ),
             )
-            items = many_steps.json_items(body.steps)
+            items = many_steps.json_items(body.steps, runtime.limits.max_timesteps)
             outcomes = await many_steps.push_items(runtime, owner, items, len(text))
             results = {"results": [json_result(o) for o in outcomes]}
             await websocket.send_text(_encode(results).decode())
 
-    await answer_messages(websocket, runtime, answer, "a multiplexed stream")
+    try:
+        await answer_messages(websocket, runtime, answer, "a multiplexed stream")
+    finally:
+        runtime.streams.release(owner)
 
 
 def _binary_items(data: bytes, limit: int) -> list[many_steps.Item]:

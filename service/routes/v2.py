@@ -42,13 +42,12 @@ INFER = {
 async def infer(name: str, request: Request, caller: CallerDep) -> Response:
     runner: OipInference = request.app.state.oip
     entry = caller.registry.get(name)
-    settings = caller.runtime.settings
     encoding = request.headers.get("content-encoding", "identity")
     if encoding != "identity":
         raise InvalidInput(f"Content-Encoding {encoding!r} is not supported: send the body as is")
     data = await request.body()
     header = request.headers.get(oip.INFERENCE_HEADER)
-    limits = oip.Limits(settings.max_timesteps_per_request, settings.max_sequences_per_request)
+    limits = caller.runtime.limits
     decoded = await caller.runtime.decode(
         len(data), lambda: oip.decode_request(data, header, entry.inputs, limits)
     )

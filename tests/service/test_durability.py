@@ -49,6 +49,7 @@ async def replicas(
                     rt.metrics,
                     replica=name,
                     retry_after_s=1,
+                    store_timeout_s=2.0,
                     **options,
                 )
             else:

@@ -17,7 +17,7 @@ import torch
 from starlette.websockets import WebSocketDisconnect
 
 from model import MAX_POSITION, TCN, save_model
-from service import error_codes, errors, http_errors
+from service import error_codes, errors, http_errors, http_protocol
 from service.app import create_app
 from service.wire import decode_frame, encode_frame
 from tests.service.conftest import (
@@ -285,7 +285,7 @@ def documented_errors() -> dict[str, int]:
 def test_every_error_code_is_documented_with_its_status():
     documented = documented_errors()
     raised = {cls.code for cls in _subclasses(errors.ServiceError)}
-    raised |= set(http_errors.HTTP_CODES.values()) | {"internal", "request_timeout"}
+    raised |= set(http_errors.HTTP_CODES.values()) | {"internal", *http_protocol.CODES}
     assert raised == set(error_codes.STATUS)  # the table covers every code, nothing more
     assert documented == error_codes.STATUS
 

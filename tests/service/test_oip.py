@@ -12,6 +12,7 @@ import pytest
 from service import oip
 from service.app import create_app
 from service.inputs import InputSpec
+from service.limits import RequestLimits
 from tests.service.conftest import (
     assert_rows_close,
     predict,
@@ -419,7 +420,7 @@ MANY_INPUTS = b'{"inputs":[' + b",".join([b'{"name":"a","shape":[],"datatype":""
 def test_decoding_costs_a_small_multiple_of_the_body(body, header, factor):
     """Peak memory traced while decoding (numpy's arrays included): a few times the body."""
     spec = InputSpec(2, None, np.dtype(np.float32), 1e30)
-    limits = oip.Limits(max_timesteps=10 * T, max_sequences=8)
+    limits = RequestLimits(max_timesteps=10 * T, max_sequences=8)
     tracemalloc.start()
     try:
         try:
