@@ -1,8 +1,9 @@
 """What hostile or buggy requests cost a real `tcnserve serve`, and how fast valid rows parse.
 
-For each finding of the hardening issue: the answer's status and code, the growth of the
+For each finding of the two hardening issues: the answer's status and code, the growth of the
 server's peak RSS around the request, and the longest `/healthz` answer while it ran (an
-event-loop stall shows there). Then the decode speed of valid rows per MiB, for the decoder the
+event-loop stall shows there); for dropped WebSockets, the RSS left 5 s after they are gone.
+Then the decode speed of valid rows per MiB, for the decoder the
 server uses (msgspec straight into arrays) next to pydantic validation of the same body (what
 the server did before), side by side in one run.
 
@@ -240,6 +241,101 @@ def findings(url: str, pid: int, log: Path) -> list[tuple[str, str, float, float
     return rows_out
 
 
+def round_two(url: str, pid: int) -> list[tuple[str, str, float, float]]:
+    """The findings of hardening round 2 (the session store's faults are measured by
+    tests/service/test_durability_faults.py against a stopped redis-server)."""
+    import websockets.sync.client as ws_client
+
+    probe = Probe(url, pid)
+    rows_out: list[tuple[str, str, float, float]] = []
+    a = {"X-API-Key": KEY_A}
+    c = httpx.Client(base_url=url, headers={**a, "content-type": "application/json"}, timeout=120)
+
+    def record(name: str, fn) -> None:
+        answer, growth, stall = probe(fn)
+        rows_out.append((name, describe(answer), growth, stall))
+
+    sid = c.post("/v1/sessions", json={"model": "default"}).json()["session_id"]
+    for shown, value in (("'\u00b2'", "\u00b2".encode()), ("5,000 digits", b"9" * 5000)):
+        record(
+            f"R2-1. Inference-Header-Content-Length {shown}",
+            lambda value=value: c.post(
+                "/v2/models/default/infer",
+                content=b'{"inputs": []}',
+                headers=[(b"inference-header-content-length", value)],
+            ),
+        )
+    deep = b"[" * 970 + b"]" * 970
+    record(
+        "R2-2. /predict nested 970 deep",
+        lambda: c.post("/v1/models/default/predict", content=b'{"inputs": ' + deep + b"}"),
+    )
+
+    def streams_deep() -> str:
+        ws_url = url.replace("http", "ws") + "/v1/streams"
+        with ws_client.connect(ws_url, additional_headers=a) as ws:
+            item = f'{{"session_id": "{sid}", "inputs": {deep.decode()}}}'
+            ws.send(f'{{"steps": [{item}]}}')
+            first = ws_answer(ws.recv(timeout=30))
+            ws.send(json.dumps({"steps": [{"session_id": sid, "inputs": [[0.5, 1.0]]}]}))
+            json.loads(ws.recv(timeout=30))
+        return f"{first}, socket kept"
+
+    record("R2-2. /v1/streams text nested 970 deep", streams_deep)
+
+    def dropped() -> str:
+        ws_url = url.replace("http", "ws") + f"/v1/sessions/{sid}/stream"
+        before = status_kib(pid, "VmRSS")
+        sockets = []
+        for _ in range(40):
+            ws = ws_client.connect(ws_url, additional_headers=a, max_size=None)
+            ws.send(b"\0" * (16 * MiB - 64))
+            ws.recv(timeout=60)
+            sockets.append(ws)
+        for ws in sockets:  # TCP reset, no close frame
+            ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            ws.socket.close()
+        time.sleep(5)
+        return f"RSS +{(status_kib(pid, 'VmRSS') - before) / 1024:.0f} MiB 5 s after"
+
+    record("R2-3. 40 WS x 16 MiB, then dropped", dropped)
+    one_row = b'{"inputs": [' + b",".join([b"[[0,0]]"] * 2_000_000) + b"]}"
+    record(
+        f"R2-4. /predict {len(one_row) / MiB:.0f} MiB of 1-row sequences",
+        lambda: c.post("/v1/models/default/predict", content=one_row),
+    )
+
+    def big_header() -> str:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            try:
+                for _ in range(512):  # 32 MiB
+                    sock.sendall(b"a" * 65536)
+                sock.sendall(b"\r\n\r\n")
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                return f"answer {sock.recv(12).decode()[9:12] or 'EOF'}"
+        return "reset"
+
+    record("R2-5. a 32 MiB header on /healthz", big_header)
+    items = b'{"steps": [' + b",".join([b'{"session_id": "x", "inputs": [[0,0]]}'] * 400_000)
+    items += b"]}"
+    record(
+        f"R2-6. /v1/steps {len(items) / MiB:.0f} MiB of items",
+        lambda: c.post("/v1/steps", content=items),
+    )
+    record(
+        "R2-9. empty X-API-Key beside a Bearer key",
+        lambda: httpx.get(
+            f"{url}/v1/models", headers={"X-API-Key": "", "Authorization": f"Bearer {KEY_A}"}
+        ),
+    )
+    c.close()
+    return rows_out
+
+
 def parse_speed() -> list[tuple[str, float]]:
     """MiB/s of valid rows: pydantic (the previous decoder) vs msgspec straight to arrays."""
     from typing import Annotated
@@ -279,6 +375,9 @@ def parse_speed() -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=ROOT, help="checkout whose server to run")
+    parser.add_argument(
+        "--round", choices=("1", "2", "all"), default="all", help="which issue's findings"
+    )
     args = parser.parse_args()
     print(environment())
     print(f"server from {args.source}, default model, 16 slots, two API keys, debug logging")
@@ -290,13 +389,15 @@ def main() -> None:
     }
     url, process = run_server(args.source, log, env)
     try:
-        table = findings(url, process.pid, log)
+        table = findings(url, process.pid, log) if args.round in ("1", "all") else []
+        if args.round in ("2", "all"):
+            table += round_two(url, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
-    print(f"\n{'request':<40} {'answer':<34} {'peak RSS +MiB':>13} {'/healthz max ms':>15}")
+    print(f"\n{'request':<46} {'answer':<42} {'peak RSS +MiB':>13} {'/healthz max ms':>15}")
     for name, answer, growth, stall in table:
-        print(f"{name:<40} {answer:<34} {growth:>13.0f} {stall:>15.0f}")
+        print(f"{name:<46} {answer:<42} {growth:>13.0f} {stall:>15.0f}")
     if args.source == ROOT:
         print("\nvalid rows, 200,000 x 2 in one sequence:")
         speeds = parse_speed()

@@ -237,9 +237,9 @@ def same_weight_models() -> tuple[TCN, torch.nn.Module | None, str]:
         return TCN(R1).fold_weight_norm().eval(), None, "random (pytorch-tcn not installed)"
     theirs = pytorch_tcn_like(pytorch_tcn, R1)
     try:
-        from model.convert import convert_state_dict
+        from model.convert import convert_pytorch_tcn
 
-        net, source = convert_state_dict(theirs.state_dict(), "pytorch-tcn"), "model.convert"
+        net, source = convert_pytorch_tcn(theirs), "model.convert"
         if net.config != R1:
             raise ValueError(f"model.convert built {net.config}, not R1")
     except Exception:  # an absent or unfinished converter must not stop the benchmark

@@ -67,10 +67,10 @@ def same_weights(config: TCNConfig) -> tuple[TCN, torch.nn.Module | None]:
         import pytorch_tcn
     except ImportError:
         return TCN(config).fold_weight_norm().eval(), None
-    from model.convert import convert_state_dict
+    from model.convert import convert_pytorch_tcn
 
     theirs = pytorch_tcn_like(pytorch_tcn, config)
-    return convert_state_dict(theirs.state_dict(), "pytorch-tcn").eval(), theirs
+    return convert_pytorch_tcn(theirs).eval(), theirs
 
 
 def warm_stream(net: TCN, n: int, step_kernel: str = "auto") -> tuple[StreamPool, np.ndarray]:

@@ -1,11 +1,17 @@
 """Converters: locuslab/TCN and pytorch-tcn state_dicts into a folded tcnserve TCN.
 
-A state_dict holds weights, not hyperparameters. What it cannot tell is assumed:
-- locuslab/TCN: the dilations (the paper's 2**i unless given).
-- pytorch-tcn 1.2.x: activation='relu', causal=True, the output_activation (pass it), and
-  use_skip_connections=False when all blocks have one width (otherwise its 1x1 convs give it
-  away). input_shape='NLC' only transposes: the converted model takes (B, C, T).
-  Dilations are read from the streaming padding buffers, (k - 1) * dilation steps wide.
+A state_dict holds weights, not hyperparameters. What it cannot tell is stated, never guessed:
+- locuslab/TCN: its TemporalConvNet fixes ReLU, causal convs, weight norm and dilations 2**i
+  (give others if your copy changed them); the head's output activation is stated (default
+  none, the paper's linear heads).
+- pytorch-tcn 1.2.x: the keyword arguments the model was built with (`pytorch_tcn_kwargs`,
+  `{}` for the defaults), or the live module (`convert_pytorch_tcn`): its activation, causal,
+  use_skip_connections, output_activation and input_shape change the forward and a state_dict
+  does not show them (model/pytorch_tcn_options.py). Options tcnserve cannot serve exactly are
+  refused by name. Where pytorch-tcn is importable, the source model is rebuilt and both
+  forwards are compared before anything is written. input_shape='NLC' only transposes: the
+  converted model takes (B, C, T). Dilations are read from the streaming padding buffers,
+  (k - 1) * dilation steps wide.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from model import pytorch_tcn_options
 from model.checkpoint import save_model
 from model.config import TCNConfig
 from model.tcn import TCN
@@ -102,14 +109,37 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
+PYTORCH_TCN_OPTIONS_NEEDED = (
+    "a pytorch-tcn state_dict does not record the options that change its forward "
+    "(activation, causal, use_skip_connections, output_activation, input_shape): state the "
+    "keyword arguments you built pytorch_tcn.TCN with, e.g. --pytorch-tcn-kwargs "
+    '\'{"activation": "relu", "output_activation": null}\' (\'{}\' if you used the defaults), '
+    "or convert the live module with model.convert.convert_pytorch_tcn(module)"
+)
+
+
 def convert_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     format: str = "auto",
     dilations: Sequence[int] | None = None,
     output_activation: str = "none",
+    pytorch_tcn_kwargs: Mapping[str, Any] | None = None,
 ) -> TCN:
     """A folded, eval-mode TCN computing what the source model computes."""
-    return _convert(state_dict, format, dilations, output_activation)[0]
+    return _convert(state_dict, format, dilations, output_activation, pytorch_tcn_kwargs)[0]
+
+
+def convert_pytorch_tcn(module: torch.nn.Module) -> TCN:
+    """A live pytorch_tcn.TCN -> a folded TCN: its options read from its attributes, and the
+    result checked against the module's own forward."""
+    kwargs = pytorch_tcn_options.options_of(module)
+    net, *_ = _convert(module.state_dict(), "pytorch-tcn", None, "none", kwargs, verify=False)
+    training = module.training
+    try:
+        pytorch_tcn_options.verify(net, module.eval(), kwargs["input_shape"])
+    finally:
+        module.train(training)
+    return net
 
 
 def convert_file(
@@ -118,11 +148,21 @@ def convert_file(
     format: str = "auto",
     dilations: Sequence[int] | None = None,
     output_activation: str = "none",
+    pytorch_tcn_kwargs: Mapping[str, Any] | None = None,
 ) -> TCNConfig:
-    """Convert a state_dict file into a tcnserve checkpoint directory; return its config."""
+    """Convert a state_dict file into a tcnserve checkpoint directory; return its config.
+    Nothing is written unless the conversion is exact (as far as can be checked here: see
+    the checkpoint metadata's `verified_against`)."""
     state = load_state_dict_file(src)
-    net, fmt, dilations_from = _convert(state, format, dilations, output_activation)
-    metadata = {"source_format": fmt, "source_file": Path(src).name, "dilations": dilations_from}
+    net, fmt, dilations_from, checked = _convert(
+        state, format, dilations, output_activation, pytorch_tcn_kwargs
+    )
+    metadata = {
+        "source_format": fmt,
+        "source_file": Path(src).name,
+        "dilations": dilations_from,
+        **checked,
+    }
     save_model(net, dst, metadata=metadata)
     return net.config
 
@@ -132,12 +172,27 @@ def _convert(
     format: str,
     dilations: Sequence[int] | None,
     output_activation: str,
-) -> tuple[TCN, str, str]:
+    pytorch_tcn_kwargs: Mapping[str, Any] | None = None,
+    verify: bool = True,
+) -> tuple[TCN, str, str, dict[str, Any]]:
+    """(net, format, where the dilations came from, what the conversion was checked against)."""
     fmt = detect_format(state) if format == "auto" else format
     if fmt not in FORMATS:
         raise ValueError(f"format must be auto, {' or '.join(FORMATS)}; got {format!r}")
+    options = None
     if fmt == "pytorch-tcn":
+        if pytorch_tcn_kwargs is None:
+            raise ValueError(PYTORCH_TCN_OPTIONS_NEEDED)
+        if output_activation != "none":
+            raise ValueError(
+                "for pytorch-tcn, state the output activation among its options "
+                '(pytorch_tcn_kwargs {"output_activation": ...}), as the model was built'
+            )
         _refuse_pytorch_tcn_options(state)
+        options = pytorch_tcn_options.parse(pytorch_tcn_kwargs)
+        output_activation = options.output_activation
+    elif pytorch_tcn_kwargs is not None:
+        raise ValueError("pytorch_tcn_kwargs are for pytorch-tcn state_dicts only")
     prefix, blocks, rest = _split_blocks(state)
     if fmt == "locuslab":
         convs = [_locuslab_block(i, b) for i, b in enumerate(blocks)]
@@ -161,7 +216,29 @@ def _convert(
         source = "padding buffers"
     else:
         source = "default 2**i"
-    return _build(convs, head, embedding, dilations, output_activation), fmt, source
+    net = _build(convs, head, embedding, dilations, output_activation)
+    checked: dict[str, Any] = {}
+    if options is not None:
+        plain = any(k.endswith("conv1.weight") for k in state)
+        pytorch_tcn_options.check_against_weights(options, net, plain)
+        checked = {"pytorch_tcn_kwargs": options.kwargs, "verified_against": None}
+        if verify and pytorch_tcn_options.available():
+            source_net = pytorch_tcn_options.rebuild(options, net, state)
+            difference = pytorch_tcn_options.verify(net, source_net, options.input_shape)
+            checked |= {
+                "verified_against": f"pytorch-tcn {_version('pytorch-tcn')}",
+                "max_abs_difference": difference,
+            }
+    return net, fmt, source, checked
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _split_blocks(state: Mapping[str, torch.Tensor]) -> tuple[str, list[Tensors], Tensors]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from model.checkpoint import read_checkpoint_info
@@ -11,10 +12,17 @@ from model.convert import FORMATS, convert_file
 
 EPILOG = """\
 The file is loaded with torch.load(weights_only=True) (or as .safetensors): a whole pickled
-model is refused; save its state_dict instead. A state_dict holds no hyperparameters:
-locuslab dilations default to the paper's 2**i (pass --dilations if yours differ); pytorch-tcn
-dilations are read from its padding buffers, and its activation, causal and output_activation
-options are assumed to be the defaults (relu, causal, none) unless given here.
+model is refused; save its state_dict instead. A state_dict holds no hyperparameters, and
+nothing it cannot show is guessed:
+  locuslab/TCN: the TemporalConvNet fixes relu, causal and dilations 2**i (pass --dilations if
+  yours differ); state the head's activation with --output-activation.
+  pytorch-tcn: --pytorch-tcn-kwargs is required: the JSON object of keyword arguments the
+  model was built with ('{}' for the defaults), e.g.
+      --pytorch-tcn-kwargs '{"use_norm": null, "output_activation": "tanh"}'
+  Options tcnserve cannot serve exactly are refused by name. With pytorch-tcn installed, the
+  model is rebuilt from them and both forwards are compared (max |difference| <= 1e-5 +
+  1e-5 * max |output|) before the checkpoint is written; without it, the checkpoint records
+  that it was not verified.
 """
 
 
@@ -35,8 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--output-activation",
         choices=OUTPUT_ACTIVATIONS,
         default="none",
-        help="activation over channels after the head (not stored in a state_dict)",
+        help="locuslab: activation over channels after the head (not stored in a state_dict)",
     )
+    parser.add_argument(
+        "--pytorch-tcn-kwargs",
+        type=parse_kwargs,
+        default=None,
+        metavar="JSON",
+        help="pytorch-tcn: the TCN(...) keyword arguments the model was built with (required)",
+    )
+
+
+def parse_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, like \'{"activation": "relu"}\'')
+    return value
 
 
 def parse_dilations(text: str) -> tuple[int, ...]:
@@ -54,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             format=args.format,
             dilations=args.dilations,
             output_activation=args.output_activation,
+            pytorch_tcn_kwargs=args.pytorch_tcn_kwargs,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -67,4 +93,16 @@ def run(args: argparse.Namespace) -> int:
         f"output_activation={config.output_activation} "
         f"receptive_field={config.receptive_field}"
     )
+    if metadata["source_format"] == "pytorch-tcn":
+        if metadata.get("verified_against"):
+            print(
+                f"verified against {metadata['verified_against']}: max |difference| "
+                f"{metadata['max_abs_difference']:.3g} on random input"
+            )
+        else:
+            print(
+                "warning: pytorch-tcn is not installed here, so the conversion was not checked "
+                "against its forward (pip install pytorch-tcn==1.2.3, then convert again)",
+                file=sys.stderr,
+            )
     return 0

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from model import pytorch_tcn_options
 from model.checkpoint import load_model, read_checkpoint_info
-from model.convert import convert_file, convert_state_dict, detect_format
+from model.convert import convert_file, convert_pytorch_tcn, convert_state_dict, detect_format
 from service import cli
 from tests.model.locuslab_reference import (
     PaperLanguageModel,
@@ -62,7 +64,7 @@ def test_pytorch_tcn_forward_matches(tmp_path, num_inputs, channels, k, projecti
         0, num_inputs, channels, kernel_size=k, dilations=dilations, output_projection=projection
     )
     assert detect_format(theirs.state_dict()) == "pytorch-tcn"
-    ours = converted(tmp_path, theirs.state_dict())
+    ours = converted(tmp_path, theirs.state_dict(), pytorch_tcn_kwargs={})
     assert list(ours.config.channels) == channels
     assert ours.config.kernel_size == k
     assert list(ours.config.dilations) == (dilations or [2**i for i in range(len(channels))])
@@ -77,7 +79,8 @@ def test_pytorch_tcn_forward_matches(tmp_path, num_inputs, channels, k, projecti
 def test_pytorch_tcn_output_activation_and_safetensors_input(tmp_path):
     theirs = their_tcn(1, 2, [4, 3], kernel_size=3, output_projection=2, output_activation="tanh")
     save_file(theirs.state_dict(), str(tmp_path / "w.safetensors"))
-    convert_file(tmp_path / "w.safetensors", tmp_path / "ckpt", output_activation="tanh")
+    kwargs = {"output_activation": "tanh"}
+    convert_file(tmp_path / "w.safetensors", tmp_path / "ckpt", pytorch_tcn_kwargs=kwargs)
     x = inputs(2, seed=2)
     torch.testing.assert_close(load_model(tmp_path / "ckpt")(x), theirs(x), **TOL)
 
@@ -85,7 +88,8 @@ def test_pytorch_tcn_output_activation_and_safetensors_input(tmp_path):
 def test_pytorch_tcn_without_weight_norm_is_a_plain_conv(tmp_path):
     theirs = their_tcn(2, 3, [5, 5], kernel_size=2, use_norm=None)
     x = inputs(3, seed=3)
-    torch.testing.assert_close(converted(tmp_path, theirs.state_dict())(x), theirs(x), **TOL)
+    ours = converted(tmp_path, theirs.state_dict(), pytorch_tcn_kwargs={"use_norm": None})
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
 
 
 @pytest.mark.parametrize(
@@ -100,14 +104,14 @@ def test_pytorch_tcn_without_weight_norm_is_a_plain_conv(tmp_path):
 )
 def test_pytorch_tcn_unsupported_options_are_refused(kwargs, option):
     theirs = pytorch_tcn.TCN(2, [4, 6], kernel_size=3, **kwargs)
-    with pytest.raises(ValueError, match=option):
-        convert_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match=option):  # the file shows these, even unstated
+        convert_state_dict(theirs.state_dict(), pytorch_tcn_kwargs={})
 
 
 def test_pytorch_tcn_dilations_that_contradict_the_buffers_are_refused():
     theirs = pytorch_tcn.TCN(2, [4, 4], kernel_size=3)
     with pytest.raises(ValueError, match="contradict the padding buffers"):
-        convert_state_dict(theirs.state_dict(), dilations=[1, 4])
+        convert_state_dict(theirs.state_dict(), dilations=[1, 4], pytorch_tcn_kwargs={})
 
 
 # --- locuslab/TCN ---------------------------------------------------------------------------
@@ -228,9 +232,11 @@ def convert_only_cli(monkeypatch):
 def test_cli_converts_and_prints_a_summary(tmp_path, capsys, convert_only_cli):
     theirs = their_tcn(12, 3, [4, 5], kernel_size=3, output_projection=2)
     torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
-    assert cli.main(["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]) == 0
+    argv = ["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]
+    assert cli.main([*argv, "--pytorch-tcn-kwargs", '{"output_projection": 2}']) == 0
     out = capsys.readouterr().out
     assert "pytorch-tcn" in out and "receptive_field=13" in out
+    assert "verified against pytorch-tcn 1.2.3" in out
     x = inputs(3, seed=13)
     torch.testing.assert_close(load_model(tmp_path / "ckpt")(x), theirs(x), **TOL)
 
@@ -251,3 +257,113 @@ def test_cli_reports_a_bad_file_with_exit_code_2(tmp_path, capsys, convert_only_
     assert cli.main(["convert", str(tmp_path / "junk.pt"), str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "junk.pt" in err
+
+
+# --- pytorch-tcn: what a state_dict cannot show is stated, never assumed --------------------
+
+# The options of the table: each changes the forward and leaves the state_dict as it is.
+HIDDEN = [
+    ({"activation": "gelu"}, "activation='gelu'"),
+    ({"activation": "tanh"}, "activation='tanh'"),
+    ({"use_skip_connections": True}, "use_skip_connections=True"),
+    ({"causal": False}, "causal=False: each output then depends on later inputs"),
+    ({"output_projection": 3, "output_activation": "softmax"}, "normalises over the batch"),
+    ({"output_projection": 3, "output_activation": "relu"}, "output_activation='relu'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), HIDDEN)
+def test_options_a_state_dict_hides_are_never_assumed(tmp_path, kwargs, message):
+    theirs = their_tcn(20, 3, [16] * 4, kernel_size=3, **kwargs)
+    state = theirs.state_dict()
+    assert detect_format(state) == "pytorch-tcn"
+    with pytest.raises(ValueError, match="--pytorch-tcn-kwargs"):  # unstated: refused
+        convert_state_dict(state)
+    with pytest.raises(ValueError, match=re.escape(message)):  # stated: refused by name
+        convert_state_dict(state, pytorch_tcn_kwargs=kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):  # the live module: read, refused
+        convert_pytorch_tcn(theirs)
+    torch.save(state, tmp_path / "theirs.pt")
+    with pytest.raises(ValueError):
+        convert_file(tmp_path / "theirs.pt", tmp_path / "ckpt", pytorch_tcn_kwargs=kwargs)
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"use_norm": None},
+        {"input_shape": "NLC", "output_projection": 2, "output_activation": "sigmoid"},
+        {"dilations": [1, 3, 2], "output_projection": 4, "output_activation": "tanh"},
+        {"dilation_reset": 2, "dropout": 0.3, "kernel_initializer": "kaiming_uniform"},
+    ],
+)
+def test_the_live_module_and_stated_options_convert_exactly(tmp_path, kwargs):
+    theirs = their_tcn(21, 3, [6, 8, 8], kernel_size=3, **kwargs).eval()
+    x = inputs(3, seed=22)
+    theirs_x = x.transpose(1, 2) if kwargs.get("input_shape") == "NLC" else x
+    expected = theirs(theirs_x)
+    if kwargs.get("input_shape") == "NLC":
+        expected = expected.transpose(1, 2)
+    torch.testing.assert_close(convert_pytorch_tcn(theirs)(x), expected, **TOL)
+    ours = converted(tmp_path, theirs.state_dict(), pytorch_tcn_kwargs=kwargs)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+    _, metadata = read_checkpoint_info(tmp_path / "ckpt")
+    assert metadata["verified_against"] == "pytorch-tcn 1.2.3"
+    assert metadata["max_abs_difference"] <= 1e-5
+    assert metadata["pytorch_tcn_kwargs"] == kwargs
+
+
+def test_stated_options_that_contradict_the_weights_are_refused():
+    plain = their_tcn(23, 2, [4, 4], kernel_size=3, use_norm=None).state_dict()
+    message = re.escape("use_norm='weight_norm' (the weights are plain")
+    with pytest.raises(ValueError, match=message):
+        convert_state_dict(plain, pytorch_tcn_kwargs={})
+    state = their_tcn(24, 2, [4, 4], kernel_size=3).state_dict()
+    for wrong, message in (
+        ({"num_channels": [4, 5]}, "num_channels"),
+        ({"kernel_size": 4}, "kernel_size=4"),
+        ({"dilations": [1, 4]}, "dilations"),
+        ({"num_inputs": 3}, "num_inputs=3"),
+        ({"colour": "red"}, "unknown pytorch-tcn"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            convert_state_dict(state, pytorch_tcn_kwargs=wrong)
+
+
+def test_a_conversion_that_differs_from_the_library_is_not_written(tmp_path, monkeypatch):
+    theirs = their_tcn(25, 2, [4, 4], kernel_size=3)
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    rebuild = pytorch_tcn_options.rebuild
+
+    def drifted(*args):  # the library computing something else than the conversion
+        source = rebuild(*args)
+        with torch.no_grad():
+            source.network[1].conv2.bias.add_(1e-3)
+        return source
+
+    monkeypatch.setattr(pytorch_tcn_options, "rebuild", drifted)
+    with pytest.raises(ValueError, match="differs from pytorch-tcn's own forward by"):
+        convert_file(tmp_path / "theirs.pt", tmp_path / "ckpt", pytorch_tcn_kwargs={})
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_without_pytorch_tcn_the_checkpoint_says_it_was_not_verified(tmp_path, monkeypatch):
+    theirs = their_tcn(26, 2, [4, 4], kernel_size=3)
+    monkeypatch.setattr(pytorch_tcn_options, "available", lambda: False)
+    ours = converted(tmp_path, theirs.state_dict(), pytorch_tcn_kwargs={})
+    _, metadata = read_checkpoint_info(tmp_path / "ckpt")
+    assert metadata["verified_against"] is None and "max_abs_difference" not in metadata
+    x = inputs(2, seed=27)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+def test_cli_refuses_pytorch_tcn_without_its_options(tmp_path, capsys, convert_only_cli):
+    torch.save(their_tcn(28, 2, [4], kernel_size=3).state_dict(), tmp_path / "theirs.pt")
+    argv = ["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]
+    assert cli.main(argv) == 2
+    assert "--pytorch-tcn-kwargs" in capsys.readouterr().err
+    assert cli.main([*argv, "--pytorch-tcn-kwargs", '{"activation": "gelu"}']) == 2
+    assert "activation='gelu'" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
