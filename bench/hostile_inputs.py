@@ -82,9 +82,11 @@ def describe(r) -> str:
     if isinstance(r, str):
         return r
     try:
-        code = r.json().get("error", {}).get("code", "")
+        error = r.json().get("error", {})
     except ValueError:
-        code = "(not JSON)"
+        error = "(not JSON)"
+    # /v2 answers {"error": "message"} (the Open Inference Protocol's form)
+    code = error.get("code", "") if isinstance(error, dict) else f"{error[:24]}..."
     return f"{r.status_code} {code}".strip()
 
 

@@ -16,10 +16,29 @@ from __future__ import annotations
 import contextlib
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 
 
 class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
-    """WebSocketsSansIOProtocol whose parser sees the end of the stream, however it ends."""
+    """WebSocketsSansIOProtocol whose parser sees the end of the stream, however it ends, and
+    keeps no frame's payload once the message has been handed on."""
+
+    # The parser generator keeps the last frame it read as a local until the next frame
+    # arrives, so an idle connection held its last message (up to max_body_bytes) after the
+    # app had answered it. Once a data frame is handled, uvicorn holds its payload where it
+    # needs it (the message, or the fragments so far); the frame lets go of it.
+
+    def handle_text(self, event: Frame) -> None:
+        super().handle_text(event)
+        event.data = b""
+
+    def handle_bytes(self, event: Frame) -> None:
+        super().handle_bytes(event)
+        event.data = b""
+
+    def handle_cont(self, event: Frame) -> None:
+        super().handle_cont(event)
+        event.data = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

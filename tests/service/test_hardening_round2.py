@@ -267,3 +267,34 @@ def test_a_key_holds_at_most_max_streams_per_key_streams(make_settings):
         with client.websocket_connect(url, headers=headers) as ws:
             ws.send_text(json.dumps({"inputs": [[0.5, 0.5]]}))
             assert ws.receive_json()["position"] == 1
+
+
+# ----- the docs state the facts the code holds ---------------------------------------------------
+
+
+def test_every_setting_is_documented_with_its_default():
+    import re
+    from pathlib import Path
+
+    from service.settings import Settings
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    table = text.split("## Settings", 1)[1].split("\n\n**Shutdown", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \|[^|]*\| ([^|]*) \|", table, re.MULTILINE))
+    assert set(Settings.model_fields) <= set(rows), set(Settings.model_fields) - set(rows)
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if default is None or not isinstance(default, (bool, int, float, str)):
+            continue
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        if isinstance(default, float) and default.is_integer():
+            shown = str(int(default))
+        assert rows[name].strip().startswith(f"`{shown}`"), (name, shown, rows[name])
+
+
+def test_the_docs_state_the_json_depth_limit():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    assert f"JSON nested more than {json_bounds.MAX_DEPTH} levels deep" in text
+    assert f"at most {json_bounds.MAX_DEPTH} levels deep" in text
