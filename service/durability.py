@@ -264,6 +264,7 @@ class SessionDurability:
             logger.warning("took a session over without its owner's handoff (owner unresponsive)")
         record = SessionRecord.decode(claim.record or b"")
         owner, session_id = key
+        self._disown(key)  # nothing of an earlier stay here counts now
         self._epochs[key] = claim.epoch
         try:
             session, _ = await self._sessions.create(
@@ -301,7 +302,8 @@ class SessionDurability:
                 await asyncio.shield(pending)
         session = self._sessions.local(*key)
         if session is None or session.closed:
-            epoch = self._epochs.pop(key, None)
+            epoch = self._epochs.get(key)
+            self._disown(key)
             if epoch is not None:  # owned here but not held (it failed to open): release
                 await self.store.save([Write(key, epoch, None, self._ttl_ms(600.0), True)])
             return
@@ -310,8 +312,7 @@ class SessionDurability:
 
     async def _drop(self, key: SessionKey) -> None:
         """Another replica took this session over: forget the copy here, unwritten."""
-        self._epochs.pop(key, None)
-        self._saved.pop(key, None)
+        self._disown(key)
         session = self._sessions.local(*key)
         if session is None:
             return
@@ -418,8 +419,7 @@ class SessionDurability:
                     written += 1
                     self._saved[key] = (record.position, session.last_used_at)
                 if release:
-                    self._epochs.pop(key, None)
-                    self._saved.pop(key, None)
+                    self._disown(key)
                     await self._sessions.forget(session)
                 elif not ok:  # fenced off: another replica owns it now
                     await self._drop(key)
@@ -445,6 +445,13 @@ class SessionDurability:
             for s, rows in zip(sessions, tails, strict=True)
         ]
 
+    def _disown(self, key: SessionKey) -> None:
+        """Forget what this replica knew of a session it no longer owns."""
+        self._epochs.pop(key, None)
+        self._saved.pop(key, None)
+        self._unsaved_since.pop(key, None)
+        self._writing.pop(key, None)
+
     def _uncapture(self, captured: dict[SessionKey, float]) -> None:
         """A write failed: what it captured is unstored again, since the oldest push."""
         for key, since in captured.items():
@@ -456,21 +463,33 @@ class SessionDurability:
 
     async def _register(self, key: SessionKey, record: SessionRecord, ttl_s: float) -> bool:
         encoded = record.encode()
+        earlier = self._unconfirmed.get(key)
         await self._stop_cleanup(key)
+        if earlier is not None and earlier != encoded:
+            # Another create of the id than the one whose answer was lost: that one's record
+            # must go first, or it would stand in for this one.
+            try:
+                await self.store.delete(key, 1)
+            except (RedisError, OSError) as e:
+                self._arm_cleanup(key, earlier)
+                raise self._unreachable(e) from None
         try:
             registered = await self.store.register(key, encoded, self._ttl_ms(ttl_s))
         except (RedisError, OSError) as e:
             # Applied or not, nobody can tell: refuse it here, and delete it once the store
             # answers again, unless a retry of the same create comes first.
-            self._unconfirmed[key] = encoded
-            self._cleanups[key] = asyncio.create_task(
-                self._clean_unconfirmed(key), name="store-unconfirmed"
-            )
+            self._arm_cleanup(key, encoded)
             raise self._unreachable(e) from None
         self._unconfirmed.pop(key, None)
         if registered:
             self._epochs[key] = 1
         return registered
+
+    def _arm_cleanup(self, key: SessionKey, record: bytes) -> None:
+        self._unconfirmed[key] = record
+        self._cleanups[key] = asyncio.create_task(
+            self._clean_unconfirmed(key), name="store-unconfirmed"
+        )
 
     async def _clean_unconfirmed(self, key: SessionKey) -> None:
         """Delete a record whose register failed, once the store answers: twice, a while

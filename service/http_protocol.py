@@ -104,6 +104,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def handle_websocket_upgrade(self) -> None:
+        if self._refused:  # its headers were answered 431: nothing to upgrade
+            return
         self._disarm()  # the WebSocket protocol takes over; its own pings time it out
         super().handle_websocket_upgrade()
 
@@ -136,7 +138,10 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         """431 and close: nothing of this request reaches the app, nothing more is read."""
         self._refused = True
         self._disarm()
-        if not self.transport.is_closing():
+        # A pipelined request behind one still being answered: its 431 would land inside that
+        # answer, so the connection just closes.
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not self.transport.is_closing() and not answering:
             self.transport.write(
                 _closing_response(
                     HEADERS_TOO_LARGE,
@@ -144,6 +149,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
                     f"({self.max_header_bytes} bytes)",
                 )
             )
+        if not self.transport.is_closing():
             self.transport.close()
 
 

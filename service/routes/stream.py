@@ -147,6 +147,9 @@ async def _accept(
         runtime.streams.release(owner)
         await close_for_error(websocket, e)
         return None
+    except BaseException:  # a bug, a cancellation: the stream is not held either way
+        runtime.streams.release(owner)
+        raise
 
 
 async def _serve(
@@ -197,7 +200,7 @@ async def answer_messages(
                 return
             data = message.get("bytes")
             kind = "binary" if data is not None else "text"
-            size = len(data if data is not None else message.get("text") or "")
+            size = _held_bytes(message)
             held = budget.take(size)
             try:
                 if not held:
@@ -225,6 +228,16 @@ async def answer_messages(
             await websocket.close(CLOSE_INTERNAL_ERROR, "internal server error")
     finally:
         metrics.websocket_connections.dec()
+
+
+def _held_bytes(message: Message) -> int:
+    """A message's size as held: bytes, or text's UTF-8 size bound (its length when ASCII:
+    isascii is O(1) on CPython's strings)."""
+    data = message.get("bytes")
+    if data is not None:
+        return len(data)
+    text = message.get("text") or ""
+    return len(text) if text.isascii() else 4 * len(text)
 
 
 def _decode_binary(

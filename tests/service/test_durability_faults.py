@@ -256,3 +256,61 @@ def _redis_pid(url: str) -> str:
         raise AssertionError(f"redis-server does not answer: {e}") from None
     finally:
         client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_session_that_moves_away_and_back_starts_its_bound_afresh(make_settings):
+    from service.session_store import MemorySpace
+
+    space, clock = MemorySpace(), FakeClock(1000.0)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for name in ("replica-a", "replica-b"):
+            app = create_app(make_settings())
+            rt = runtime_of(app)
+            rt.durability = SessionDurability(
+                MemoryStore(space),
+                rt.sessions,
+                rt.registry,
+                rt.metrics,
+                replica=name,
+                snapshot_interval_s=INTERVAL_S,
+                handoff_timeout_s=5.0,
+                retry_after_s=1,
+                store_timeout_s=STORE_TIMEOUT_S,
+                monotonic=clock,
+            )
+            clients.append(await stack.enter_async_context(async_serving(app)))
+        a, b = clients
+        sid = (await a.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
+        assert (await push(a, sid, 0, 2)).status_code == 200  # unstored on A from t = 1000
+        assert (await push(b, sid, 2, 4)).status_code == 200  # handed off: stored, moved to B
+        clock.advance(BOUND_S + 1)
+        b_durability = runtime_of(b._transport.app).durability
+        assert await b_durability.save_changed() == 1  # B stores its push
+        r = await push(a, sid, 4, 6)  # back to A: what A knew of it before must not count
+        assert r.status_code == 200, r.text
+        a_durability = runtime_of(a._transport.app).durability
+        assert set(a_durability._unsaved_since) == {("anonymous", sid)}
+        assert not b_durability._unsaved_since and not b_durability._writing
+        # Taken over without a handoff (what a forced takeover tells the old owner): A forgets
+        # the session's unstored pushes with it.
+        await a_durability._on_message("taken", "anonymous", sid)
+        assert not a_durability._unsaved_since and not a_durability._writing
+
+
+@pytest.mark.asyncio
+async def test_another_create_of_a_lost_id_replaces_the_unanswered_one(make_settings):
+    store, clock = FaultyStore(), FakeClock(1000.0)
+    async with replica(make_settings, store, clock) as (client, durability):
+        first = {"model": "tiny", "session_id": "lost-then-other", "prefix": ROWS[:3]}
+        store.lose_register_answers = True
+        assert (await client.post("/v1/sessions", json=first)).status_code == 503
+        store.lose_register_answers = False
+        other = {**first, "prefix": ROWS[:5]}
+        r = await client.post("/v1/sessions", json=other)
+        assert r.status_code == 201, r.text
+        assert r.json()["position"] == 5
+        assert not durability._unconfirmed and not durability._cleanups
+        info = (await client.get("/v1/sessions/lost-then-other")).json()
+        assert info["position"] == 5
