@@ -53,7 +53,9 @@ class FaultyStore(MemoryStore):
 
 
 @contextlib.asynccontextmanager
-async def replica(make_settings, store: FaultyStore, clock: FakeClock) -> AsyncIterator:
+async def replica(
+    make_settings, store: MemoryStore, clock: FakeClock, name: str = "replica-a"
+) -> AsyncIterator:
     app = create_app(make_settings())
     rt = runtime_of(app)
     rt.durability = SessionDurability(
@@ -61,9 +63,9 @@ async def replica(make_settings, store: FaultyStore, clock: FakeClock) -> AsyncI
         rt.sessions,
         rt.registry,
         rt.metrics,
-        replica="replica-a",
+        replica=name,
         snapshot_interval_s=INTERVAL_S,
-        handoff_timeout_s=1.0,
+        handoff_timeout_s=5.0,
         retry_after_s=1,
         store_timeout_s=STORE_TIMEOUT_S,
         monotonic=clock,
@@ -263,34 +265,17 @@ async def test_a_session_that_moves_away_and_back_starts_its_bound_afresh(make_s
     from service.session_store import MemorySpace
 
     space, clock = MemorySpace(), FakeClock(1000.0)
-    async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for name in ("replica-a", "replica-b"):
-            app = create_app(make_settings())
-            rt = runtime_of(app)
-            rt.durability = SessionDurability(
-                MemoryStore(space),
-                rt.sessions,
-                rt.registry,
-                rt.metrics,
-                replica=name,
-                snapshot_interval_s=INTERVAL_S,
-                handoff_timeout_s=5.0,
-                retry_after_s=1,
-                store_timeout_s=STORE_TIMEOUT_S,
-                monotonic=clock,
-            )
-            clients.append(await stack.enter_async_context(async_serving(app)))
-        a, b = clients
+    async with (
+        replica(make_settings, MemoryStore(space), clock, "replica-a") as (a, a_durability),
+        replica(make_settings, MemoryStore(space), clock, "replica-b") as (b, b_durability),
+    ):
         sid = (await a.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
         assert (await push(a, sid, 0, 2)).status_code == 200  # unstored on A from t = 1000
         assert (await push(b, sid, 2, 4)).status_code == 200  # handed off: stored, moved to B
         clock.advance(BOUND_S + 1)
-        b_durability = runtime_of(b._transport.app).durability
         assert await b_durability.save_changed() == 1  # B stores its push
         r = await push(a, sid, 4, 6)  # back to A: what A knew of it before must not count
         assert r.status_code == 200, r.text
-        a_durability = runtime_of(a._transport.app).durability
         assert set(a_durability._unsaved_since) == {("anonymous", sid)}
         assert not b_durability._unsaved_since and not b_durability._writing
         # Taken over without a handoff (what a forced takeover tells the old owner): A forgets
