@@ -303,11 +303,14 @@ async def until_queued_from_elsewhere(worker: ModelWorker, n: int) -> None:
 
 
 @contextlib.contextmanager
-def uvicorn_thread(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
+def uvicorn_thread(app: FastAPI, **config_kwargs) -> Iterator[tuple[str, uvicorn.Server]]:
     """`app` under a real uvicorn server on a free loopback port, run in a thread of this process
     so that a test can reach its runtime (hold its worker, move its clock); yields (base url,
-    server), the models loaded. On exit the server shuts down as on SIGTERM."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server), the models loaded. On exit the server shuts down as on SIGTERM. `config_kwargs`
+    go to uvicorn.Config (e.g. the protocols `tcnserve serve` uses)."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_level="warning", **config_kwargs
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-in-thread", daemon=True)
     thread.start()

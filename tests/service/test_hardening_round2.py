@@ -303,37 +303,20 @@ def test_the_docs_state_the_json_depth_limit():
 def test_an_oversized_websocket_handshake_in_one_read_is_a_clean_431(make_settings, caplog):
     import logging
     import socket
-    import threading
-    import time
-
-    import uvicorn
 
     from service.http_protocol import deadline_protocol
     from service.ws_protocol import ReleasingWebSocketProtocol
-    from tests.service.conftest import free_port
+    from tests.service.conftest import uvicorn_thread
 
-    app = create_app(make_settings())
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        port=port,
-        log_level="warning",
-        http=deadline_protocol(30.0, 2000),
-        ws=ReleasingWebSocketProtocol,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (server.started and runtime_of(app).ready) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    protocols = {"http": deadline_protocol(30.0, 2000), "ws": ReleasingWebSocketProtocol}
+    with uvicorn_thread(create_app(make_settings()), **protocols) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
         request = (
             b"GET /v1/streams HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
             b"X-Big: " + b"a" * 3000 + b"\r\n\r\n"
         )
-        with caplog.at_level(logging.ERROR), socket.create_connection(("127.0.0.1", port)) as s:
+        with caplog.at_level(logging.ERROR), socket.create_connection((host, int(port))) as s:
             s.sendall(request)  # one write, one read: the headers complete in one feed
             s.settimeout(10)
             answer = b""
@@ -341,6 +324,3 @@ def test_an_oversized_websocket_handshake_in_one_read_is_a_clean_431(make_settin
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-    finally:
-        server.should_exit = True
-        thread.join(30)
