@@ -102,15 +102,16 @@ class ModelWorker:
         self._delay = max_batch_delay_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # deliveries: lists of jobs
         self._outboxes: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-        self._submitted = 0  # jobs handed in (event loop side)
+        self._delivered = 0  # jobs put on the thread's queue (event loop side)
         self._taken = 0  # jobs the thread has taken out of the queue (worker side)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=f"tcnserve-{name}", daemon=True)
 
     @property
     def queued(self) -> int:
-        """Jobs submitted that the thread has not taken up yet."""
-        return self._submitted - self._taken
+        """Jobs delivered to the thread's queue that it has not taken up yet (a job still in
+        its loop's outbox, waiting for the turn to end, is not counted)."""
+        return self._delivered - self._taken
 
     def start(self) -> None:
         self._thread.start()
@@ -206,7 +207,6 @@ class ModelWorker:
     def _submit(self, job: _Job) -> None:
         if self._stopped:
             raise WorkerStopped(f"model {self.name!r} is shutting down")
-        self._submitted += 1
         box = self._outboxes.get(job.loop)
         if box is None:
             box = self._outboxes[job.loop] = []
@@ -223,6 +223,9 @@ class ModelWorker:
             _settle(loop, [(job.done, None, stopped) for job in jobs])
             return
         self._queue.put(jobs)
+        # Counted once on the queue, never before: a caller that sees n queued can rely on the
+        # thread finding all n there.
+        self._delivered += len(jobs)
 
     # ----- the worker thread -----------------------------------------------------------------
 
