@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -25,9 +29,17 @@ across sessions. One process owns its sessions: run one uvicorn worker per proce
 """
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock = time.time) -> FastAPI:
-    """Build an app; `clock` (Unix seconds) is injectable so tests control session TTLs."""
-    runtime = Runtime(settings if settings is not None else Settings(), clock)
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock = time.time,
+    engine_socket: str | None = None,
+) -> FastAPI:
+    """Build an app; `clock` (Unix seconds) is injectable so tests control session TTLs. With
+    `engine_socket` the app is an edge of the engine process there (service/engine/)."""
+    if engine_socket is None:
+        refuse_uvicorn_workers()
+    runtime = Runtime(settings if settings is not None else Settings(), clock, engine_socket)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,3 +76,31 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.time) ->
     app.add_middleware(ApiKeyMiddleware, api_keys=runtime.api_keys)  # before any body is read
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)  # outermost of ours
     return app
+
+
+UVICORN_WORKERS_REFUSED = (
+    "tcnserve: refusing to run under `uvicorn --workers N`: each uvicorn worker would hold its "
+    "own sessions, and a session's pushes landing on another worker would answer 404. Run "
+    "`tcnserve serve --workers N` instead: N edge processes on one port in front of one engine "
+    "that holds every session (docs/scaling.md)."
+)
+
+
+def refuse_uvicorn_workers() -> None:
+    """Exit (uvicorn's startup-failure status, which stops its supervisor too) when this is one
+    of several `uvicorn --workers` processes."""
+    if multiprocessing.parent_process() is None:  # uvicorn's workers are spawned children
+        return
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        argv = []
+    workers = os.environ.get("WEB_CONCURRENCY", "1")
+    for i, arg in enumerate(argv):
+        if arg == "--workers" and i + 1 < len(argv):
+            workers = argv[i + 1]
+        elif arg.startswith("--workers="):
+            workers = arg.partition("=")[2]
+    if workers.isdigit() and int(workers) > 1:
+        print(UVICORN_WORKERS_REFUSED, file=sys.stderr, flush=True)
+        sys.exit(3)  # uvicorn.config.STARTUP_FAILURE

@@ -29,6 +29,7 @@ STATUS: dict[str, int] = {
     "draining": 503,
     "overloaded": 503,
     "durability_unavailable": 503,
+    "engine_unavailable": 503,
     "internal": 500,
 }
 
@@ -54,6 +55,7 @@ CLOSE: dict[str, int] = {
     "key_quota_exceeded": 4429,
     "draining": 1001,
     "not_ready": 1013,
+    "engine_unavailable": 1013,
     "invalid_query": 1008,
 }
 CLOSE_BAD_REQUEST = 4400  # a stream that cannot start: invalid parameters
@@ -61,5 +63,12 @@ CLOSE_INTERNAL_ERROR = 1011
 
 # Worth retrying after Retry-After: the server is busy or starting, not refusing the request.
 RETRYABLE = frozenset(
-    {"capacity_exceeded", "key_quota_exceeded", "not_ready", "draining", "overloaded"}
+    {
+        "capacity_exceeded",
+        "key_quota_exceeded",
+        "not_ready",
+        "draining",
+        "overloaded",
+        "engine_unavailable",
+    }
 )

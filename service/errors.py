@@ -111,6 +111,13 @@ class DurabilityUnavailable(NotReady):
     code = "durability_unavailable"
 
 
+class EngineUnavailable(NotReady):
+    """The engine process is not reachable (restarting): nothing is known of the request's
+    outcome past the moment it was sent, so a push is retried with its offset."""
+
+    code = "engine_unavailable"
+
+
 class Overloaded(NotReady):
     """Too many request bodies are buffered at once; the request was not read."""
 

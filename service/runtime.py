@@ -8,13 +8,15 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from service import json_bounds
 from service.auth import ApiKeys
 from service.durability import build_durability
+from service.engine.client import EngineClient, RemoteRegistry, RemoteSessions, RemoteStreams
+from service.engine.messages import MetricsText
 from service.errors import Draining, NotReady
 from service.limits import InflightBudget, RequestLimits, StreamsPerKey
 from service.metrics import Metrics
@@ -26,12 +28,18 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Bodies at least this large are decoded off the event loop (msgspec parses ~1 MiB in ~5 ms).
 OFFLOAD_DECODE_BYTES = 64 * 1024
+EDGE_CONNECT_S = 10.0  # longest an edge's startup waits for the engine's first answer
 
 
 class Runtime:
-    """Built by create_app; `start` (in the lifespan) loads and warms the models in background."""
+    """Built by create_app; `start` (in the lifespan) loads and warms the models in background.
 
-    def __init__(self, settings: Settings, clock: Clock):
+    With `engine_socket`, this is an edge process of `tcnserve serve --workers N`: the models
+    and sessions live in the engine process at that Unix socket, and `registry`, `sessions` and
+    `streams` are its remote surfaces (service/engine/client.py); routes cannot tell.
+    """
+
+    def __init__(self, settings: Settings, clock: Clock, engine_socket: str | None = None):
         self.settings = settings
         self.clock = clock
         self.metrics = Metrics()
@@ -39,24 +47,38 @@ class Runtime:
             settings.max_timesteps_per_request, settings.max_sequences_per_request
         )
         self.inflight = InflightBudget(settings.max_inflight_body_bytes)
-        self.streams = StreamsPerKey(settings.streams_per_key_limit(), settings.retry_after_s)
         self.api_keys = ApiKeys(settings.api_key_values())
-        # Reads every checkpoint's config.json now: a bad model directory refuses to start.
-        self.registry = ModelRegistry(settings, self.metrics)
-        self.sessions = SessionManager(
-            self.registry,
-            self.metrics,
-            clock,
-            default_ttl_s=settings.session_ttl_s,
-            max_ttl_s=settings.max_session_ttl_s,
-            max_timesteps=settings.max_timesteps_per_request,
-            expired_memory=settings.expired_memory,
-            retry_after_s=settings.retry_after_s,
-            max_sessions_per_key=settings.sessions_per_key_limit(),
-        )
-        self.durability = build_durability(settings, self.sessions, self.registry, self.metrics)
+        self.engine: EngineClient | None = None
+        self.registry: Any
+        self.sessions: Any
+        self.streams: Any
+        if engine_socket is not None:
+            self.engine = EngineClient(
+                engine_socket, settings.retry_after_s, edge_metrics=self.metrics.render
+            )
+            self.registry = RemoteRegistry(self.engine, list(settings.models))
+            self.engine.on_welcome = self.registry.update
+            self.sessions = RemoteSessions(self.engine, list(settings.models))
+            self.streams = RemoteStreams(self.engine)
+            self.durability = None
+        else:
+            self.streams = StreamsPerKey(settings.streams_per_key_limit(), settings.retry_after_s)
+            # Reads every checkpoint's config.json now: a bad model directory refuses to start.
+            self.registry = ModelRegistry(settings, self.metrics)
+            self.sessions = SessionManager(
+                self.registry,
+                self.metrics,
+                clock,
+                default_ttl_s=settings.session_ttl_s,
+                max_ttl_s=settings.max_session_ttl_s,
+                max_timesteps=settings.max_timesteps_per_request,
+                expired_memory=settings.expired_memory,
+                retry_after_s=settings.retry_after_s,
+                max_sessions_per_key=settings.sessions_per_key_limit(),
+            )
+            self.durability = build_durability(settings, self.sessions, self.registry, self.metrics)
         self.draining = False
-        self.load_error: str | None = None
+        self._load_error: str | None = None
         self.loaded = threading.Event()  # set once loading ends, either way (tests wait on it)
         self._tasks: list[asyncio.Task] = []
         # One thread: large bodies decode one at a time, which also bounds their transient
@@ -64,14 +86,36 @@ class Runtime:
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tcnserve-decode")
 
     @property
-    def ready(self) -> bool:
-        return self.registry.ready and self._store_ready and not self.draining
+    def load_error(self) -> str | None:
+        if self.engine is not None and self.engine.welcome is not None:
+            return self.engine.welcome.load_error
+        return self._load_error
+
+    @load_error.setter
+    def load_error(self, value: str | None) -> None:
+        self._load_error = value
 
     @property
-    def _store_ready(self) -> bool:
+    def ready(self) -> bool:
+        if self.engine is not None:
+            welcome = self.engine.welcome
+            if welcome is None or welcome.draining:
+                return False
+        return self.registry.ready and self.store_ready and not self.draining
+
+    @property
+    def store_ready(self) -> bool:
         return self.durability is None or self.durability.connected
 
     async def start(self) -> None:
+        if self.engine is not None:  # an edge: the engine process loads the models
+            self.engine.start()
+            # Serving starts once the engine has answered (connections wait in the backlog
+            # meanwhile), unless it is away: then requests are answered engine_unavailable.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.ever_connected.wait(), EDGE_CONNECT_S)
+            self._tasks.append(asyncio.create_task(self._connected(), name="tcnserve-connect"))
+            return
         torch.set_num_threads(self.settings.resolved_torch_threads())
         # float32 means float32: cuDNN's default TF32 convolutions would make a chunked push
         # differ from the step path and from /predict by ~1e-3 on Ampere and newer GPUs.
@@ -83,6 +127,11 @@ class Runtime:
                 self.sessions.run_sweeper(self.settings.sweep_interval_s), name="tcnserve-sweeper"
             )
         )
+
+    async def _connected(self) -> None:
+        assert self.engine is not None
+        await self.engine.ever_connected.wait()
+        self.loaded.set()
 
     async def _load(self) -> None:
         try:
@@ -116,18 +165,43 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.engine is not None:
+            await self.engine.close()
         if self.durability is not None:
             try:  # in-flight requests have finished: every session goes to the store
                 await self.durability.drain()
             except Exception:
                 logger.exception("writing the sessions to the store failed")
             await self.durability.close()
-        await self.registry.close()
+        if self.engine is None:
+            await self.registry.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    async def acquire_stream(self, owner: str) -> None:
+        """Count an open WebSocket stream against its key (max_streams_per_key)."""
+        if self.engine is not None:
+            await self.streams.acquire(owner)
+        else:
+            self.streams.acquire(owner)
+
+    async def release_stream(self, owner: str) -> None:
+        if self.engine is not None:
+            await self.streams.release(owner)
+        else:
+            self.streams.release(owner)
+
+    async def render_metrics(self) -> bytes:
+        """The /metrics page: this process's series, or with an engine, every process's."""
+        if self.engine is not None and self.engine.connected:
+            answer = await self.engine.call(MetricsText(0, self.metrics.render()))
+            return answer.text
+        return self.metrics.render()
 
     def check_ready(self) -> None:
         """Raise NotReady unless every model is loaded and warmed."""
-        if not self.registry.ready or not self._store_ready:
+        if self.engine is not None and not self.engine.connected:
+            raise self.engine.unavailable()
+        if not self.registry.ready or not self.store_ready:
             why = (
                 f"model loading failed: {self.load_error}"
                 if self.load_error
@@ -141,5 +215,5 @@ class Runtime:
         """Raise unless new sessions may be opened here (ready and not draining). With a
         session store a draining replica still opens them: it writes them out when it exits."""
         self.check_ready()
-        if self.draining and self.durability is None:
+        if self.draining and self.settings.session_store == "memory":
             raise Draining("this server is shutting down", self.settings.retry_after_s)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+_SERIALS = itertools.count(1)
 
 
 class AppliedPush(NamedTuple):  # value records made per push: tuples, not frozen dataclasses
@@ -32,6 +35,8 @@ class Session:
     last_push: AppliedPush | None = None
     closed: bool = False
     moved: bool = False  # closed here because another replica took it (a session store's)
+    # Tells this session from a later one under the same id (an edge closes "this very one").
+    serial: int = field(default_factory=_SERIALS.__next__)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

@@ -95,8 +95,14 @@ class SessionManager:
         ttl_s: float | None = None,
         prefix: np.ndarray | None = None,
         snapshot: tuple[int, np.ndarray] | None = None,
+        *,
+        bound: bool = False,
     ) -> tuple[Session, np.ndarray]:
         """Open a session, optionally warmed by `prefix` rows; returns it and their outputs.
+
+        `bound`: the session ends with the caller's connection (WS /v1/stream without keep).
+        In-process the caller closes it itself; across the engine boundary the engine also
+        closes it if the edge's connection ends first (service/engine/server.py).
 
         Rows are arrays already decoded for the model (service/inputs.py). With `snapshot` =
         (position, rows), the session is rebuilt at `position` from the last

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         "(model/cuda_graphs.py; CUDA devices only; tested on CPU, not yet run on a GPU)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="edge processes of `tcnserve serve`, all on one port, in front of one engine "
+        "process that owns the models and sessions; 0: one process doing both (unset: "
+        "cores // 2, from 1 to 8)",
+    )
     # Sessions that outlive this process (docs/durability.md).
     session_store: str = Field(
         "memory", description="memory (sessions die with the process) or redis://host:port/db"
@@ -204,6 +211,21 @@ class Settings(BaseSettings):
         if self.torch_threads is not None:
             return self.torch_threads
         return max(1, ((os.cpu_count() or 1) - 1) // 2)
+
+    def resolved_workers(self) -> int:
+        """workers in force. Each edge takes about a core for the protocols and the engine
+        another for the sessions and the model, so half the cores go to edges, leaving the
+        engine and its torch threads the rest (docs/scaling.md)."""
+        if self.workers is not None:
+            return self.workers
+        return min(8, max(1, (os.cpu_count() or 1) // 2))
+
+    def secrets_revealed(self) -> dict[str, Any]:
+        """These settings as JSON-able values, secrets included: for the processes of one
+        server, handed over in a file only its user may read (service/engine/supervisor.py)."""
+        data = self.model_dump(mode="json")
+        data["api_keys"] = self.api_key_values()
+        return data
 
     def connection_limit(self) -> int:
         """max_connections in force: each session may hold a socket, and probes need room."""

@@ -1,4 +1,4 @@
-"""`tcnserve serve`: one uvicorn process, exactly one worker, owning its sessions in memory."""
+"""`tcnserve serve`: N edge processes and an engine process (`--workers N`), or one process."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -47,6 +48,11 @@ FLAGS: dict[str, tuple[type, str]] = {
     "session_store": (str, "memory (default) or redis://host:port/db: sessions outlive a replica"),
     "replica_id": (str, "this replica's name in the session store (default: host-pid-random)"),
     "snapshot_interval_s": (float, "seconds between snapshots of changed sessions (default 5)"),
+    "workers": (
+        int,
+        "edge processes on the port, before one engine process (default: cores//2"
+        ", 1-8; 0: one process)",
+    ),
 }
 
 
@@ -86,17 +92,48 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    workers = settings.resolved_workers()
+    if workers:  # N edge processes and an engine process (service/engine/supervisor.py)
+        from service.engine.supervisor import Supervisor
+
+        return Supervisor(settings, workers).run()
     try:
         app = create_app(settings)
     except (ValueError, OSError) as e:
         print(f"tcnserve serve: refusing to start: {e}", file=sys.stderr)
         return 2
+    return serve(app, settings, host=settings.host, port=settings.port)
+
+
+def serve(app: Any, settings: Settings, sockets: list | None = None, **where: Any) -> int:
+    """Run `app` under uvicorn until SIGTERM/SIGINT (after drain_s); the exit status."""
     runtime: Runtime = app.state.runtime
-    config = uvicorn.Config(
+    config = uvicorn_config(app, settings, **where)
+    log_redaction.install()  # after Config has set up logging: no API key in any log line
+    server = DrainingServer(config, runtime, settings.drain_s)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully (SIGINT as
+    # a KeyboardInterrupt traceback, SIGTERM as death by signal); these handlers take it, so
+    # Ctrl-C and SIGTERM both end in a plain exit 0 after the drain.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _after_shutdown)
+    try:
+        server.run(sockets=sockets)
+    finally:  # a process stuck on its way out must still die of the next signal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+    if runtime.load_error:
+        print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def uvicorn_config(app: Any, settings: Settings, **where: Any) -> uvicorn.Config:
+    """The uvicorn configuration of a server process (`where`: host and port, or nothing when
+    it is handed its listening socket)."""
+    return uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,  # sessions live in this process's memory: never more than one worker
+        **where,
+        workers=1,  # more processes are `tcnserve serve --workers N` (service/engine/)
         lifespan="on",
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
@@ -110,22 +147,29 @@ def run(args: argparse.Namespace) -> int:
         ws_max_size=settings.max_body_bytes,
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU
     )
-    log_redaction.install()  # after Config has set up logging: no API key in any log line
-    server = DrainingServer(config, runtime, settings.drain_s)
-    # uvicorn re-raises the signal that stopped it once it has shut down gracefully (SIGINT as
-    # a KeyboardInterrupt traceback, SIGTERM as death by signal); these handlers take it, so
-    # Ctrl-C and SIGTERM both end in a plain exit 0 after the drain.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _after_shutdown)
-    try:
-        server.run()
-    finally:  # a process stuck on its way out must still die of the next signal
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-    if runtime.load_error:
-        print(f"tcnserve serve: {runtime.load_error}", file=sys.stderr)
-        return 1
-    return 0
+
+
+def tune_collector() -> None:
+    """Once the models are loaded: freeze what lives as long as the process, and collect the
+    young generation less often (the measurements are in the comments)."""
+    # Everything alive once the models are loaded (torch, the framework, the models)
+    # lives as long as the process: take it out of the collector's sight, so a full
+    # collection scans only what requests and sessions allocate. With 10,000 sessions
+    # this took the p99 of bench/open_loop.py from 146 ms to 50 ms.
+    gc.collect()
+    gc.freeze()
+    # A young collection promotes whatever is alive then, and with hundreds of requests
+    # in flight that is mostly their objects, which the older generations then scan
+    # again. Collecting the young after 50,000 allocations instead of 700 lets most of
+    # them die first: with 1,000 one-row WebSocket sessions, p99 82-89 -> 69-78 ms at
+    # 18,200-18,700 -> 18,800-19,000 steps/s (bench/ws_stream.py, alternating pairs;
+    # 256 sessions unchanged). A full collection scans every session (~30k objects at
+    # 10,000 sessions, ~8 ms); after 2 middle-generation ones it comes about every 1M
+    # allocations, as often as with last round's 700 x 10 x 100 (bench/open_loop.py
+    # p99 38 ms), so cycles that outlive the young collections wait no longer than then.
+    if TUNE_COLLECTOR:
+        _, middle, _ = gc.get_threshold()
+        gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
 
 
 def _after_shutdown(sig: int, frame: FrameType | None) -> None:
@@ -152,24 +196,7 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if not self._gc_frozen and self.runtime.loaded.is_set():
-            # Everything alive once the models are loaded (torch, the framework, the models)
-            # lives as long as the process: take it out of the collector's sight, so a full
-            # collection scans only what requests and sessions allocate. With 10,000 sessions
-            # this took the p99 of bench/open_loop.py from 146 ms to 50 ms.
-            gc.collect()
-            gc.freeze()
-            # A young collection promotes whatever is alive then, and with hundreds of requests
-            # in flight that is mostly their objects, which the older generations then scan
-            # again. Collecting the young after 50,000 allocations instead of 700 lets most of
-            # them die first: with 1,000 one-row WebSocket sessions, p99 82-89 -> 69-78 ms at
-            # 18,200-18,700 -> 18,800-19,000 steps/s (bench/ws_stream.py, alternating pairs;
-            # 256 sessions unchanged). A full collection scans every session (~30k objects at
-            # 10,000 sessions, ~8 ms); after 2 middle-generation ones it comes about every 1M
-            # allocations, as often as with last round's 700 x 10 x 100 (bench/open_loop.py
-            # p99 38 ms), so cycles that outlive the young collections wait no longer than then.
-            if TUNE_COLLECTOR:
-                _, middle, _ = gc.get_threshold()
-                gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)
+            tune_collector()
             self._gc_frozen = True
         if self._exit_at is not None and time.monotonic() >= self._exit_at:
             self.should_exit = True

@@ -41,4 +41,4 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
 async def metrics(runtime: RuntimeDep) -> Response:
-    return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+    return Response(await runtime.render_metrics(), media_type=runtime.metrics.content_type)

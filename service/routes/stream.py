@@ -83,7 +83,7 @@ async def attach_stream(websocket: WebSocket, session_id: str) -> None:
         try:
             await _serve(websocket, runtime, owner, session, params.framing == "offset")
         finally:
-            runtime.streams.release(owner)
+            await runtime.release_stream(owner)
 
 
 @router.websocket("/v1/stream")
@@ -98,7 +98,7 @@ async def open_stream(websocket: WebSocket) -> None:
         if params.session_id and header_id and params.session_id != header_id:
             raise InvalidInput("the session_id parameter differs from the X-Session-ID header")
         session, _ = await runtime.sessions.create(
-            owner, params.model, params.session_id or header_id, params.ttl_s
+            owner, params.model, params.session_id or header_id, params.ttl_s, bound=not params.keep
         )
         return session
 
@@ -116,7 +116,7 @@ async def open_stream(websocket: WebSocket) -> None:
         await websocket.send_text(_encode(created).decode())
         await _serve(websocket, runtime, owner, session, params.framing == "offset")
     finally:
-        runtime.streams.release(owner)
+        await runtime.release_stream(owner)
         if not params.keep:  # this very session: never a newer one that took its id
             with contextlib.suppress(ServiceError):
                 await runtime.sessions.close(session)
@@ -137,18 +137,18 @@ async def _accept(
         owner = runtime.api_keys.owner(
             headers.get("authorization"), headers.get("x-api-key") or params.token
         )
-        runtime.streams.acquire(owner)
+        await runtime.acquire_stream(owner)
     except ServiceError as e:
         await close_for_error(websocket, e)
         return None
     try:
         return runtime, owner, await start(runtime, owner, params), params
     except ServiceError as e:
-        runtime.streams.release(owner)
+        await runtime.release_stream(owner)
         await close_for_error(websocket, e)
         return None
     except BaseException:  # a bug, a cancellation: the stream is not held either way
-        runtime.streams.release(owner)
+        await runtime.release_stream(owner)
         raise
 
 

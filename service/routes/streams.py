@@ -40,7 +40,7 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
             headers.get("x-api-key") or websocket.query_params.get("token"),
         )
         runtime.check_ready()
-        runtime.streams.acquire(owner)
+        await runtime.acquire_stream(owner)
     except ServiceError as e:
         await close_for_error(websocket, e)
         return
@@ -70,7 +70,7 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
     try:
         await answer_messages(websocket, runtime, answer, "a multiplexed stream")
     finally:
-        runtime.streams.release(owner)
+        await runtime.release_stream(owner)
 
 
 def _binary_items(data: bytes, limit: int) -> list[many_steps.Item]:

@@ -1,0 +1,399 @@
+"""The edge's side of the boundary: what routes call, answered by the engine process.
+
+`EngineClient` keeps one Unix-socket connection to the engine (reconnecting while it is away),
+sends typed requests (messages.py), one write per event-loop turn, and settles each request's
+future when its answer comes. `RemoteSessions` and `RemoteRegistry` give routes the surface of
+the SessionManager and ModelRegistry they use in-process, so a route does not know which engine
+it talks to.
+
+While the engine is unreachable every request fails at once with `engine_unavailable` (503,
+Retry-After), never a hang; a request in flight when the connection drops fails the same way,
+its outcome unknown (a push is retried with its offset, which the engine answers exactly once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import msgspec
+import numpy as np
+
+from service.engine import messages as m
+from service.errors import EngineUnavailable, ModelNotFound, ServiceError, SessionNotFound
+from service.inputs import InputSpec
+from service.session_state import PushResult
+
+logger = logging.getLogger(__name__)
+RECONNECT_S = 0.05  # between tries to reach an engine that is away (it restarts in seconds)
+STATUS_EVERY_S = 0.5  # how often an edge asks the engine's readiness (and reports its metrics)
+# Sessions whose model an edge remembers (for decoding their rows); past this it starts over.
+MODEL_CACHE_SIZE = 100_000
+
+
+class EngineClient:
+    """One connection to the engine, shared by every request of this edge process."""
+
+    def __init__(self, path: str, retry_after_s: int, edge_metrics: Callable[[], bytes]):
+        self.path = path
+        self.retry_after_s = retry_after_s
+        self.welcome: m.Welcome | None = None  # the engine's last status
+        self.ever_connected = asyncio.Event()
+        self._edge_metrics = edge_metrics
+        self._transport: Any = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._out: list[bytes] = []
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(m.Answer).decode
+        self._reader = m.FrameReader()
+        self._lost: asyncio.Event = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.on_welcome: Callable[[m.Welcome], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="tcnserve-engine")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._transport is not None:
+            self._transport.close()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                await loop.create_unix_connection(lambda: _Protocol(self), self.path)
+            except OSError:
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            try:
+                while self._transport is not None:
+                    welcome = await self.call(m.Status(0))
+                    self._welcomed(welcome)
+                    self.ever_connected.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._lost.wait(), STATUS_EVERY_S)
+                    if self._transport is not None:
+                        await self.call(m.EdgeMetrics(0, os.getpid(), self._edge_metrics()))
+            except EngineUnavailable:
+                pass
+            except Exception:
+                logger.exception("talking to the engine failed")
+                if self._transport is not None:
+                    self._transport.close()
+            await self._lost.wait()
+
+    def _welcomed(self, welcome: m.Welcome) -> None:
+        self.welcome = welcome
+        if self.on_welcome is not None:
+            self.on_welcome(welcome)
+
+    def unavailable(self) -> EngineUnavailable:
+        return EngineUnavailable(
+            "the engine is not reachable (it is restarting); retry shortly, a push with its offset",
+            self.retry_after_s,
+        )
+
+    async def call(self, request: Any) -> Any:
+        """Send `request` (its id is set here) and return its answer; raises its ServiceError."""
+        transport = self._transport
+        if transport is None:
+            raise self.unavailable()
+        request.id = id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[id] = future
+        out = self._out
+        out.append(m.frame(self._encode(request)))
+        if len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        try:
+            answer = await future
+        finally:
+            self._pending.pop(id, None)
+        if type(answer) is m.Failed:
+            raise answer.error()
+        return answer
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None:
+            self._transport.writelines(out)
+
+    # ----- called by the protocol ------------------------------------------------------------
+
+    def _connected(self, transport: Any) -> None:
+        self._transport = transport
+        self._reader = m.FrameReader()
+        self._lost = asyncio.Event()
+        logger.info("connected to the engine at %s", self.path)
+
+    def _received(self, data: bytes) -> None:
+        try:
+            answers = [self._decode(f) for f in self._reader.feed(data)]
+        except (ValueError, msgspec.DecodeError):
+            logger.exception("the engine sent an unreadable frame; reconnecting")
+            self._transport.close()
+            return
+        pending = self._pending
+        for answer in answers:
+            future = pending.pop(answer.id, None)
+            if future is not None and not future.done():
+                future.set_result(answer)
+
+    def _disconnected(self) -> None:
+        if self._transport is not None and not self._closing:
+            logger.warning("lost the engine connection; answering engine_unavailable meanwhile")
+        self._transport = None
+        self._out = []
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(
+                    EngineUnavailable(
+                        "the engine went away while this request was in flight: its outcome "
+                        "is unknown; retry it (a push with its offset) once the engine is back",
+                        self.retry_after_s,
+                    )
+                )
+        self._lost.set()
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: EngineClient):
+        self.client = client
+
+    def connection_made(self, transport: Any) -> None:
+        self.client._connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.client._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._disconnected()
+
+
+# ----- the surfaces routes use ---------------------------------------------------------------
+
+
+class ModelShape(NamedTuple):
+    """The parts of a model's TCNConfig an edge reads."""
+
+    in_channels: int
+    output_size: int
+    receptive_field: int
+    vocab_size: int | None
+
+
+class RemoteModel:
+    """A model served by the engine, as a ModelEntry looks to routes."""
+
+    def __init__(self, client: EngineClient, view: m.ModelView):
+        self._client = client
+        self.view = view
+        self.name: str = view.info["name"]
+        info = view.info
+        self.config = ModelShape(
+            info["in_channels"], info["out_channels"], view.receptive_field, info["vocab_size"]
+        )
+        self.inputs = InputSpec(
+            view.width, view.vocab_size, np.dtype(view.input_dtype), view.max_abs
+        )
+        self.capacity: int = info["max_sessions"]
+
+    @property
+    def ready(self) -> bool:
+        welcome = self._client.welcome
+        return self._client.connected and welcome is not None and welcome.ready
+
+    def info(self) -> dict[str, Any]:
+        return {**self.view.info, "ready": self.ready}
+
+    async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
+        answer = await self._client.call(
+            m.Predict(0, self.name, [m.Rows.of(np.ascontiguousarray(s)) for s in sequences],
+                      last_only)
+        )  # fmt: skip
+        return [rows.array() for rows in answer.outputs]
+
+
+class RemoteRegistry:
+    """The ModelRegistry surface: the engine's models, as its last status described them."""
+
+    def __init__(self, client: EngineClient, names: list[str]):
+        self._client = client
+        self._names = names
+        self._models: dict[str, RemoteModel] = {}
+
+    def update(self, welcome: m.Welcome) -> None:
+        if not self._models or any(v.info["name"] not in self._models for v in welcome.models):
+            self._models = {v.info["name"]: RemoteModel(self._client, v) for v in welcome.models}
+        else:
+            for v in welcome.models:
+                self._models[v.info["name"]].view = v
+
+    @property
+    def ready(self) -> bool:
+        welcome = self._client.welcome
+        return self._client.connected and welcome is not None and welcome.ready
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def entries(self) -> list[RemoteModel]:
+        self._require()
+        return list(self._models.values())
+
+    def get(self, name: str) -> RemoteModel:
+        self._require()
+        try:
+            return self._models[name]
+        except KeyError:
+            served = ", ".join(self._names)
+            raise ModelNotFound(f"no model named {name!r}; served: {served}") from None
+
+    def _require(self) -> None:
+        if not self._models:
+            raise self._client.unavailable()
+
+
+class RemoteSessions:
+    """The SessionManager surface routes use; each call is one request to the engine."""
+
+    def __init__(self, client: EngineClient, models: list[str]):
+        self._client = client
+        self._only = models[0] if len(models) == 1 else None
+        self._models: dict[tuple[str, str], str] = {}  # sessions' models, as last seen
+
+    def _saw(self, owner: str, session: m.SessionView) -> m.SessionView:
+        if self._only is None:
+            if len(self._models) >= MODEL_CACHE_SIZE:
+                self._models.clear()
+            self._models[(owner, session.id)] = session.model
+        return session
+
+    async def create(
+        self,
+        owner: str,
+        model: str,
+        session_id: str | None = None,
+        ttl_s: float | None = None,
+        prefix: np.ndarray | None = None,
+        snapshot: tuple[int, np.ndarray] | None = None,
+        *,
+        bound: bool = False,
+    ) -> tuple[m.SessionView, np.ndarray]:
+        answer = await self._client.call(
+            m.Create(
+                0,
+                owner,
+                model,
+                session_id,
+                ttl_s,
+                None if prefix is None else m.Rows.of(prefix),
+                None if snapshot is None else snapshot[0],
+                None if snapshot is None else m.Rows.of(snapshot[1]),
+                bound,
+            )
+        )
+        return self._saw(owner, answer.session), answer.outputs.array()
+
+    async def push(
+        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
+    ) -> PushResult:
+        try:
+            answer = await self._client.call(m.Push(0, owner, session_id, m.Rows.of(x), offset))
+        except ServiceError:
+            self._models.pop((owner, session_id), None)  # re-created with another model?
+            raise
+        return PushResult(answer.outputs.array(), answer.position)
+
+    async def push_many(
+        self, owner: str, items: list[tuple[str, np.ndarray, int | None]]
+    ) -> list[PushResult | ServiceError]:
+        answer = await self._client.call(
+            m.PushMany(
+                0,
+                owner,
+                [session_id for session_id, _, _ in items],
+                [m.Rows.of(x) for _, x, _ in items],
+                [offset for _, _, offset in items],
+            )
+        )
+        results: list[PushResult | ServiceError] = []
+        for (session_id, _, _), res in zip(items, answer.results, strict=True):
+            if type(res) is m.Failed:
+                self._models.pop((owner, session_id), None)
+                results.append(res.error())
+            else:
+                results.append(PushResult(res.outputs.array(), res.position))
+        return results
+
+    def model_of(self, owner: str, session_id: str) -> str:
+        if self._only is not None:
+            return self._only
+        model = self._models.get((owner, session_id))
+        if model is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        return model
+
+    async def ensure_held(self, owner: str, session_ids: list[str]) -> None:
+        """Learn the models of these sessions (one request for those not known here)."""
+        if self._only is not None:
+            return
+        missing = [s for s in session_ids if (owner, s) not in self._models]
+        if not missing:
+            return
+        answer = await self._client.call(m.Resolve(0, owner, missing))
+        for session_id, model in zip(missing, answer.models, strict=True):
+            if model is not None:
+                self._models[(owner, session_id)] = model
+
+    async def get(self, owner: str, session_id: str) -> m.SessionView:
+        answer = await self._client.call(m.Get(0, owner, session_id))
+        return self._saw(owner, answer.session)
+
+    async def snapshot(self, owner: str, session_id: str) -> tuple[m.SessionView, np.ndarray]:
+        answer = await self._client.call(m.TakeSnapshot(0, owner, session_id))
+        return self._saw(owner, answer.session), answer.rows.array()
+
+    async def reset(self, owner: str, session_id: str) -> m.SessionView:
+        answer = await self._client.call(m.Reset(0, owner, session_id))
+        return self._saw(owner, answer.session)
+
+    async def delete(self, owner: str, session_id: str) -> None:
+        self._models.pop((owner, session_id), None)
+        await self._client.call(m.Delete(0, owner, session_id))
+
+    async def close(self, session: m.SessionView) -> None:
+        """Delete this very session, if it is still open: never a newer one under its id."""
+        self._models.pop((session.owner, session.id), None)
+        await self._client.call(m.Close(0, session.owner, session.id, session.serial))
+
+
+class RemoteStreams:
+    """max_streams_per_key, counted by the engine over every edge."""
+
+    def __init__(self, client: EngineClient):
+        self._client = client
+
+    async def acquire(self, owner: str) -> None:
+        await self._client.call(m.StreamOpen(0, owner))
+
+    async def release(self, owner: str) -> None:
+        with contextlib.suppress(ServiceError):  # the engine went away: it released it then
+            await self._client.call(m.StreamClose(0, owner))

@@ -1,0 +1,131 @@
+"""The two kinds of process `tcnserve serve --workers N` starts (service/engine/supervisor.py).
+
+    python -m service.engine.process engine SETTINGS SOCKET
+    python -m service.engine.process edge SETTINGS SOCKET
+
+SETTINGS is a JSON file of the server's settings (secrets included, readable by its user only);
+SOCKET the engine's Unix socket. An engine loads the models and answers edges there until
+SIGTERM, then writes its sessions to the store (when one is set) and exits. An edge binds the
+server's port with SO_REUSEPORT (the kernel spreads connections over the edges) and serves the
+app with the engine's sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from service import log_redaction
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+# An engine's exit status when its models cannot load: restarting it would fail again.
+LOAD_FAILED = 3
+LISTEN_BACKLOG = 2048
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def read_settings(path: str) -> Settings:
+    with open(path) as f:
+        return Settings(**json.load(f))
+
+
+def engine_main(settings: Settings, path: str) -> int:
+    from service.commands.serve import tune_collector
+    from service.engine.server import EngineServer
+    from service.runtime import Runtime
+
+    async def main() -> int:
+        runtime = Runtime(settings, time.time)
+        server = EngineServer(runtime)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await runtime.start()  # loads in the background; edges see "loading" meanwhile
+        await server.listen(path)
+        await asyncio.to_thread(runtime.loaded.wait)
+        if runtime.load_error:
+            logger.error("the engine cannot serve: %s", runtime.load_error)
+            await asyncio.sleep(1)  # let edges read the reason for their /readyz
+            await server.close()
+            await runtime.stop()
+            return LOAD_FAILED
+        tune_collector()
+        Path(path).with_suffix(".ready").touch()  # the supervisor: this engine did start
+        logger.info("engine ready at %s", path)
+        await stop.wait()
+        runtime.start_draining()
+        await server.close()
+        await runtime.stop()  # in-flight pushes finish; sessions go to the store
+        return 0
+
+    return asyncio.run(main())
+
+
+def edge_main(settings: Settings, path: str) -> int:
+    from service.app import create_app
+    from service.commands.serve import serve
+
+    # The port takes this edge's connections only once the engine has loaded the models: until
+    # then a client is refused or served by another edge, never answered "not ready" by this one.
+    ready = Path(path).with_suffix(".ready")
+    while not ready.exists():
+        time.sleep(0.05)
+    sock = listening_socket(settings.host, settings.port)
+    app = create_app(settings, engine_socket=path)
+    return serve(app, settings, sockets=[sock])
+
+
+def listening_socket(host: str, port: int, listen: bool = True) -> socket.socket:
+    """A socket on (host, port) that other processes of this user may bind too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(LISTEN_BACKLOG)
+    sock.set_inheritable(True)
+    return sock
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the supervisor dies, however it dies: the server is one unit,
+    and a supervisor killed with SIGKILL must not leave edges serving its port (Linux)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent or parent == 1:  # it died before the prctl took hold
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    kind, settings_path, socket_path = (argv if argv is not None else sys.argv[1:])[:3]
+    die_with_parent()
+    settings = read_settings(settings_path)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {kind} %(name)s: %(message)s",
+    )
+    log_redaction.install()
+    if kind == "engine":
+        return engine_main(settings, socket_path)
+    if kind == "edge":
+        return edge_main(settings, socket_path)
+    raise SystemExit(f"unknown process kind {kind!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
