@@ -1,9 +1,12 @@
 """What the service benchmarks share: a server subprocess, metrics scrapes, HTTP pushers, the
-environment header and percentiles. Imported by bench/service_http.py and bench/ws_stream.py."""
+environment header, percentiles and the CPU time of a server's whole process tree. Imported by
+bench/service_http.py, bench/ws_stream.py, bench/edge_http.py and bench/scaling.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -16,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -42,10 +46,15 @@ def serve_command() -> list[str]:
 
 
 class Server:
-    """A server subprocess on a free loopback port, stopped on exit."""
+    """A server subprocess on a free loopback port, stopped on exit.
+
+    With `tcnserve serve --workers N` (N >= 1) the subprocess is a supervisor and the server is
+    its children (an engine and N edges): ready means /readyz answers and every edge listens on
+    the port, so that long-lived connections opened next spread over all of them."""
 
     def __init__(self, command: list[str], port: int):
         self.url = f"http://127.0.0.1:{port}"
+        self.port = port
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -57,21 +66,244 @@ class Server:
                 raise SystemExit(f"server exited with {self.process.returncode}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
+                    break
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        self.__exit__()
-        raise SystemExit("server did not become ready in 120 s")
+        else:
+            self.__exit__()
+            raise SystemExit("server did not become ready in 120 s")
+        if not self._edges_ready(deadline):
+            self.__exit__()
+            raise SystemExit("the server's edge processes did not all become ready in 120 s")
+        return self
+
+    def _edges_ready(self, deadline: float) -> bool:
+        """Every edge process listens on the port and fresh connections (which the kernel
+        hashes over the listeners) are all answered ready."""
+        edges = self.edges()
+        if not edges:
+            return True
+        while time.monotonic() < deadline:
+            if listening_sockets(self.port) >= len(edges):
+                break
+            time.sleep(0.2)
+        else:
+            return False
+        ready = 0
+        while time.monotonic() < deadline and ready < 4 * len(edges):
+            try:  # a new client each time: a new connection, a new source port
+                ok = httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200
+            except httpx.TransportError:
+                ok = False
+            ready = ready + 1 if ok else 0
+            if not ok:
+                time.sleep(0.2)
+        return ready >= 4 * len(edges)
+
+    def edges(self) -> list[int]:
+        """The pids of the server's edge processes (none: one process serving everything)."""
+        return [p.pid for p in process_tree(self.process.pid) if p.role == "edge"]
+
+    def describe(self) -> str:
+        """How many processes serve, as counted now (the workers count in force)."""
+        tree = process_tree(self.process.pid)
+        edges = sum(p.role == "edge" for p in tree)
+        if not edges:
+            return "workers 0: one process"
+        engines = sum(p.role == "engine" for p in tree)
+        return f"workers {edges}: {edges} edge + {engines} engine processes under a supervisor"
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process.poll() is not None:
+            return
+        children = [p for p in process_tree(self.process.pid) if p.pid != self.process.pid]
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)  # a supervisor stops its edges, then its engine
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for child in children:  # left behind by a supervisor that was killed
+            if process_start(child.pid) == child.start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+
+
+# ----- CPU time of a process tree -----------------------------------------------------------
+#
+# A server's CPU is the sum over its process tree: the process the bench started (with
+# --workers N a supervisor) and every descendant, found by ppid in /proc/<pid>/stat, re-found
+# at each reading so that a child replaced during a window is counted. Each process contributes
+# utime + stime + cutime + cstime: its own CPU and that of its children it has reaped. Over a
+# window, server CPU = total(end) - total(start), so a child that ran at the start and was
+# replaced counts its CPU up to its death (its times move into its parent's cutime/cstime when
+# the supervisor reaps it), and its replacement counts all of its own. What this misses or
+# blurs: a child that died and is not yet reaped at the end (a zombie still shows its times,
+# so only its reaping parent's count can jump after the window), a descendant re-parented out
+# of the tree (its parent died first), a process that exits between the scan of /proc and the
+# reading of its stat (its last tick), and the resolution: 1/CLK_TCK (10 ms) per process per
+# reading, so with 10 processes a 5 s window is good to about +-2% of one core.
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcessCpu:
+    pid: int
+    ppid: int
+    start: int  # start time in ticks after boot: tells a pid apart from its reuse
+    role: str  # "engine" or "edge" (service/engine/process.py), "supervisor", "server"
+    own: float  # utime + stime, seconds
+    reaped: float  # cutime + cstime: the reaped children's CPU, seconds
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after "pid (comm)" (state is [0], ppid [1]); None if
+    the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _role(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    if b"service.engine.process" in argv:
+        following = argv[argv.index(b"service.engine.process") + 1 :]
+        if following and following[0] in (b"engine", b"edge"):
+            return following[0].decode()
+    return "server"
+
+
+def process_tree(root: int) -> list[ProcessCpu]:
+    """`root` and all its descendants (by ppid), with their CPU times; [] if root is gone."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                stats[int(entry)] = fields
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    if root not in stats:
+        return []
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        f = stats[pid]
+        tree.append(
+            ProcessCpu(
+                pid,
+                int(f[1]),
+                int(f[19]),
+                _role(pid),
+                (int(f[11]) + int(f[12])) / CLOCK_TICK,
+                (int(f[13]) + int(f[14])) / CLOCK_TICK,
+            )
+        )
+    if any(p.role in ("engine", "edge") for p in tree):
+        tree[0] = dataclasses.replace(tree[0], role="supervisor")
+    return tree
+
+
+@dataclass(frozen=True)
+class TreeCpu:
+    """One reading of a server's process tree."""
+
+    at: float  # perf_counter()
+    processes: tuple[ProcessCpu, ...]
+    threads: dict[int, float]  # the root's threads (tid -> CPU seconds): the one-process split
+
+    @property
+    def total(self) -> float:
+        return sum(p.own + p.reaped for p in self.processes)
+
+
+def read_tree_cpu(root: int) -> TreeCpu:
+    return TreeCpu(time.perf_counter(), tuple(process_tree(root)), thread_cpu_seconds(root))
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, from /proc."""
+    result = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return result
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+        result[int(tid)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # utime + stime
+    return result
+
+
+@dataclass(frozen=True)
+class CpuWindow:
+    """A server's CPU between two readings, in seconds and as fractions of one core."""
+
+    wall: float
+    seconds: float  # all processes
+    by_role: dict[str, float]  # seconds per role ("edge" summed over the edges)
+    loop: float  # one process only (no edges): its main thread (the event loop), seconds
+    other_threads: float  # and its other threads (the model worker), seconds
+    processes: int  # processes at the end of the window
+    single: bool  # one process serving (no edge processes)
+
+    def share(self, seconds: float) -> float:
+        return seconds / self.wall if self.wall > 0 else float("nan")
+
+
+def cpu_window(before: TreeCpu, after: TreeCpu) -> CpuWindow:
+    """What the tree used between `before` and `after` (see the comment above ProcessCpu)."""
+    then = {(p.pid, p.start): p for p in before.processes}
+    by_role: dict[str, float] = {}
+    for p in after.processes:
+        old = then.get((p.pid, p.start))
+        used = p.own - old.own if old else p.own  # a new process ran only in the window
+        by_role[p.role] = by_role.get(p.role, 0.0) + used
+    single = not any(p.role == "edge" for p in after.processes)
+    root = after.processes[0].pid if after.processes else -1
+    threads = {t: s - before.threads.get(t, 0.0) for t, s in after.threads.items()}
+    loop = threads.get(root, 0.0) if single else float("nan")
+    other = sum(v for t, v in threads.items() if t != root) if single else float("nan")
+    return CpuWindow(
+        wall=after.at - before.at,
+        seconds=after.total - before.total,
+        by_role=by_role,
+        loop=loop,
+        other_threads=other,
+        processes=len(after.processes),
+        single=single,
+    )
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN on `port` (SO_REUSEPORT: one per edge process), from /proc/net."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                count += 1
+    return count
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -5,9 +5,12 @@ bottleneck):
   * single-row push, POST /v1/sessions/{id}/steps, 64 sessions over 64 connections;
   * many sessions per request, POST /v1/steps, 1,000 sessions one row each per request;
 against bench/noop_app.py: FastAPI + uvicorn (httptools) reading the same bodies and answering
-a fixed body of the same shape. Ratios come from the same run.
+a fixed body of the same shape. Ratios come from the same run. The server's CPU is that of all
+its processes (with `--workers N` a supervisor, an engine and N edges: bench/_harness.py's
+process tree, read at both ends of each case), in % of one core and in microseconds per
+request answered.
 
-Run: python bench/edge_http.py [--duration 10] [--model DIR]
+Run: python bench/edge_http.py [--duration 10] [--model DIR] [--workers N]
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from _harness import (
     ROOT,
     Server,
     batch_stats,
+    cpu_window,
     environment,
     free_port,
+    read_tree_cpu,
     run_wrk,
     serve_command,
     write_results,
@@ -64,9 +69,18 @@ def open_sessions(url: str, n: int) -> list[str]:
         ]
 
 
-def server_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def measured(
+    server: Server, paths: list[str], body: bytes, connections: int, duration: float
+) -> dict:
+    """wrk() with the server's CPU over it: all its processes, in % of one core
+    (`server_cpu`) and in microseconds per request answered (`server_us`)."""
+    before = read_tree_cpu(server.process.pid)
+    result = wrk(server.url, paths, body, connections, duration)
+    cpu = cpu_window(before, read_tree_cpu(server.process.pid))
+    requests = result["rps"] * duration
+    result["server_cpu"] = cpu.share(cpu.seconds)
+    result["server_us"] = cpu.seconds / requests * 1e6 if requests else float("nan")
+    return result
 
 
 def main() -> None:
@@ -75,6 +89,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--many", type=int, default=1000, help="sessions per /v1/steps request")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="`tcnserve serve --workers N` (0: one process; default: pass nothing, the "
+        "server's own default)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here (plot_service.py)")
     args = parser.parse_args()
     print(environment())
@@ -89,16 +109,19 @@ def main() -> None:
     command = [
         *serve_command(), "--port", str(port), "--model", f"default={args.model}",
         "--max-sessions", str(max(args.sessions, args.many) + 24), "--log-level", "warning",
+        *([] if args.workers is None else ["--workers", str(args.workers)]),
     ]  # fmt: skip
     results = {}
     with Server(command, port) as server:
+        given = "not given: the server's default" if args.workers is None else "given"
+        servers = f"{server.describe()} (--workers {given})"
+        print(f"server: {servers}", flush=True)
+        workers = len(server.edges())  # in force: 0 is one process
         sids = open_sessions(server.url, max(args.sessions, args.many))
         paths = [f"/v1/sessions/{sid}/steps" for sid in sids[: args.sessions]]
         wrk(server.url, paths, single, args.sessions, 2)  # warm-up
-        cpu0 = server_cpu(server.process.pid)
         metrics0 = httpx.get(f"{server.url}/metrics").text
-        results["push"] = wrk(server.url, paths, single, args.sessions, args.duration)
-        results["push"]["server_cpu"] = (server_cpu(server.process.pid) - cpu0) / args.duration
+        results["push"] = measured(server, paths, single, args.sessions, args.duration)
         total, count = (
             a - b
             for a, b in zip(
@@ -112,37 +135,43 @@ def main() -> None:
             {"steps": [{"session_id": sid, "inputs": [row]} for sid in sids[: args.many]]}
         ).encode()
         wrk(server.url, ["/v1/steps"], many, 2, 2)
-        cpu0 = server_cpu(server.process.pid)
-        results["many"] = wrk(server.url, ["/v1/steps"], many, 2, args.duration)
-        results["many"]["server_cpu"] = (server_cpu(server.process.pid) - cpu0) / args.duration
+        results["many"] = measured(server, ["/v1/steps"], many, 2, args.duration)
 
     port = free_port()
     noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port), str(args.many)]
     with Server(noop, port) as floor:
         fake = [f"/v1/sessions/{i:024d}/steps" for i in range(args.sessions)]
         wrk(floor.url, fake, single, args.sessions, 2)
-        results["noop_push"] = wrk(floor.url, fake, single, args.sessions, args.duration)
-        results["noop_many"] = wrk(floor.url, ["/v1/steps"], many, 2, args.duration)
+        results["noop_push"] = measured(floor, fake, single, args.sessions, args.duration)
+        results["noop_many"] = measured(floor, ["/v1/steps"], many, 2, args.duration)
 
     if args.json:
         write_results(
             args.json,
             "edge_http",
-            {"push_sessions": args.sessions, "sessions_per_request": args.many, **results},
+            {
+                "push_sessions": args.sessions,
+                "sessions_per_request": args.many,
+                "workers": workers,
+                **results,
+            },
         )
     push, noop_push = results["push"], results["noop_push"]
     many_r, noop_many = results["many"], results["noop_many"]
-    print(f"\nmodel {args.model.name}, {args.duration:.0f} s per case, wrk on the same 2 cores")
+    print(
+        f"\nmodel {args.model.name}, {args.duration:.0f} s per case, wrk on the same "
+        f"{os.cpu_count()} cores; tcnserve: {servers}; no-work: one process"
+    )
     print(
         f"{'case':<44} {'req/s':>8} {'steps/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'errors':>6} {'wrk CPU':>8} {'server CPU':>10}"
+        f"{'errors':>6} {'wrk CPU':>8} {'server CPU':>10} {'srv us/req':>10}"
     )
 
     def line(name: str, r: dict, steps_per_request: int) -> None:
         print(
             f"{name:<44} {r['rps']:>8.0f} {r['rps'] * steps_per_request:>9.0f} {r['p50']:>7.1f} "
             f"{r['p99']:>7.1f} {r['errors']:>6} {r['wrk_cpu']:>7.0%} "
-            f"{r.get('server_cpu', float('nan')):>9.0%}"
+            f"{r['server_cpu']:>10.0%} {r['server_us']:>10.0f}"
         )
 
     line(f"tcnserve single-row push, {args.sessions} sessions", push, 1)
@@ -157,6 +186,13 @@ def main() -> None:
         f"/v1/steps: {many_r['rps'] * args.many / noop_push['rps']:.1f}x the no-work endpoint's "
         f"single-row requests/s in steps/s; {many_r['rps'] / noop_many['rps']:.0%} of the "
         "no-work endpoint reading the same body"
+    )
+    print(
+        "wrk CPU: wrk's share of one core over its run; server CPU: all server processes\n"
+        "  (/proc, process tree by ppid, read at both ends of each case), % of one core\n"
+        "srv us/req: server CPU microseconds per request answered (/v1/steps: per "
+        f"{args.many}-step request);\n  single-row push: "
+        f"{push['server_us'] / noop_push['server_us']:.1f}x the no-work endpoint's"
     )
 
 

@@ -13,12 +13,15 @@ push one row per message in lockstep (send, await the answer, repeat) for `--sec
 All sessions of a client process run in one asyncio loop; `--client-procs` splits them over
 several processes. Reported per case: aggregate timesteps/s, client-side p50/p99 latency per push
 (send -> answer), the mean step batch size and the model's step compute time (server /metrics
-deltas), and the CPU used by the server's event-loop thread, its other threads (the model
-worker) and the clients, each in % of one core over the measured window.
+deltas), and the CPU used by the server (all of its processes: with `--workers N` a supervisor,
+an engine and N edges), split into its event-loop thread and its other threads (the model
+worker) when it is one process, or into its edges and its engine otherwise, and by the clients,
+each in % of one core over the measured window, and per timestep.
 Before timing, one session per frame kind streams rows over a warmed state and its outputs are
 checked against /predict over the same rows.
 The clients run on the same machine as the server and compete with it for the CPU.
 Run: python bench/ws_stream.py [--seconds 5] [--sessions 1,64,256] [--client-procs 1] [--quick]
+     [--workers N] (passed to `tcnserve serve`; unset: the server's default)
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ import asyncio
 import dataclasses
 import json
 import multiprocessing
-import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -43,10 +45,13 @@ from _harness import (
     ROOT,
     HttpPushers,
     Server,
+    TreeCpu,
+    cpu_window,
     environment,
     free_port,
     histogram_totals,
     percentile,
+    read_tree_cpu,
     serve_command,
     write_results,
 )
@@ -273,21 +278,7 @@ class ServerCounters:
     at: float
     batch: tuple[float, float]  # tcnserve_step_batch_size (sum, count)
     step_compute: tuple[float, float]  # tcnserve_model_compute_seconds{op="step"} (sum, count)
-    thread_cpu: dict[int, float] = field(default_factory=dict)  # tid -> CPU seconds
-
-
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of process `pid`, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    result = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:  # the thread ended
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
-        result[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return result
+    cpu: TreeCpu  # every process of the server (bench/_harness.py)
 
 
 def read_counters(server: Server) -> ServerCounters:
@@ -296,7 +287,7 @@ def read_counters(server: Server) -> ServerCounters:
         time.perf_counter(),
         histogram_totals(text, "tcnserve_step_batch_size"),
         histogram_totals(text, "tcnserve_model_compute_seconds", 'op="step"'),
-        thread_cpu_seconds(server.process.pid),
+        read_tree_cpu(server.process.pid),
     )
 
 
@@ -312,12 +303,17 @@ class Case:
     p50_ms: float
     p99_ms: float
     batch: float  # mean streams per step call
-    loop_cpu: float  # server event-loop thread, fraction of one core
-    other_cpu: float  # the server's other threads (the model worker), fraction of one core
+    loop_cpu: float  # one-process server: its event-loop thread, fraction of one core (else nan)
+    other_cpu: float  # one-process server: its other threads (the model worker) (else nan)
     step_busy: float  # step compute seconds per second
     client_cpu: float  # all client processes, fraction of one core
-    server_us: float  # server CPU (all threads) per timestep served, microseconds
+    server_us: float  # server CPU (all processes) per timestep served, microseconds
     client_us: float  # client CPU per timestep, microseconds
+    server_cpu: float = float("nan")  # all server processes, fraction of one core
+    edge_cpu: float = float("nan")  # --workers N: the edge processes together (else nan)
+    engine_cpu: float = float("nan")  # --workers N: the engine process (else nan)
+    server_procs: int = 1  # processes of the server at the end of the window
+    workers: int = 0  # edge processes of the server (0: one process)
     rows: int = 1  # rows per message
     ratio: float = float("nan")  # rate / the same N's HTTP rate
     stack: str = "tcnserve"  # or "no-work": bench/noop_app.py, the --echo floor
@@ -370,15 +366,13 @@ def run_case(
                 process.join()
     wall = after.at - before.at
     calls = after.batch[1] - before.batch[1]
-    main_tid = server.process.pid  # the event loop runs on the main thread
-    cpu = {
-        tid: seconds_now - before.thread_cpu.get(tid, 0.0)
-        for tid, seconds_now in after.thread_cpu.items()
-    }
+    cpu = cpu_window(before.cpu, after.cpu)  # one-process split: the loop is the main thread
     latencies = np.concatenate([r.latencies for r in results])
     batched = after.batch[0] - before.batch[0]  # pushes the server applied in the window
-    served = batched * rows  # their timesteps
     pushes = sum(r.pushes for r in results)
+    # Their timesteps; a server without the batch histogram (bench/noop_app.py): the clients'.
+    served = batched * rows if calls else pushes
+    multi = not cpu.single
     return Case(
         sessions=sessions,
         transport=transport,
@@ -387,13 +381,17 @@ def run_case(
         p50_ms=percentile(latencies, 50) * 1e3,
         p99_ms=percentile(latencies, 99) * 1e3,
         batch=batched / calls if calls else float("nan"),
-        loop_cpu=cpu.get(main_tid, 0.0) / wall,
-        other_cpu=sum(v for tid, v in cpu.items() if tid != main_tid) / wall,
+        loop_cpu=cpu.share(cpu.loop),
+        other_cpu=cpu.share(cpu.other_threads),
         step_busy=(after.step_compute[0] - before.step_compute[0]) / wall,
         client_cpu=sum(r.cpu_s for r in results) / max(r.elapsed for r in results),
-        server_us=sum(cpu.values()) / served * 1e6 if served else float("nan"),
+        server_us=cpu.seconds / served * 1e6 if served else float("nan"),
         client_us=sum(r.cpu_s for r in results) / pushes * 1e6 if pushes else float("nan"),
         rows=rows,
+        server_cpu=cpu.share(cpu.seconds),
+        edge_cpu=cpu.share(cpu.by_role.get("edge", 0.0)) if multi else float("nan"),
+        engine_cpu=cpu.share(cpu.by_role.get("engine", 0.0)) if multi else float("nan"),
+        server_procs=cpu.processes,
     )
 
 
@@ -452,18 +450,23 @@ async def check_outputs(url: str, in_channels: int, receptive_field: int) -> dic
 # ----- output -------------------------------------------------------------------------------
 
 
-def table(cases: list[Case]) -> str:
+def table(cases: list[Case], multi: bool = False) -> str:
+    """One line per case; `multi` (a --workers N server): split the server's CPU into its edges
+    and its engine, not into a single process's event loop and other threads."""
+    split = ("edges", "engine") if multi else ("loop", "worker")
     lines = [
         f"{'sessions':>8} {'transport':<9} {'rows':>4} {'procs':>5} {'steps/s':>9} {'x http':>6} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'loop':>5} {'worker':>6} {'step':>5} "
-        f"{'client':>6} {'srv us':>6} {'cli us':>6}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'server':>6} {split[0]:>6} {split[1]:>6} "
+        f"{'step':>5} {'client':>6} {'srv us':>6} {'cli us':>6}"
     ]
     for c in cases:
         ratio = "-" if np.isnan(c.ratio) else f"{c.ratio:.2f}x"
+        parts = (c.edge_cpu, c.engine_cpu) if multi else (c.loop_cpu, c.other_cpu)
+        a, b = ("-" if np.isnan(x) else f"{x:.0%}" for x in parts)
         lines.append(
             f"{c.sessions:>8} {c.transport:<9} {c.rows:>4} {c.procs:>5} {c.rate:>9,.0f} {ratio:>6} "
-            f"{c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.batch:>6.1f} {c.loop_cpu:>5.0%} "
-            f"{c.other_cpu:>6.0%} {c.step_busy:>5.0%} {c.client_cpu:>6.0%} {c.server_us:>6.0f} "
+            f"{c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.batch:>6.1f} {c.server_cpu:>6.0%} {a:>6} "
+            f"{b:>6} {c.step_busy:>5.0%} {c.client_cpu:>6.0%} {c.server_us:>6.0f} "
             f"{c.client_us:>6.0f}"
         )
     return "\n".join(lines)
@@ -473,15 +476,21 @@ LEGEND = """\
 rows: rows per message (HTTP pushes: always 1)
 steps/s: timesteps/s over all sessions; x http: / the same N's one-row HTTP rate
 p50/p99: per push, client side, send -> answer; batch: mean streams per step call (/metrics)
-loop / worker / client: CPU of the server's event-loop thread / its other threads (the model
-  worker) / all client processes, in % of one core over the measured window
+server: CPU of every server process (with --workers N: supervisor, engine and edges; /proc,
+  process tree by ppid, read at both ends of the window), in % of one core
+loop / worker (one process): its event-loop thread / its other threads (the model worker);
+  edges / engine (--workers N): the edge processes together / the engine process
+client: all client processes; every CPU column is in % of one core over the measured window
 step: model step compute time per second (/metrics); wall time on the worker thread, so it
   includes its waits for the GIL and for a CPU
-srv us / cli us: CPU microseconds per timestep, of the server (all threads) / of the clients
+srv us / cli us: CPU microseconds per timestep, of the server (all processes) / of the clients
+  (with one row per message: per message answered)
 The clients share the machine's CPUs with the server."""
 
 
-def run_cases(server: Server, args: argparse.Namespace, in_channels: int, warmup: int) -> list:
+def run_cases(
+    server: Server, args: argparse.Namespace, in_channels: int, warmup: int, multi: bool = False
+) -> list:
     """Every (sessions, transport, rows per message) case against one server, each printed as it
     ends (HTTP pushes once per N, with one row)."""
     cases = []
@@ -493,7 +502,7 @@ def run_cases(server: Server, args: argparse.Namespace, in_channels: int, warmup
                     server, transport, n, in_channels, args.seconds, procs, warmup, rows
                 )
                 cases.append(case)
-                print(table([case]).splitlines()[1], flush=True)
+                print(table([case], multi).splitlines()[1], flush=True)
     return cases
 
 
@@ -531,6 +540,12 @@ def main() -> None:
         "are a ragged batch on the server; default 1)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        help="`tcnserve serve --workers N`: N edge processes and an engine process; 0: one "
+        "process (default: pass nothing, the server's own default)",
+    )
+    parser.add_argument(
         "--json", type=Path, help="also write the cases here (bench/plot_service.py)"
     )
     parser.add_argument(
@@ -566,17 +581,22 @@ def main() -> None:
         "1",
         "--log-level",
         "warning",
+        *([] if args.workers is None else ["--workers", str(args.workers)]),
     ]
     print(f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
     print(environment())
     print(
         f"built-in model: in {config.in_channels}, channels {list(config.channels)}, kernel "
-        f"{config.kernel_size}, receptive field {config.receptive_field}; server: 1 process, "
-        f"torch threads 1, max_batch_delay_ms {args.max_batch_delay_ms:g}; "
+        f"{config.kernel_size}, receptive field {config.receptive_field}; server: torch "
+        f"threads 1, max_batch_delay_ms {args.max_batch_delay_ms:g}; "
         f"{args.seconds:g} s per case, {warmup} warm-up pushes per session",
         flush=True,
     )
     with Server(command, port) as server:
+        given = "not given: the server's default" if args.workers is None else "given"
+        print(f"server: {server.describe()} (--workers {given})", flush=True)
+        workers = len(server.edges())  # in force: edge processes counted
+        multi = workers > 0
         diffs = asyncio.run(check_outputs(server.url, config.in_channels, config.receptive_field))
         print(
             f"check: {CHECK_ROWS} rows, one per message, after a {config.receptive_field + 100}"
@@ -584,15 +604,17 @@ def main() -> None:
             + ", ".join(f"{kind} {d:.1e}" for kind, d in diffs.items()),
             flush=True,
         )
-        print(table([]), flush=True)
-        cases = run_cases(server, args, config.in_channels, warmup)
+        print(table([], multi), flush=True)
+        cases = run_cases(server, args, config.in_channels, warmup, multi)
+    for c in cases:
+        c.workers = workers
     http = {c.sessions: c.rate for c in cases if c.transport == "http"}
     single = {(c.sessions, c.transport): c.rate for c in cases if c.rows == 1}
     for c in cases:
         if c.sessions in http:
             c.ratio = c.rate / http[c.sessions]
     print("\nsummary")
-    print(table(cases))
+    print(table(cases, multi))
     print(LEGEND)
     for c in cases:
         if c.rows > 1 and (c.sessions, c.transport) in single:
