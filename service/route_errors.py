@@ -1,8 +1,8 @@
 """Which errors each HTTP route can answer: its OpenAPI `responses`, built from error classes.
 
 Every /v1 and /v2 route but the health probes authenticates (401 when keys are on) and needs the
-models loaded (503); a route that reads a body can also refuse it (413, or 503 when too many
-bodies are held at once) or find it invalid.
+models loaded (503; with `--workers N`, the engine process reachable too); a route that reads a
+body can also refuse it (413, or 503 when too many bodies are held at once) or find it invalid.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from service.errors import (
     BodyTooLarge,
     CapacityExceeded,
     Draining,
+    EngineUnavailable,
     InvalidInput,
     KeyQuotaExceeded,
     ModelNotFound,
@@ -27,7 +28,7 @@ from service.errors import (
 )
 from service.http_errors import error_responses
 
-CALLER = (Unauthorized, NotReady)
+CALLER = (Unauthorized, NotReady, EngineUnavailable)  # the last with `--workers N`
 BODY = (BodyTooLarge, Overloaded, InvalidInput)
 SESSION = (SessionNotFound, SessionExpired)
 COMPUTE = (TooManyTimesteps, NonFiniteOutput)

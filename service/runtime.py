@@ -17,7 +17,7 @@ from service.auth import ApiKeys
 from service.durability import build_durability
 from service.engine.client import EngineClient, RemoteRegistry, RemoteSessions, RemoteStreams
 from service.engine.messages import MetricsText
-from service.errors import Draining, NotReady
+from service.errors import Draining, NotReady, ServiceError
 from service.limits import InflightBudget, RequestLimits, StreamsPerKey
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -185,10 +185,26 @@ class Runtime:
             self.streams.acquire(owner)
 
     async def release_stream(self, owner: str) -> None:
-        if self.engine is not None:
-            await self.streams.release(owner)
-        else:
+        await self.end_stream(owner, None)
+
+    async def end_stream(self, owner: str, session: Any | None) -> None:
+        """A stream's end: release its count and, given its `session`, close that session.
+        Across the boundary both requests are sent before anything is awaited, so a handler
+        cancelled as its client goes still ends both (in-process the close is shielded)."""
+        if self.engine is None:
             self.streams.release(owner)
+            if session is not None:
+                with contextlib.suppress(ServiceError):  # retired meanwhile
+                    await self.sessions.close(session)
+            return
+        sent = []
+        with contextlib.suppress(ServiceError):  # the engine is away: it released both then
+            sent.append(self.streams.start_release(owner))
+            if session is not None:
+                sent.append(self.sessions.start_close(session))
+        for future in sent:
+            with contextlib.suppress(ServiceError):
+                await self.engine.answer(future)
 
     async def render_metrics(self) -> bytes:
         """The /metrics page: this process's series, or with an engine, every process's."""

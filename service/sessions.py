@@ -172,6 +172,29 @@ class SessionManager:
             await session.lock.acquire()
         return await self._start_push(session, entry, x, offset)
 
+    def push_now(
+        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
+    ) -> asyncio.Future[PushResult] | None:
+        """`push` started without suspending, when it can be: the session is held here,
+        unexpired and free. None when it cannot (the caller awaits `push`, which waits for
+        what is needed). The engine's fast path: no task per push (service/engine/server.py)."""
+        session = self._sessions.get((owner, session_id))
+        if (
+            session is None
+            or session.moved
+            or session.lock.locked()
+            or self._clock() >= session.expires_at
+            or not _acquire_free(session.lock)
+        ):
+            return None
+        try:
+            entry = self._registry.get(session.model)
+            self._check_rows(x, entry)
+        except BaseException:
+            session.lock.release()
+            raise
+        return self._start_push(session, entry, x, offset)
+
     def model_of(self, owner: str, session_id: str) -> str:
         """The model of a live session (to decode rows for it); 404/410 as `push` would."""
         session = self._sessions.get((owner, session_id))
@@ -587,6 +610,18 @@ class _Pending(NamedTuple):
     start: int
     length: int
     digest: bytes
+
+
+def _acquire_free(lock: asyncio.Lock) -> bool:
+    """Take `lock` if that needs no wait (it is free and nobody queues for it): its acquire
+    then completes without suspending. Otherwise take nothing and return False."""
+    acquiring = lock.acquire()
+    try:
+        acquiring.send(None)
+    except StopIteration:
+        return True
+    acquiring.close()  # it would have waited: leave the queue it joined, holding nothing
+    return False
 
 
 def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:

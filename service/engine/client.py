@@ -111,20 +111,28 @@ class EngineClient:
 
     async def call(self, request: Any) -> Any:
         """Send `request` (its id is set here) and return its answer; raises its ServiceError."""
-        transport = self._transport
-        if transport is None:
+        return await self.answer(self.send(request))
+
+    def send(self, request: Any) -> asyncio.Future:
+        """Queue `request` for this turn's write, at once (a caller cancelled right after still
+        had it sent); the future of its answer. Raises engine_unavailable when disconnected."""
+        if self._transport is None:
             raise self.unavailable()
         request.id = id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending[id] = future
         out = self._out
         out.append(m.frame(self._encode(request)))
         if len(out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-        try:
-            answer = await future
-        finally:
-            self._pending.pop(id, None)
+            loop.call_soon(self._flush)
+        future.add_done_callback(lambda _: self._pending.pop(id, None))
+        return future
+
+    @staticmethod
+    async def answer(future: asyncio.Future) -> Any:
+        """The answer of a request `send` queued; raises its ServiceError."""
+        answer = await future
         if type(answer) is m.Failed:
             raise answer.error()
         return answer
@@ -381,8 +389,12 @@ class RemoteSessions:
 
     async def close(self, session: m.SessionView) -> None:
         """Delete this very session, if it is still open: never a newer one under its id."""
+        await self._client.answer(self.start_close(session))
+
+    def start_close(self, session: m.SessionView) -> asyncio.Future:
+        """`close`, sent at once (it reaches the engine even if the caller is cancelled)."""
         self._models.pop((session.owner, session.id), None)
-        await self._client.call(m.Close(0, session.owner, session.id, session.serial))
+        return self._client.send(m.Close(0, session.owner, session.id, session.serial))
 
 
 class RemoteStreams:
@@ -396,4 +408,8 @@ class RemoteStreams:
 
     async def release(self, owner: str) -> None:
         with contextlib.suppress(ServiceError):  # the engine went away: it released it then
-            await self._client.call(m.StreamClose(0, owner))
+            await self._client.answer(self.start_release(owner))
+
+    def start_release(self, owner: str) -> asyncio.Future:
+        """`release`, sent at once (it reaches the engine even if the caller is cancelled)."""
+        return self._client.send(m.StreamClose(0, owner))

@@ -46,12 +46,6 @@ class _Request(msgspec.Struct, array_like=True, tag=True):
 # ----- requests, edge -> engine --------------------------------------------------------------
 
 
-class Hello(_Request):
-    """The first request of a connection: the engine answers with `Welcome`."""
-
-    pid: int
-
-
 class Create(_Request):
     owner: str
     model: str
@@ -129,7 +123,8 @@ class StreamClose(_Request):
 
 
 class Status(_Request):
-    """Readiness and the models' descriptions (`Welcome` again)."""
+    """Readiness and the models' descriptions (`Welcome`): an edge's first request on a
+    connection, and then one every STATUS_EVERY_S (service/engine/client.py)."""
 
 
 class MetricsText(_Request):
@@ -146,7 +141,7 @@ class EdgeMetrics(_Request):
 
 
 Request = (
-    Hello | Create | Push | PushMany | Get | Resolve | TakeSnapshot | Reset | Delete | Close
+    Create | Push | PushMany | Get | Resolve | TakeSnapshot | Reset | Delete | Close
     | Predict | StreamOpen | StreamClose | Status | MetricsText | EdgeMetrics
 )  # fmt: skip
 

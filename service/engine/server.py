@@ -114,7 +114,6 @@ class _Connection(asyncio.Protocol):
         self.edge_metrics = b""  # the edge's own series, as it last reported them
         self._lost = asyncio.get_running_loop().create_future()
         self._handlers: dict[type, Callable[[Any], Awaitable[m.Answer]]] = {
-            m.Hello: self._status,
             m.Status: self._status,
             m.Create: self._create,
             m.Push: self._push,
@@ -148,9 +147,42 @@ class _Connection(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         for request in requests:
+            if type(request) is m.Push and self._push_now(request):
+                continue
             task = loop.create_task(self._answer(request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _push_now(self, r: m.Push) -> bool:
+        """The hot path: a push to a free session held here starts at once, answered from its
+        future's callback (no task). False: it needs the general path (`_push`)."""
+        try:
+            self.runtime.check_ready()
+            started = self.sessions.push_now(r.owner, r.session_id, r.rows.array(), r.offset)
+        except ServiceError as e:
+            self._send(m.Failed.of(r.id, e))
+            return True
+        except Exception:
+            logger.exception("the engine failed a push")
+            self._send(m.Failed.of(r.id, InternalError("internal server error")))
+            return True
+        if started is None:
+            return False
+        id = r.id
+
+        def answered(future: asyncio.Future) -> None:
+            error = future.exception()
+            if error is None:
+                result = future.result()
+                self._send(m.Pushed(id, m.Rows.of(result.outputs), result.position))
+            elif isinstance(error, ServiceError):
+                self._send(m.Failed.of(id, error))
+            else:
+                logger.error("the engine failed a push", exc_info=error)
+                self._send(m.Failed.of(id, InternalError("internal server error")))
+
+        started.add_done_callback(answered)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -200,7 +232,7 @@ class _Connection(asyncio.Protocol):
 
     # ----- handlers --------------------------------------------------------------------------
 
-    async def _status(self, r: m.Hello | m.Status) -> m.Answer:
+    async def _status(self, r: m.Status) -> m.Answer:
         return self.server.welcome(r.id)
 
     async def _create(self, r: m.Create) -> m.Answer:

@@ -115,11 +115,8 @@ async def open_stream(websocket: WebSocket) -> None:
         }
         await websocket.send_text(_encode(created).decode())
         await _serve(websocket, runtime, owner, session, params.framing == "offset")
-    finally:
-        await runtime.release_stream(owner)
-        if not params.keep:  # this very session: never a newer one that took its id
-            with contextlib.suppress(ServiceError):
-                await runtime.sessions.close(session)
+    finally:  # without keep, this very session: never a newer one that took its id
+        await runtime.end_stream(owner, None if params.keep else session)
 
 
 async def _accept(
