@@ -47,6 +47,9 @@ Done = Callable[[Any, BaseException | None], None]
 # costs O(L + T) per layer against the ragged batch's O(k T) (they cross near 200-300 rows for
 # the reference config).
 MAX_BATCHED_ROWS = 128
+# max_batch_size unset: the most streams per step call is every stream, unless one such call
+# takes longer than this on this machine (a push waits at most about two calls).
+STEP_BUDGET_S = 0.010
 
 _STOP = object()
 
@@ -94,7 +97,9 @@ class WorkerStopped(Draining):
 class ModelWorker:
     """A dedicated thread owning one model's pool; async callers await its results."""
 
-    def __init__(self, name: str, metrics: Metrics, max_batch_size: int, max_batch_delay_s: float):
+    def __init__(
+        self, name: str, metrics: Metrics, max_batch_size: int | None, max_batch_delay_s: float
+    ):
         self.name = name
         self.pool: Any = None  # the StreamPool: touched on the worker thread only, once started
         self._metrics = metrics
@@ -150,16 +155,44 @@ class ModelWorker:
                 self.pool.push(slot, rows[:4])
             finally:
                 self.pool.close(slot)
+            if self._max_batch is None:
+                self._max_batch = self._derive_max_batch(rows)
             wide = min(self._max_batch, self.pool.free)
             if self.pool.kernel_for(wide) != self.pool.kernel_for(1):
-                slots = [self.pool.open() for _ in range(wide)]
-                try:
-                    self.pool.step(slots, np.repeat(rows[:1], wide, axis=0))
-                finally:
-                    for slot in reversed(slots):  # the pool hands out the lowest free slot
-                        self.pool.close(slot)
+                self._time_step(wide, rows)
 
         await self.call(warm, op="warmup")
+
+    @property
+    def max_batch(self) -> int | None:
+        """Most streams one step call advances (derived while warming when not set)."""
+        return self._max_batch
+
+    def _time_step(self, width: int, rows: np.ndarray, repeats: int = 1) -> float:
+        """Seconds one step of `width` scratch streams takes (the best of `repeats`)."""
+        slots = [self.pool.open() for _ in range(width)]
+        try:
+            x = np.repeat(rows[:1], width, axis=0)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.pool.step(slots, x)
+                best = min(best, time.perf_counter() - start)
+            return best
+        finally:
+            for slot in reversed(slots):  # the pool hands out the lowest free slot
+                self.pool.close(slot)
+
+    def _derive_max_batch(self, rows: np.ndarray) -> int:
+        """max_batch_size unset: every open stream in one call (a split adds a call and waits
+        no less on the whole), unless a step of that many takes more than STEP_BUDGET_S on
+        this machine: then the largest power of two under the budget. Measured on the worker
+        thread at load."""
+        width = self.pool.free
+        while width > 1 and self._time_step(width, rows, repeats=3) > STEP_BUDGET_S:
+            width = 1 << ((width - 1).bit_length() - 1)  # the power of two below
+        logger.info("model %s: at most %d streams per step call", self.name, width)
+        return width
 
     async def open(self, position: int = 0) -> int:
         """A fresh stream slot at `position` (the pool's PoolFullError when none is free)."""
@@ -252,7 +285,7 @@ class ModelWorker:
             deadline = job.enqueued + self._delay  # its first push waits at most this long
             # A batch holds distinct open streams: once it has them all, waiting adds nothing
             # (a lone session never waits for company).
-            limit = min(self._max_batch, len(self.pool))
+            limit = min(self._max_batch or len(self.pool), len(self.pool))
             while len(batch) < limit:
                 if not pending:
                     delivery = self._next_until(deadline)

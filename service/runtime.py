@@ -231,5 +231,10 @@ class Runtime:
         """Raise unless new sessions may be opened here (ready and not draining). With a
         session store a draining replica still opens them: it writes them out when it exits."""
         self.check_ready()
-        if self.draining and self.settings.session_store == "memory":
+        has_store = (
+            self.durability is not None
+            if self.engine is None
+            else self.settings.session_store != "memory"
+        )
+        if self.draining and not has_store:
             raise Draining("this server is shutting down", self.settings.retry_after_s)

@@ -40,7 +40,11 @@ class Settings(BaseSettings):
     max_sessions: int = Field(256, ge=1, description="stream slots per model (preallocated)")
     session_ttl_s: float = Field(600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0, description="largest ttl_s a client may ask")
-    max_batch_size: int = Field(128, description="most streams advanced by one model call")
+    max_batch_size: int | None = Field(
+        None,
+        description="most streams advanced by one model call (unset: every open stream, unless "
+        "a step of max_sessions streams takes over 10 ms here: measured at load)",
+    )
     max_batch_delay_ms: float = Field(
         1.0, description="longest a push waits, from its submission, for others to batch with"
     )
@@ -152,7 +156,7 @@ class Settings(BaseSettings):
                 problems.append(f"models: invalid model name {name!r} (use [A-Za-z0-9_.-])")
             if not (Path(directory) / "config.json").is_file():
                 problems.append(f"models: {name}={directory} has no config.json checkpoint")
-        if self.max_batch_size < 1:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
             problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.cuda_graphs and not self.resolved_device().startswith("cuda"):
             problems.append("cuda_graphs needs a CUDA device (device=cuda)")

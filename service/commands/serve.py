@@ -35,7 +35,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "port": (int, "port (default 8000)"),
     "max_sessions": (int, "stream slots per model (default 256)"),
     "session_ttl_s": (float, "idle seconds before a session expires (default 600)"),
-    "max_batch_size": (int, "most streams per batched step (default 128)"),
+    "max_batch_size": (int, "most streams per batched step (default: all, within 10 ms)"),
     "max_batch_delay_ms": (float, "longest a push waits for others to batch with (default 1)"),
     "max_timesteps_per_request": (int, "rows summed over a request (default 100000)"),
     "max_sequences_per_request": (int, "sequences in one /predict (default 1024)"),

@@ -159,6 +159,9 @@ class EngineClient:
             return
         pending = self._pending
         for answer in answers:
+            if answer.id == 0 and type(answer) is m.Welcome:  # the engine's status changed
+                self._welcomed(answer)
+                continue
             future = pending.pop(answer.id, None)
             if future is not None and not future.done():
                 future.set_result(answer)

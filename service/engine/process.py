@@ -62,10 +62,12 @@ def engine_main(settings: Settings, path: str) -> int:
             await runtime.stop()
             return LOAD_FAILED
         tune_collector()
+        server.broadcast()  # every edge connected meanwhile is ready at once
         Path(path).with_suffix(".ready").touch()  # the supervisor: this engine did start
         logger.info("engine ready at %s", path)
         await stop.wait()
         runtime.start_draining()
+        server.broadcast()
         await server.close()
         await runtime.stop()  # in-flight pushes finish; sessions go to the store
         return 0

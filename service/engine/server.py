@@ -70,6 +70,12 @@ class EngineServer:
         for connection in list(self.connections):
             await connection.closed()
 
+    def broadcast(self) -> None:
+        """Tell every edge the engine's status now (id 0: no request asked), when it changes:
+        loaded, or draining; otherwise they learn it within STATUS_EVERY_S."""
+        for connection in self.connections:
+            connection.send(self.welcome(0))
+
     def welcome(self, id: int) -> m.Welcome:
         runtime = self.runtime
         models = []
@@ -195,6 +201,9 @@ class _Connection(asyncio.Protocol):
 
     async def closed(self) -> None:
         await self._lost
+
+    def send(self, answer: m.Answer) -> None:
+        self._send(answer)
 
     def _send(self, answer: m.Answer) -> None:
         out = self._out

@@ -346,3 +346,17 @@ async def test_warm_up_also_steps_a_full_batch_when_it_takes_another_kernel(chan
         await w.stop()
     assert sizes == ([1, 32] if wide_step else [1])
     assert pool.free == 40 and pool.open() == 0  # as if the warm-up had never opened a slot
+
+
+def test_an_unset_max_batch_size_is_every_stream_within_the_step_budget(make_settings, monkeypatch):
+    """max_batch_size unset: every open stream in one call on a fast model; on a machine where
+    such a step passes the budget, the largest power of two that does not (here: none does)."""
+    import service.batcher
+    from service.app import create_app
+    from tests.service.conftest import runtime_of, serving
+
+    with serving(create_app(make_settings(max_sessions=24))) as c:
+        assert runtime_of(c.app).registry.get("tiny").worker.max_batch == 24
+    monkeypatch.setattr(service.batcher, "STEP_BUDGET_S", 0.0)
+    with serving(create_app(make_settings(max_sessions=24))) as c:
+        assert runtime_of(c.app).registry.get("tiny").worker.max_batch == 1
