@@ -104,6 +104,11 @@ class Runtime:
         return self.registry.ready and self.store_ready and not self.draining
 
     @property
+    def ready_or_draining(self) -> bool:
+        """Models loaded and the store connected: what `check_ready` asks."""
+        return self.registry.ready and self.store_ready
+
+    @property
     def store_ready(self) -> bool:
         return self.durability is None or self.durability.connected
 

@@ -44,6 +44,8 @@ from service.session_state import AppliedPush, PushResult, RecentIds, Session
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Clock = Callable[[], float]
+# Called with (result, None) or (None, error) once a push's outcome is recorded.
+Reply = Callable[[PushResult | None, BaseException | None], None]
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 
@@ -173,11 +175,12 @@ class SessionManager:
         return await self._start_push(session, entry, x, offset)
 
     def push_now(
-        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
-    ) -> asyncio.Future[PushResult] | None:
+        self, owner: str, session_id: str, x: np.ndarray, offset: int | None, reply: Reply
+    ) -> bool:
         """`push` started without suspending, when it can be: the session is held here,
-        unexpired and free. None when it cannot (the caller awaits `push`, which waits for
-        what is needed). The engine's fast path: no task per push (service/engine/server.py)."""
+        unexpired and free; its outcome goes to `reply(result, error)` (see `_start_push`).
+        False when it cannot (the caller awaits `push`, which waits for what is needed). The
+        engine's fast path: no task and no future per push (service/engine/server.py)."""
         session = self._sessions.get((owner, session_id))
         if (
             session is None
@@ -186,14 +189,15 @@ class SessionManager:
             or self._clock() >= session.expires_at
             or not _acquire_free(session.lock)
         ):
-            return None
+            return False
         try:
             entry = self._registry.get(session.model)
             self._check_rows(x, entry)
         except BaseException:
             session.lock.release()
             raise
-        return self._start_push(session, entry, x, offset)
+        self._start_push(session, entry, x, offset, reply=reply)
+        return True
 
     def model_of(self, owner: str, session_id: str) -> str:
         """The model of a live session (to decode rows for it); 404/410 as `push` would."""
@@ -304,22 +308,30 @@ class SessionManager:
         x: np.ndarray,
         offset: int | None,
         release: bool = True,
+        reply: Reply | None = None,
     ) -> asyncio.Future[PushResult]:
         """Start a push on a session whose lock the caller has just taken; returns its future.
 
         The hold of the lock passes to the push: it is released once the outcome is recorded,
         by the worker's answer, on the event loop, whether or not anyone still awaits the
         future. The future is settled first, so its awaiter runs before the next operation.
-        With `release=False` the caller keeps the hold (and releases the lock itself).
+        With `release=False` the caller keeps the hold (and releases the lock itself). With
+        `reply`, no future is made: `reply(result, None)` or `reply(None, error)` is called
+        instead, as the outcome is recorded (the returned future is then never settled).
         """
-        answer: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[PushResult] = (
+            _NO_FUTURE if reply is not None else asyncio.get_running_loop().create_future()
+        )
         try:
             self._check_open(session)  # it may have been retired while the lock was awaited
             planned = self._plan(session, x, offset)
             if isinstance(planned, PushResult):  # a replay: nothing to compute
-                answer.set_result(planned)
                 if release:
                     session.lock.release()
+                if reply is not None:
+                    reply(planned, None)
+                else:
+                    answer.set_result(planned)
                 return answer
             if self.hooks is not None:  # a new push: the store may refuse it (durability)
                 self.hooks.check_push(session)
@@ -334,7 +346,9 @@ class SessionManager:
                             logger.exception("recording a push failed")
                             error = InternalError("internal server error")
                             error.__cause__ = e
-                    if not answer.done():  # else cancelled by its caller: recorded all the same
+                    if reply is not None:
+                        reply(result, error)
+                    elif not answer.done():  # else cancelled by its caller: recorded anyway
                         if error is None:
                             answer.set_result(result)
                         else:
@@ -610,6 +624,13 @@ class _Pending(NamedTuple):
     start: int
     length: int
     digest: bytes
+
+
+class _NoFuture:
+    """The future of a push whose outcome goes to a `reply` callback instead."""
+
+
+_NO_FUTURE: Any = _NoFuture()
 
 
 def _acquire_free(lock: asyncio.Lock) -> bool:

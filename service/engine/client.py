@@ -123,10 +123,13 @@ class EngineClient:
         future = loop.create_future()
         self._pending[id] = future
         out = self._out
-        out.append(m.frame(self._encode(request)))
-        if len(out) == 1:
+        payload = self._encode(request)
+        out.append(m.HEADER.pack(len(payload)))
+        out.append(payload)
+        if len(out) == 2:
             loop.call_soon(self._flush)
-        future.add_done_callback(lambda _: self._pending.pop(id, None))
+        # The entry goes when the answer comes (always, or the connection drops): a caller
+        # that gave up leaves it only that long.
         return future
 
     @staticmethod
@@ -326,11 +329,10 @@ class RemoteSessions:
     async def push(
         self, owner: str, session_id: str, x: np.ndarray, offset: int | None
     ) -> PushResult:
-        try:
-            answer = await self._client.call(m.Push(0, owner, session_id, m.Rows.of(x), offset))
-        except ServiceError:
+        answer = await self._client.send(m.Push(0, owner, session_id, m.Rows.of(x), offset))
+        if type(answer) is m.Failed:
             self._models.pop((owner, session_id), None)  # re-created with another model?
-            raise
+            raise answer.error()
         return PushResult(answer.outputs.array(), answer.position)
 
     async def push_many(

@@ -300,7 +300,3 @@ class FrameReader:
         if start:
             del buffer[:start]
         return frames
-
-
-def frame(payload: bytes) -> bytes:
-    return HEADER.pack(len(payload)) + payload

@@ -152,42 +152,36 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return
         loop = asyncio.get_running_loop()
+        ready = self.runtime.ready_or_draining  # once per read, not per push
         for request in requests:
-            if type(request) is m.Push and self._push_now(request):
+            if ready and type(request) is m.Push and self._push_now(request):
                 continue
             task = loop.create_task(self._answer(request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def _push_now(self, r: m.Push) -> bool:
-        """The hot path: a push to a free session held here starts at once, answered from its
-        future's callback (no task). False: it needs the general path (`_push`)."""
-        try:
-            self.runtime.check_ready()
-            started = self.sessions.push_now(r.owner, r.session_id, r.rows.array(), r.offset)
-        except ServiceError as e:
-            self._send(m.Failed.of(r.id, e))
-            return True
-        except Exception:
-            logger.exception("the engine failed a push")
-            self._send(m.Failed.of(r.id, InternalError("internal server error")))
-            return True
-        if started is None:
-            return False
+        """The hot path: a push to a free session held here starts at once, answered by a
+        callback as it is recorded (no task, no future). False: it needs the general path."""
         id = r.id
+        send = self._send
 
-        def answered(future: asyncio.Future) -> None:
-            error = future.exception()
+        def reply(result: Any, error: BaseException | None) -> None:
             if error is None:
-                result = future.result()
-                self._send(m.Pushed(id, m.Rows.of(result.outputs), result.position))
+                send(m.Pushed(id, m.Rows.of(result.outputs), result.position))
             elif isinstance(error, ServiceError):
-                self._send(m.Failed.of(id, error))
+                send(m.Failed.of(id, error))
             else:
                 logger.error("the engine failed a push", exc_info=error)
-                self._send(m.Failed.of(id, InternalError("internal server error")))
+                send(m.Failed.of(id, InternalError("internal server error")))
 
-        started.add_done_callback(answered)
+        try:
+            return self.sessions.push_now(r.owner, r.session_id, r.rows.array(), r.offset, reply)
+        except ServiceError as e:
+            send(m.Failed.of(id, e))
+        except Exception:
+            logger.exception("the engine failed a push")
+            send(m.Failed.of(id, InternalError("internal server error")))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -207,8 +201,10 @@ class _Connection(asyncio.Protocol):
 
     def _send(self, answer: m.Answer) -> None:
         out = self._out
-        out.append(m.frame(self._encode(answer)))
-        if len(out) == 1:
+        payload = self._encode(answer)
+        out.append(m.HEADER.pack(len(payload)))
+        out.append(payload)
+        if len(out) == 2:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
