@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument(
         "--max-batch-delay-ms", type=float, default=1.0, help="server setting (its default: 1)"
     )
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="the engine's device (cpu)"
+    )
     parser.add_argument("--no-echo", action="store_true", help="skip the bench/noop_app.py row")
     parser.add_argument("--json", type=Path, help="also write the rows here (one JSON record)")
     args = parser.parse_args()
@@ -119,7 +122,8 @@ def main() -> None:
     )
     print(
         f"built-in model (in {config.in_channels}, channels {list(config.channels)}, kernel "
-        f"{config.kernel_size}, receptive field {config.receptive_field}); server: torch threads "
+        f"{config.kernel_size}, receptive field {config.receptive_field}); server on "
+        f"{args.device}: torch threads "
         f"{threads}, max_batch_delay_ms {args.max_batch_delay_ms:g}",
         flush=True,
     )
@@ -136,7 +140,7 @@ def main() -> None:
         port = free_port()
         command = [
             *serve_command(), "--port", str(port), "--workers", str(workers),
-            "--max-sessions", str(args.sessions + 8),
+            "--max-sessions", str(args.sessions + 8), "--device", args.device,
             "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "warning",
             *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
         ]  # fmt: skip

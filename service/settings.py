@@ -101,8 +101,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="edge processes of `tcnserve serve`, all on one port, in front of one engine "
-        "process that owns the models and sessions; 0: one process doing both (unset: "
-        "cores // 2, from 1 to 8)",
+        "process that owns the models and sessions; 0: one process doing both (unset: one per "
+        "core, at most 8)",
     )
     # Sessions that outlive this process (docs/durability.md).
     session_store: str = Field(
@@ -214,15 +214,15 @@ class Settings(BaseSettings):
         step several times slower on a small machine (measured 4.6x on 2 cores)."""
         if self.torch_threads is not None:
             return self.torch_threads
-        return max(1, ((os.cpu_count() or 1) - 1) // 2)
+        return max(1, (usable_cores() - 1) // 2)
 
     def resolved_workers(self) -> int:
-        """workers in force. Each edge takes about a core for the protocols and the engine
-        another for the sessions and the model, so half the cores go to edges, leaving the
-        engine and its torch threads the rest (docs/scaling.md)."""
+        """workers in force: one edge per core, at most 8. An edge only uses a core while it
+        has requests to answer, and on 2 cores 2 edges measured best for HTTP and /v1/steps
+        (docs/scaling.md has the table)."""
         if self.workers is not None:
             return self.workers
-        return min(8, max(1, (os.cpu_count() or 1) // 2))
+        return min(8, usable_cores())
 
     def secrets_revealed(self) -> dict[str, Any]:
         """These settings as JSON-able values, secrets included: for the processes of one
@@ -268,6 +268,22 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"model name {name!r} given twice")
         out[name.strip()] = directory.strip()
     return out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container limited to 2 CPUs on a 64-core node gets 2, not 64)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # rounded up
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def _cuda_available() -> bool:

@@ -50,8 +50,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "snapshot_interval_s": (float, "seconds between snapshots of changed sessions (default 5)"),
     "workers": (
         int,
-        "edge processes on the port, before one engine process (default: cores//2"
-        ", 1-8; 0: one process)",
+        "edge processes before one engine (default: 1 per core, <= 8; 0: one process)",
     ),
 }
 

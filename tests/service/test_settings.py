@@ -80,3 +80,25 @@ def test_cuda_graphs_need_a_cuda_device(make_settings):
 
     with pytest.raises(pydantic.ValidationError, match="cuda_graphs needs a CUDA device"):
         make_settings(cuda_graphs=True, device="cpu")
+
+
+def test_usable_cores_honour_a_cgroup_cpu_quota(monkeypatch, tmp_path):
+    import os
+    from pathlib import Path as RealPath
+
+    import service.settings as settings_module
+
+    quota = tmp_path / "cpu.max"
+    real = RealPath
+
+    def path(p: str = "", *rest):  # only the cgroup file is redirected
+        return quota if str(p) == "/sys/fs/cgroup/cpu.max" else real(p, *rest)
+
+    monkeypatch.setattr(settings_module, "Path", path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: rounded up
+    assert settings_module.usable_cores() == 2
+    quota.write_text("max 100000\n")
+    assert settings_module.usable_cores() == 64
+    assert settings_module.Settings(workers=None).resolved_workers() == 8
+    assert settings_module.Settings(workers=0).resolved_workers() == 0
