@@ -1,5 +1,5 @@
-# tcnserve: one process, one uvicorn worker (sessions live in its memory, and move between
-# replicas through the session store: docs/durability.md).
+# tcnserve: one server, its edge processes in front of one engine process (sessions live in the
+# engine's memory, and move between replicas through the session store: docs/durability.md).
 #
 #   docker build -t tcnserve:0.1.0 .                # CPU: torch from PyTorch's CPU wheel index
 #   docker run -p 127.0.0.1:8000:8000 -e TCNSERVE_API_KEYS=<a key of 16+ chars> tcnserve:0.1.0
@@ -48,6 +48,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TCNSERVE_PORT', '8000'), timeout=2)"
 
-# Never add --workers: a second worker would not see the first one's sessions.
+# `tcnserve serve` starts one edge process per usable core (the container's CPU quota counts),
+# at most 8, before one engine process that holds every session (docs/scaling.md); set
+# TCNSERVE_WORKERS to choose. Never run the app under `uvicorn --workers` (it refuses).
 ENTRYPOINT ["tcnserve"]
 CMD ["serve"]

@@ -46,7 +46,10 @@ class Runtime:
         self.limits = RequestLimits(
             settings.max_timesteps_per_request, settings.max_sequences_per_request
         )
-        self.inflight = InflightBudget(settings.max_inflight_body_bytes)
+        inflight = settings.max_inflight_body_bytes
+        if engine_socket is not None:  # an edge holds its share (at least one largest body)
+            inflight = max(settings.max_body_bytes, inflight // max(1, settings.resolved_workers()))
+        self.inflight = InflightBudget(inflight)
         self.api_keys = ApiKeys(settings.api_key_values())
         self.engine: EngineClient | None = None
         self.registry: Any

@@ -104,10 +104,12 @@ def run(args: argparse.Namespace) -> int:
     return serve(app, settings, host=settings.host, port=settings.port)
 
 
-def serve(app: Any, settings: Settings, sockets: list | None = None, **where: Any) -> int:
+def serve(
+    app: Any, settings: Settings, sockets: list | None = None, share: int = 1, **where: Any
+) -> int:
     """Run `app` under uvicorn until SIGTERM/SIGINT (after drain_s); the exit status."""
     runtime: Runtime = app.state.runtime
-    config = uvicorn_config(app, settings, **where)
+    config = uvicorn_config(app, settings, share, **where)
     log_redaction.install()  # after Config has set up logging: no API key in any log line
     server = DrainingServer(config, runtime, settings.drain_s)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully (SIGINT as
@@ -126,9 +128,10 @@ def serve(app: Any, settings: Settings, sockets: list | None = None, **where: An
     return 0
 
 
-def uvicorn_config(app: Any, settings: Settings, **where: Any) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, share: int = 1, **where: Any) -> uvicorn.Config:
     """The uvicorn configuration of a server process (`where`: host and port, or nothing when
-    it is handed its listening socket)."""
+    it is handed its listening socket); `share`: the edge processes that split the server's
+    connection limit (each takes its part, rounded up)."""
     return uvicorn.Config(
         app,
         **where,
@@ -137,7 +140,7 @@ def uvicorn_config(app: Any, settings: Settings, **where: Any) -> uvicorn.Config
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
         http=deadline_protocol(settings.request_timeout_s, settings.max_header_bytes),  # 408, 431
-        limit_concurrency=settings.connection_limit(),  # 503 beyond it
+        limit_concurrency=-(-settings.connection_limit() // share),  # 503 beyond it
         # uvicorn's sans-I/O websockets protocol, which stops reading a connection after each
         # message until the app has taken it, so at most one message of up to ws_max_size waits
         # per connection (a larger one closes the socket with 1009); messages being answered

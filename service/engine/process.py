@@ -90,7 +90,9 @@ def edge_main(settings: Settings, path: str) -> int:
         time.sleep(0.05)
     sock = listening_socket(settings.host, settings.port)
     app = create_app(settings, engine_socket=path)
-    return serve(app, settings, sockets=[sock])
+    # Server-wide limits are split over the edges: max_connections here (max_inflight_body_bytes
+    # in the edge's Runtime), so N edges hold what one process would.
+    return serve(app, settings, sockets=[sock], share=settings.resolved_workers())
 
 
 def listening_socket(host: str, port: int, listen: bool = True) -> socket.socket:

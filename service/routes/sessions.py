@@ -111,8 +111,11 @@ async def create_session(
     openapi_extra=documented_body(StepRequest),
 )
 async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Response:
-    session = await caller.sessions.get(caller.owner, session_id)
-    spec = caller.registry.get(session.model).inputs
+    # The session's model, to decode its rows: known without asking the engine when it serves
+    # one model (or once per edge and session otherwise); the push itself finds the session.
+    sessions = caller.sessions
+    await sessions.ensure_held(caller.owner, [session_id])
+    spec = caller.registry.get(sessions.model_of(caller.owner, session_id)).inputs
     data = await body_bytes(request)
 
     def decode() -> tuple[int | None, object]:
