@@ -258,3 +258,25 @@ def test_the_metrics_page_sums_the_engine_and_every_edge(make_settings, clock, e
         page = one.get("/metrics").text
         assert metric(page, "tcnserve_active_sessions") == 3
         assert page.count("# TYPE tcnserve_requests_total counter") == 1  # one family, summed
+
+
+def test_the_docs_name_every_message_and_the_sizes_of_a_push():
+    import typing
+
+    import msgspec
+    import numpy as np
+
+    from service.engine import messages as m
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "scaling.md").read_text()
+    boundary = text.split("## The boundary", 1)[1].split("\n## ", 1)[0]
+    for union in (m.Request, m.Answer):
+        for cls in typing.get_args(union):
+            if cls is not m.Done and cls is not m.Text:
+                assert f"`{cls.__name__}`" in boundary, cls.__name__
+    encode = msgspec.msgpack.Encoder().encode
+    push = encode(m.Push(17, "anonymous", "x" * 32, m.Rows.of(np.zeros((1, 2), np.float32)), None))
+    answer = encode(m.Pushed(17, m.Rows.of(np.zeros((1, 1), np.float32)), 42))
+    assert f"{len(push)} bytes of MessagePack" in boundary
+    assert f"({len(push) + m.HEADER.size} framed)" in boundary
+    assert f"{len(answer)} ({len(answer) + m.HEADER.size})" in boundary
