@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from service.auth import ApiKeys
 from service.durability import build_durability
 from service.engine.client import EngineClient, RemoteRegistry, RemoteSessions, RemoteStreams
 from service.engine.messages import MetricsText
+from service.engine.metrics import summed
 from service.errors import Draining, NotReady, ServiceError
 from service.limits import InflightBudget, RequestLimits, StreamsPerKey
 from service.metrics import Metrics
@@ -29,6 +31,7 @@ T = TypeVar("T")
 # Bodies at least this large are decoded off the event loop (msgspec parses ~1 MiB in ~5 ms).
 OFFLOAD_DECODE_BYTES = 64 * 1024
 EDGE_CONNECT_S = 10.0  # longest an edge's startup waits for the engine's first answer
+METRICS_CACHE_S = 1.0  # an edge sums every process's page at most this often
 
 
 class Runtime:
@@ -84,6 +87,7 @@ class Runtime:
         self._load_error: str | None = None
         self.loaded = threading.Event()  # set once loading ends, either way (tests wait on it)
         self._tasks: list[asyncio.Task] = []
+        self._metrics_page: tuple[float, bytes] | None = None  # an edge's summed page, cached
         # One thread: large bodies decode one at a time, which also bounds their transient
         # memory (about 10x the body while the rows are Python objects).
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tcnserve-decode")
@@ -216,14 +220,18 @@ class Runtime:
 
     async def render_metrics(self) -> bytes:
         """The /metrics page: this process's series, or with an engine, every process's."""
-        if self.engine is not None and self.engine.connected:
+        if self.engine is None or not self.engine.connected:
+            return self.metrics.render()
+        now = time.monotonic()
+        if self._metrics_page is None or now - self._metrics_page[0] >= METRICS_CACHE_S:
             answer = await self.engine.call(MetricsText(0, self.metrics.render()))
-            return answer.text
-        return self.metrics.render()
+            page = await asyncio.to_thread(summed, answer.pages)
+            self._metrics_page = (now, page)
+        return self._metrics_page[1]
 
     def check_ready(self) -> None:
         """Raise NotReady unless every model is loaded and warmed."""
-        if self.engine is not None and not self.engine.connected:
+        if self.engine is not None and not self.engine.fresh:
             raise self.engine.unavailable()
         if not self.registry.ready or not self.store_ready:
             why = (

@@ -328,6 +328,7 @@ class SessionManager:
             if isinstance(planned, PushResult):  # a replay: nothing to compute
                 if release:
                     session.lock.release()
+                    release = False  # released: a failing reply must not release it again
                 if reply is not None:
                     reply(planned, None)
                 else:

@@ -31,6 +31,7 @@ def imports(path: Path) -> set[str]:
                 found.add(f"{base}.{node.module}" if node.module else base)
             elif node.module:
                 found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
 
@@ -66,15 +67,26 @@ CORE = (
     "service/inputs.py",
     "service/limits.py",
     "service/errors.py",
+    "service/runtime.py",
     "service/engine/*.py",
+)
+HTTP_LAYER = (
+    "service.routes",
+    "service.app",
+    "service.http_errors",
+    "service.http_protocol",
+    "service.ws_protocol",
+    "service.middleware",
+    "service.deps",
+    "service.commands",
 )
 
 
 @pytest.mark.parametrize("path", files(*CORE), ids=str)
 def test_below_the_edge_nothing_knows_http(path):
-    bad = [n for n in imports(path) if under(n, WEB) or under(n, ("service.routes",))]
-    if path.name == "process.py":  # starts an edge: reaches the app through its commands
-        bad = [n for n in bad if n != "service.app"]
+    bad = [n for n in imports(path) if under(n, WEB) or under(n, HTTP_LAYER)]
+    if path.name == "process.py":  # starts an edge too: the app, inside edge_main only
+        bad = [n for n in bad if not under(n, ("service.app", "service.commands.serve"))]
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
@@ -84,4 +96,27 @@ def test_the_engine_messages_need_only_the_error_classes():
 
 
 def test_the_error_code_table_needs_nothing():
-    assert not {n for n in imports(ROOT / "service/error_codes.py") if n != "__future__"}
+    assert not {
+        n for n in imports(ROOT / "service/error_codes.py") if not under(n, ("__future__",))
+    }
+
+
+def test_the_engine_process_loads_no_web_framework():
+    """What an engine process imports, followed transitively (in a fresh interpreter): the
+    engine speaks only its own messages, so no HTTP module may come along."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, service.engine.server, service.engine.process, service.sessions, "
+        "service.registry, service.durability\n"
+        "web = ('fastapi', 'starlette', 'uvicorn', 'httptools', 'h11', 'websockets')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in web "
+        "or m.startswith('service.routes') or m in ('service.app', 'service.http_errors', "
+        "'service.middleware', 'service.commands.serve')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,10 @@ from service.session_state import PushResult
 logger = logging.getLogger(__name__)
 RECONNECT_S = 0.05  # between tries to reach an engine that is away (it restarts in seconds)
 STATUS_EVERY_S = 0.5  # how often an edge asks the engine's readiness (and reports its metrics)
+# An engine that answers no status request for this long is stuck: its connection is dropped,
+# so that requests waiting on it fail (engine_unavailable) instead of hanging, and /readyz is
+# 503 meanwhile.
+ENGINE_SILENT_S = 10.0
 # Sessions whose model an edge remembers (for decoding their rows); past this it starts over.
 MODEL_CACHE_SIZE = 100_000
 
@@ -56,6 +61,7 @@ class EngineClient:
         self._task: asyncio.Task | None = None
         self._closing = False
         self.on_welcome: Callable[[m.Welcome], None] | None = None
+        self._welcomed_at = 0.0
 
     @property
     def connected(self) -> bool:
@@ -83,23 +89,41 @@ class EngineClient:
                 continue
             try:
                 while self._transport is not None:
-                    welcome = await self.call(m.Status(0))
+                    welcome = await asyncio.wait_for(self.call(m.Status(0)), ENGINE_SILENT_S)
                     self._welcomed(welcome)
                     self.ever_connected.set()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._lost.wait(), STATUS_EVERY_S)
                     if self._transport is not None:
-                        await self.call(m.EdgeMetrics(0, os.getpid(), self._edge_metrics()))
+                        report = m.EdgeMetrics(0, os.getpid(), self._edge_metrics())
+                        await asyncio.wait_for(self.call(report), ENGINE_SILENT_S)
             except EngineUnavailable:
                 pass
+            except TimeoutError:  # alive but stuck: every request in flight fails, not hangs
+                logger.error(
+                    "the engine answered no status request in %g s; dropping its connection",
+                    ENGINE_SILENT_S,
+                )
+                if self._transport is not None:
+                    self._transport.close()
             except Exception:
                 logger.exception("talking to the engine failed")
                 if self._transport is not None:
                     self._transport.close()
             await self._lost.wait()
 
+    @property
+    def fresh(self) -> bool:
+        """Connected, and the engine's status is recent: it is alive and says so."""
+        return (
+            self._transport is not None
+            and self.welcome is not None
+            and time.monotonic() - self._welcomed_at < ENGINE_SILENT_S
+        )
+
     def _welcomed(self, welcome: m.Welcome) -> None:
         self.welcome = welcome
+        self._welcomed_at = time.monotonic()
         if self.on_welcome is not None:
             self.on_welcome(welcome)
 
@@ -231,8 +255,7 @@ class RemoteModel:
 
     @property
     def ready(self) -> bool:
-        welcome = self._client.welcome
-        return self._client.connected and welcome is not None and welcome.ready
+        return self._client.fresh and self._client.welcome.ready
 
     def info(self) -> dict[str, Any]:
         return {**self.view.info, "ready": self.ready}
@@ -262,8 +285,7 @@ class RemoteRegistry:
 
     @property
     def ready(self) -> bool:
-        welcome = self._client.welcome
-        return self._client.connected and welcome is not None and welcome.ready
+        return self._client.fresh and self._client.welcome.ready
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -291,7 +313,9 @@ class RemoteSessions:
     def __init__(self, client: EngineClient, models: list[str]):
         self._client = client
         self._only = models[0] if len(models) == 1 else None
-        self._models: dict[tuple[str, str], str] = {}  # sessions' models, as last seen
+        # Sessions' models (or why there is none) as the engine last said: read by `model_of`
+        # right after `ensure_held` asked.
+        self._models: dict[tuple[str, str], str | m.Failed] = {}
 
     def _saw(self, owner: str, session: m.SessionView) -> m.SessionView:
         if self._only is None:
@@ -362,19 +386,21 @@ class RemoteSessions:
         model = self._models.get((owner, session_id))
         if model is None:
             raise SessionNotFound(f"no session {session_id!r}")
+        if type(model) is m.Failed:
+            raise model.error()
         return model
 
     async def ensure_held(self, owner: str, session_ids: list[str]) -> None:
-        """Learn the models of these sessions (one request for those not known here)."""
+        """Learn the models of these sessions now, in one request (with several models: a
+        session may have been deleted and opened again on another model through another edge,
+        so what this edge saw before is never trusted to decode rows)."""
         if self._only is not None:
             return
-        missing = [s for s in session_ids if (owner, s) not in self._models]
-        if not missing:
-            return
-        answer = await self._client.call(m.Resolve(0, owner, missing))
-        for session_id, model in zip(missing, answer.models, strict=True):
-            if model is not None:
-                self._models[(owner, session_id)] = model
+        answer = await self._client.call(m.Resolve(0, owner, session_ids))
+        if len(self._models) + len(session_ids) > MODEL_CACHE_SIZE:
+            self._models.clear()
+        for session_id, model in zip(session_ids, answer.models, strict=True):
+            self._models[(owner, session_id)] = model
 
     async def get(self, owner: str, session_id: str) -> m.SessionView:
         answer = await self._client.call(m.Get(0, owner, session_id))

@@ -24,9 +24,10 @@ MAX_FRAME_BYTES = 1 << 30
 
 
 class Rows(msgspec.Struct, array_like=True):
-    """An array as bytes: (T, cols) of `dtype`, or (T,) token ids when cols is 0."""
+    """An array as bytes: (T, cols) of `dtype`, or (T,) token ids when cols is 0. Decoded into
+    a bytearray, so `array()` is a writable view of it (no copy)."""
 
-    data: bytes
+    data: bytearray
     dtype: str
     cols: int
 
@@ -128,7 +129,7 @@ class Status(_Request):
 
 
 class MetricsText(_Request):
-    """Every process's Prometheus series, summed into one page (service/engine/metrics.py)."""
+    """Every process's Prometheus page (`Pages`), for the edge to sum (engine/metrics.py)."""
 
     edge: bytes  # the asking edge's own series, fresh
 
@@ -211,7 +212,7 @@ class Described(_Answer):
 
 
 class Resolved(_Answer):
-    models: list[str | None]  # None: no such live session (the push will say which error)
+    models: list[str | Failed]  # per session: its model, or why it has none (404, 410)
 
 
 class Snapshotted(_Answer):
@@ -227,8 +228,10 @@ class Done(_Answer):
     pass
 
 
-class Text(_Answer):
-    text: bytes
+class Pages(_Answer):
+    """Prometheus pages: the engine's, the gone edges' (summed), each live edge's."""
+
+    pages: list[bytes]
 
 
 class Failed(_Answer):
@@ -261,7 +264,7 @@ class Failed(_Answer):
 
 Answer = (
     Welcome | Created | Pushed | PushedMany | Described | Resolved | Snapshotted | Predicted
-    | Done | Text | Failed
+    | Done | Pages | Failed
 )  # fmt: skip
 
 

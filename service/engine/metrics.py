@@ -2,9 +2,12 @@
 
 Each process keeps its own series (service/metrics.py); an edge sends its rendered page to the
 engine with every status request, and its fresh one with a /metrics request, which the engine
-answers with every page summed sample by sample: counters, histograms and gauges add up across
-processes (`*_created` takes the earliest). An edge that has gone keeps its counters and
-histograms in the sum (so they never go backwards), not its gauges.
+answers with every process's page; the edge sums them sample by sample (counters, histograms
+and gauges add up across processes; `*_created` takes the earliest) and keeps the result for
+METRICS_CACHE_S (service/runtime.py), so scraping costs neither the engine's loop nor much of
+the edge's. An edge that has gone keeps its counters and histograms in the sum, not its gauges;
+an engine that restarts starts its own series, and that memory, from zero (Prometheus reads a
+counter reset).
 """
 
 from __future__ import annotations
@@ -46,20 +49,32 @@ class _Sum:
 
 
 class MetricsSum:
-    """The pages of the engine and its edges; `render` sums them."""
+    """The engine's memory of edges that have gone: their counters and histograms, summed."""
 
     def __init__(self) -> None:
-        self._gone = _Sum()  # counters and histograms of edges that have gone
+        self._gone: bytes | None = None
 
     def retire(self, text: bytes) -> None:
-        self._gone.add(text, gauges=False)
+        """An edge has gone: keep its counters and histograms (parsed once, here)."""
+        self._gone = _render(_summed([self._gone or b"", text], gauges=False))
 
-    def render(self, pages: Iterable[bytes]) -> bytes:
-        total = _Sum()
-        for key, samples in self._gone.families.items():
-            total.families[key] = dict(samples)
-        for page in pages:
-            total.add(page)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(total)  # type: ignore[arg-type]
-        return generate_latest(registry)
+    def gone(self) -> list[bytes]:
+        return [self._gone] if self._gone else []
+
+
+def summed(pages: Iterable[bytes]) -> bytes:
+    """Pages of several processes as one, sample by sample."""
+    return _render(_summed(pages))
+
+
+def _summed(pages: Iterable[bytes], gauges: bool = True) -> _Sum:
+    total = _Sum()
+    for page in pages:
+        total.add(page, gauges)
+    return total
+
+
+def _render(total: _Sum) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(total)  # type: ignore[arg-type]
+    return generate_latest(registry)

@@ -1,13 +1,14 @@
 """The two kinds of process `tcnserve serve --workers N` starts (service/engine/supervisor.py).
 
-    python -m service.engine.process engine SETTINGS SOCKET
-    python -m service.engine.process edge SETTINGS SOCKET
+    python -m service.engine.process engine SOCKET SUPERVISOR_PID  < settings JSON
+    python -m service.engine.process edge SOCKET SUPERVISOR_PID    < settings JSON
 
-SETTINGS is a JSON file of the server's settings (secrets included, readable by its user only);
-SOCKET the engine's Unix socket. An engine loads the models and answers edges there until
-SIGTERM, then writes its sessions to the store (when one is set) and exits. An edge binds the
-server's port with SO_REUSEPORT (the kernel spreads connections over the edges) and serves the
-app with the engine's sessions.
+The settings (secrets included) arrive on stdin, never in a file; SOCKET is the engine's Unix
+socket. An engine loads the models and answers edges there until SIGTERM, then, once its edges
+have gone, writes its sessions to the store (when one is set) and exits. An edge waits for the
+engine to be ready, binds the server's port with SO_REUSEPORT (the kernel spreads connections
+over the edges; the port takes this edge's share only once uvicorn listens, after startup) and
+serves the app with the engine's sessions. Both die with their supervisor.
 """
 
 from __future__ import annotations
@@ -33,16 +34,14 @@ logger = logging.getLogger(__name__)
 LOAD_FAILED = 3
 LISTEN_BACKLOG = 2048
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def read_settings(path: str) -> Settings:
-    with open(path) as f:
-        return Settings(**json.load(f))
+# On SIGTERM an engine serves its edges until they have gone (the supervisor stops them first;
+# a signal sent to the whole group reaches the engine at once), at most this long past drain_s.
+ENGINE_WAITS_FOR_EDGES_S = 40.0
 
 
 def engine_main(settings: Settings, path: str) -> int:
-    from service.commands.serve import tune_collector
     from service.engine.server import EngineServer
+    from service.gc_tuning import tune_collector
     from service.runtime import Runtime
 
     async def main() -> int:
@@ -50,14 +49,12 @@ def engine_main(settings: Settings, path: str) -> int:
         server = EngineServer(runtime)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await runtime.start()  # loads in the background; edges see "loading" meanwhile
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await runtime.start()  # loads in the background
         await server.listen(path)
         await asyncio.to_thread(runtime.loaded.wait)
         if runtime.load_error:
             logger.error("the engine cannot serve: %s", runtime.load_error)
-            await asyncio.sleep(1)  # let edges read the reason for their /readyz
             await server.close()
             await runtime.stop()
             return LOAD_FAILED
@@ -66,8 +63,8 @@ def engine_main(settings: Settings, path: str) -> int:
         Path(path).with_suffix(".ready").touch()  # the supervisor: this engine did start
         logger.info("engine ready at %s", path)
         await stop.wait()
+        await server.edges_gone(settings.drain_s + ENGINE_WAITS_FOR_EDGES_S)
         runtime.start_draining()
-        server.broadcast()
         await server.close()
         await runtime.stop()  # in-flight pushes finish; sessions go to the store
         return 0
@@ -83,15 +80,15 @@ def edge_main(settings: Settings, path: str) -> int:
     from service.app import create_app
     from service.commands.serve import serve
 
-    # The port takes this edge's connections only once the engine has loaded the models: until
-    # then a client is refused or served by another edge, never answered "not ready" by this one.
+    # The port takes this edge's connections only once the engine has loaded the models and
+    # uvicorn listens (after the app's startup): until then other edges take them.
     ready = Path(path).with_suffix(".ready")
     while not ready.exists():
         time.sleep(0.05)
-    sock = listening_socket(settings.host, settings.port)
+    sock = listening_socket(settings.host, settings.port, listen=False)  # uvicorn listens
     app = create_app(settings, engine_socket=path)
     # Server-wide limits are split over the edges: max_connections here (max_inflight_body_bytes
-    # in the edge's Runtime), so N edges hold what one process would.
+    # in the edge's Runtime), so N edges hold about what one process would.
     return serve(app, settings, sockets=[sock], share=settings.resolved_workers())
 
 
@@ -104,25 +101,27 @@ def listening_socket(host: str, port: int, listen: bool = True) -> socket.socket
     sock.bind((host, port))
     if listen:
         sock.listen(LISTEN_BACKLOG)
-    sock.set_inheritable(True)
     return sock
 
 
-def die_with_parent() -> None:
+def die_with_parent(supervisor: int) -> None:
     """SIGKILL this process when the supervisor dies, however it dies: the server is one unit,
-    and a supervisor killed with SIGKILL must not leave edges serving its port (Linux)."""
-    parent = os.getppid()
+    and a supervisor killed with SIGKILL must not leave edges serving its port (Linux). The
+    supervisor may be PID 1 (a container's entrypoint), so its pid is handed over, not guessed."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent or parent == 1:  # it died before the prctl took hold
+    if os.getppid() != supervisor:  # it died before the prctl took hold
         os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    kind, settings_path, socket_path = (argv if argv is not None else sys.argv[1:])[:3]
-    die_with_parent()
-    settings = read_settings(settings_path)
+    kind, socket_path, supervisor = (argv if argv is not None else sys.argv[1:])[:3]
+    die_with_parent(int(supervisor))
+    # SIGINT from a terminal goes to the supervisor, which stops its processes in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = Settings(**json.loads(sys.stdin.read()))
+    sys.stdin.close()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {kind} %(name)s: %(message)s",

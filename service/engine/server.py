@@ -26,7 +26,7 @@ import numpy as np
 
 from service.engine import messages as m
 from service.engine.metrics import MetricsSum
-from service.errors import InternalError, ServiceError
+from service.errors import InternalError, ServiceError, TooManyTimesteps
 from service.runtime import Runtime
 from service.session_state import Session
 
@@ -62,10 +62,17 @@ class EngineServer:
         self._server = await loop.create_unix_server(lambda: _Connection(self), path)
         os.chmod(path, 0o600)  # the edges run as this user; nobody else may speak for them
 
+    async def edges_gone(self, timeout_s: float) -> None:
+        """Return once no edge is connected (or after `timeout_s`)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
+            connection.flush()  # what was sent last (a status broadcast) still goes out
             connection.transport.close()
         for connection in list(self.connections):
             await connection.closed()
@@ -188,8 +195,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.edge_metrics:
             self.server.metrics.retire(self.edge_metrics)
-        for task in self._tasks:  # answers nobody can receive; what they started is recorded
-            task.cancel()
+        # The requests in flight run to their end (their answers go nowhere), so that a
+        # session this connection was opening is bound before what is bound is released.
         task = asyncio.get_running_loop().create_task(self._release_all())
         task.add_done_callback(lambda t: self._lost.set_result(None))
 
@@ -199,9 +206,27 @@ class _Connection(asyncio.Protocol):
     def send(self, answer: m.Answer) -> None:
         self._send(answer)
 
+    def flush(self) -> None:
+        if self._out:
+            self._flush()
+
     def _send(self, answer: m.Answer) -> None:
         out = self._out
-        payload = self._encode(answer)
+        try:
+            payload = self._encode(answer)
+        except Exception:  # never a request left unanswered
+            logger.exception("encoding a %s failed", type(answer).__name__)
+            payload = self._encode(m.Failed.of(answer.id, InternalError("internal server error")))
+        if len(payload) > m.MAX_FRAME_BYTES:  # never an answer the edge would refuse to read
+            payload = self._encode(
+                m.Failed.of(
+                    answer.id,
+                    TooManyTimesteps(
+                        f"the answer would be {len(payload)} bytes, more than the "
+                        f"{m.MAX_FRAME_BYTES} one answer may carry: ask for fewer rows"
+                    ),
+                )
+            )
         out.append(m.HEADER.pack(len(payload)))
         out.append(payload)
         if len(out) == 2:
@@ -209,6 +234,8 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         out, self._out = self._out, []
+        if not out:
+            return
         if not self.transport.is_closing():
             self.transport.writelines(out)
 
@@ -224,6 +251,8 @@ class _Connection(asyncio.Protocol):
 
     async def _release_all(self) -> None:
         """The edge is gone: close the sessions bound to its sockets, release its streams."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for owner, held in self._streams.items():
             for _ in range(held):
                 self.runtime.streams.release(owner)
@@ -286,12 +315,12 @@ class _Connection(asyncio.Protocol):
     async def _resolve(self, r: m.Resolve) -> m.Answer:
         self.runtime.check_ready()
         await self.sessions.ensure_held(r.owner, r.session_ids)
-        models: list[str | None] = []
+        models: list[str | m.Failed] = []
         for session_id in r.session_ids:
             try:
                 models.append(self.sessions.model_of(r.owner, session_id))
-            except ServiceError:
-                models.append(None)
+            except ServiceError as e:
+                models.append(m.Failed.of(0, e))
         return m.Resolved(r.id, models)
 
     async def _snapshot(self, r: m.TakeSnapshot) -> m.Answer:
@@ -338,10 +367,12 @@ class _Connection(asyncio.Protocol):
         return m.Done(r.id)
 
     async def _metrics(self, r: m.MetricsText) -> m.Answer:
+        """Every process's page; the asking edge sums them (the parsing costs its CPU, not the
+        engine's loop, which every push goes through)."""
         self.edge_metrics = r.edge
-        pages = [self.runtime.metrics.render()]
+        pages = [self.runtime.metrics.render(), *self.server.metrics.gone()]
         pages += [c.edge_metrics for c in self.server.connections if c.edge_metrics]
-        return m.Text(r.id, self.server.metrics.render(pages))
+        return m.Pages(r.id, pages)
 
     async def _edge_metrics(self, r: m.EdgeMetrics) -> m.Answer:
         self.edge_metrics = r.text

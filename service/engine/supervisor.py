@@ -1,12 +1,13 @@
 """`tcnserve serve --workers N`: one engine process, N edge processes on one port, kept alive.
 
-The supervisor reserves the port, writes the settings where only its user can read them, starts
-the engine (which loads the models and owns every session) and then the edges (each binds the
-port with SO_REUSEPORT, so the kernel spreads connections over them, and talks to the engine
-over its Unix socket). It then watches them:
+The supervisor reserves the port, starts the engine (which loads the models and owns every
+session) and then the edges (each binds the port with SO_REUSEPORT, so the kernel spreads
+connections over them, and talks to the engine over its Unix socket), handing each its settings
+on stdin (they hold the API keys: never written to a file). It then watches them:
 
-- an edge that dies is replaced at once; its connections drop, and nothing it acknowledged is
-  lost (acknowledged pushes are recorded by the engine before they are answered);
+- an edge that dies is replaced (at once the first time, then with a growing pause; one that
+  keeps dying at startup stops the server); its connections drop, and nothing it acknowledged
+  is lost (acknowledged pushes are recorded by the engine before they are answered);
 - an engine that dies is restarted; meanwhile every edge answers `503 engine_unavailable` with
   Retry-After (never a hang), and sessions come back from the session store when one is set
   (without one they died with it, as in any single process);
@@ -38,7 +39,28 @@ logger = logging.getLogger("tcnserve.supervisor")
 POLL_S = 0.05
 EDGE_STOP_S = 35.0  # past drain_s: uvicorn's graceful shutdown takes up to 30 s
 ENGINE_STOP_S = 60.0  # writing every session to the store may take a while
-RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_S = 0.5  # before the second restart of a process; doubled each time, to 10 s
+MAX_BACKOFF_S = 10.0
+# A process that dies this many times in a row within RESTARTS_WINDOW_S of its start is broken.
+MAX_QUICK_DEATHS = 5
+RESTARTS_WINDOW_S = 30.0
+
+
+class _Slot:
+    """One process the supervisor keeps alive, and its recent deaths."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0
+        self.quick_deaths = 0
+        self.due = 0.0  # when to start it again after a death
+
+    def died(self, now: float) -> None:
+        self.quick_deaths = self.quick_deaths + 1 if now - self.started < RESTARTS_WINDOW_S else 1
+        pause = 0.0 if self.quick_deaths == 1 else RESTART_BACKOFF_S * 2 ** (self.quick_deaths - 2)
+        self.due = now + min(MAX_BACKOFF_S, pause)
+        self.process = None
 
 
 class Supervisor:
@@ -46,10 +68,12 @@ class Supervisor:
         self.settings = settings
         self.workers = workers
         self._stopping = False
-        self._engine: subprocess.Popen | None = None
-        self._edges: list[subprocess.Popen | None] = [None] * workers
+        self._engine = _Slot("engine")
+        self._edges = [_Slot("edge") for _ in range(workers)]
 
     def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         try:
             reserved = listening_socket(self.settings.host, self.settings.port, listen=False)
         except OSError as e:
@@ -60,16 +84,11 @@ class Supervisor:
             )
             return 2
         port = reserved.getsockname()[1]
-        directory = Path(tempfile.mkdtemp(prefix="tcnserve-"))  # 0700
+        data = {**self.settings.secrets_revealed(), "port": port, "workers": self.workers}
+        self._settings = json.dumps(data).encode()
+        directory = Path(tempfile.mkdtemp(prefix="tcnserve-"))  # 0700: the engine's socket
+        self._socket = directory / "engine.sock"
         try:
-            self._settings_file = directory / "settings.json"
-            data = {**self.settings.secrets_revealed(), "port": port, "workers": self.workers}
-            fd = os.open(self._settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-            self._socket = directory / "engine.sock"
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
             logger.info(
                 "tcnserve on http://%s:%d: %d edge processes, one engine process",
                 self.settings.host, port, self.workers,
@@ -83,40 +102,54 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._stopping = True
 
-    def _spawn(self, kind: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.engine.process", kind,
-             str(self._settings_file), str(self._socket)],
+    def _spawn(self, slot: _Slot) -> None:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.engine.process", slot.kind, str(self._socket),
+             str(os.getpid())],
+            stdin=subprocess.PIPE,
         )  # fmt: skip
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.write(self._settings)
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+        slot.process, slot.started = process, time.monotonic()
 
     def _supervise(self) -> int:
         ready_file = self._socket.with_suffix(".ready")
-        self._engine = self._spawn("engine")
-        for i in range(self.workers):
-            self._edges[i] = self._spawn("edge")
+        self._spawn(self._engine)
+        for edge in self._edges:
+            self._spawn(edge)
         while not self._stopping:
             time.sleep(POLL_S)
-            code = self._engine.poll()
-            if code is not None and not self._stopping:
+            now = time.monotonic()
+            engine = self._engine
+            if engine.process is not None and engine.process.poll() is not None:
+                code = engine.process.returncode
                 if code == LOAD_FAILED or not ready_file.exists():
                     logger.error("the engine could not start (exit %s); stopping", code)
                     return 1
                 logger.error("the engine exited (status %s); restarting it", code)
-                time.sleep(RESTART_BACKOFF_S)
                 ready_file.unlink(missing_ok=True)
-                self._engine = self._spawn("engine")
+                engine.died(now)
             for i, edge in enumerate(self._edges):
-                if edge is not None and edge.poll() is not None and not self._stopping:
-                    logger.error("edge %d exited (status %s); replacing it", i, edge.returncode)
-                    self._edges[i] = self._spawn("edge")
+                if edge.process is not None and edge.process.poll() is not None:
+                    logger.error("edge %d exited (status %s)", i, edge.process.returncode)
+                    edge.died(now)
+                    if edge.quick_deaths >= MAX_QUICK_DEATHS:
+                        logger.error("edge %d keeps dying at startup; stopping", i)
+                        return 1
+            for slot in (engine, *self._edges):
+                if slot.process is None and now >= slot.due and not self._stopping:
+                    self._spawn(slot)
         return 0
 
     def _stop_all(self) -> None:
         """Edges first (they drain and finish their requests), then the engine."""
-        edges = [e for e in self._edges if e is not None]
+        edges = [e.process for e in self._edges if e.process is not None]
         _stop(edges, self.settings.drain_s + EDGE_STOP_S)
-        if self._engine is not None:
-            _stop([self._engine], ENGINE_STOP_S)
+        if self._engine.process is not None:
+            _stop([self._engine.process], ENGINE_STOP_S)
 
 
 def _stop(processes: list[subprocess.Popen], timeout_s: float) -> None:

@@ -272,7 +272,7 @@ def test_the_docs_name_every_message_and_the_sizes_of_a_push():
     boundary = text.split("## The boundary", 1)[1].split("\n## ", 1)[0]
     for union in (m.Request, m.Answer):
         for cls in typing.get_args(union):
-            if cls is not m.Done and cls is not m.Text:
+            if True:
                 assert f"`{cls.__name__}`" in boundary, cls.__name__
     encode = msgspec.msgpack.Encoder().encode
     push = encode(m.Push(17, "anonymous", "x" * 32, m.Rows.of(np.zeros((1, 2), np.float32)), None))

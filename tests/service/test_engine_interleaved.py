@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -337,14 +336,6 @@ def test_racing_pushes_to_one_session_from_both_edges_apply_once(make_settings, 
 # ----- found while writing these: an edge's cached model of a session goes stale ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an edge caches a session's model (RemoteSessions._models) and drops the entry only "
-    "when the engine fails a push; a session id deleted and re-created with another model "
-    "through another edge is decoded with the old model's spec at this edge, so valid pushes "
-    "are 422 there (HTTP steps and /v1/steps; WS attach is not affected) until the entry is "
-    "refreshed (e.g. GET /v1/sessions/{id} at this edge)",
-)
 def test_a_session_recreated_with_another_model_through_the_other_edge_takes_its_rows(
     make_settings, clock, tmp_path, tiny_dir, tokens_dir
 ):

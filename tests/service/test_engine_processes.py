@@ -30,6 +30,8 @@ from tests.service.conftest import (
     metric,
     random_rows,
     serve_process,
+    stop_process,
+    wait_ready,
     wait_until,
 )
 
@@ -273,3 +275,31 @@ def test_an_engine_killed_with_a_store_brings_its_sessions_back(tiny_dir, tmp_pa
             outputs += r.json()["outputs"]
         assert_rows_close(outputs, expected(c, rows))
         store.close()
+
+
+def _pid_namespaces() -> bool:
+    try:
+        return (
+            subprocess.run(["unshare", "-pf", "--mount-proc", "true"], timeout=10).returncode == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _pid_namespaces(), reason="needs unshare into a PID namespace (root)")
+def test_the_supervisor_as_pid_1_starts_its_processes(tiny_dir, tmp_path):
+    """In a container the supervisor is PID 1 (the image's entrypoint): its children must not
+    take their parent's pid of 1 for an orphan's."""
+    port = free_port()
+    command = [
+        "unshare", "-pf", "--mount-proc", sys.executable, "-m", "service.cli", "serve",
+        "--model", f"tiny={tiny_dir}", "--device", "cpu", "--workers", "1", "--port", str(port),
+    ]  # fmt: skip
+    with (tmp_path / "server.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, process)
+            assert httpx.post(f"{url}/v1/sessions", json={"model": "tiny"}).status_code == 201
+        finally:
+            stop_process(process)

@@ -12,12 +12,8 @@ import pytest
 import uvicorn
 
 from service.app import create_app
-from service.commands.serve import (
-    FULL_COLLECTION_EVERY,
-    TUNE_COLLECTOR,
-    YOUNG_COLLECTION_EVERY,
-    DrainingServer,
-)
+from service.commands.serve import DrainingServer
+from service.gc_tuning import FULL_COLLECTION_EVERY, TUNE_COLLECTOR, YOUNG_COLLECTION_EVERY
 from tests.service.conftest import (
     ROOT,
     assert_rows_close,
