@@ -1,10 +1,10 @@
 """How `tcnserve serve --workers N` scales: one-row WebSocket pushes against 0, 1, 2, 4, 8 edges.
 
 For each workers count W (`--workers-list`, default 1,2,4,8; 0 is the one-process server), starts
-`tcnserve serve --workers W` on the built-in model (torch threads 1 unless `--torch-threads`)
-on a free loopback port, and has S sessions (`--sessions`, default 256) push one row per binary
-WebSocket message (`WS /v1/sessions/{id}/stream?framing=offset`) in lockstep for `--seconds`,
-from `--client-procs` client processes (bench/ws_stream.py's clients and counters: run_case).
+`tcnserve serve --workers W` on the built-in model or `--model DIR` (torch threads 1 unless
+`--torch-threads`) on a free loopback port, and has S sessions (`--sessions`, default 256) push
+one row per binary WebSocket message (`WS /v1/sessions/{id}/stream?framing=offset`) in
+lockstep for `--seconds`, from `--client-procs` client processes (bench/ws_stream.py's clients and counters: run_case).
 Then the same load once against bench/noop_app.py (the same FastAPI/uvicorn stack, one
 process, answering each push without a model), the floor every row is compared with.
 
@@ -100,6 +100,9 @@ def main() -> None:
         "--max-batch-delay-ms", type=float, default=1.0, help="server setting (its default: 1)"
     )
     parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="checkpoint to serve (the built-in one)"
+    )
+    parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="the engine's device (cpu)"
     )
     parser.add_argument("--no-echo", action="store_true", help="skip the bench/noop_app.py row")
@@ -110,7 +113,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from model import read_checkpoint_info
 
-    config, _ = read_checkpoint_info(DEFAULT_MODEL)
+    config, _ = read_checkpoint_info(args.model)
     procs = max(1, min(args.client_procs, args.sessions))
     threads = f"{args.torch_threads}" if args.torch_threads else "the server's default"
     print(f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
@@ -121,7 +124,8 @@ def main() -> None:
         f"each, from {procs} client process(es) on the same machine"
     )
     print(
-        f"built-in model (in {config.in_channels}, channels {list(config.channels)}, kernel "
+        f"model {args.model.name} (in {config.in_channels}, channels {list(config.channels)}, "
+        "kernel "
         f"{config.kernel_size}, receptive field {config.receptive_field}); server on "
         f"{args.device}: torch threads "
         f"{threads}, max_batch_delay_ms {args.max_batch_delay_ms:g}",
@@ -141,6 +145,7 @@ def main() -> None:
         command = [
             *serve_command(), "--port", str(port), "--workers", str(workers),
             "--max-sessions", str(args.sessions + 8), "--device", args.device,
+            "--model", f"default={args.model}",
             "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "warning",
             *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
         ]  # fmt: skip
