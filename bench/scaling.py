@@ -1,10 +1,11 @@
 """How `tcnserve serve --workers N` scales: one-row WebSocket pushes against 0, 1, 2, 4, 8 edges.
 
-For each workers count W (`--workers-list`, default 1,2,4,8; 0 is the one-process server), starts
-`tcnserve serve --workers W` on the built-in model or `--model DIR` (torch threads 1 unless
-`--torch-threads`) on a free loopback port, and has S sessions (`--sessions`, default 256) push
-one row per binary WebSocket message (`WS /v1/sessions/{id}/stream?framing=offset`) in
-lockstep for `--seconds`, from `--client-procs` client processes (bench/ws_stream.py's clients and counters: run_case).
+For each workers count W (`--workers-list`, default 1,2,4,8; 0 is the one-process server),
+starts `tcnserve serve --workers W` on the built-in model or `--model DIR` (torch threads 1
+unless `--torch-threads`) on a free loopback port, and has S sessions (`--sessions`, default
+256) push one row per binary WebSocket message (`WS /v1/sessions/{id}/stream?framing=offset`)
+in lockstep for `--seconds`, from `--client-procs` client processes (bench/ws_stream.py's
+clients and counters: run_case).
 Then the same load once against bench/noop_app.py (the same FastAPI/uvicorn stack, one
 process, answering each push without a model), the floor every row is compared with.
 
