@@ -154,10 +154,16 @@ def test_websocket_sessions_on_every_edge_and_metrics_of_every_process(server):
             # Any edge's page sums every process; other edges' series are at most one status
             # interval old (service/engine/client.py).
             answered = 'tcnserve_websocket_messages_total{kind="binary",outcome="ok"}'
-            wait_until(lambda: value(c.get("/metrics").text, answered) == 48, "48 answers")
-            page = c.get("/metrics").text
-        assert metric(page, "tcnserve_active_sessions") == len(seqs)
-        assert value(page, "tcnserve_websocket_connections") == len(seqs)
+
+            def summed_page_is_complete() -> bool:
+                page = c.get("/metrics").text
+                return (
+                    value(page, answered) == 48
+                    and value(page, "tcnserve_websocket_connections") == len(seqs)
+                    and metric(page, "tcnserve_active_sessions") == len(seqs)
+                )
+
+            wait_until(summed_page_is_complete, "every process's series on one page")
     with fresh(url) as c:  # the sockets' sessions end with them (keep=false)
         wait_until(
             lambda: metric(c.get("/metrics").text, "tcnserve_active_sessions") == 0,
