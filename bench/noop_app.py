@@ -26,7 +26,8 @@ COUNT = struct.Struct("<I")  # a multiplexed frame's push count
 PUSH = struct.Struct("<qIH")  # offset, rows, width (after the session id)
 ROWS = struct.Struct("<IH")
 OUTPUT = struct.pack("<f", 0.123456789)
-ROW_BYTES = 2 * 4  # a row of the built-in model: two float32 inputs
+# A row's float32 inputs: the built-in model's two, or argv[3] (bench/scaling.py --model).
+ROW_BYTES = 4 * (int(sys.argv[3]) if len(sys.argv) > 3 else 2)
 
 
 @app.post("/v1/sessions", status_code=201)

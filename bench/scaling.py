@@ -162,7 +162,10 @@ def main() -> None:
     echo = None
     if not args.no_echo:
         port = free_port()
-        noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port)]
+        noop = [
+            sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port), "1000",
+            str(config.in_channels),
+        ]  # fmt: skip
         with Server(noop, port) as floor:
             echo = load(floor)
         echo.stack = "no-work"
