@@ -11,14 +11,16 @@ threadpool, a thread hop per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from service.middleware import OWNER
-from service.registry import ModelRegistry
 from service.runtime import Runtime
-from service.sessions import SessionManager
+
+if TYPE_CHECKING:
+    from service.registry import ModelRegistry
+    from service.sessions import SessionManager
 
 
 async def get_runtime(request: Request) -> Runtime:

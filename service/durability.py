@@ -35,6 +35,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import Counter
@@ -42,12 +43,14 @@ from redis.exceptions import RedisError
 
 from service.errors import DurabilityUnavailable, NotReady, ServiceError, SessionExists
 from service.metrics import Metrics
-from service.registry import ModelRegistry
 from service.session_record import SessionRecord
 from service.session_state import Session
 from service.session_store import SessionKey, SessionStore, Write
-from service.sessions import SessionManager
 from service.settings import Settings
+
+if TYPE_CHECKING:  # loaded by the process that serves the models, before this is built
+    from service.registry import ModelRegistry
+    from service.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,9 +24,11 @@ from service.errors import (
     SessionNotFound,
 )
 from service.oip import InferRequest, Sequence
-from service.registry import ModelEntry
 from service.runtime import Runtime
 from service.session_state import RecentIds
+
+if TYPE_CHECKING:
+    from service.registry import ModelEntry
 
 
 class OipInference:

@@ -11,19 +11,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import torch
-
 from service import json_bounds
 from service.auth import ApiKeys
-from service.durability import build_durability
 from service.engine.client import EngineClient, RemoteRegistry, RemoteSessions, RemoteStreams
 from service.engine.messages import MetricsText
 from service.engine.metrics import summed
 from service.errors import Draining, NotReady, ServiceError
 from service.limits import InflightBudget, RequestLimits, StreamsPerKey
 from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.sessions import Clock, SessionManager
+from service.sessions import Clock
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +63,11 @@ class Runtime:
             self.sessions = RemoteSessions(self.engine, list(settings.models))
             self.streams = RemoteStreams(self.engine)
             self.durability = None
-        else:
+        else:  # the process that serves the models: the registry and torch load here only
+            from service.durability import build_durability
+            from service.registry import ModelRegistry
+            from service.sessions import SessionManager
+
             self.streams = StreamsPerKey(settings.streams_per_key_limit(), settings.retry_after_s)
             # Reads every checkpoint's config.json now: a bad model directory refuses to start.
             self.registry = ModelRegistry(settings, self.metrics)
@@ -128,6 +128,8 @@ class Runtime:
                 await asyncio.wait_for(self.engine.ever_connected.wait(), EDGE_CONNECT_S)
             self._tasks.append(asyncio.create_task(self._connected(), name="tcnserve-connect"))
             return
+        import torch
+
         torch.set_num_threads(self.settings.resolved_torch_threads())
         # float32 means float32: cuDNN's default TF32 convolutions would make a chunked push
         # differ from the step path and from /predict by ~1e-3 on Ampere and newer GPUs.

@@ -19,7 +19,7 @@ import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -37,9 +37,11 @@ from service.errors import (
 )
 from service.limits import check_timesteps
 from service.metrics import Metrics
-from service.registry import ModelEntry, ModelRegistry
 from service.session_hooks import SessionHooks
 from service.session_state import AppliedPush, PushResult, RecentIds, Session
+
+if TYPE_CHECKING:  # the registry (and torch) load in the process that serves the models only
+    from service.registry import ModelEntry, ModelRegistry
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

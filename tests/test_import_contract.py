@@ -120,3 +120,23 @@ def test_the_engine_process_loads_no_web_framework():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_an_edge_process_loads_no_torch():
+    """An edge never computes: its app, built against an engine, leaves torch unloaded (it
+    would cost each edge process hundreds of MiB and a second of startup)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from service.app import create_app\n"
+        "from service.settings import Settings\n"
+        "create_app(Settings(), engine_socket='/nonexistent/engine.sock')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -12,8 +12,13 @@ A package, one concern a file (StreamPool itself is in pool.py, built from the o
 - state.py: export and import of one stream's state;
 - pool.py: StreamPool, which ties them together.
 
-Every public name is importable from here (and from `model`).
+Every public name is importable from here (and from `model`); the pool's on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from model.streaming.errors import (
     MAX_POSITION,
@@ -22,9 +27,28 @@ from model.streaming.errors import (
     SlotError,
     StateMismatchError,
 )
-from model.streaming.planning import STEP_KERNELS, StepKernel
-from model.streaming.pool import StreamPool
-from model.streaming.state import STATE_FORMAT
+
+if TYPE_CHECKING:
+    from model.streaming.planning import STEP_KERNELS, StepKernel
+    from model.streaming.pool import StreamPool
+    from model.streaming.state import STATE_FORMAT
+
+# Loaded on first use (PEP 562): the exceptions above need no torch, the pool does.
+_LAZY = {
+    "STEP_KERNELS": "model.streaming.planning",
+    "StepKernel": "model.streaming.planning",
+    "StreamPool": "model.streaming.pool",
+    "STATE_FORMAT": "model.streaming.state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'model.streaming' has no attribute {name!r}")
+
 
 __all__ = [
     "MAX_POSITION",

@@ -8,6 +8,8 @@ service/oip_inference.py on the same sessions and workers as /v1. Errors are the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import APIRouter, Request, Response
 
 from service import oip
@@ -15,10 +17,12 @@ from service.deps import CallerDep, RuntimeDep
 from service.errors import InvalidInput, ModelNotFound
 from service.oip_inference import OipInference
 from service.oip_schemas import InferRequestDoc, InferResponseDoc, ModelMetadata, ServerMetadata
-from service.registry import ModelRegistry
 from service.request_body import documented_body, json_response
 from service.route_errors import V2_INFER, V2_METADATA, V2_MODEL_READY
 from service.routes.lean import LeanRoute
+
+if TYPE_CHECKING:
+    from service.registry import ModelRegistry
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 # The infer routes carry the traffic: LeanRoutes (service/routes/lean.py), registered flat.
