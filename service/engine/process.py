@@ -37,6 +37,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # On SIGTERM an engine serves its edges until they have gone (the supervisor stops them first;
 # a signal sent to the whole group reaches the engine at once), at most this long past drain_s.
 ENGINE_WAITS_FOR_EDGES_S = 40.0
+HEARTBEAT_S = 1.0  # how often a ready engine's event loop shows it turns
 
 
 def engine_main(settings: Settings, path: str) -> int:
@@ -61,8 +62,10 @@ def engine_main(settings: Settings, path: str) -> int:
         tune_collector()
         server.broadcast()  # every edge connected meanwhile is ready at once
         Path(path).with_suffix(".ready").touch()  # the supervisor: this engine did start
+        beating = asyncio.create_task(heartbeat(Path(path).with_suffix(".alive")))
         logger.info("engine ready at %s", path)
         await stop.wait()
+        beating.cancel()
         await server.edges_gone(settings.drain_s + ENGINE_WAITS_FOR_EDGES_S)
         runtime.start_draining()
         await server.close()
@@ -74,6 +77,14 @@ def engine_main(settings: Settings, path: str) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+async def heartbeat(path: Path) -> None:
+    """Touch `path` every HEARTBEAT_S from the event loop: a loop that stops turning (blocked,
+    stopped) stops touching it, and the supervisor replaces the engine (supervisor.py)."""
+    while True:
+        path.touch()
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 def edge_main(settings: Settings, path: str) -> int:

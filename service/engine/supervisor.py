@@ -44,6 +44,9 @@ MAX_BACKOFF_S = 10.0
 # A process that dies this many times in a row within RESTARTS_WINDOW_S of its start is broken.
 MAX_QUICK_DEATHS = 5
 RESTARTS_WINDOW_S = 30.0
+# A ready engine whose event loop has not turned for this long is stuck (its edges have dropped
+# it after ENGINE_SILENT_S, 10 s): it is killed, and restarted as if it had died.
+ENGINE_STUCK_S = 15.0
 
 
 class _Slot:
@@ -115,8 +118,16 @@ class Supervisor:
             process.stdin.close()
         slot.process, slot.started = process, time.monotonic()
 
+    def _stuck(self, alive_file: Path) -> bool:
+        try:
+            age = time.time() - alive_file.stat().st_mtime
+        except FileNotFoundError:
+            return False  # not ready yet: loading has no deadline of ours
+        return age > ENGINE_STUCK_S
+
     def _supervise(self) -> int:
         ready_file = self._socket.with_suffix(".ready")
+        alive_file = self._socket.with_suffix(".alive")
         self._spawn(self._engine)
         for edge in self._edges:
             self._spawn(edge)
@@ -124,6 +135,16 @@ class Supervisor:
             time.sleep(POLL_S)
             now = time.monotonic()
             engine = self._engine
+            if (
+                engine.process is not None
+                and engine.process.poll() is None
+                and self._stuck(alive_file)
+            ):
+                logger.error(
+                    "the engine's event loop has not turned for %g s; killing it", ENGINE_STUCK_S
+                )
+                engine.process.kill()
+                engine.process.wait()
             if engine.process is not None and engine.process.poll() is not None:
                 code = engine.process.returncode
                 if code == LOAD_FAILED or not ready_file.exists():
@@ -131,6 +152,7 @@ class Supervisor:
                     return 1
                 logger.error("the engine exited (status %s); restarting it", code)
                 ready_file.unlink(missing_ok=True)
+                alive_file.unlink(missing_ok=True)  # the next one beats once it is ready
                 engine.died(now)
             for i, edge in enumerate(self._edges):
                 if edge.process is not None and edge.process.poll() is not None:

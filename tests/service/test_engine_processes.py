@@ -309,3 +309,27 @@ def test_the_supervisor_as_pid_1_starts_its_processes(tiny_dir, tmp_path):
             assert httpx.post(f"{url}/v1/sessions", json={"model": "tiny"}).status_code == 201
         finally:
             stop_process(process)
+
+
+def test_a_stuck_engine_fails_requests_and_is_replaced(server):
+    """An engine that is alive but does nothing (SIGSTOP): the edges stop waiting on it after
+    ENGINE_SILENT_S (503, never a hang) and the supervisor kills and restarts it."""
+    from service.engine.client import ENGINE_SILENT_S
+    from service.engine.supervisor import ENGINE_STUCK_S
+
+    url, process = server
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=ENGINE_SILENT_S + 20) as c:
+        (engine,) = of_kind(process.pid, "engine")
+        os.kill(engine, signal.SIGSTOP)
+        started = time.monotonic()
+        r = c.post("/v1/sessions", json={"model": "tiny"})  # waits, then is failed
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "engine_unavailable"
+        assert time.monotonic() - started < ENGINE_SILENT_S + 5
+        wait_until(
+            lambda: engine not in children(process.pid),
+            "the stuck engine to go",
+            ENGINE_STUCK_S + 10,
+        )
+        wait_until(lambda: every_edge_ready(c), "a new engine", 90)
+        assert c.post("/v1/sessions", json={"model": "tiny"}).status_code == 201
