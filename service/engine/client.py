@@ -61,6 +61,9 @@ class EngineClient:
         self._task: asyncio.Task | None = None
         self._closing = False
         self.on_welcome: Callable[[m.Welcome], None] | None = None
+        # Called when the connection to the engine drops: what lives only as long as the
+        # engine connection (an open WebSocket stream, counted and bound there) ends with it.
+        self.on_lost: set[Callable[[], None]] = set()
         self._welcomed_at = 0.0
 
     @property
@@ -198,6 +201,11 @@ class EngineClient:
             logger.warning("lost the engine connection; answering engine_unavailable meanwhile")
         self._transport = None
         self._out = []
+        for callback in list(self.on_lost):
+            try:
+                callback()
+            except Exception:
+                logger.exception("ending what the engine connection held failed")
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():

@@ -10,6 +10,7 @@ the request bodies' shared budget, so server memory stays bounded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -188,6 +189,7 @@ async def answer_messages(
     """
     metrics = runtime.metrics
     metrics.websocket_connections.inc()
+    lost = _end_with_the_engine(websocket, runtime)
     answered = {kind: metrics.websocket_messages.labels(kind, "ok") for kind in ("binary", "text")}
     budget = runtime.inflight
     try:
@@ -225,6 +227,36 @@ async def answer_messages(
             await websocket.close(CLOSE_INTERNAL_ERROR, "internal server error")
     finally:
         metrics.websocket_connections.dec()
+        if lost is not None and runtime.engine is not None:
+            runtime.engine.on_lost.discard(lost)
+
+
+def _end_with_the_engine(websocket: WebSocket, runtime: Runtime) -> Callable[[], None] | None:
+    """Across the engine boundary a stream is counted (max_streams_per_key) and its session
+    bound on the engine's side of this edge's connection: when that connection drops (the
+    engine restarts), the stream closes too (1013, as engine_unavailable), idle or not, so
+    that no stream outlives what the engine knows of it. The client reconnects."""
+    engine = runtime.engine
+    if engine is None:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def lost() -> None:
+        error = engine.unavailable()
+        task = loop.create_task(_close_quietly(websocket, error))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    engine.on_lost.add(lost)
+    return lost
+
+
+_closing: set[asyncio.Task] = set()  # closes in progress, held until done
+
+
+async def _close_quietly(websocket: WebSocket, error: ServiceError) -> None:
+    with contextlib.suppress(Exception):  # the stream may be closing or gone already
+        await close_for_error(websocket, error)
 
 
 def _held_bytes(message: Message) -> int:

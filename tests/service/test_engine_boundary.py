@@ -280,3 +280,25 @@ def test_the_docs_name_every_message_and_the_sizes_of_a_push():
     assert f"{len(push)} bytes of MessagePack" in boundary
     assert f"({len(push) + m.HEADER.size} framed)" in boundary
     assert f"{len(answer)} ({len(answer) + m.HEADER.size})" in boundary
+
+
+def test_open_streams_end_when_the_engine_connection_drops(make_settings, clock, engine_path):
+    """A stream's count and bound session live on the engine's side of the edge's connection:
+    when it drops, every stream of that edge closes (1013), idle ones included, and the new
+    engine counts only the streams opened since."""
+    settings = make_settings(max_streams_per_key=1)
+    e = EngineThread(settings, clock, engine_path).start()
+    with edge(settings, clock, engine_path) as c:
+        sid = c.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream") as idle:
+            e.stop()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                idle.receive_text()  # nothing was sent: closed by the edge, not by a push
+            assert closed.value.code == 1013
+        with engine(settings, clock, engine_path) as again:
+            wait_until(lambda: runtime_of(c.app).ready, "the edge to reconnect")
+            fresh = c.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"]
+            with c.websocket_connect(f"/v1/sessions/{fresh}/stream") as ws:
+                ws.send_json({"inputs": [[0.1, 0.2]]})
+                assert ws.receive_json()["position"] == 1
+                assert again.runtime is not None and again.runtime.streams.open == {"anonymous": 1}
