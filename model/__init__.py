@@ -7,9 +7,9 @@ on first use (PEP 562), so `from model import MAX_POSITION` costs no torch impor
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from model._lazy import lazy_attributes
 from model.streaming.errors import (
     MAX_POSITION,
     NonFiniteOutputError,
@@ -36,14 +36,7 @@ _LAZY = {
     "TemporalBlock": "model.tcn",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "MAX_POSITION",

@@ -17,22 +17,17 @@ FULL_COLLECTION_EVERY = 2
 
 def tune_collector() -> None:
     """Once the models are loaded: freeze what lives as long as the process, and collect the
-    young generation less often (the measurements are in the comments)."""
-    # Everything alive once the models are loaded (torch, the framework, the models)
-    # lives as long as the process: take it out of the collector's sight, so a full
-    # collection scans only what requests and sessions allocate. With 10,000 sessions
-    # this took the p99 of bench/open_loop.py from 146 ms to 50 ms.
+    young generation less often (what each part measured: docs/benchmarks/gc_tuning.md)."""
+    # Everything alive once the models are loaded (torch, the framework, the models) lives as
+    # long as the process: out of the collector's sight, a full collection scans only what
+    # requests and sessions allocate.
     gc.collect()
     gc.freeze()
-    # A young collection promotes whatever is alive then, and with hundreds of requests
-    # in flight that is mostly their objects, which the older generations then scan
-    # again. Collecting the young after 50,000 allocations instead of 700 lets most of
-    # them die first: with 1,000 one-row WebSocket sessions, p99 82-89 -> 69-78 ms at
-    # 18,200-18,700 -> 18,800-19,000 steps/s (bench/ws_stream.py, alternating pairs;
-    # 256 sessions unchanged). A full collection scans every session (~30k objects at
-    # 10,000 sessions, ~8 ms); after 2 middle-generation ones it comes about every 1M
-    # allocations, as often as with last round's 700 x 10 x 100 (bench/open_loop.py
-    # p99 38 ms), so cycles that outlive the young collections wait no longer than then.
+    # A young collection promotes whatever is alive then, and with hundreds of requests in
+    # flight that is mostly their objects, which the older generations then scan again:
+    # collecting the young less often lets most of them die first. A full collection after 2
+    # middle-generation ones comes about as often as with CPython's defaults, so cycles that
+    # outlive the young collections wait no longer than before.
     if TUNE_COLLECTOR:
         _, middle, _ = gc.get_threshold()
         gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, FULL_COLLECTION_EVERY)

@@ -180,7 +180,7 @@ class SessionManager:
         self, owner: str, session_id: str, x: np.ndarray, offset: int | None, reply: Reply
     ) -> bool:
         """`push` started without suspending, when it can be: the session is held here,
-        unexpired and free; its outcome goes to `reply(result, error)` (see `_start_push`).
+        unexpired and free; its outcome goes to `reply(result, error)` (see `_start`).
         False when it cannot (the caller awaits `push`, which waits for what is needed). The
         engine's fast path: no task and no future per push (service/engine/server.py)."""
         session = self._sessions.get((owner, session_id))
@@ -198,7 +198,7 @@ class SessionManager:
         except BaseException:
             session.lock.release()
             raise
-        self._start_push(session, entry, x, offset, reply=reply)
+        self._start(session, entry, x, offset, reply)
         return True
 
     def model_of(self, owner: str, session_id: str) -> str:
@@ -310,20 +310,39 @@ class SessionManager:
         x: np.ndarray,
         offset: int | None,
         release: bool = True,
-        reply: Reply | None = None,
     ) -> asyncio.Future[PushResult]:
-        """Start a push on a session whose lock the caller has just taken; returns its future.
+        """`_start` with a future for its outcome (settled unless its caller gave up on it):
+        for callers that await the push."""
+        answer: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+
+        def settle(result: PushResult | None, error: BaseException | None) -> None:
+            if answer.done():  # cancelled by its caller: recorded all the same
+                return
+            if error is None:
+                answer.set_result(result)  # type: ignore[arg-type]
+            else:
+                answer.set_exception(error)
+
+        self._start(session, entry, x, offset, settle, release)
+        return answer
+
+    def _start(
+        self,
+        session: Session,
+        entry: ModelEntry,
+        x: np.ndarray,
+        offset: int | None,
+        reply: Reply,
+        release: bool = True,
+    ) -> None:
+        """Start a push on a session whose lock the caller has just taken; `reply(result,
+        None)` or `reply(None, error)` is called as its outcome is recorded.
 
         The hold of the lock passes to the push: it is released once the outcome is recorded,
-        by the worker's answer, on the event loop, whether or not anyone still awaits the
-        future. The future is settled first, so its awaiter runs before the next operation.
-        With `release=False` the caller keeps the hold (and releases the lock itself). With
-        `reply`, no future is made: `reply(result, None)` or `reply(None, error)` is called
-        instead, as the outcome is recorded (the returned future is then never settled).
+        by the worker's answer, on the event loop, whether or not anyone still waits for it.
+        The reply comes first, so a waiting caller runs before the next operation. With
+        `release=False` the caller keeps the hold (and releases the lock itself).
         """
-        answer: asyncio.Future[PushResult] = (
-            _NO_FUTURE if reply is not None else asyncio.get_running_loop().create_future()
-        )
         try:
             self._check_open(session)  # it may have been retired while the lock was awaited
             planned = self._plan(session, x, offset)
@@ -331,11 +350,8 @@ class SessionManager:
                 if release:
                     session.lock.release()
                     release = False  # released: a failing reply must not release it again
-                if reply is not None:
-                    reply(planned, None)
-                else:
-                    answer.set_result(planned)
-                return answer
+                reply(planned, None)
+                return
             if self.hooks is not None:  # a new push: the store may refuse it (durability)
                 self.hooks.check_push(session)
 
@@ -349,13 +365,7 @@ class SessionManager:
                             logger.exception("recording a push failed")
                             error = InternalError("internal server error")
                             error.__cause__ = e
-                    if reply is not None:
-                        reply(result, error)
-                    elif not answer.done():  # else cancelled by its caller: recorded anyway
-                        if error is None:
-                            answer.set_result(result)
-                        else:
-                            answer.set_exception(error)
+                    reply(result, error)
                 finally:
                     if release:
                         session.lock.release()
@@ -365,7 +375,6 @@ class SessionManager:
             if release:
                 session.lock.release()
             raise
-        return answer
 
     def _check_rows(self, x: np.ndarray, entry: ModelEntry) -> None:
         """Rows decoded for another model than the session's (it was deleted and re-created
@@ -627,13 +636,6 @@ class _Pending(NamedTuple):
     start: int
     length: int
     digest: bytes
-
-
-class _NoFuture:
-    """The future of a push whose outcome goes to a `reply` callback instead."""
-
-
-_NO_FUTURE: Any = _NoFuture()
 
 
 def _acquire_free(lock: asyncio.Lock) -> bool:

@@ -17,9 +17,9 @@ Every public name is importable from here (and from `model`); the pool's on firs
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from model._lazy import lazy_attributes
 from model.streaming.errors import (
     MAX_POSITION,
     NonFiniteOutputError,
@@ -41,14 +41,7 @@ _LAZY = {
     "STATE_FORMAT": "model.streaming.state",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'model.streaming' has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "MAX_POSITION",

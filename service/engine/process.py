@@ -72,7 +72,7 @@ def engine_main(settings: Settings, path: str) -> int:
         await runtime.stop()  # in-flight pushes finish; sessions go to the store
         return 0
 
-    try:  # uvicorn's loop on the edges; ~4x the round trips of asyncio's own (engine_transport)
+    try:  # uvicorn's loop on the edges, and the faster one here (bench/engine_transport.py)
         import uvloop
     except ImportError:
         return asyncio.run(main())

@@ -188,14 +188,21 @@ def test_an_edge_killed_loses_no_acknowledged_push_and_is_replaced(server):
             "the killed edge to be replaced",
         )
         for t in range(6, 12):
-            for _ in range(50):  # a connection the dead edge had accepted is refused: retry
+            answers: list[httpx.Response] = []
+
+            def pushed(t: int = t, answers: list = answers) -> bool:
+                # A connection the dead edge had accepted is refused: sent again, with its
+                # offset, until an edge answers.
                 try:
-                    r = c.post(f"/v1/sessions/{sid}/steps", json={"inputs": [rows[t]], "offset": t})
-                    break
+                    body = {"inputs": [rows[t]], "offset": t}
+                    answers.append(c.post(f"/v1/sessions/{sid}/steps", json=body))
                 except httpx.TransportError:
-                    time.sleep(0.05)
-            assert r.status_code == 200, r.text
-            outs += r.json()["outputs"]
+                    return False
+                return True
+
+            wait_until(pushed, f"push {t} to be answered")
+            assert answers[-1].status_code == 200, answers[-1].text
+            outs += answers[-1].json()["outputs"]
         assert_rows_close(outs, expected(c, rows))
 
 
