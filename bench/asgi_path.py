@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from service.app import create_app  # noqa: E402
+from service.protocol.wire import encode_frame  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.wire import encode_frame  # noqa: E402
 
 Receive = Callable[[], Awaitable[dict]]
 KEY = "bench-key-0123456789"

@@ -345,7 +345,7 @@ def parse_speed() -> list[tuple[str, float]]:
     import numpy as np
     from pydantic import BaseModel, Field
 
-    from service import inputs
+    from service.models import inputs
 
     body = json.dumps({"inputs": [np.random.default_rng(0).random((200_000, 2)).tolist()]})
     data = body.encode()

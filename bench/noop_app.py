@@ -70,7 +70,7 @@ async def echo(websocket: WebSocket, session_id: str) -> None:
 
 @app.websocket("/v1/streams")
 async def echo_many(websocket: WebSocket) -> None:
-    """The multiplexed stream: walks a frame of pushes (service/wire.py's layout, read with
+    """The multiplexed stream: walks a frame of pushes (service/protocol/wire.py's layout, read with
     struct alone) and answers each with its next position and one float32 per row."""
     await websocket.accept()
     try:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import ROOT, environment, percentile, serve_command
 from model import read_checkpoint_info
-from service.session_record import SessionRecord
-from service.session_state import AppliedPush
+from service.sessions.record import SessionRecord
+from service.sessions.state import AppliedPush
 from tests.service.dns_responder import DnsResponder
 
 DEFAULT_MODEL = ROOT / "service" / "default_model"

@@ -8,7 +8,7 @@ push one row per message in lockstep (send, await the answer, repeat) for `--sec
   * http: `POST /v1/sessions/{id}/steps`, one keep-alive client per session (bench/_harness.py's
     HttpPushers, the code path of bench/service_http.py);
   * ws-multi: one `WS /v1/streams` socket per client process, each binary message carrying one
-    push for every session of that process (service/wire.py's multi-session frame); its
+    push for every session of that process (service/protocol/wire.py's multi-session frame); its
     p50/p99 are per message.
 All sessions of a client process run in one asyncio loop; `--client-procs` splits them over
 several processes. Reported per case: aggregate timesteps/s, client-side p50/p99 latency per push
@@ -57,7 +57,7 @@ from _harness import (
 )
 from websockets.asyncio.client import ClientConnection, connect
 
-from service.wire import HEADER, decode_answers, decode_frame, encode_frame, encode_pushes
+from service.protocol.wire import HEADER, decode_answers, decode_frame, encode_frame, encode_pushes
 
 TRANSPORTS = ("ws-binary", "ws-json", "http", "ws-multi")
 WARMUP_PUSHES = 5  # per session, untimed (1 with --quick): first-message costs on both sides

@@ -13,13 +13,16 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import http_errors, openapi
-from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from service.oip_inference import OipInference
-from service.routes import health, models, predict, sessions, steps, stream, streams, v2
-from service.runtime import Runtime
-from service.sessions import Clock
+from service.engine.runtime import Runtime
+from service.http import errors as http_errors
+from service.http import openapi
+from service.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from service.http.routes import health, models, predict, sessions, steps
+from service.oip import routes as v2
+from service.oip.inference import OipInference
+from service.sessions.manager import Clock
 from service.settings import Settings
+from service.ws import stream, streams
 
 DESCRIPTION = """Streaming inference for Temporal Convolutional Networks.
 

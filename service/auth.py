@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from service.errors import Unauthorized
+from service.protocol.errors import Unauthorized
 
 ANONYMOUS = "anonymous"
 

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from service import error_codes
-from service.wire import HEADER, ROW_DTYPE, decode_frame, encode_frame
+from service.protocol import error_codes
+from service.protocol.wire import HEADER, ROW_DTYPE, decode_frame, encode_frame
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from pydantic import ValidationError
 
 from service import log_redaction
 from service.app import create_app
+from service.engine.runtime import Runtime
 from service.gc_tuning import tune_collector
-from service.http_protocol import deadline_protocol
-from service.runtime import Runtime
+from service.http.protocol import deadline_protocol
 from service.settings import DTYPES, Settings, parse_model_specs
-from service.ws_protocol import ReleasingWebSocketProtocol
+from service.ws.protocol import ReleasingWebSocketProtocol
 
 # CLI flag -> Settings field; every one is also TCNSERVE_<FIELD> in the environment.
 FLAGS: dict[str, tuple[type, str]] = {
@@ -136,7 +136,7 @@ def uvicorn_config(app: Any, settings: Settings, share: int = 1, **where: Any) -
         # uvicorn's sans-I/O websockets protocol, which stops reading a connection after each
         # message until the app has taken it, so at most one message of up to ws_max_size waits
         # per connection (a larger one closes the socket with 1009); messages being answered
-        # are held against max_inflight_body_bytes (service/routes/stream.py).
+        # are held against max_inflight_body_bytes (service/ws/stream.py).
         ws=ReleasingWebSocketProtocol,  # frees a dropped connection's last message at once
         ws_max_size=settings.max_body_bytes,
         ws_per_message_deflate=False,  # float32 frames barely compress; spare the CPU

@@ -26,9 +26,9 @@ import msgspec
 import numpy as np
 
 from service.engine import messages as m
-from service.errors import EngineUnavailable, ModelNotFound, ServiceError, SessionNotFound
-from service.inputs import InputSpec
-from service.session_state import PushResult
+from service.models.inputs import InputSpec
+from service.protocol.errors import EngineUnavailable, ModelNotFound, ServiceError
+from service.sessions.state import PushResult, SessionHandle
 
 logger = logging.getLogger(__name__)
 RECONNECT_S = 0.05  # between tries to reach an engine that is away (it restarts in seconds)
@@ -37,8 +37,6 @@ STATUS_EVERY_S = 0.5  # how often an edge asks the engine's readiness (and repor
 # so that requests waiting on it fail (engine_unavailable) instead of hanging, and /readyz is
 # 503 meanwhile.
 ENGINE_SILENT_S = 10.0
-# Sessions whose model an edge remembers (for decoding their rows); past this it starts over.
-MODEL_CACHE_SIZE = 100_000
 
 
 class EngineClient:
@@ -318,19 +316,10 @@ class RemoteRegistry:
 class RemoteSessions:
     """The SessionManager surface routes use; each call is one request to the engine."""
 
-    def __init__(self, client: EngineClient, models: list[str]):
+    def __init__(self, client: EngineClient, registry: RemoteRegistry, models: list[str]):
         self._client = client
+        self._registry = registry
         self._only = models[0] if len(models) == 1 else None
-        # Sessions' models (or why there is none) as the engine last said: read by `model_of`
-        # right after `ensure_held` asked.
-        self._models: dict[tuple[str, str], str | m.Failed] = {}
-
-    def _saw(self, owner: str, session: m.SessionView) -> m.SessionView:
-        if self._only is None:
-            if len(self._models) >= MODEL_CACHE_SIZE:
-                self._models.clear()
-            self._models[(owner, session.id)] = session.model
-        return session
 
     async def create(
         self,
@@ -356,74 +345,79 @@ class RemoteSessions:
                 bound,
             )
         )
-        return self._saw(owner, answer.session), answer.outputs.array()
+        return answer.session, answer.outputs.array()
 
-    async def push(
-        self, owner: str, session_id: str, x: np.ndarray, offset: int | None
-    ) -> PushResult:
-        answer = await self._client.send(m.Push(0, owner, session_id, m.Rows.of(x), offset))
+    async def resolve(self, owner: str, session_id: str) -> SessionHandle:
+        """The handle to decode a push against: with one model served, known without asking
+        the engine (the push reports a missing session); with several, one Resolve request
+        (a session may have been deleted and opened again on another model through another
+        edge, so what this edge saw before is never trusted to decode rows)."""
+        if self._only is not None:
+            return self._handle(owner, session_id, self._only)
+        (handle,) = await self.resolve_many(owner, [session_id])
+        if isinstance(handle, ServiceError):
+            raise handle
+        return handle
+
+    async def resolve_many(
+        self, owner: str, session_ids: list[str]
+    ) -> list[SessionHandle | ServiceError]:
+        if self._only is not None:
+            return [self._handle(owner, s, self._only) for s in session_ids]
+        answer = await self._client.call(m.Resolve(0, owner, session_ids))
+        return [
+            model.error() if type(model) is m.Failed else self._handle(owner, session_id, model)
+            for session_id, model in zip(session_ids, answer.models, strict=True)
+        ]
+
+    def handle(self, session: m.SessionView) -> SessionHandle:
+        """The handle of a session the engine has just described (a stream keeps one)."""
+        return self._handle(session.owner, session.id, session.model)
+
+    def _handle(self, owner: str, session_id: str, model: str) -> SessionHandle:
+        return SessionHandle(owner, session_id, model, self._registry.get(model).inputs)
+
+    async def push(self, handle: SessionHandle, x: np.ndarray, offset: int | None) -> PushResult:
+        answer = await self._client.send(
+            m.Push(0, handle.owner, handle.session_id, m.Rows.of(x), offset)
+        )
         if type(answer) is m.Failed:
-            self._models.pop((owner, session_id), None)  # re-created with another model?
             raise answer.error()
         return PushResult(answer.outputs.array(), answer.position)
 
     async def push_many(
-        self, owner: str, items: list[tuple[str, np.ndarray, int | None]]
+        self, items: list[tuple[SessionHandle, np.ndarray, int | None]]
     ) -> list[PushResult | ServiceError]:
+        if not items:
+            return []
+        owner = items[0][0].owner
         answer = await self._client.call(
             m.PushMany(
                 0,
                 owner,
-                [session_id for session_id, _, _ in items],
+                [handle.session_id for handle, _, _ in items],
                 [m.Rows.of(x) for _, x, _ in items],
                 [offset for _, _, offset in items],
             )
         )
-        results: list[PushResult | ServiceError] = []
-        for (session_id, _, _), res in zip(items, answer.results, strict=True):
-            if type(res) is m.Failed:
-                self._models.pop((owner, session_id), None)
-                results.append(res.error())
-            else:
-                results.append(PushResult(res.outputs.array(), res.position))
-        return results
-
-    def model_of(self, owner: str, session_id: str) -> str:
-        if self._only is not None:
-            return self._only
-        model = self._models.get((owner, session_id))
-        if model is None:
-            raise SessionNotFound(f"no session {session_id!r}")
-        if type(model) is m.Failed:
-            raise model.error()
-        return model
-
-    async def ensure_held(self, owner: str, session_ids: list[str]) -> None:
-        """Learn the models of these sessions now, in one request (with several models: a
-        session may have been deleted and opened again on another model through another edge,
-        so what this edge saw before is never trusted to decode rows)."""
-        if self._only is not None:
-            return
-        answer = await self._client.call(m.Resolve(0, owner, session_ids))
-        if len(self._models) + len(session_ids) > MODEL_CACHE_SIZE:
-            self._models.clear()
-        for session_id, model in zip(session_ids, answer.models, strict=True):
-            self._models[(owner, session_id)] = model
+        return [
+            res.error() if type(res) is m.Failed else PushResult(res.outputs.array(), res.position)
+            for res in answer.results
+        ]
 
     async def get(self, owner: str, session_id: str) -> m.SessionView:
         answer = await self._client.call(m.Get(0, owner, session_id))
-        return self._saw(owner, answer.session)
+        return answer.session
 
     async def snapshot(self, owner: str, session_id: str) -> tuple[m.SessionView, np.ndarray]:
         answer = await self._client.call(m.TakeSnapshot(0, owner, session_id))
-        return self._saw(owner, answer.session), answer.rows.array()
+        return answer.session, answer.rows.array()
 
     async def reset(self, owner: str, session_id: str) -> m.SessionView:
         answer = await self._client.call(m.Reset(0, owner, session_id))
-        return self._saw(owner, answer.session)
+        return answer.session
 
     async def delete(self, owner: str, session_id: str) -> None:
-        self._models.pop((owner, session_id), None)
         await self._client.call(m.Delete(0, owner, session_id))
 
     async def close(self, session: m.SessionView) -> None:
@@ -432,7 +426,6 @@ class RemoteSessions:
 
     def start_close(self, session: m.SessionView) -> asyncio.Future:
         """`close`, sent at once (it reaches the engine even if the caller is cancelled)."""
-        self._models.pop((session.owner, session.id), None)
         return self._client.send(m.Close(0, session.owner, session.id, session.serial))
 
 

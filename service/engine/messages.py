@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from service import errors
+from service.protocol import errors
 
 HEADER = struct.Struct("<I")
 # The largest frame either side accepts: a request is bounded by the edge's body limits well

@@ -4,7 +4,7 @@ Each process keeps its own series (service/metrics.py); an edge sends its render
 engine with every status request, and its fresh one with a /metrics request, which the engine
 answers with every process's page; the edge sums them sample by sample (counters, histograms
 and gauges add up across processes; `*_created` takes the earliest) and keeps the result for
-METRICS_CACHE_S (service/runtime.py), so scraping costs neither the engine's loop nor much of
+METRICS_CACHE_S (service/engine/runtime.py), so scraping costs neither the engine's loop nor much of
 the edge's. An edge that has gone keeps its counters and histograms in the sum, not its gauges;
 an engine that restarts starts its own series, and that memory, from zero (Prometheus reads a
 counter reset).

@@ -41,9 +41,9 @@ HEARTBEAT_S = 1.0  # how often a ready engine's event loop shows it turns
 
 
 def engine_main(settings: Settings, path: str) -> int:
+    from service.engine.runtime import Runtime
     from service.engine.server import EngineServer
     from service.gc_tuning import tune_collector
-    from service.runtime import Runtime
 
     async def main() -> int:
         runtime = Runtime(settings, time.time)

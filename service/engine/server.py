@@ -26,9 +26,9 @@ import numpy as np
 
 from service.engine import messages as m
 from service.engine.metrics import MetricsSum
-from service.errors import InternalError, ServiceError, TooManyTimesteps
-from service.runtime import Runtime
-from service.session_state import Session
+from service.engine.runtime import Runtime
+from service.protocol.errors import InternalError, ServiceError, TooManyTimesteps
+from service.sessions.state import Session
 
 logger = logging.getLogger(__name__)
 
@@ -288,25 +288,28 @@ class _Connection(asyncio.Protocol):
 
     async def _push(self, r: m.Push) -> m.Answer:
         self.runtime.check_ready()
-        result = await self.sessions.push(r.owner, r.session_id, r.rows.array(), r.offset)
+        handle = await self.sessions.resolve(r.owner, r.session_id)
+        result = await self.sessions.push(handle, r.rows.array(), r.offset)
         return m.Pushed(r.id, m.Rows.of(result.outputs), result.position)
 
     async def _push_many(self, r: m.PushMany) -> m.Answer:
         self.runtime.check_ready()
-        items = [
-            (session_id, rows.array(), offset)
-            for session_id, rows, offset in zip(r.session_ids, r.rows, r.offsets, strict=True)
+        handles = await self.sessions.resolve_many(r.owner, r.session_ids)
+        ready = [i for i, h in enumerate(handles) if not isinstance(h, ServiceError)]
+        results = await self.sessions.push_many(
+            [(handles[i], r.rows[i].array(), r.offsets[i]) for i in ready]  # type: ignore[misc]
+        )
+        answers: list[m.Pushed | m.Failed] = [
+            m.Failed.of(0, h) if isinstance(h, ServiceError) else None  # type: ignore[misc]
+            for h in handles
         ]
-        results = await self.sessions.push_many(r.owner, items)
-        return m.PushedMany(
-            r.id,
-            [
+        for i, res in zip(ready, results, strict=True):
+            answers[i] = (
                 m.Failed.of(0, res)
                 if isinstance(res, ServiceError)
                 else m.Pushed(0, m.Rows.of(res.outputs), res.position)
-                for res in results
-            ],
-        )
+            )
+        return m.PushedMany(r.id, answers)
 
     async def _get(self, r: m.Get) -> m.Answer:
         self.runtime.check_ready()
@@ -314,14 +317,11 @@ class _Connection(asyncio.Protocol):
 
     async def _resolve(self, r: m.Resolve) -> m.Answer:
         self.runtime.check_ready()
-        await self.sessions.ensure_held(r.owner, r.session_ids)
-        models: list[str | m.Failed] = []
-        for session_id in r.session_ids:
-            try:
-                models.append(self.sessions.model_of(r.owner, session_id))
-            except ServiceError as e:
-                models.append(m.Failed.of(0, e))
-        return m.Resolved(r.id, models)
+        handles = await self.sessions.resolve_many(r.owner, r.session_ids)
+        return m.Resolved(
+            r.id,
+            [m.Failed.of(0, h) if isinstance(h, ServiceError) else h.model for h in handles],
+        )
 
     async def _snapshot(self, r: m.TakeSnapshot) -> m.Answer:
         self.runtime.check_ready()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.client import protocol as p
-from service.wire import decode_frame, encode_frame
+from service.protocol.wire import decode_frame, encode_frame
 
 POLICY = p.RetryPolicy(attempts=4, backoff_s=0.01)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from service.wire import (
+from service.protocol.wire import (
     FrameAnswer,
     FrameError,
     decode_answers,

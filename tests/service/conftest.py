@@ -28,9 +28,9 @@ from fastapi.testclient import TestClient
 
 from model import TCN, TCNConfig, save_model
 from service.app import create_app
-from service.batcher import ModelWorker
 from service.cli import COMMANDS
-from service.runtime import Runtime
+from service.engine.runtime import Runtime
+from service.models.worker import ModelWorker
 from service.settings import Settings
 
 TINY = TCNConfig(in_channels=2, channels=(6, 6, 5), kernel_size=3, out_channels=2)  # R = 29

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model import TCN, StreamPool, TCNConfig
-from service.batcher import ModelWorker, WorkerStopped
 from service.metrics import Metrics
+from service.models.worker import ModelWorker, WorkerStopped
 from tests.service.conftest import held, until_queued
 
 
@@ -175,7 +175,7 @@ def test_the_batch_delay_counts_from_the_first_pushs_submission(monkeypatch):
             return self.now
 
     clock = Clock()
-    monkeypatch.setattr("service.batcher.time", clock)
+    monkeypatch.setattr("service.models.worker.time", clock)
 
     def the_held_call_outlasts_the_delay() -> None:
         clock.now = 31.0
@@ -240,7 +240,7 @@ async def test_a_ragged_batch_stops_at_max_advance_rows(worker):
 
 @pytest.mark.asyncio
 async def test_a_long_chunk_is_one_push_of_its_own(worker):
-    from service.batcher import MAX_BATCHED_ROWS
+    from service.models.worker import MAX_BATCHED_ROWS
 
     rows = np.zeros((MAX_BATCHED_ROWS + 1, 1), np.float32)
     out = await worker.advance(5, rows)
@@ -351,12 +351,12 @@ async def test_warm_up_also_steps_a_full_batch_when_it_takes_another_kernel(chan
 def test_an_unset_max_batch_size_is_every_stream_within_the_step_budget(make_settings, monkeypatch):
     """max_batch_size unset: every open stream in one call on a fast model; on a machine where
     such a step passes the budget, the largest power of two that does not (here: none does)."""
-    import service.batcher
+    import service.models.worker
     from service.app import create_app
     from tests.service.conftest import runtime_of, serving
 
     with serving(create_app(make_settings(max_sessions=24))) as c:
         assert runtime_of(c.app).registry.get("tiny").worker.max_batch == 24
-    monkeypatch.setattr(service.batcher, "STEP_BUDGET_S", 0.0)
+    monkeypatch.setattr(service.models.worker, "STEP_BUDGET_S", 0.0)
     with serving(create_app(make_settings(max_sessions=24))) as c:
         assert runtime_of(c.app).registry.get("tiny").worker.max_batch == 1

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.app import create_app
-from service.batcher import ModelWorker
-from service.session_state import Session
-from service.sessions import SessionManager
+from service.models.worker import ModelWorker
+from service.sessions.manager import SessionManager
+from service.sessions.state import Session
 from tests.service.conftest import (
     assert_rows_close,
     async_serving,
@@ -147,13 +147,13 @@ async def test_a_push_whose_client_vanished_is_recorded_for_its_retry(make_setti
     x = np.asarray(rows, dtype=np.float32)
     async with held_worker_sessions(make_settings) as h:
         c, sessions, (session,) = h.client, h.sessions, h.opened
-        lost = asyncio.ensure_future(sessions.push("anonymous", session.id, x[:2], 0))
+        lost = asyncio.ensure_future(sessions.push(sessions.handle(session), x[:2], 0))
         await until_queued(h.worker, 1)
         lost.cancel()  # the client disconnected while its push waited for the model
         await h.release()
-        retry = await sessions.push("anonymous", session.id, x[:2], 0)
+        retry = await sessions.push(sessions.handle(session), x[:2], 0)
         assert retry.position == 2
-        rest = await sessions.push("anonymous", session.id, x[2:], 2)
+        rest = await sessions.push(sessions.handle(session), x[2:], 2)
         want = await expected_outputs(c, [rows])
         assert_rows_close(retry.outputs.tolist() + rest.outputs.tolist(), want[0])
 
@@ -166,9 +166,9 @@ async def test_a_push_queued_behind_a_cancelled_one_sees_it_applied(make_setting
     x = np.asarray(rows, dtype=np.float32)
     async with held_worker_sessions(make_settings) as h:
         c, sessions, (session,) = h.client, h.sessions, h.opened
-        lost = asyncio.ensure_future(sessions.push("anonymous", session.id, x[:2], 0))
+        lost = asyncio.ensure_future(sessions.push(sessions.handle(session), x[:2], 0))
         await until_queued(h.worker, 1)
-        follower = asyncio.ensure_future(sessions.push("anonymous", session.id, x[2:], 2))
+        follower = asyncio.ensure_future(sessions.push(sessions.handle(session), x[2:], 2))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not follower.done() and h.worker.queued == 1  # waits for the lock, not queued
@@ -176,7 +176,7 @@ async def test_a_push_queued_behind_a_cancelled_one_sees_it_applied(make_setting
         await h.release()
         rest = await follower
         assert rest.position == 4
-        replay = await sessions.push("anonymous", session.id, x[2:], 2)  # the stored answer
+        replay = await sessions.push(sessions.handle(session), x[2:], 2)  # the stored answer
         assert replay.position == 4
         want = await expected_outputs(c, [rows])
         assert_rows_close(rest.outputs.tolist(), want[0][2:])
@@ -191,7 +191,7 @@ async def test_a_push_racing_its_sessions_creation_waits_for_it(make_settings):
         x = np.asarray(rows, dtype=np.float32)
         creating = asyncio.ensure_future(sessions.create("anonymous", "tiny", "race-id-1"))
         await asyncio.sleep(0)  # the id is reserved; the opening has not run yet
-        pushed = await sessions.push("anonymous", "race-id-1", x, 0)
+        pushed = await sessions.push(await sessions.resolve("anonymous", "race-id-1"), x, 0)
         await creating
         assert pushed.position == 1
         assert_rows_close(pushed.outputs.tolist(), (await expected_outputs(c, [rows]))[0])
@@ -213,12 +213,12 @@ async def test_push_many_cancelled_mid_flight_records_every_push(make_settings):
     rows = random_rows(3, seed=10)
     x = np.asarray(rows, dtype=np.float32)
     async with held_worker_sessions(make_settings, count=3) as h:
-        items = [(s.id, x, 0) for s in h.opened]
-        lost = asyncio.ensure_future(h.sessions.push_many("anonymous", items))
+        items = [(h.sessions.handle(s), x, 0) for s in h.opened]
+        lost = asyncio.ensure_future(h.sessions.push_many(items))
         await until_queued(h.worker, 3)
         lost.cancel()
         await h.release()
-        replays = await h.sessions.push_many("anonymous", items)  # each push's stored answer
+        replays = await h.sessions.push_many(items)  # each push's stored answer
         want = await expected_outputs(h.client, [rows])
         for replay in replays:
             assert replay.position == 3

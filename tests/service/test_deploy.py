@@ -170,4 +170,4 @@ def test_the_image_install_carries_the_default_model(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "service/default_model/model.safetensors" in names
     assert "service/default_model/config.json" in names
-    assert "service/redis_store.py" in names
+    assert "service/store/redis_store.py" in names

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from service.app import create_app
-from service.durability import SessionDurability
-from service.session_record import SessionRecord
-from service.session_store import MemorySpace, MemoryStore
+from service.sessions.record import SessionRecord
+from service.store.base import MemorySpace, MemoryStore
+from service.store.durability import SessionDurability
 from tests.service.conftest import (
     TINY,
     assert_rows_close,

@@ -20,8 +20,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from service.app import create_app
-from service.durability import SessionDurability
-from service.session_store import MemoryStore, SessionKey, Write
+from service.store.base import MemoryStore, SessionKey, Write
+from service.store.durability import SessionDurability
 from tests.service.conftest import FakeClock, async_serving, random_rows, runtime_of
 
 ROWS = random_rows(40, seed=11)
@@ -271,7 +271,7 @@ def _redis_pid(url: str) -> str:
 
 @pytest.mark.asyncio
 async def test_a_session_that_moves_away_and_back_starts_its_bound_afresh(make_settings):
-    from service.session_store import MemorySpace
+    from service.store.base import MemorySpace
 
     space, clock = MemorySpace(), FakeClock(1000.0)
     async with (

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from service.app import create_app
+from service.engine.runtime import Runtime
 from service.engine.server import EngineServer
-from service.runtime import Runtime
 from service.settings import Settings
 from tests.service.conftest import (
     FakeClock,

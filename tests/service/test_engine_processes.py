@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from service.wire import decode_frame, encode_frame
+from service.protocol.wire import decode_frame, encode_frame
 from tests.service.conftest import (
     ROOT,
     assert_rows_close,
@@ -256,7 +256,7 @@ def test_an_engine_killed_with_a_store_brings_its_sessions_back(tiny_dir, tmp_pa
     and the client replays from there), and its outputs stay exact."""
     import redis
 
-    from service.session_record import SessionRecord
+    from service.sessions.record import SessionRecord
 
     args = ["--model", f"tiny={tiny_dir}", "--device", "cpu", "--workers", "2"]
     env = {

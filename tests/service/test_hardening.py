@@ -17,9 +17,11 @@ import torch
 from starlette.websockets import WebSocketDisconnect
 
 from model import MAX_POSITION, TCN, save_model
-from service import error_codes, errors, http_errors, http_protocol
 from service.app import create_app
-from service.wire import decode_frame, encode_frame
+from service.http import errors as http_errors
+from service.http import protocol as http_protocol
+from service.protocol import error_codes, errors
+from service.protocol.wire import decode_frame, encode_frame
 from tests.service.conftest import (
     TINY,
     assert_rows_close,

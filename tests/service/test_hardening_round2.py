@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
-from service import json_bounds
 from service.app import create_app
-from service.limits import MAX_HEADER_DIGITS, InflightBudget, header_int
-from service.wire import encode_frame
+from service.protocol import json_bounds
+from service.protocol.limits import MAX_HEADER_DIGITS, InflightBudget, header_int
+from service.protocol.wire import encode_frame
 from tests.service.conftest import open_session, random_rows, runtime_of, serving
 
 DEEP = b"[" * 970 + b"]" * 970  # a 1.9 KB body that used to raise RecursionError
@@ -304,8 +304,8 @@ def test_an_oversized_websocket_handshake_in_one_read_is_a_clean_431(make_settin
     import logging
     import socket
 
-    from service.http_protocol import deadline_protocol
-    from service.ws_protocol import ReleasingWebSocketProtocol
+    from service.http.protocol import deadline_protocol
+    from service.ws.protocol import ReleasingWebSocketProtocol
     from tests.service.conftest import uvicorn_thread
 
     protocols = {"http": deadline_protocol(30.0, 2000), "ws": ReleasingWebSocketProtocol}

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from model import load_model
 from service.app import create_app
-from service.middleware import is_api_path
+from service.http.middleware import is_api_path
 from tests.service.conftest import (
     TINY,
     assert_rows_close,
@@ -234,7 +234,7 @@ def serving_unloaded(app):
 
 
 def test_model_info_is_documented_field_for_field(client):
-    from service.schemas import ModelInfo
+    from service.http.schemas import ModelInfo
 
     info = client.get("/v1/models/tiny").json()
     assert set(info) == set(ModelInfo.model_fields)
@@ -265,7 +265,7 @@ def test_openapi_documents_the_api(client):
         "/v1/sessions/{session_id}/reset",
     ):
         assert path in paths
-    # Bodies are decoded by service/inputs.py; their schemas are documented inline.
+    # Bodies are decoded by service/models/inputs.py; their schemas are documented inline.
     for path, fields in (
         ("/v1/models/{name}/predict", {"inputs", "outputs"}),
         ("/v1/sessions", {"model", "session_id", "ttl_s", "prefix", "snapshot"}),
@@ -288,7 +288,7 @@ def test_openapi_documents_the_api(client):
 
 
 def test_dependency_overrides_reach_every_route(make_settings):
-    from service.deps import Caller, get_caller
+    from service.http.deps import Caller, get_caller
 
     app = create_app(make_settings())
     calls = []
@@ -308,8 +308,8 @@ def test_dependency_overrides_reach_every_route(make_settings):
 def test_a_lean_route_refuses_endpoints_it_cannot_call():
     from fastapi import Header, Response
 
-    from service.deps import CallerDep
-    from service.routes.lean import LeanRoute
+    from service.http.deps import CallerDep
+    from service.http.routes.lean import LeanRoute
 
     async def takes_a_header(request: Request, caller: CallerDep, x_thing: str = Header()):
         return Response()

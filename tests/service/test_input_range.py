@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput
-from service.inputs import _FEW_VALUES, InputSpec, check_array
+from service.models.inputs import _FEW_VALUES, InputSpec, check_array
+from service.protocol.errors import InvalidInput
 
 BOUND = 1e6
 SPEC = InputSpec(width=2, vocab_size=None, dtype=np.dtype(np.float32), max_abs=BOUND)

@@ -157,10 +157,10 @@ async def test_requests_naming_sessions_in_opposite_orders_never_wait_for_each_o
         x = np.zeros((1, 2), dtype=np.float32)
         await a.lock.acquire()  # another operation holds A for a moment
         first = asyncio.ensure_future(
-            sessions.push_many("anonymous", [(a.id, x, None), (b.id, x, None)])
+            sessions.push_many([(sessions.handle(a), x, None), (sessions.handle(b), x, None)])
         )
         second = asyncio.ensure_future(
-            sessions.push_many("anonymous", [(b.id, x, None), (a.id, x, None)])
+            sessions.push_many([(sessions.handle(b), x, None), (sessions.handle(a), x, None)])
         )
         for _ in range(50):
             await asyncio.sleep(0)
@@ -185,15 +185,15 @@ async def test_sessions_busy_in_an_overlapping_request_still_advance_together(ma
     async with async_serving(app):
         runtime = runtime_of(app)
         sessions = runtime.sessions
-        ids = [(await sessions.create("anonymous", "tiny"))[0].id for _ in range(40)]
+        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(40)]
         x = np.zeros((1, 2), dtype=np.float32)
-        items = [(sid, x, None) for sid in ids]
+        items = [(sessions.handle(s), x, None) for s in opened]
         worker = runtime.registry.get("tiny").worker
         before = runtime.metrics.render().decode()
         gate, blocker = await held(worker)
-        first = asyncio.ensure_future(sessions.push_many("anonymous", items))
+        first = asyncio.ensure_future(sessions.push_many(items))
         await until_queued(worker, 40)
-        second = asyncio.ensure_future(sessions.push_many("anonymous", list(reversed(items))))
+        second = asyncio.ensure_future(sessions.push_many(list(reversed(items))))
         for _ in range(20):  # the second request is now waiting for a lock the first holds
             await asyncio.sleep(0)
         gate.set()
@@ -224,8 +224,8 @@ async def test_a_busy_session_does_not_hold_back_the_free_ones(make_settings):
         worker = runtime.registry.get("tiny").worker
         gate, blocker = await held(worker)
         await a.lock.acquire()  # another operation holds A
-        items = [(a.id, x, None), (b.id, x, None), (c.id, x, None)]
-        task = asyncio.ensure_future(sessions.push_many("anonymous", items))
+        items = [(sessions.handle(s), x, None) for s in (a, b, c)]
+        task = asyncio.ensure_future(sessions.push_many(items))
         await until_queued(worker, 2)  # B's and C's pushes, while A is still busy
         a.lock.release()
         gate.set()

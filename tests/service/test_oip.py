@@ -9,10 +9,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from service import oip
 from service.app import create_app
-from service.inputs import InputSpec
-from service.limits import RequestLimits
+from service.models.inputs import InputSpec
+from service.oip import decode as oip
+from service.protocol.limits import RequestLimits
 from tests.service.conftest import (
     assert_rows_close,
     predict,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service import error_codes
+from service.protocol import error_codes
 
 # (method, path) -> the error statuses it documents. A route that reads no body cannot answer
 # 413 or 422; only a create can answer 429 or 409 session_exists; /v2 answers bad requests 400.

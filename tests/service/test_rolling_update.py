@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.session_record import SessionRecord
+from service.sessions.record import SessionRecord
 from tests.service.conftest import (
     HAPROXY,
     ROOT,

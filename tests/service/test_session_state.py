@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.session_state import RecentIds
+from service.sessions.state import RecentIds
 
 
 def test_recent_ids_forget_the_oldest():

@@ -9,10 +9,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from service.redis_store import RedisStore
-from service.session_record import RecordError, SessionRecord
-from service.session_state import AppliedPush
-from service.session_store import MemorySpace, MemoryStore, Stored, Write
+from service.sessions.record import RecordError, SessionRecord
+from service.sessions.state import AppliedPush
+from service.store.base import MemorySpace, MemoryStore, Stored, Write
+from service.store.redis_store import RedisStore
 
 KEY = ("key-0123456789ab", "session-0001")
 TTL_MS = 60_000

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from service.wire import decode_answers, encode_pushes
+from service.protocol.wire import decode_answers, encode_pushes
 from tests.service.conftest import assert_rows_close, open_session, predict, random_rows
 
 PLANS = [[2, 1, 3], [1, 4, 2], [5, 1, 1]]

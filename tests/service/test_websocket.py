@@ -27,8 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
 from service.app import create_app
+from service.protocol.wire import HEADER, decode_frame, encode_frame
 from service.settings import Settings
-from service.wire import HEADER, decode_frame, encode_frame
 from tests.service.conftest import (
     ROOT,
     TINY,

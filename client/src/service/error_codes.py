@@ -1,1 +1,0 @@
-../../../service/error_codes.py

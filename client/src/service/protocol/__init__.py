@@ -1,0 +1,1 @@
+../../../../service/protocol/__init__.py

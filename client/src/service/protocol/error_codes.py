@@ -1,0 +1,1 @@
+../../../../service/protocol/error_codes.py
