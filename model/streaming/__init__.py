@@ -29,12 +29,13 @@ from model.streaming.errors import (
 )
 
 if TYPE_CHECKING:
-    from model.streaming.planning import STEP_KERNELS, StepKernel
+    from model.streaming.planning import CHUNKED_PUSH_ROWS, STEP_KERNELS, StepKernel
     from model.streaming.pool import StreamPool
     from model.streaming.state import STATE_FORMAT
 
 # Loaded on first use (PEP 562): the exceptions above need no torch, the pool does.
 _LAZY = {
+    "CHUNKED_PUSH_ROWS": "model.streaming.planning",
     "STEP_KERNELS": "model.streaming.planning",
     "StepKernel": "model.streaming.planning",
     "StreamPool": "model.streaming.pool",
@@ -44,6 +45,7 @@ _LAZY = {
 __getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
+    "CHUNKED_PUSH_ROWS",
     "MAX_POSITION",
     "STATE_FORMAT",
     "STEP_KERNELS",

@@ -28,6 +28,11 @@ STEP_KERNELS = ("auto", "torch", "numpy", "fused", "blas")
 
 # What `StreamPool.kernel_for` names: the kernel a step of some number of streams runs.
 StepKernel = Literal["graphs", "fused", "numpy", "blas", "torch"]
+# Pushes of up to this many rows run as a ragged advance of their stream (k tap rows per row and
+# layer); longer ones as one conv per layer over the window and the chunk, which costs less per
+# row once the chunk is long (bench/ragged_push.py measures where they cross:
+# docs/benchmarks/results/ragged_push.txt).
+CHUNKED_PUSH_ROWS = 256
 
 
 class KernelPlanning:

@@ -16,6 +16,7 @@ runs only where the inputs' bound rules out a refusal once it has begun (`overfl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from model import fused_step
 from model.ragged import ragged_forward, ragged_plan
 from model.step_kernels import step_blas, step_numpy, step_torch
 from model.streaming.errors import MAX_POSITION, NonFiniteOutputError
+from model.streaming.planning import CHUNKED_PUSH_ROWS
 from model.streaming.rings import _CausalLayer
 from model.streaming.validation import _all_finite, _nonfinite_rows, _nonfinite_written
 from model.tcn import apply_output_activation
@@ -170,6 +172,9 @@ class StepPaths:
                 f"advance: {int(counts.sum())} rows in one call, more than max_advance_rows "
                 f"({self.max_advance_rows}); split the call, or push long chunks"
             )
+        return self._advance(slot_np, counts, x, "advance")
+
+    def _advance(self, slot_np: np.ndarray, counts: np.ndarray, x: Any, what: str) -> torch.Tensor:
         total = int(counts.sum())
         if (
             total <= self.fused_advance_rows
@@ -177,8 +182,8 @@ class StepPaths:
             and self._embedding is None
             and self.config.output_activation == "none"
         ):
-            return self._advance_fused(slot_np, counts, self._host_rows(x, total, "advance"))
-        x = self._rows(x, total, "advance")
+            return self._advance_fused(slot_np, counts, self._host_rows(x, total, what))
+        x = self._rows(x, total, what)
         if (self._positions[slot_np] > MAX_POSITION - counts).any():
             raise ValueError(f"a stream would pass the largest position, {MAX_POSITION}")
         plan = ragged_plan(  # one set of indices per block: its two convs share them
@@ -197,6 +202,11 @@ class StepPaths:
         if not bad_rows and not self.overflow_safe:
             per_conv = [rows for rows in plan.kept for _ in range(2)]  # a block's, per conv
             bad_rows = _nonfinite_written(writes, per_conv)
+        if bad_rows and what == "push":  # one stream: its rows are named, as a chunk's are
+            raise NonFiniteOutputError(
+                f"the outputs of rows {bad_rows[:10]} would not be finite; the push was refused",
+                [int(r) for r in bad_rows],
+            )
         if bad_rows:
             streams = sorted(set(np.searchsorted(np.cumsum(counts), bad_rows, side="right")))
             raise NonFiniteOutputError(
@@ -243,10 +253,25 @@ class StepPaths:
             )
         return torch.from_numpy(y_np)
 
-    @torch.inference_mode()
     def push(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Advance one stream by a chunk: x (T, in_channels) -> y (T, out), as one batch conv."""
+        """Advance one stream by T rows: x (T, in_channels) -> y (T, out).
+
+        One row is a step; up to CHUNKED_PUSH_ROWS rows run as a ragged advance of this one
+        stream (k tap rows per row and layer: a few rows cost a few rows' worth); longer chunks
+        as one conv per layer over the layer's window and the chunk, cheaper per row once T is
+        large. One public way to feed rows, whatever T."""
         self._check_slot(slot)
+        steps = _row_count(x)
+        if steps == 1:  # the step kernels' own path
+            return self.step([slot], x)
+        if 0 < steps <= min(CHUNKED_PUSH_ROWS, self.max_advance_rows):
+            with torch.inference_mode():
+                return self._advance(np.array([slot]), np.array([steps]), x, "push")
+        return self._push_chunk(slot, x)
+
+    @torch.inference_mode()
+    def _push_chunk(self, slot: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A long chunk of one stream: one conv per layer over its window and the chunk."""
         x = self._rows(x, None, "push")
         steps = x.shape[0]
         self._check_advance(np.array([slot]), steps)
@@ -292,3 +317,14 @@ class StepPaths:
             ring.index_copy_(0, rows, values.contiguous())
         self._positions[slot] += steps
         return y
+
+
+def _row_count(x: Any) -> int:
+    """The rows `x` holds, before it is validated (0 when that cannot be told cheaply)."""
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else 0
+    try:
+        return len(x)
+    except TypeError:
+        return 0

@@ -9,7 +9,7 @@ Pushes of distinct streams are advanced together by one call, a batch's first pu
 most `max_batch_delay_s` from its submission for others to join (a push that queued behind a
 long call has waited already, and goes with what queued meanwhile): `StreamPool.step` when
 every push is one row, `StreamPool.advance` (a ragged batch, model/ragged.py) when some carry
-more. A push longer than `MAX_BATCHED_ROWS` is a chunk for
+more. A push longer than `CHUNKED_PUSH_ROWS` is a chunk for
 `StreamPool.push` (a conv over its window, cheaper for long chunks), one call on its own.
 
 Crossing threads is paid per batch, not per push: jobs submitted during one turn of an event
@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from model import NonFiniteOutputError
+from model.streaming import CHUNKED_PUSH_ROWS
 from service.metrics import Metrics
 from service.protocol.errors import Draining
 
@@ -43,10 +44,8 @@ T = TypeVar("T")
 # Called on the submitting event loop with (result, None) or (None, error).
 Done = Callable[[Any, BaseException | None], None]
 
-# Pushes up to this many rows join ragged batches; longer ones run as a chunked push, which
-# costs O(L + T) per layer against the ragged batch's O(k T) (they cross near 200-300 rows for
-# the reference config).
-MAX_BATCHED_ROWS = 128
+# Pushes up to CHUNKED_PUSH_ROWS rows join ragged batches of many streams; a longer one runs as
+# the pool's chunked push (one conv per layer over the window and the chunk).
 # max_batch_size unset: the most streams per step call is every stream, unless one such call
 # takes longer than this on this machine (a push waits at most about two calls).
 STEP_BUDGET_S = 0.010
@@ -75,7 +74,7 @@ class _Call(_Job):
 
 
 class _Step(_Job):
-    """Advance one stream by `rows` (T, C) floats or (T,) ids, T <= MAX_BATCHED_ROWS."""
+    """Advance one stream by `rows` (T, C) floats or (T,) ids, T <= CHUNKED_PUSH_ROWS."""
 
     __slots__ = ("rows", "slot")
 
@@ -223,7 +222,7 @@ class ModelWorker:
         """Advance one stream by T rows, batched with other streams' pushes; `done` gets the
         (T, out) float32 outputs or the error, on this event loop. Raises WorkerStopped."""
         loop = asyncio.get_running_loop()
-        if len(rows) > MAX_BATCHED_ROWS:
+        if len(rows) > CHUNKED_PUSH_ROWS:
             job: _Job = _Call(
                 loop, done, lambda: self.pool.push(slot, rows).float().cpu().numpy(), "push"
             )

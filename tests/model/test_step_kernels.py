@@ -80,10 +80,12 @@ def test_bad_kernel_choices():
 
 
 def test_a_push_that_fails_half_way_leaves_the_stream_untouched(monkeypatch):
+    from model.streaming import CHUNKED_PUSH_ROWS
+
     net = _net()
     pool = StreamPool(net, 2)
     slot = pool.open()
-    x = torch.randn(30, 3)
+    x = torch.randn(CHUNKED_PUSH_ROWS + 30, 3)  # x[10:] is a chunk: one conv per layer
     pool.push(slot, x[:10])
     before = pool.export_state(slot)
     calls = 0

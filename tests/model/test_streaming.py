@@ -134,6 +134,28 @@ def test_fixed_chunking_of_a_long_stream(chunk_size: int) -> None:
     torch.testing.assert_close(got, full_forward(net, seq), **TOL32)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+def test_pushes_of_every_length_equal_the_full_forward(config, seed, data) -> None:
+    """`push` takes a step for one row, a ragged advance up to CHUNKED_PUSH_ROWS rows and a
+    chunked conv beyond: any mix of the three, on two interleaved streams, equals the forward."""
+    from model.streaming import CHUNKED_PUSH_ROWS
+
+    sizes = st.sampled_from([1, 2, CHUNKED_PUSH_ROWS, CHUNKED_PUSH_ROWS + 1, 300])
+    plan = data.draw(st.lists(st.tuples(st.integers(0, 1), sizes), min_size=1, max_size=5))
+    net = random_net(config, seed)
+    totals = [sum(size for s, size in plan if s == stream) for stream in (0, 1)]
+    seqs = [random_sequence(config, max(total, 1), seed + i) for i, total in enumerate(totals)]
+    pool = StreamPool(net, capacity=2)
+    slots, at, got = [pool.open(), pool.open()], [0, 0], [[], []]
+    for s, size in plan:
+        got[s].append(pool.push(slots[s], chunk(seqs[s], at[s], at[s] + size)))
+        at[s] += size
+    for s in (0, 1):
+        if got[s]:
+            torch.testing.assert_close(torch.cat(got[s]), full_forward(net, seqs[s]), **TOL32)
+
+
 def test_one_step_call_advances_many_streams_at_different_positions() -> None:
     config = TCNConfig(in_channels=3, channels=[4, 4], kernel_size=3, out_channels=2)
     net = random_net(config, seed=2)

@@ -240,7 +240,7 @@ async def test_a_ragged_batch_stops_at_max_advance_rows(worker):
 
 @pytest.mark.asyncio
 async def test_a_long_chunk_is_one_push_of_its_own(worker):
-    from service.models.worker import MAX_BATCHED_ROWS
+    from model.streaming import CHUNKED_PUSH_ROWS as MAX_BATCHED_ROWS
 
     rows = np.zeros((MAX_BATCHED_ROWS + 1, 1), np.float32)
     out = await worker.advance(5, rows)
