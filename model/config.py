@@ -6,7 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "softmax", "log_softmax")
+# A block's activation (computed by model/activations.py): pytorch-tcn's and keras-tcn's names.
+ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "gelu", "selu", "sigmoid")
+# After the head: none, one of the above per value, or a softmax over the channels.
+OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "softmax", "log_softmax", "relu", "leaky_relu",
+                      "elu", "gelu", "selu")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class TCNConfig:
     out_channels: int | None = None  # optional per-timestep linear head
     output_activation: str = "none"
     vocab_size: int | None = None  # token-id input through an embedding of width in_channels
+    activation: str = "relu"  # of every block's convs and its output (model/activations.py)
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
@@ -55,6 +60,10 @@ class TCNConfig:
             )
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, minimum=1)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}"
+            )
 
     @property
     def num_blocks(self) -> int:

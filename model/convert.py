@@ -46,9 +46,9 @@ _LOCUSLAB_EMBEDDING = "encoder"
 _PYTORCH_TCN_OPTION_KEYS = (
     ("downsample_skip_connection.", "use_skip_connections=True"),
     ("embedding_projection_", "embedding_shapes (embeddings)"),
-    ("running_mean", "use_norm='batch_norm'"),
-    ("norm1.", "use_norm='layer_norm'"),
 )
+# nn.BatchNorm1d's default eps, which pytorch-tcn builds its batch norms with (not in a state_dict).
+BATCH_NORM_EPS = 1e-5
 
 
 def load_state_dict_file(path: str | Path) -> Tensors:
@@ -216,11 +216,11 @@ def _convert(
         source = "padding buffers"
     else:
         source = "default 2**i"
-    net = _build(convs, head, embedding, dilations, output_activation)
+    activation = options.activation if options is not None else "relu"
+    net = _build(convs, head, embedding, dilations, output_activation, activation)
     checked: dict[str, Any] = {}
     if options is not None:
-        plain = any(k.endswith("conv1.weight") for k in state)
-        pytorch_tcn_options.check_against_weights(options, net, plain)
+        pytorch_tcn_options.check_against_weights(options, net, _norm_shown(state))
         checked = {"pytorch_tcn_kwargs": options.kwargs, "verified_against": None}
         if verify and pytorch_tcn_options.available():
             source_net = pytorch_tcn_options.rebuild(options, net, state)
@@ -273,6 +273,25 @@ def _fold(g: torch.Tensor, v: torch.Tensor, where: str) -> torch.Tensor:
     return g * v / torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True)
 
 
+def _fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor, block: Tensors, norm: str, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm1d after a conv, folded into it: per output channel c,
+    (conv(x)_c - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c is a conv with the weight scaled
+    by gamma_c / sqrt(var_c + eps) and the bias moved and scaled with it (in float64, once)."""
+    mean = _take(block, f"{norm}.running_mean", where).double()
+    var = _take(block, f"{norm}.running_var", where).double()
+    gamma = _take(block, f"{norm}.weight", where).double()
+    beta = _take(block, f"{norm}.bias", where).double()
+    block.pop(f"{norm}.num_batches_tracked", None)  # training bookkeeping
+    if not mean.shape == var.shape == gamma.shape == beta.shape == (weight.shape[0],):
+        raise ValueError(f"{where}: {norm} does not match the conv's {weight.shape[0]} channels")
+    scale = gamma / torch.sqrt(var + BATCH_NORM_EPS)
+    folded_w = weight.double() * scale[:, None, None]
+    folded_b = (bias.double() - mean) * scale + beta
+    return folded_w.to(weight.dtype), folded_b.to(bias.dtype)
+
+
 def _take(block: Tensors, name: str, where: str) -> torch.Tensor:
     if name not in block:
         raise ValueError(f"{where}: missing {name}")
@@ -305,6 +324,16 @@ def _pytorch_tcn_block(i: int, block: Tensors) -> tuple[Tensors, int | None]:
             v = _take(block, f"{conv}.parametrizations.weight.original1", where)
             out[f"{conv}.weight"] = _fold(g, v, where)
         out[f"{conv}.bias"] = _take(block, f"{conv}.bias", where)
+        norm = f"norm{conv[-1]}"
+        if f"{norm}.running_mean" in block:  # use_norm="batch_norm": folded into the conv
+            out[f"{conv}.weight"], out[f"{conv}.bias"] = _fold_batch_norm(
+                out[f"{conv}.weight"], out[f"{conv}.bias"], block, norm, where
+            )
+        elif f"{norm}.weight" in block:
+            raise ValueError(
+                f"{where}: use_norm='layer_norm' is not served yet (a per-timestep layer norm "
+                "after each conv)"
+            )
         buffer = block.pop(f"{conv}.padder.buffer", None)  # streaming state: only its width
         pads.append(None if buffer is None else buffer.shape[-1])
     c1, c2 = out["conv1.weight"].shape[0], out["conv2.weight"].shape[0]
@@ -326,6 +355,16 @@ def _with_downsample(out: Tensors, block: Tensors, where: str) -> Tensors:
     if block:
         raise ValueError(f"{where}: unrecognised keys {', '.join(sorted(block))}")
     return out
+
+
+def _norm_shown(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The use_norm a pytorch-tcn state_dict shows: weight-norm keys, batch-norm statistics,
+    or plain conv weights (None)."""
+    if any(k.endswith("norm1.running_mean") for k in state):
+        return "batch_norm"
+    if any(".parametrizations.weight." in k for k in state):
+        return "weight_norm"
+    return None
 
 
 def _refuse_pytorch_tcn_options(state: Mapping[str, torch.Tensor]) -> None:
@@ -363,6 +402,7 @@ def _build(
     embedding: torch.Tensor | None,
     dilations: tuple[int, ...] | None,
     output_activation: str,
+    activation: str = "relu",
 ) -> TCN:
     """Infer the config from tensor shapes, check every shape, and load the weights."""
     w, head_w = convs[0]["conv1.weight"], (head or {}).get("weight")
@@ -380,6 +420,7 @@ def _build(
         out_channels=None if head_w is None else head_w.shape[0],
         output_activation=output_activation,
         vocab_size=None if embedding is None else embedding.shape[0],
+        activation=activation,
     )
     state: dict[str, Any] = {}
     widths, k = (config.in_channels, *config.channels), config.kernel_size

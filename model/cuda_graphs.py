@@ -36,8 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.step_kernels import _addmm_relu
-
 
 def buckets_for(capacity: int) -> tuple[int, ...]:
     """Row counts graphs are captured for: powers of two below capacity, then capacity."""
@@ -105,15 +103,16 @@ class GraphedStep:
         rows = h.shape[0]
         finite = torch.ones(rows, dtype=torch.bool, device=h.device)
         check_rings = not pool.overflow_safe
+        act = pool._act
         for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(pool._step_plan):
             ring1.index_copy_(0, writes[i], h)
-            a = _addmm_relu(b1, F.embedding(taps[i], ring1).view(rows, -1), w1)
+            a = act.addmm(b1, F.embedding(taps[i], ring1).view(rows, -1), w1)
             ring2.index_copy_(0, writes[i], a)
             if check_rings:
                 finite &= torch.isfinite(h).all(dim=1) & torch.isfinite(a).all(dim=1)
-            a = _addmm_relu(b2, F.embedding(taps[i], ring2).view(rows, -1), w2)
+            a = act.addmm(b2, F.embedding(taps[i], ring2).view(rows, -1), w2)
             residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
-            h = a.add_(residual).relu_()
+            h = act.inplace(a.add_(residual))
         y = pool._finish(h)
         finite &= torch.isfinite(y).all(dim=1)
         out[:, : self._out_width].copy_(y)

@@ -26,10 +26,13 @@ assumption, and the ReLU keeps NaN), so the pool's non-finite checks still see t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from model.activations import ELU_ALPHA, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
 
 try:  # an optional accelerator: everything works without it, only slower for small N
     import numba
@@ -67,6 +70,10 @@ FUSED_ADVANCE_MAX_MACS = 700_000
 # service's 10-row WebSocket frames gave 1.3x the steps/s; R1 (28,672) is 1.8x slower fused at
 # 160-256 rows, so wider models stop at FUSED_ADVANCE_MAX_MACS.
 FUSED_NARROW_MACS = 8_192
+
+# The activations' constants as globals of this module, which numba compiles in.
+_LEAKY_SLOPE, _ELU_ALPHA, _SELU_ALPHA, _SELU_SCALE = LEAKY_SLOPE, ELU_ALPHA, SELU_ALPHA, SELU_SCALE
+_SQRT_HALF = math.sqrt(0.5)
 
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
 _FASTMATH = {"reassoc", "contract"}
@@ -177,8 +184,28 @@ def write_and_gather(ring, ring_len, dilation, k, slots, pos, inp, c, out):
 
 
 @_jit
-def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, out, taps, zero):
-    """One dilated causal conv for n streams: out[:n, :C_out] = relu(taps @ W + b).
+def _act(v, code, zero):
+    """The block activation `code` (model/activations.py's order) of one value, in v's dtype;
+    NaN stays NaN. The constants are model/activations.py's (numba reads module globals as
+    compile-time constants)."""
+    if code == 0:  # relu
+        return v if not v < zero else zero
+    if code == 1:  # tanh
+        return math.tanh(v)
+    if code == 2:  # leaky_relu
+        return v if not v < zero else v * _LEAKY_SLOPE
+    if code == 3:  # elu
+        return v if not v < zero else _ELU_ALPHA * math.expm1(v)
+    if code == 4:  # gelu, exact
+        return 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
+    if code == 5:  # selu
+        return _SELU_SCALE * (v if not v < zero else _SELU_ALPHA * math.expm1(v))
+    return 1.0 / (1.0 + math.exp(-v))  # sigmoid
+
+
+@_jit
+def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, out, taps, zero, act):
+    """One dilated causal conv for n streams: out[:n, :C_out] = act(taps @ W + b).
 
     ring (slots * L + scratch, C_in); weight_t (C_out, k * C_in), taps oldest first; inp and
     out are (max_rows, C_max) scratch, the first c_in / C_out columns in use. Returns False
@@ -199,16 +226,16 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
                 a1 += v * t1[i]
                 a2 += v * t2[i]
                 a3 += v * t3[i]
-            out[s, o] = a0 if not a0 < zero else zero  # a ReLU that keeps NaN
-            out[s + 1, o] = a1 if not a1 < zero else zero
-            out[s + 2, o] = a2 if not a2 < zero else zero
-            out[s + 3, o] = a3 if not a3 < zero else zero
+            out[s, o] = _act(a0, act, zero)
+            out[s + 1, o] = _act(a1, act, zero)
+            out[s + 2, o] = _act(a2, act, zero)
+            out[s + 3, o] = _act(a3, act, zero)
             s += 4
         while s < n:
             acc = bias[o]
             for i in range(width):
                 acc += weight_t[o, i] * taps[s, i]
-            out[s, o] = acc if not acc < zero else zero
+            out[s, o] = _act(acc, act, zero)
             s += 1
     return finite
 
@@ -244,6 +271,7 @@ def _step(
     history_len,
     positions,
     commit,
+    act,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
     `commit`, a finite step also records x in the input history and moves the positions on."""
@@ -258,11 +286,11 @@ def _step(
         mid, c_out = w1.shape[0], w2.shape[0]
         finite &= _conv(
             rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos, h, c,
-            a, taps, zero,
+            a, taps, zero, act,
         )  # fmt: skip
         finite &= _conv(
             rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
-            slots, pos, a, mid, o, taps, zero,
+            slots, pos, a, mid, o, taps, zero, act,
         )  # fmt: skip
         residual = h
         if downsample[2 * b].shape[0] > 0:  # a 1x1 conv where the width changes
@@ -270,8 +298,7 @@ def _step(
             residual = r
         for s in range(n):
             for i in range(c_out):
-                v = o[s, i] + residual[s, i]
-                h[s, i] = v if not v < zero else zero
+                h[s, i] = _act(o[s, i] + residual[s, i], act, zero)
         c = c_out
     if head[0].shape[0] > 0:
         _affine(head[0], head[1][0], h, c, y, n)
@@ -308,6 +335,7 @@ class FusedPlan:
     y: np.ndarray  # (max_rows, output width)
     max_rows: int
     zero: Any  # 0 in the pool's dtype, so the compiled code never widens to float64
+    act: int  # the block activation's code (model/activations.py)
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -320,6 +348,7 @@ def fused_plan(
     head: tuple[np.ndarray, np.ndarray] | None,  # (C, out), (out,)
     in_width: int,
     max_rows: int,
+    act: int = 0,
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
@@ -362,6 +391,7 @@ def fused_plan(
         y=np.zeros((max_rows, out_width), dtype=dtype),
         max_rows=max_rows,
         zero=dtype.type(0),
+        act=act,
         no_history=np.zeros((0, in_width), dtype=dtype),
         no_positions=np.zeros(0, dtype=np.int64),
     )
@@ -405,5 +435,6 @@ def fused_step(
         plan.zero,
         *(commit if commit is not None else (plan.no_history, 0, plan.no_positions)),
         commit is not None,
+        plan.act,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

@@ -2,13 +2,14 @@
 
 Finite inputs can still overflow: rows of 3.4e38 in float32 turn into Inf inside the first conv,
 and an Inf that a later ReLU masks would sit in a ring buffer and poison the stream's future
-outputs. Every value the network computes is a piecewise affine function of its inputs, and
-|relu(v)| <= |v|, so with |x| <= M each one is bounded by g * M + c, where g and c follow from
-the weights' absolute row sums (the induced infinity norm) and the biases:
+outputs. Every activation f has |f(v)| <= p |v| + q (ReLU, leaky ReLU, GELU: p = 1, q = 0; tanh
+and sigmoid: p = 0, q = 1; model/activations.py), so with |x| <= M each value is bounded by
+g * M + c, where g and c follow from the weights' absolute row sums (the induced infinity norm),
+the biases and (p, q); a conv's sum before its activation is bounded first:
 
-    conv1:  |a|   <= |W1| |h| + |b1|            (k taps of C_in values per output)
-    conv2:  |out| <= |W2| |a| + |b2|
-    block:  |h'|  <= |out| + |residual|         (residual = h, or the 1x1 downsample of h)
+    conv1:  |a|   <= p (|W1| |h| + |b1|) + q    (k taps of C_in values per output)
+    conv2:  |out| <= p (|W2| |a| + |b2|) + q
+    block:  |h'|  <= p (|out| + |residual|) + q (residual = h, or the 1x1 downsample of h)
     head:   |y|   <= |Wh| |h| + |bh|
 
 Refusing inputs above the M that keeps every bound under half the dtype's range makes overflow
@@ -24,6 +25,7 @@ import math
 
 import torch
 
+from model.activations import activation
 from model.tcn import TCN
 
 # Below this the bound would refuse ordinary signals: report "no bound" instead.
@@ -48,18 +50,26 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
     limit = torch.finfo(dtype).max / 2
     # Each tracked value is (g, c): |value| <= g * M + c.
     bounds: list[tuple[float, float]] = []
+    p, q = activation(net.config.activation).bound
+
+    def act(value: tuple[float, float]) -> tuple[float, float]:
+        return p * value[0], p * value[1] + q
+
     g, c = 1.0, 0.0
     for block in net.blocks:
         n1, n2 = _norm(block.conv1.weight), _norm(block.conv2.weight)
-        a = (n1 * g, n1 * c + _bias(block.conv1.bias))
-        out = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
+        a_sum = (n1 * g, n1 * c + _bias(block.conv1.bias))
+        a = act(a_sum)
+        out_sum = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
+        out = act(out_sum)
         if block.downsample is None:
             res = (g, c)
         else:
             nd = _norm(block.downsample.weight)
             res = (nd * g, nd * c + _bias(block.downsample.bias))
-        g, c = out[0] + res[0], out[1] + res[1]
-        bounds += [a, out, res, (g, c)]
+        h_sum = (out[0] + res[0], out[1] + res[1])
+        g, c = act(h_sum)
+        bounds += [a_sum, a, out_sum, out, res, h_sum, (g, c)]
     if net.head is not None:
         nh = _norm(net.head.weight)
         bounds.append((nh * g, nh * c + _bias(net.head.bias)))

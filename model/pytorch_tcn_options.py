@@ -49,8 +49,11 @@ DEFAULTS: dict[str, Any] = {
 SHAPE_ARGUMENTS = ("num_inputs", "num_channels")
 # Options that change nothing in eval mode (training-only).
 NO_EFFECT_IN_EVAL = ("dropout", "kernel_initializer")
-# pytorch-tcn output activations tcnserve computes identically (over nothing but each value).
-OUTPUT_ACTIVATIONS = {None: "none", "sigmoid": "sigmoid", "tanh": "tanh"}
+# pytorch-tcn's activation names (its `activation_fn`) that tcnserve computes identically, per
+# value, with the same default constants (model/activations.py): as block activations, and
+# after the output projection.
+ACTIVATIONS = ("relu", "tanh", "leaky_relu", "sigmoid", "elu", "gelu", "selu")
+OUTPUT_ACTIVATIONS = {None: "none", **{name: name for name in ACTIVATIONS}}
 ATOL, RTOL = 1e-5, 1e-5
 VERIFY_STEPS = 256  # timesteps of the random input (at least the receptive field is used)
 
@@ -60,6 +63,7 @@ class PytorchTcnOptions:
     """The stated constructor options, checked for what tcnserve can serve exactly."""
 
     kwargs: dict[str, Any]  # as given (positional ones included as keywords)
+    activation: str  # tcnserve's name, of every block
     output_activation: str  # tcnserve's name
     input_shape: str
 
@@ -84,14 +88,25 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
             "causal=False: each output then depends on later inputs too, so it cannot be "
             "computed one timestep at a time; tcnserve serves causal models only"
         )
-    if options["activation"] != "relu":
-        problems.append(f"activation={options['activation']!r}: only 'relu' is served yet")
+    if options["activation"] in ("softmax", "log_softmax"):
+        problems.append(
+            f"activation={options['activation']!r}: pytorch-tcn builds nn."
+            f"{_torch_name(options['activation'])}() without dim inside every block, which "
+            "normalises over the batch: no per-stream server can reproduce it"
+        )
+    elif options["activation"] not in ACTIVATIONS:
+        problems.append(
+            f"activation={options['activation']!r}: tcnserve serves {', '.join(ACTIVATIONS)} "
+            "(a custom activation class cannot be read from a state_dict)"
+        )
     if options["use_skip_connections"] is not False:
         problems.append("use_skip_connections=True: not served yet")
     if options["use_gate"] is not False:
         problems.append("use_gate=True: not served yet")
-    if options["use_norm"] not in ("weight_norm", None):
-        problems.append(f"use_norm={options['use_norm']!r}: not served yet")
+    if options["use_norm"] == "layer_norm":
+        problems.append("use_norm='layer_norm': not served yet")
+    elif options["use_norm"] not in ("weight_norm", "batch_norm", None):
+        problems.append(f"use_norm={options['use_norm']!r}: pytorch-tcn has no such norm")
     if options["embedding_shapes"] is not None:
         problems.append("embedding_shapes: embeddings are not served yet")
     if options["lookahead"] != 0:
@@ -110,11 +125,14 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
     if problems:
         raise ValueError("cannot convert this pytorch-tcn model exactly: " + "; ".join(problems))
     return PytorchTcnOptions(
-        dict(kwargs), OUTPUT_ACTIVATIONS[activation], str(options["input_shape"])
+        dict(kwargs),
+        str(options["activation"]),
+        OUTPUT_ACTIVATIONS[activation],
+        str(options["input_shape"]),
     )
 
 
-def check_against_weights(options: PytorchTcnOptions, net: TCN, plain_weights: bool) -> None:
+def check_against_weights(options: PytorchTcnOptions, net: TCN, norm_shown: str | None) -> None:
     """Stated shape options must be what the weights show."""
     config = net.config
     shown = {
@@ -137,10 +155,9 @@ def check_against_weights(options: PytorchTcnOptions, net: TCN, plain_weights: b
         if stated[name] is not None and stated[name] != shown[name]
     ]
     norm = options.get("use_norm")
-    if (norm is None) != plain_weights:
-        wrong.append(
-            f"use_norm={norm!r} (the weights are {'plain' if plain_weights else 'weight-normed'})"
-        )
+    if norm != norm_shown and norm != "layer_norm":  # layer_norm: refused by `parse`
+        shows = {None: "plain", "weight_norm": "weight-normed", "batch_norm": "batch-normed"}
+        wrong.append(f"use_norm={norm!r} (the weights are {shows[norm_shown]})")
     if wrong:
         raise ValueError(
             "the stated pytorch-tcn options contradict the weights: " + "; ".join(wrong)

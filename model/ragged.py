@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.step_kernels import _addmm_relu
+from model.activations import Activation
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def ragged_forward(
     blocks: tuple,  # StreamPool._step_plan: (ring1, w1, b1, ring2, w2, b2, downsample) per block
     scratch_at: list[int],  # per block: the first scratch row of its ring tensors
     h: torch.Tensor,  # (n, C_in) the first block's inputs
+    act: Activation,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """-> (n, C_last) outputs of the last block, and the ring writes (ring, rows, values) to
     apply once the caller accepts the result, one per conv."""
@@ -104,11 +105,11 @@ def ragged_forward(
         ring[scratch_at[i] : scratch_at[i] + n] = x  # scratch: nothing reads it between calls
         taps = F.embedding(plan.taps[i], ring).view(n, -1)  # (n, k * C_in), oldest tap first
         writes.append((ring, plan.kept_at[i], x[plan.kept[i]]))
-        return _addmm_relu(b, taps, w)  # (n, k * C_in) x (k * C_in, C_out)
+        return act.addmm(b, taps, w)  # (n, k * C_in) x (k * C_in, C_out)
 
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(blocks):
         a = conv(i, ring1, w1, b1, h)
         out = conv(i, ring2, w2, b2, a)
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
-        h = out.add_(residual).relu_()
+        h = act.inplace(out.add_(residual))
     return h, writes

@@ -1,8 +1,8 @@
 """Three kernels behind `StreamPool.step`: one timestep of N streams from their ring buffers.
 
 Each does, per causal conv layer: write time t's input row into the ring, gather the k dilated
-taps (rows t - j*d), and one (N, k*C_in) x (k*C_in, C_out) matmul + bias + ReLU; then the
-residual add and ReLU per block. They differ in who runs which part:
+taps (rows t - j*d), and one (N, k*C_in) x (k*C_in, C_out) matmul + bias + activation;
+then the residual add and the activation per block. They differ in who runs which part:
 
 - `step_torch`: torch ops; any device and dtype. Each op costs a few microseconds of dispatch,
   which dominates a step of a few streams on a CPU.
@@ -24,16 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.activations import Activation
 from model.fused_step import write_and_gather
 
 # Largest per-layer product (rows x k*C_in x C_out) handed to numpy: below OpenBLAS's
 # multithreading threshold (measured to start between 2**18.8 and 2**19.1 here).
 NUMPY_MAX_MACS = 2**18
-
-# addmm with the ReLU fused in (cuBLASLt epilogue on CUDA, one dispatch on CPU).
-_addmm_relu = getattr(torch, "_addmm_activation", None) or (
-    lambda bias, a, w: torch.addmm(bias, a, w).relu_()
-)
 
 # A block's operands: (ring1, w1, b1, ring2, w2, b2, downsample (w, b) or None), where a ring is
 # (capacity * L, C_in), w is (k * C_in, C_out) with taps oldest first, b is (C_out,).
@@ -45,16 +41,17 @@ def step_torch(
     h: torch.Tensor,  # (N, C_in) inputs of the first block
     writes: tuple[torch.Tensor, ...],  # per block (N,): ring row of time t
     taps: tuple[torch.Tensor, ...],  # per block (N, k): ring rows of the taps, oldest first
+    act: Activation,
 ) -> torch.Tensor:  # (N, C_last)
     """A block's two convs have the same dilation and ring length, so the same ring rows."""
     n = h.shape[0]
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
         ring1.index_copy_(0, writes[i], h)
-        a = _addmm_relu(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
+        a = act.addmm(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
         ring2.index_copy_(0, writes[i], a)
-        a = _addmm_relu(b2, F.embedding(taps[i], ring2).view(n, -1), w2)
+        a = act.addmm(b2, F.embedding(taps[i], ring2).view(n, -1), w2)
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
-        h = a.add_(residual).relu_()
+        h = act.inplace(a.add_(residual))
     return h
 
 
@@ -69,6 +66,7 @@ def step_blas(
     positions: np.ndarray,  # (N,) int64: time t of each stream
     h: torch.Tensor,  # (N, C_in) inputs of the first block, on the CPU
     operand: np.ndarray,  # flat scratch of at least N * k * C_in values for every conv
+    act: Activation,
 ) -> tuple[torch.Tensor, bool]:
     """The step of many CPU streams: per conv, `write_and_gather` (compiled, GIL released)
     lays the taps out in `operand`, then torch's addmm + ReLU. Returns the last block's output
@@ -76,30 +74,32 @@ def step_blas(
     h = h.contiguous()
     finite = True
     for ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation in plan:
-        a, ok1 = _gathered_conv(ring1, ring_len, dilation, w1, b1, slots, positions, h, operand)
-        a, ok2 = _gathered_conv(ring2, ring_len, dilation, w2, b2, slots, positions, a, operand)
+        conv = (ring_len, dilation, slots, positions, operand, act)
+        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv)
+        a, ok2 = _gathered_conv(ring2, w2, b2, a, *conv)
         finite = finite and ok1 and ok2
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
-        h = a.add_(residual).relu_()
+        h = act.inplace(a.add_(residual))
     return h, finite
 
 
 def _gathered_conv(
     ring: np.ndarray,
-    ring_len: int,
-    dilation: int,
     weight: torch.Tensor,  # (k * C_in, C_out)
     bias: torch.Tensor,
+    inp: torch.Tensor,  # (N, C_in), contiguous
+    ring_len: int,
+    dilation: int,
     slots: np.ndarray,
     positions: np.ndarray,
-    inp: torch.Tensor,  # (N, C_in), contiguous
     operand: np.ndarray,
+    act: Activation,
 ) -> tuple[torch.Tensor, bool]:
     n, c = inp.shape
     taps = operand[: n * weight.shape[0]].reshape(n, -1)  # (N, k * C_in)
     k = weight.shape[0] // c
     ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
-    return _addmm_relu(bias, torch.from_numpy(taps), weight), ok
+    return act.addmm(bias, torch.from_numpy(taps), weight), ok
 
 
 def step_numpy(
@@ -107,23 +107,24 @@ def step_numpy(
     h: np.ndarray,  # (N, C_in)
     writes: np.ndarray,  # (layers, N)
     taps: np.ndarray,  # (layers, N, k)
+    act: Activation,
 ) -> np.ndarray:  # (N, C_last)
     n = h.shape[0]
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
         ring1[writes[2 * i]] = h
         a = ring1.take(taps[2 * i], axis=0).reshape(n, -1) @ w1
         a += b1
-        np.maximum(a, 0, out=a)
+        act.numpy_inplace(a)
         ring2[writes[2 * i + 1]] = a
         out = ring2.take(taps[2 * i + 1], axis=0).reshape(n, -1) @ w2
         out += b2
-        np.maximum(out, 0, out=out)
+        act.numpy_inplace(out)
         if downsample is None:
             out += h
         else:
             out += h @ downsample[0]
             out += downsample[1]
-        h = np.maximum(out, 0, out=out)
+        h = act.numpy_inplace(out)
     return h
 
 

@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from model.config import TCNConfig
+from model.activations import activation as activation_of
+from model.config import ACTIVATIONS, TCNConfig
 
 
 class CausalConv1d(nn.Conv1d):
@@ -23,12 +24,20 @@ class CausalConv1d(nn.Conv1d):
 
 
 class TemporalBlock(nn.Module):
-    """Two weight-normed dilated causal convs (ReLU, dropout) plus a residual connection."""
+    """Two weight-normed dilated causal convs (activation, dropout) plus a residual connection;
+    the activation (ReLU in the paper) also follows the residual add."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int, dropout: float
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int,
+        dropout: float,
+        act: str = "relu",
     ):
         super().__init__()
+        self.act = activation_of(act)
         self.conv1 = weight_norm(CausalConv1d(in_channels, out_channels, kernel_size, dilation))
         self.conv2 = weight_norm(CausalConv1d(out_channels, out_channels, kernel_size, dilation))
         self.dropout = nn.Dropout(dropout)
@@ -38,10 +47,10 @@ class TemporalBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
-        h = self.dropout(F.relu(self.conv1(x)))
-        h = self.dropout(F.relu(self.conv2(h)))
+        h = self.dropout(self.act(self.conv1(x)))
+        h = self.dropout(self.act(self.conv2(h)))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(h + residual)
+        return self.act(h + residual)
 
 
 class TCN(nn.Module):
@@ -58,7 +67,12 @@ class TCN(nn.Module):
         widths = (config.in_channels, *config.channels)
         self.blocks = nn.ModuleList(
             TemporalBlock(
-                widths[i], widths[i + 1], config.kernel_size, config.dilations[i], config.dropout
+                widths[i],
+                widths[i + 1],
+                config.kernel_size,
+                config.dilations[i],
+                config.dropout,
+                config.activation,
             )
             for i in range(config.num_blocks)
         )
@@ -139,10 +153,8 @@ def apply_output_activation(y: torch.Tensor, activation: str, dim: int) -> torch
     """The config's output activation, taken over the channel dimension `dim`."""
     if activation == "none":
         return y
-    if activation == "sigmoid":
-        return torch.sigmoid(y)
-    if activation == "tanh":
-        return torch.tanh(y)
+    if activation in ACTIVATIONS:  # per value
+        return activation_of(activation)(y)
     if activation == "softmax":
         return torch.softmax(y, dim=dim)
     if activation == "log_softmax":

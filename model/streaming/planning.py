@@ -100,6 +100,7 @@ class KernelPlanning:
                 numpy_view(self._head),
                 self.config.in_channels,
                 max(self.fused_max_rows, self.fused_advance_rows),
+                self._act.code,
             )
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from model.activations import activation
 from model.cuda_graphs import GraphedStep
 from model.numeric_range import safe_input_bound
 from model.streaming.planning import STEP_KERNELS, KernelPlanning
@@ -66,6 +67,7 @@ class StreamPool(
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
         self.config = net.config
+        self._act = activation(net.config.activation)  # every kernel's (model/activations.py)
         self.capacity = capacity
         if isinstance(max_advance_rows, bool) or not isinstance(max_advance_rows, int):
             raise ValueError(f"max_advance_rows must be an integer, got {max_advance_rows!r}")

@@ -90,7 +90,12 @@ class StepPaths:
             elif kernel == "blas":
                 with torch.inference_mode():
                     h, written_finite = step_blas(
-                        self._blas_plan, slot_np, positions, self._embed(x), self._operand
+                        self._blas_plan,
+                        slot_np,
+                        positions,
+                        self._embed(x),
+                        self._operand,
+                        self._act,
                     )
                     y = self._finish(h)
             else:
@@ -137,12 +142,14 @@ class StepPaths:
             writes, taps = map(torch.from_numpy, self._ring_rows(slot_np, per_block=True))
         else:
             writes, taps = self._device_ring_rows(slot_np, per_block=True)
-        return step_torch(self._step_plan, self._embed(x), writes.unbind(0), taps.unbind(0))
+        return step_torch(
+            self._step_plan, self._embed(x), writes.unbind(0), taps.unbind(0), self._act
+        )
 
     def _step_numpy(self, slot_np: np.ndarray, x: np.ndarray) -> np.ndarray:
         writes, taps = self._ring_rows(slot_np)
         h = self._embedding_np[x] if self._embedding is not None else x
-        h = step_numpy(self._numpy_plan, h, writes, taps)
+        h = step_numpy(self._numpy_plan, h, writes, taps, self._act)
         if self._head is not None:
             h = h @ self._head_np[0]
             h += self._head_np[1]
@@ -196,7 +203,9 @@ class StepPaths:
             self.history_len,
             self.device,
         )
-        h, writes = ragged_forward(plan, self._step_plan, self._scratch_at[::2], self._embed(x))
+        h, writes = ragged_forward(
+            plan, self._step_plan, self._scratch_at[::2], self._embed(x), self._act
+        )
         y = self._finish(h)
         bad_rows = _nonfinite_rows(y)
         if not bad_rows and not self.overflow_safe:
@@ -294,17 +303,17 @@ class StepPaths:
             newest = seq[:, seq.shape[1] - layer.past_offsets.numel() :].T
             when = torch.remainder(t0 + steps + layer.past_offsets, layer.ring_len)
             writes.append((layer.ring, base + when, newest))
-            return F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[
-                0
-            ].relu_()  # (C_out, T)
+            y = F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[0]
+            return act.inplace(y)  # (C_out, T)
 
+        act = self._act
         for block in self._blocks:
             out = conv(block.conv2, conv(block.conv1, h))
             if block.downsample is None:
-                h = out.add_(h).relu_()
+                h = act.inplace(out.add_(h))
             else:
                 res = torch.addmm(block.downsample[1], h.T, block.downsample[0]).T
-                h = out.add_(res).relu_()
+                h = act.inplace(out.add_(res))
         y = self._finish(h.T.contiguous())
         bad = _nonfinite_rows(y)
         if not bad and not self.overflow_safe and not all(_all_finite(v) for _, _, v in writes):

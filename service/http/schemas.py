@@ -153,6 +153,7 @@ class ModelInfo(BaseModel):
     input: Literal["floats", "token_ids"] = Field(
         description="rows of in_channels floats, or one integer token id per row"
     )
+    activation: str = Field(description="every block's activation (relu in the paper)")
     output_activation: str
     device: str
     dtype: str

@@ -98,6 +98,7 @@ class ModelEntry:
             "receptive_field": c.receptive_field,
             "vocab_size": c.vocab_size,
             "input": "token_ids" if c.vocab_size is not None else "floats",
+            "activation": c.activation,
             "output_activation": c.output_activation,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),

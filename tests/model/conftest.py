@@ -11,7 +11,7 @@ import torch
 from hypothesis import strategies as st
 
 from model import TCN, StreamPool, TCNConfig
-from model.config import OUTPUT_ACTIVATIONS
+from model.config import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,8 @@ def tcn_configs(
     max_kernel: int = 4,
     vocab: bool | None = None,
 ) -> TCNConfig:
-    """Small but varied TCNConfigs: widths may differ (1x1 residuals), any activation."""
+    """Small but varied TCNConfigs: widths may differ (1x1 residuals), any block activation,
+    any output activation."""
     blocks = draw(st.integers(1, max_blocks))
     channels = draw(st.lists(st.integers(1, max_width), min_size=blocks, max_size=blocks))
     dilations = draw(st.none() | st.lists(st.integers(1, 5), min_size=blocks, max_size=blocks))
@@ -103,6 +104,7 @@ def tcn_configs(
         out_channels=draw(st.none() | st.integers(1, 5)),
         output_activation=draw(st.sampled_from(OUTPUT_ACTIVATIONS)),
         vocab_size=draw(st.integers(2, 12)) if with_vocab else None,
+        activation=draw(st.sampled_from(ACTIVATIONS)),
     )
 
 

@@ -158,7 +158,7 @@ def test_corrupted_config(checkpoint: Path, text: str, message: str) -> None:
     ("edit", "message"),
     [
         (lambda d: d["config"].update(kernel_size=0), "kernel_size must be an integer >= 1"),
-        (lambda d: d["config"].update(output_activation="relu"), "output_activation"),
+        (lambda d: d["config"].update(output_activation="swish"), "output_activation"),
         (lambda d: d["config"].update(levels=3), "unknown TCNConfig fields: levels"),
     ],
     ids=["bad value", "bad activation", "unknown field"],

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 
 from model import TCNConfig
-from model.config import OUTPUT_ACTIVATIONS
+from model.config import ACTIVATIONS, OUTPUT_ACTIVATIONS
 from tests.model.conftest import tcn_configs
 
 
@@ -79,9 +79,19 @@ def test_lists_become_tuples() -> None:
 def test_from_dict_refuses_unknown_fields() -> None:
     d = TCNConfig(in_channels=2, channels=[3]).to_dict()
     d["num_layers"] = 4
-    d["activation"] = "relu"
-    with pytest.raises(ValueError, match=r"unknown TCNConfig fields: activation, num_layers"):
+    d["norm"] = "batch_norm"
+    with pytest.raises(ValueError, match=r"unknown TCNConfig fields: norm, num_layers"):
         TCNConfig.from_dict(d)
+
+
+def test_old_configs_load_with_the_papers_relu_and_new_ones_keep_their_activation() -> None:
+    old = TCNConfig(in_channels=2, channels=[3]).to_dict()
+    del old["activation"]  # a checkpoint written before the option existed
+    assert TCNConfig.from_dict(old).activation == "relu"
+    gelu = TCNConfig(in_channels=2, channels=[3], activation="gelu")
+    assert TCNConfig.from_dict(gelu.to_dict()) == gelu
+    with pytest.raises(ValueError, match="activation must be one of relu, tanh"):
+        TCNConfig(in_channels=2, channels=[3], activation="swish")
 
 
 def test_from_dict_validates_values() -> None:
@@ -133,8 +143,8 @@ VALID = {"in_channels": 2, "channels": [4, 4]}
         ({"dropout": True}, r"dropout must be a number"),
         ({"out_channels": 0}, r"out_channels must be an integer >= 1, got 0"),
         ({"out_channels": 2.0}, r"out_channels must be an integer >= 1"),
-        ({"output_activation": "relu"}, r"output_activation must be one of none, sigmoid, tanh"),
-        ({"output_activation": "Softmax"}, r"softmax, log_softmax; got 'Softmax'"),
+        ({"output_activation": "swish"}, r"output_activation must be one of none, sigmoid, tanh"),
+        ({"output_activation": "Softmax"}, r"softmax, log_softmax, relu.*; got 'Softmax'"),
         ({"output_activation": None}, r"output_activation must be one of"),
         ({"vocab_size": 0}, r"vocab_size must be an integer >= 1, got 0"),
         ({"vocab_size": 10.0}, r"vocab_size must be an integer >= 1"),
@@ -148,7 +158,9 @@ def test_invalid_values_raise_helpful_errors(changes: dict, message: str) -> Non
 def test_every_activation_is_accepted() -> None:
     for act in OUTPUT_ACTIVATIONS:
         assert TCNConfig(**VALID, output_activation=act).output_activation == act
-    assert set(OUTPUT_ACTIVATIONS) == {"none", "sigmoid", "tanh", "softmax", "log_softmax"}
+    assert set(OUTPUT_ACTIVATIONS) == {"none", "softmax", "log_softmax", *ACTIVATIONS}
+    for act in ACTIVATIONS:
+        assert TCNConfig(**VALID, activation=act).activation == act
 
 
 def test_boundary_values_are_accepted() -> None:

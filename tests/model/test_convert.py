@@ -97,7 +97,7 @@ def test_pytorch_tcn_without_weight_norm_is_a_plain_conv(tmp_path):
     [
         ({"use_skip_connections": True}, "use_skip_connections"),
         ({"use_gate": True}, "use_gate"),
-        ({"use_norm": "batch_norm"}, "batch_norm"),
+        ({"use_norm": "batch_norm"}, "batch-normed"),  # shown by its statistics
         ({"use_norm": "layer_norm"}, "layer_norm"),
         ({"embedding_shapes": [(3,)]}, "embedding_shapes"),
     ],
@@ -106,6 +106,26 @@ def test_pytorch_tcn_unsupported_options_are_refused(kwargs, option):
     theirs = pytorch_tcn.TCN(2, [4, 6], kernel_size=3, **kwargs)
     with pytest.raises(ValueError, match=option):  # the file shows these, even unstated
         convert_state_dict(theirs.state_dict(), pytorch_tcn_kwargs={})
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_pytorch_tcn_batch_norm_is_folded_into_the_convs_exactly(tmp_path, activation):
+    kwargs = {"use_norm": "batch_norm", "activation": activation, "output_projection": 2}
+    theirs = their_tcn(30, 3, [6, 8, 8], kernel_size=3, **kwargs)
+    gen = torch.Generator().manual_seed(30)
+    with torch.no_grad():  # trained statistics, far from the initial (0, 1)
+        for name, buf in theirs.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen))
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) * 3 + 0.1)
+    x = inputs(3, seed=31)
+    expected = theirs(x)
+    torch.testing.assert_close(convert_pytorch_tcn(theirs)(x), expected, **TOL)
+    ours = converted(tmp_path, theirs.state_dict(), pytorch_tcn_kwargs=kwargs)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+    _, metadata = read_checkpoint_info(tmp_path / "ckpt")
+    assert metadata["max_abs_difference"] <= 1e-5
 
 
 def test_pytorch_tcn_dilations_that_contradict_the_buffers_are_refused():
@@ -263,13 +283,20 @@ def test_cli_reports_a_bad_file_with_exit_code_2(tmp_path, capsys, convert_only_
 
 # The options of the table: each changes the forward and leaves the state_dict as it is.
 HIDDEN = [
-    ({"activation": "gelu"}, "activation='gelu'"),
-    ({"activation": "tanh"}, "activation='tanh'"),
     ({"use_skip_connections": True}, "use_skip_connections=True"),
     ({"causal": False}, "causal=False: each output then depends on later inputs"),
     ({"output_projection": 3, "output_activation": "softmax"}, "normalises over the batch"),
-    ({"output_projection": 3, "output_activation": "relu"}, "output_activation='relu'"),
+    ({"activation": "softmax"}, "normalises over the batch"),
 ]
+# The activations that convert (each converted exactly below); unstated, each is refused.
+PYTORCH_TCN_ACTIVATIONS = ["relu", "tanh", "leaky_relu", "sigmoid", "elu", "gelu", "selu"]
+
+
+@pytest.mark.parametrize("activation", PYTORCH_TCN_ACTIVATIONS[1:])
+def test_an_unstated_activation_is_never_assumed(activation):
+    state = their_tcn(20, 3, [16] * 4, kernel_size=3, activation=activation).state_dict()
+    with pytest.raises(ValueError, match="--pytorch-tcn-kwargs"):
+        convert_state_dict(state)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), HIDDEN)
@@ -297,7 +324,11 @@ def test_options_a_state_dict_hides_are_never_assumed(tmp_path, kwargs, message)
         {"input_shape": "NLC", "output_projection": 2, "output_activation": "sigmoid"},
         {"dilations": [1, 3, 2], "output_projection": 4, "output_activation": "tanh"},
         {"dilation_reset": 2, "dropout": 0.3, "kernel_initializer": "kaiming_uniform"},
+        *({"activation": a} for a in PYTORCH_TCN_ACTIVATIONS[1:]),
+        {"activation": "gelu", "output_projection": 2, "output_activation": "relu"},
+        {"activation": "elu", "output_projection": 2, "output_activation": "selu"},
     ],
+    ids=repr,
 )
 def test_the_live_module_and_stated_options_convert_exactly(tmp_path, kwargs):
     theirs = their_tcn(21, 3, [6, 8, 8], kernel_size=3, **kwargs).eval()
@@ -364,6 +395,6 @@ def test_cli_refuses_pytorch_tcn_without_its_options(tmp_path, capsys, convert_o
     argv = ["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]
     assert cli.main(argv) == 2
     assert "--pytorch-tcn-kwargs" in capsys.readouterr().err
-    assert cli.main([*argv, "--pytorch-tcn-kwargs", '{"activation": "gelu"}']) == 2
-    assert "activation='gelu'" in capsys.readouterr().err
+    assert cli.main([*argv, "--pytorch-tcn-kwargs", '{"activation": "softmax"}']) == 2
+    assert "activation='softmax'" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()

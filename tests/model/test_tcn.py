@@ -55,6 +55,7 @@ def test_output_activation_is_applied_over_channels(activation: str) -> None:
         "tanh": torch.tanh(raw),
         "softmax": F.softmax(raw, dim=1),
         "log_softmax": F.log_softmax(raw, dim=1),
+        **{name: module(raw) for name, module in REFERENCE_ACTIVATIONS.items()},
     }[activation]
     torch.testing.assert_close(y, expected)
     if activation == "softmax":
@@ -89,22 +90,31 @@ def test_token_model_rejects_bad_input(x: torch.Tensor) -> None:
         net(x)
 
 
+# Each activation as torch's own module with its defaults (what pytorch-tcn instantiates).
+REFERENCE_ACTIVATIONS = {
+    "relu": torch.nn.ReLU(),
+    "tanh": torch.nn.Tanh(),
+    "leaky_relu": torch.nn.LeakyReLU(),
+    "elu": torch.nn.ELU(),
+    "gelu": torch.nn.GELU(),
+    "selu": torch.nn.SELU(),
+    "sigmoid": torch.nn.Sigmoid(),
+}
+
+
 def _reference_forward(net: TCN, x: torch.Tensor) -> torch.Tensor:
     """The paper's block written out from the folded weights: an independent oracle."""
     c, w = net.config, net.state_dict()
+    act = REFERENCE_ACTIVATIONS[c.activation]
     h = F.embedding(x, w["embedding.weight"]).transpose(1, 2) if c.vocab_size else x
     for i, d in enumerate(c.dilations):
         p = f"blocks.{i}."
         pad = (c.kernel_size - 1) * d
-        a = F.relu(
-            F.conv1d(F.pad(h, (pad, 0)), w[p + "conv1.weight"], w[p + "conv1.bias"], 1, 0, d)
-        )
-        a = F.relu(
-            F.conv1d(F.pad(a, (pad, 0)), w[p + "conv2.weight"], w[p + "conv2.bias"], 1, 0, d)
-        )
+        a = act(F.conv1d(F.pad(h, (pad, 0)), w[p + "conv1.weight"], w[p + "conv1.bias"], 1, 0, d))
+        a = act(F.conv1d(F.pad(a, (pad, 0)), w[p + "conv2.weight"], w[p + "conv2.bias"], 1, 0, d))
         if p + "downsample.weight" in w:
             h = F.conv1d(h, w[p + "downsample.weight"], w[p + "downsample.bias"])
-        h = F.relu(a + h)
+        h = act(a + h)
     if c.out_channels is not None:
         h = torch.einsum("bct,oc->bot", h, w["head.weight"]) + w["head.bias"][:, None]
     return h

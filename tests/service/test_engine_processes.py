@@ -305,7 +305,8 @@ def test_the_supervisor_as_pid_1_starts_its_processes(tiny_dir, tmp_path):
     take their parent's pid of 1 for an orphan's."""
     port = free_port()
     command = [
-        "unshare", "-pf", "--mount-proc", sys.executable, "-m", "service.cli", "serve",
+        "unshare", "-pf", "--mount-proc", "--kill-child=SIGTERM",
+        sys.executable, "-m", "service.cli", "serve",
         "--model", f"tiny={tiny_dir}", "--device", "cpu", "--workers", "1", "--port", str(port),
     ]  # fmt: skip
     with (tmp_path / "server.log").open("w") as log:

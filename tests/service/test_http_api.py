@@ -72,6 +72,26 @@ def test_predict_matches_forward_for_ragged_batches(client, tiny_dir):
         assert_rows_close(tail, expected[-1:].tolist())
 
 
+@pytest.mark.parametrize("activation", ["gelu", "tanh", "selu"])
+def test_a_model_with_another_activation_streams_and_predicts_its_forward(
+    tmp_path, make_settings, activation
+):
+    import dataclasses
+
+    directory = write_model(tmp_path / "m", dataclasses.replace(TINY, activation=activation), 5)
+    net = load_model(directory)
+    rows = random_rows(30, seed=5)
+    expected = net(torch.tensor(rows).T[None])[0].T.tolist()
+    with serving(create_app(make_settings(models={"m": directory}))) as c:
+        assert c.get("/v1/models/m").json()["activation"] == activation
+        assert_rows_close(predict(c, [rows], model="m")[0], expected)
+        sid = c.post("/v1/sessions", json={"model": "m"}).json()["session_id"]
+        outs = []
+        for chunk in (rows[:1], rows[1:11], rows[11:12], rows[12:]):
+            outs += c.post(f"/v1/sessions/{sid}/steps", json={"inputs": chunk}).json()["outputs"]
+        assert_rows_close(outs, expected)
+
+
 def test_predict_token_model(make_settings, tokens_dir):
     net = load_model(tokens_dir)
     with serving(create_app(make_settings(models={"tok": tokens_dir}))) as c:

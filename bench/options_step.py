@@ -1,0 +1,71 @@
+"""The cost of each block activation: the R1 step (in 4, 8 x 64, kernel 7, out 3) of N streams
+with every activation tcnserve serves, side by side in one run, as a ratio to ReLU's.
+
+One torch thread; N = 1 (the fused kernel), 16 (fused), 256 ("blas": compiled gathers, torch's
+GEMM); best of `--repeats`. (Batch-normed pytorch-tcn models are folded into their convs at
+conversion, so they cost what the same model without the norm costs.)
+
+Run: python bench/options_step.py [--repeats 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._harness import environment, write_results
+from model import TCN, StreamPool, TCNConfig
+from model.config import ACTIVATIONS
+
+
+def best_us(fn, repeats: int, inner: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the timings here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(environment())
+    sizes = (1, 16, 256)
+    print(f"R1 step per call, one torch thread, best of {args.repeats}\n")
+    print(f"{'activation':<12}" + "".join(f"{f'N={n}':>22}" for n in sizes))
+    results, relu = [], {}
+    rng = np.random.default_rng(0)
+    for act in ACTIVATIONS:
+        torch.manual_seed(0)
+        config = TCNConfig(4, [64] * 8, kernel_size=7, out_channels=3, activation=act)
+        pool = StreamPool(TCN(config).eval(), max(sizes))
+        slots = np.array([pool.open() for _ in range(max(sizes))])
+        row = {"activation": act}
+        cells = []
+        for n in sizes:
+            x = rng.standard_normal((n, 4)).astype(np.float32)
+            step = pool.step
+            us = best_us(lambda s=slots[:n], x=x, f=step: f(s, x), args.repeats, 200 // n + 3)
+            relu.setdefault(n, us)
+            row[f"n{n}_us"] = us
+            cells.append(f"{us:>9.1f} us ({us / relu[n]:.2f}x)")
+        results.append(row)
+        print(f"{act:<12}" + "".join(f"{c:>22}" for c in cells))
+    if args.json:
+        write_results(args.json, "options_step", results)
+
+
+if __name__ == "__main__":
+    main()

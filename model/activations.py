@@ -1,0 +1,103 @@
+"""The activations a TemporalBlock may use, written once for every kernel that computes one.
+
+The names and constants are pytorch-tcn 1.2.3's (`nn.ReLU()`, `nn.LeakyReLU()` with its default
+slope, `nn.ELU()`, `nn.GELU()` exact, `nn.SELU()`, ...), which are also keras-tcn's (Keras'
+`relu`, `tanh`, `elu`, `gelu` exact, `selu`, `sigmoid`). Each kernel takes an `Activation`:
+
+- torch kernels (`TCN.forward`, step_torch, step_blas, the ragged advance, the chunked push,
+  CUDA graphs) call `inplace` / `addmm`, torch's own functions;
+- step_numpy calls `numpy_inplace` (numpy for ReLU, torch on a zero-copy view otherwise, so
+  every host kernel rounds as torch does);
+- the compiled fused step (model/fused_step.py) branches on `code` inside its loops.
+
+`bound` is what model/numeric_range.py needs: |f(v)| <= gain * |v| + const for every v.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.config import ACTIVATIONS
+
+LEAKY_SLOPE = 0.01  # nn.LeakyReLU()'s default negative slope
+ELU_ALPHA = 1.0
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+# |f(v)| <= gain * |v| + const: relu, leaky_relu and gelu never grow a value; tanh and sigmoid
+# stay within 1; elu is v above 0 and within alpha below; selu is scale * elu(alpha).
+_BOUNDS = {
+    "relu": (1.0, 0.0),
+    "tanh": (0.0, 1.0),
+    "leaky_relu": (1.0, 0.0),
+    "elu": (1.0, ELU_ALPHA),
+    "gelu": (1.0, 0.0),
+    "selu": (SELU_SCALE, SELU_SCALE * SELU_ALPHA),
+    "sigmoid": (0.0, 1.0),
+}
+
+# addmm with the ReLU fused in (cuBLASLt epilogue on CUDA, one dispatch on CPU).
+_addmm_relu = getattr(torch, "_addmm_activation", None) or (
+    lambda bias, a, w: torch.addmm(bias, a, w).relu_()
+)
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    code: int  # the fused step's branch (model/fused_step.py `_act`)
+    fn: Callable[[torch.Tensor], torch.Tensor]  # out of place (training: autograd-safe)
+    inplace: Callable[[torch.Tensor], torch.Tensor]  # the kernels' (inference)
+    bound: tuple[float, float]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def addmm(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """act(bias + a @ w) in a fresh tensor."""
+        if self.code == 0:
+            return _addmm_relu(bias, a, w)
+        return self.inplace(torch.addmm(bias, a, w))
+
+    def numpy_inplace(self, a: np.ndarray) -> np.ndarray:
+        if self.code == 0:
+            return np.maximum(a, 0, out=a)  # keeps NaN, as torch's ReLU does
+        self.inplace(torch.from_numpy(a))
+        return a
+
+
+def _gelu_(x: torch.Tensor) -> torch.Tensor:
+    return x.copy_(F.gelu(x))  # exact (erf) GELU; torch has no in-place one
+
+
+_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "leaky_relu": functools.partial(F.leaky_relu, negative_slope=LEAKY_SLOPE),
+    "elu": functools.partial(F.elu, alpha=ELU_ALPHA),
+    "gelu": F.gelu,
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+}
+_INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "leaky_relu": lambda x: F.leaky_relu_(x, LEAKY_SLOPE),
+    "elu": lambda x: F.elu_(x, ELU_ALPHA),
+    "gelu": _gelu_,
+    "selu": torch.selu_,
+    "sigmoid": torch.sigmoid_,
+}
+
+
+@functools.cache
+def activation(name: str) -> Activation:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+    index = ACTIVATIONS.index(name)
+    return Activation(name, index, _FUNCTIONS[name], _INPLACE[name], _BOUNDS[name])
