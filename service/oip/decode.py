@@ -20,6 +20,7 @@ msgspec before their count is refused).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -43,7 +44,10 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 # Numpy dtypes of the protocol's datatypes: FP32 for float inputs and outputs, INT64 for ids.
 DTYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 MAX_SEQUENCE_ID = 2**64 - 1  # Triton's integer ids are unsigned 64-bit
+# String sequence ids of these characters name their session as they are; any other string
+# (Triton takes any) is hashed into the session id. Either way at most this many UTF-8 bytes.
 SEQUENCE_STRING_RE = re.compile(r"^[A-Za-z0-9_-]{1,120}$")
+MAX_SEQUENCE_STRING_BYTES = 1024
 NUMBERS_CHUNK_BYTES = 16 * 1024
 _NUMBER_BYTES = b" \t\r\n0123456789+-.eE"  # deleted, these leave the brackets and commas
 _INDEX_RE = re.compile(r" - at `\$\[(\d+)\]`$")
@@ -110,6 +114,10 @@ class OutputIn(_Struct):
 class InferBody(_Struct):
     inputs: Annotated[list[TensorIn], Few]
     id: str | None = None
+    # The KServe SDK repeats the path's model (and version) in the body: accepted when they
+    # match the path, refused when they do not.
+    model_name: str | None = None
+    model_version: str | None = None
     parameters: RequestParameters = msgspec.field(default_factory=RequestParameters)
     outputs: Annotated[list[OutputIn], Few] | None = None
 
@@ -125,12 +133,16 @@ class Sequence:
 
     @property
     def session_id(self) -> str:
-        """The session that holds this sequence: `oip-int-<n>` or `oip-str-<s>` (docs/oip.md).
+        """The session that holds this sequence (docs/oip.md): `oip-int-<n>`, `oip-str-<s>` for
+        a string of [A-Za-z0-9_-], else `oip-strh-<40 hex digits of its SHA-256>`.
 
-        The two prefixes keep integer 5 and string "5" apart; both are ordinary /v1 session ids.
-        """
-        kind = "int" if isinstance(self.id, int) else "str"
-        return f"oip-{kind}-{self.id}"
+        The prefixes keep integer 5, string "5" and hashed strings apart; all are ordinary /v1
+        session ids, and sessions are per API key, so no two keys' sequences ever meet."""
+        if isinstance(self.id, int):
+            return f"oip-int-{self.id}"
+        if SEQUENCE_STRING_RE.match(self.id):
+            return f"oip-str-{self.id}"
+        return f"oip-strh-{hashlib.sha256(self.id.encode()).hexdigest()[:40]}"
 
     def describe(self) -> str:
         return f"sequence {self.id!r}"
@@ -163,13 +175,45 @@ def model_metadata(name: str, spec: inputs.InputSpec, out_channels: int) -> dict
     }
 
 
+def model_config(
+    name: str, spec: inputs.InputSpec, out_channels: int, max_batch: int, idle_s: float
+) -> dict[str, Any]:
+    """GET /v2/models/{name}/config: Triton's model configuration (its JSON form), which
+    perf_analyzer and Triton's tooling read. With `max_batch_size` > 0 the dims leave out the
+    batch: [time, channels]. `sequence_batching` says the model takes the sequence parameters
+    (without it perf_analyzer sends none); a sequence idle longer than the session TTL ends."""
+    tokens = spec.vocab_size is not None
+    return {
+        "name": name,
+        "platform": PLATFORM,
+        "backend": "tcnserve",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": max_batch,
+        "input": [
+            {
+                "name": INPUT,
+                "data_type": "TYPE_INT64" if tokens else "TYPE_FP32",
+                "dims": [-1] if tokens else [-1, spec.width],
+            }
+        ],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [-1, out_channels]}],
+        "sequence_batching": {"max_sequence_idle_microseconds": int(idle_s * 1_000_000)},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    }
+
+
 # ----- requests ----------------------------------------------------------------------------------
 
 
 def decode_request(
-    body: bytes, header_length: str | None, spec: inputs.InputSpec, limits: RequestLimits
+    body: bytes,
+    header_length: str | None,
+    spec: inputs.InputSpec,
+    limits: RequestLimits,
+    model: str,
 ) -> InferRequest:
-    """An infer request's bytes -> InferRequest; InvalidInput (400) names the first problem."""
+    """An infer request's bytes -> InferRequest; InvalidInput (400) names the first problem.
+    `model` is the path's: a `model_name` in the body must be the same."""
     view = memoryview(body)
     if header_length is not None:
         n = _header_length(header_length, len(body))
@@ -177,6 +221,14 @@ def decode_request(
     else:
         envelope, binary = view, view[:0]
     request = inputs.decode_body(envelope, InferBody)
+    if request.model_name not in (None, model):
+        raise InvalidInput(
+            f"model_name {request.model_name!r} in the body differs from the path's {model!r}"
+        )
+    if request.model_version not in (None, "", VERSION):
+        raise InvalidInput(
+            f"model_version {request.model_version!r}: model {model!r} has version {VERSION!r}"
+        )
     sequence, binary_output = _request_parameters(request.parameters)
     x = _input_tensor(request.inputs, binary, spec, limits, header_length is not None)
     if sequence is not None and x.shape[0] != 1:
@@ -212,9 +264,9 @@ def _request_parameters(parameters: RequestParameters) -> tuple[Sequence | None,
         return None, parameters.binary_data_output
     if isinstance(sequence_id, int) and not 0 < sequence_id <= MAX_SEQUENCE_ID:
         raise InvalidInput("parameters.sequence_id: an integer id is in [1, 2**64 - 1]")
-    if isinstance(sequence_id, str) and not SEQUENCE_STRING_RE.match(sequence_id):
+    if isinstance(sequence_id, str) and len(sequence_id.encode()) > MAX_SEQUENCE_STRING_BYTES:
         raise InvalidInput(
-            "parameters.sequence_id: a string id is 1-120 characters of [A-Za-z0-9_-]"
+            f"parameters.sequence_id: a string id is at most {MAX_SEQUENCE_STRING_BYTES} bytes"
         )
     if offset is not None:
         if not 0 <= offset <= MAX_POSITION:

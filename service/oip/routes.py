@@ -29,9 +29,22 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 lean_router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=LeanRoute)
 
 
-PROBE = {"response_class": Response, "responses": {200: {"description": "true; empty body"}}}
-HEALTH = {**PROBE, "responses": {**PROBE["responses"], 400: {"description": "false; empty body"}}}
-MODEL_READY = {**HEALTH, "responses": {**HEALTH["responses"], **V2_MODEL_READY}}
+PROBE = {"response_class": Response, "responses": {200: {"description": '{"live": true}'}}}
+HEALTH = {
+    "response_class": Response,
+    "responses": {
+        200: {"description": '{"ready": true}'},
+        400: {"description": '{"ready": false}'},
+    },
+}
+MODEL_READY = {
+    "response_class": Response,
+    "responses": {
+        200: {"description": '{"name": ..., "ready": true}'},
+        400: {"description": '{"name": ..., "ready": false}'},
+        **V2_MODEL_READY,
+    },
+}
 
 
 # The infer routes first: the router tries routes in order, and these carry the traffic.
@@ -53,7 +66,7 @@ async def infer(name: str, request: Request, caller: CallerDep) -> Response:
     header = request.headers.get(oip.INFERENCE_HEADER)
     limits = caller.runtime.limits
     decoded = await caller.runtime.decode(
-        len(data), lambda: oip.decode_request(data, header, entry.inputs, limits)
+        len(data), lambda: oip.decode_request(data, header, entry.inputs, limits, name)
     )
     routed = request.headers.get("x-session-id")
     if decoded.sequence is not None and routed not in (None, decoded.sequence.session_id):
@@ -84,12 +97,13 @@ async def server_metadata() -> Response:
 
 @router.get("/health/live", summary="Liveness: 200 while the process runs", **PROBE)
 async def live() -> Response:
-    return Response(status_code=200)
+    return json_response({"live": True})
 
 
 @router.get("/health/ready", summary="Readiness: 200 once every model is warmed", **HEALTH)
 async def ready(runtime: RuntimeDep) -> Response:
-    return Response(status_code=200 if runtime.ready else 400)
+    ready = runtime.ready
+    return json_response({"ready": ready}, 200 if ready else 400)
 
 
 def _check_version(registry: ModelRegistry, name: str, version: str) -> None:
@@ -123,10 +137,68 @@ async def version_metadata(name: str, version: str, caller: CallerDep) -> Respon
 @router.get("/models/{name}/ready", summary="Model readiness", **MODEL_READY)
 async def model_ready(name: str, runtime: RuntimeDep) -> Response:
     entry = runtime.registry.get(name)
-    return Response(status_code=200 if entry.ready and not runtime.draining else 400)
+    ready = entry.ready and not runtime.draining
+    return json_response({"name": name, "ready": ready}, 200 if ready else 400)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness", **MODEL_READY)
 async def version_ready(name: str, version: str, runtime: RuntimeDep) -> Response:
     _check_version(runtime.registry, name, version)
     return await model_ready(name, runtime)
+
+
+@router.get(
+    "/models/{name}/config",
+    summary="Model configuration, as Triton's JSON model config (for perf_analyzer)",
+    responses=V2_METADATA,
+)
+async def model_config(name: str, caller: CallerDep) -> Response:
+    entry = caller.registry.get(name)
+    settings = caller.runtime.settings
+    return json_response(
+        oip.model_config(
+            name,
+            entry.inputs,
+            entry.config.output_size,
+            settings.max_sequences_per_request,
+            settings.session_ttl_s,
+        )
+    )
+
+
+@router.get(
+    "/models/{name}/versions/{version}/config",
+    summary="Model configuration of a version",
+    responses=V2_METADATA,
+)
+async def version_config(name: str, version: str, caller: CallerDep) -> Response:
+    _check_version(caller.registry, name, version)
+    return await model_config(name, caller)
+
+
+@router.get("/models", summary="The served models (name, versions, platform, readiness)")
+async def list_models(caller: CallerDep) -> Response:
+    return json_response({"models": _index(caller.registry, caller.runtime.draining)})
+
+
+@router.post("/repository/index", summary="Triton's model repository index")
+async def repository_index(caller: CallerDep) -> Response:
+    return json_response(
+        [
+            {"name": m["name"], "version": oip.VERSION, "state": "READY" if m["ready"] else
+             "UNAVAILABLE"}
+            for m in _index(caller.registry, caller.runtime.draining)
+        ]
+    )  # fmt: skip
+
+
+def _index(registry: ModelRegistry, draining: bool) -> list[dict]:
+    return [
+        {
+            "name": entry.name,
+            "versions": [oip.VERSION],
+            "platform": oip.PLATFORM,
+            "ready": entry.ready and not draining,
+        }
+        for entry in registry.entries()
+    ]

@@ -82,17 +82,24 @@ def test_server_metadata_and_health(client):
         "version": "0.1.0",
         "extensions": ["binary_tensor_data", "sequence"],
     }
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/tiny/ready"):
+    # The bodies the OIP text defines, and the status codes (200 true, 4xx false) beside them.
+    for path, body in (
+        ("/v2/health/live", {"live": True}),
+        ("/v2/health/ready", {"ready": True}),
+        ("/v2/models/tiny/ready", {"name": "tiny", "ready": True}),
+        ("/v2/models/tiny/versions/1/ready", {"name": "tiny", "ready": True}),
+    ):
         r = client.get(path)
-        assert (r.status_code, r.content) == (200, b""), path
-    assert client.get("/v2/models/tiny/versions/1/ready").status_code == 200
+        assert (r.status_code, r.json()) == (200, body), path
 
 
 def test_draining_is_not_ready(client):
     runtime_of(client.app).start_draining()
-    assert client.get("/v2/health/ready").status_code == 400
-    assert client.get("/v2/models/tiny/ready").status_code == 400
-    assert client.get("/v2/health/live").status_code == 200
+    r = client.get("/v2/health/ready")
+    assert (r.status_code, r.json()) == (400, {"ready": False})
+    r = client.get("/v2/models/tiny/ready")
+    assert (r.status_code, r.json()) == (400, {"name": "tiny", "ready": False})
+    assert client.get("/v2/health/live").json() == {"live": True}
 
 
 def test_model_metadata_float_and_token_models(make_settings, tiny_dir, tokens_dir):
@@ -131,7 +138,7 @@ def test_unknown_model_or_version_is_404_in_the_protocols_form(client):
         assert isinstance(r.json()["error"], str)
     r = client.post("/v2/models/nope/infer", json={"inputs": [tensor(rows(2, 1)[None])]})
     assert r.status_code == 404 and "no model named 'nope'" in r.json()["error"]
-    r = client.get("/v2/models/tiny/config")  # Triton's model configuration: not served
+    r = client.get("/v2/models/nope/config")
     assert r.status_code == 404 and isinstance(r.json()["error"], str)
 
 
@@ -249,8 +256,12 @@ def test_malformed_requests_are_400(client):
         (json.dumps({"inputs": [tensor(x)], "parameters": {"foo": 1}}).encode(), "`foo`"),
         (json.dumps({"inputs": [tensor(x)], "parameters": {"sequence_start": True}}).encode(),
          "need a sequence_id"),
-        (json.dumps({"inputs": [tensor(x)], "parameters": {"sequence_id": "a b"}}).encode(),
-         "[A-Za-z0-9_-]"),
+        (json.dumps({"inputs": [tensor(x)], "parameters": {"sequence_id": "é" * 600}}).encode(),
+         "at most 1024 bytes"),
+        (json.dumps({"inputs": [tensor(x)], "model_name": "other"}).encode(),
+         "model_name 'other' in the body differs from the path's 'tiny'"),
+        (json.dumps({"inputs": [tensor(x)], "model_version": "2"}).encode(),
+         "model_version '2'"),
         (json.dumps({"inputs": [tensor(x)], "parameters": {"sequence_id": True}}).encode(),
          "sequence_id"),
         (json.dumps({"inputs": [tensor(np.stack([x[0], x[0]]))],
@@ -291,6 +302,52 @@ def test_a_sequence_streams_like_predict_on_one_session(client):
         assert r.json()["parameters"]["sequence_position"] == sum(len(c) for c in chunks[: i + 1])
     assert_rows_close(np.concatenate(got).tolist(), predict(client, [x.tolist()])[0])
     assert client.get("/v1/sessions/oip-str-sensor-7").status_code == 404  # ended: closed
+
+
+def test_any_string_is_a_sequence_id_hashed_into_its_own_session(client):
+    import hashlib
+
+    x = rows(6, 11)
+    odd, plain = "sensor a/b ü #3", "sensor-a"
+    hashed = f"oip-strh-{hashlib.sha256(odd.encode()).hexdigest()[:40]}"
+    got = [outputs_of(step(client, odd, x[:2], sequence_start=True))[0]]
+    assert step(client, plain, x[:1], sequence_start=True).status_code == 200  # apart
+    assert session_position(client, hashed) == 2
+    got.append(outputs_of(step(client, odd, x[2:]))[0])
+    assert_rows_close(np.concatenate(got).tolist(), predict(client, [x.tolist()])[0])
+    assert session_position(client, "oip-str-sensor-a") == 1
+
+
+def test_the_body_may_repeat_the_paths_model_and_version(client):
+    x = rows(3, 12)
+    body = {"inputs": [tensor(x[None])], "model_name": "tiny", "model_version": "1"}
+    for path in ("/v2/models/tiny/infer", "/v2/models/tiny/versions/1/infer"):
+        r = client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        assert_rows_close(outputs_of(r)[0].tolist(), predict(client, [x.tolist()])[0])
+
+
+def test_model_config_list_and_repository_index(make_settings, tiny_dir, tokens_dir):
+    settings = make_settings(models={"tiny": tiny_dir, "tokens": tokens_dir})
+    with serving(create_app(settings)) as client:
+        config = client.get("/v2/models/tiny/config").json()
+        assert config["max_batch_size"] == settings.max_sequences_per_request
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, 2]}]
+        assert config["output"] == [{"name": "output", "data_type": "TYPE_FP32", "dims": [-1, 2]}]
+        idle = config["sequence_batching"]["max_sequence_idle_microseconds"]
+        assert idle == settings.session_ttl_s * 1_000_000
+        assert client.get("/v2/models/tiny/versions/1/config").json() == config
+        assert client.get("/v2/models/tokens/config").json()["input"][0]["dims"] == [-1]
+        assert client.get("/v2/models/tiny/versions/2/config").status_code == 404
+        assert client.get("/v2/models").json() == {
+            "models": [
+                {"name": n, "versions": ["1"], "platform": "tcnserve_pytorch", "ready": True}
+                for n in ("tiny", "tokens")
+            ]
+        }
+        assert client.post("/v2/repository/index").json() == [
+            {"name": n, "version": "1", "state": "READY"} for n in ("tiny", "tokens")
+        ]
 
 
 def test_unknown_ended_and_expired_sequences_say_which(client, clock):
@@ -424,7 +481,7 @@ def test_decoding_costs_a_small_multiple_of_the_body(body, header, factor):
     tracemalloc.start()
     try:
         try:
-            oip.decode_request(body, header, spec, limits)
+            oip.decode_request(body, header, spec, limits, "tiny")
         except Exception as e:  # the hostile ones are refused; the cost is what is measured
             assert "length <= 8" in str(e)
         peak = tracemalloc.get_traced_memory()[1]

@@ -71,6 +71,10 @@ def test_health_and_metadata(triton):
     assert raised.value.status() == "401"
     with pytest.raises(InferenceServerException, match="no model named 'nope'"):
         client.get_model_metadata("nope", headers=auth())
+    config = client.get_model_config("tiny", headers=auth())
+    assert config["sequence_batching"] and config["input"][0]["dims"] == [-1, 2]
+    index = client.get_model_repository_index(headers=auth())
+    assert index == [{"name": "tiny", "version": "1", "state": "READY"}]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
