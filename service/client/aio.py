@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
@@ -25,8 +26,9 @@ class AsyncClient(p.ClientBase):
         *,
         timeout_s: float = 30.0,
         retry: p.RetryPolicy | None = None,
+        keep_sessions: bool = False,
     ):
-        super().__init__(base_url, api_key, timeout_s, retry)
+        super().__init__(base_url, api_key, timeout_s, retry, keep_sessions)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
         )
@@ -39,7 +41,11 @@ class AsyncClient(p.ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        """Close the HTTP connections and any session's WebSocket (sessions stay on the server)."""
+        """`Client.close`: the sessions it opened (unless `keep_sessions`), their WebSockets,
+        the HTTP connections."""
+        for session in self._left_open():
+            with contextlib.suppress(p.ServerError, p.RetriesExhausted):
+                await session.close()
         for socket in list(self._sockets):
             await socket.close()
         await self._http.aclose()
@@ -68,7 +74,9 @@ class AsyncClient(p.ClientBase):
         rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
         flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
         ref, outputs = await self.run(flow)
-        return AsyncSession(self, ref, shape, outputs)
+        session = AsyncSession(self, ref, shape, outputs)
+        self._opened[session.id] = session
+        return session
 
     async def push_many(
         self, pushes: Iterable[tuple[AsyncSession, Any]], raise_errors: bool = True
@@ -226,6 +234,7 @@ class AsyncSession(p.SessionBase):
         self._ref.tracker.reset()
 
     async def close(self) -> None:
+        self._client._opened.pop(self.id, None)
         await self._socket.close()
         call = p.Call("DELETE", self._path(), None, self.id)
         await self._client.run(p.request(call, self._client.retry, ok=(204, 404, 410)))

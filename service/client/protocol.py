@@ -526,13 +526,28 @@ class ClientBase:
     """What both clients hold: where the server is, how to authenticate, how to retry."""
 
     def __init__(
-        self, base_url: str, api_key: str | None, timeout_s: float, retry: RetryPolicy | None
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float,
+        retry: RetryPolicy | None,
+        keep_sessions: bool = False,
     ):
         self.base_url = check_base_url(base_url)
         self.api_key = api_key
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
+        # Sessions this client opened and has not closed: closed with it, unless kept (then
+        # they live on the server until their TTL, for another process to resume by id).
+        self.keep_sessions = keep_sessions
+        self._opened: dict[str, Any] = {}
         self._shapes: dict[str, ModelShape] = {}
+
+    def _left_open(self) -> list[Any]:
+        """The sessions `close` deletes: none when they are kept."""
+        left = [] if self.keep_sessions else list(self._opened.values())
+        self._opened.clear()
+        return left
 
 
 class SessionBase:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Iterable, Iterator
@@ -26,8 +27,9 @@ class Client(p.ClientBase):
         *,
         timeout_s: float = 30.0,
         retry: p.RetryPolicy | None = None,
+        keep_sessions: bool = False,
     ):
-        super().__init__(base_url, api_key, timeout_s, retry)
+        super().__init__(base_url, api_key, timeout_s, retry, keep_sessions)
         self._http = httpx.Client(
             base_url=self.base_url, headers=p.auth_headers(api_key), timeout=timeout_s
         )
@@ -40,7 +42,12 @@ class Client(p.ClientBase):
         self.close()
 
     def close(self) -> None:
-        """Close the HTTP connections and any session's WebSocket (sessions stay on the server)."""
+        """Close the sessions this client opened (unless `keep_sessions`), their WebSockets and
+        the HTTP connections. A session that cannot be closed (the server is gone) frees its
+        slot after its TTL."""
+        for session in self._left_open():
+            with contextlib.suppress(p.ServerError, p.RetriesExhausted):
+                session.close()
         for socket in list(self._sockets):
             socket.close()
         self._http.close()
@@ -71,7 +78,9 @@ class Client(p.ClientBase):
         rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
         flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
         ref, outputs = self.run(flow)
-        return Session(self, ref, shape, outputs)
+        session = Session(self, ref, shape, outputs)
+        self._opened[session.id] = session
+        return session
 
     def push_many(self, pushes: Iterable[tuple[Session, Any]], raise_errors: bool = True) -> list:
         """Push rows to many sessions in one request (POST /v1/steps, split per 1,000).
@@ -234,6 +243,7 @@ class Session(p.SessionBase):
 
     def close(self) -> None:
         """Delete the session on the server (a session already gone is fine)."""
+        self._client._opened.pop(self.id, None)
         self._socket.close()
         call = p.Call("DELETE", self._path(), None, self.id)
         self._client.run(p.request(call, self._client.retry, ok=(204, 404, 410)))

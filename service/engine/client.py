@@ -420,6 +420,15 @@ class RemoteSessions:
     async def delete(self, owner: str, session_id: str) -> None:
         await self._client.call(m.Delete(0, owner, session_id))
 
+    async def list(
+        self, owner: str, limit: int, after: str | None = None, model: str | None = None
+    ) -> tuple[list[m.SessionView], str | None]:
+        answer = await self._client.call(m.ListSessions(0, owner, limit, after, model))
+        return answer.sessions, answer.next
+
+    async def delete_all(self, owner: str, model: str | None = None) -> int:
+        return (await self._client.call(m.DeleteSessions(0, owner, model))).count
+
     async def close(self, session: m.SessionView) -> None:
         """Delete this very session, if it is still open: never a newer one under its id."""
         await self._client.answer(self.start_close(session))

@@ -99,6 +99,22 @@ class Delete(_Request):
     session_id: str
 
 
+class ListSessions(_Request):
+    """The owner's sessions by id, a page of at most `limit` after `after` (of `model`)."""
+
+    owner: str
+    limit: int
+    after: str | None
+    model: str | None
+
+
+class DeleteSessions(_Request):
+    """Every session of the owner (of `model`, if given)."""
+
+    owner: str
+    model: str | None
+
+
 class Close(_Request):
     """Delete this very session (its serial), never a newer one that took its id."""
 
@@ -142,8 +158,9 @@ class EdgeMetrics(_Request):
 
 
 Request = (
-    Create | Push | PushMany | Get | Resolve | TakeSnapshot | Reset | Delete | Close
-    | Predict | StreamOpen | StreamClose | Status | MetricsText | EdgeMetrics
+    Create | Push | PushMany | Get | Resolve | TakeSnapshot | Reset | Delete | ListSessions
+    | DeleteSessions | Close | Predict | StreamOpen | StreamClose | Status | MetricsText
+    | EdgeMetrics
 )  # fmt: skip
 
 
@@ -215,6 +232,15 @@ class Resolved(_Answer):
     models: list[str | Failed]  # per session: its model, or why it has none (404, 410)
 
 
+class Listed(_Answer):
+    sessions: list[SessionView]
+    next: str | None  # pass as `after` for the next page; None: this was the last
+
+
+class Deleted(_Answer):
+    count: int
+
+
 class Snapshotted(_Answer):
     session: SessionView
     rows: Rows
@@ -263,8 +289,8 @@ class Failed(_Answer):
 
 
 Answer = (
-    Welcome | Created | Pushed | PushedMany | Described | Resolved | Snapshotted | Predicted
-    | Done | Pages | Failed
+    Welcome | Created | Pushed | PushedMany | Described | Resolved | Listed | Deleted
+    | Snapshotted | Predicted | Done | Pages | Failed
 )  # fmt: skip
 
 

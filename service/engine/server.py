@@ -136,6 +136,8 @@ class _Connection(asyncio.Protocol):
             m.TakeSnapshot: self._snapshot,
             m.Reset: self._reset,
             m.Delete: self._delete,
+            m.ListSessions: self._list,
+            m.DeleteSessions: self._delete_all,
             m.Close: self._close,
             m.Predict: self._predict,
             m.StreamOpen: self._stream_open,
@@ -337,6 +339,15 @@ class _Connection(asyncio.Protocol):
         await self.sessions.delete(r.owner, r.session_id)
         self._bound.pop((r.owner, r.session_id), None)
         return m.Done(r.id)
+
+    async def _list(self, r: m.ListSessions) -> m.Answer:
+        self.runtime.check_ready()
+        page, after = await self.sessions.list(r.owner, r.limit, r.after, r.model)
+        return m.Listed(r.id, [view(s) for s in page], after)
+
+    async def _delete_all(self, r: m.DeleteSessions) -> m.Answer:
+        self.runtime.check_ready()
+        return m.Deleted(r.id, await self.sessions.delete_all(r.owner, r.model))
 
     async def _close(self, r: m.Close) -> m.Answer:
         key = (r.owner, r.session_id)

@@ -45,9 +45,8 @@ def documented_body(model: type[BaseModel]) -> dict[str, Any]:
             return [inline(v) for v in node]
         return node
 
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": inline(schema)}},
-        }
-    }
+    media: dict[str, Any] = {"schema": inline(schema)}
+    example = getattr(model, "EXAMPLE", None)
+    if example is not None:  # what Swagger's "Try it out" fills in: a body the server accepts
+        media["example"] = example
+    return {"requestBody": {"required": True, "content": {"application/json": media}}}

@@ -42,9 +42,11 @@ CREATE_SESSION = error_responses(
 )  # fmt: skip
 PUSH = error_responses(*CALLER, *BODY, *COMPUTE, *SESSION, OffsetConflict)
 SESSION_OPERATION = error_responses(*CALLER, *SESSION)  # describe, snapshot, reset, delete
+LIST_SESSIONS = error_responses(*CALLER, InvalidInput)  # list, delete all
 PUSH_MANY = error_responses(*CALLER, *BODY, TooManySequences)  # an item's error is in its result
 
 V2_METADATA = error_responses(*CALLER, ModelNotFound, oip=True)
+V2_INDEX = error_responses(*CALLER, oip=True)  # the model list and repository index
 V2_MODEL_READY = error_responses(Unauthorized, ModelNotFound, oip=True)  # not ready: 400
 V2_INFER = error_responses(
     *CALLER, *BODY, *COMPUTE, *SESSION, Draining, ModelNotFound, TooManySequences,

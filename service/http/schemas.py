@@ -6,7 +6,7 @@ their documented form, kept field for field equal to it (tests/service/test_open
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,9 +25,14 @@ OutputRows = list[OutputRow]
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # The body /docs fills in for "Try it out": one the built-in model accepts as it is
+    # (tests/service/test_openapi_examples.py sends each one).
+    EXAMPLE: ClassVar[dict[str, Any] | None] = None
 
 
 class PredictRequest(_Request):
+    EXAMPLE = {"inputs": [[[0.5, 1.0], [0.1, 0.0], [0.9, 1.0]]], "outputs": "all"}
+
     inputs: list[Annotated[Rows, Field(min_length=1)]] = Field(
         min_length=1,
         description="sequences (lengths may differ), each a list of T rows",
@@ -62,6 +67,8 @@ class Snapshot(BaseModel):
 
 
 class CreateSessionRequest(_Request):
+    EXAMPLE = {"model": "default", "session_id": "sensor-0042", "prefix": [[0.5, 0.0], [0.8, 1.0]]}
+
     model: str = "default"
     session_id: str | None = Field(
         None, pattern=SESSION_ID_PATTERN, description="client-chosen id (else generated)"
@@ -88,6 +95,8 @@ class SessionCreated(BaseModel):
 
 
 class StepRequest(_Request):
+    EXAMPLE = {"inputs": [[0.1, 0.0]]}  # at the session's position (add "offset" for retries)
+
     inputs: Annotated[Rows, Field(min_length=1)] = Field(examples=[[[0.5, 1.0]]])
     offset: int | None = Field(
         None,
@@ -112,11 +121,13 @@ class ManyStepsItem(_Request):
 
 
 class ManyStepsRequest(_Request):
+    EXAMPLE = {"steps": [{"session_id": "sensor-0042", "inputs": [[0.5, 1.0]]}]}
+
     steps: list[ManyStepsItem] = Field(
         min_length=1,
         description="pushes to distinct sessions (any models, any row counts); a session named "
         "twice is an error for its later items",
-        examples=[[{"session_id": "sensor-0042", "inputs": [[0.5, 1.0]], "offset": 17}]],
+        examples=[[{"session_id": "sensor-0042", "inputs": [[0.5, 1.0]]}]],
     )
 
 
@@ -139,6 +150,21 @@ class SessionInfo(BaseModel):
     last_used_at: float
     expires_at: float
     ttl_s: float
+
+
+class ListedSession(SessionInfo):
+    idle_s: float = Field(description="seconds since its last operation")
+
+
+class SessionList(BaseModel):
+    sessions: list[ListedSession]
+    next: str | None = Field(
+        description="pass as `after` to get the next page; null: this is the last page"
+    )
+
+
+class SessionsDeleted(BaseModel):
+    deleted: int
 
 
 class ModelInfo(BaseModel):

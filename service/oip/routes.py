@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.http.body import documented_body, json_response
 from service.http.deps import CallerDep, RuntimeDep
-from service.http.route_errors import V2_INFER, V2_METADATA, V2_MODEL_READY
+from service.http.route_errors import V2_INDEX, V2_INFER, V2_METADATA, V2_MODEL_READY
 from service.http.routes.lean import LeanRoute
 from service.oip import decode as oip
 from service.oip.inference import OipInference
@@ -176,12 +176,14 @@ async def version_config(name: str, version: str, caller: CallerDep) -> Response
     return await model_config(name, caller)
 
 
-@router.get("/models", summary="The served models (name, versions, platform, readiness)")
+@router.get(
+    "/models", summary="The served models (name, versions, platform, readiness)", responses=V2_INDEX
+)
 async def list_models(caller: CallerDep) -> Response:
     return json_response({"models": _index(caller.registry, caller.runtime.draining)})
 
 
-@router.post("/repository/index", summary="Triton's model repository index")
+@router.post("/repository/index", summary="Triton's model repository index", responses=V2_INDEX)
 async def repository_index(caller: CallerDep) -> Response:
     return json_response(
         [

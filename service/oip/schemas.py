@@ -7,7 +7,7 @@ documented form only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,7 @@ EXAMPLE_INPUT = {"name": "input", "shape": [1, 2, 2], "datatype": "FP32", "data"
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    EXAMPLE: ClassVar[dict[str, Any] | None] = None  # what /docs fills in (service/http/body.py)
 
 
 class InputTensor(_Request):
@@ -61,7 +62,11 @@ class RequestedOutput(_Request):
 
 
 class InferRequestDoc(_Request):
+    EXAMPLE = {"id": "r-1", "inputs": [EXAMPLE_INPUT]}
+
     id: str | None = Field(None, description="echoed in the response")
+    model_name: str | None = Field(None, description="if given, the path's model (KServe SDK)")
+    model_version: str | None = Field(None, description="if given, the model's version, 1")
     parameters: dict[str, Any] | None = Field(
         None,
         description="sequence_id (integer or string), sequence_start, sequence_end, "

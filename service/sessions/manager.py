@@ -443,6 +443,33 @@ class SessionManager:
     def live_sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
+    async def list(
+        self, owner: str, limit: int, after: str | None = None, model: str | None = None
+    ) -> tuple[list[Session], str | None]:
+        """The caller's own sessions held here and unexpired, by id, at most `limit` after the
+        id `after`; -> (the page, the id to pass as `after` for the next page, or None)."""
+        now = self._clock()
+        ids = sorted(
+            s.id
+            for (o, _), s in self._sessions.items()
+            if o == owner and not s.closed and now < s.expires_at
+            and (model is None or s.model == model) and (after is None or s.id > after)
+        )  # fmt: skip
+        page = [self._sessions[(owner, i)] for i in ids[:limit]]
+        return page, (page[-1].id if len(ids) > limit else None)
+
+    async def delete_all(self, owner: str, model: str | None = None) -> int:
+        """Delete every session of the caller held here (of `model`, if given); -> how many."""
+        mine = [
+            s for (o, _), s in list(self._sessions.items())
+            if o == owner and (model is None or s.model == model)
+        ]  # fmt: skip
+        results = await asyncio.gather(*(self.close(s) for s in mine), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ServiceError):
+                raise result
+        return sum(1 for s in mine if s.closed)
+
     async def forget(self, session: Session) -> None:
         """Retire a session that moved to another replica (its lock held by the caller): its
         slot is freed here; the store keeps it."""
@@ -541,7 +568,11 @@ class SessionManager:
         except PoolFullError:
             self._release(session)  # closed, for any push that queued on the lock meanwhile
             raise CapacityExceeded(
-                f"model {entry.name!r} has all {entry.capacity} session slots in use",
+                f"model {entry.name!r} has all {entry.capacity} session slots in use "
+                "(max_sessions): close sessions you no longer need (DELETE "
+                "/v1/sessions/{id}, or DELETE /v1/sessions for all of yours; GET /v1/sessions "
+                f"lists them); an idle session frees its slot after its TTL (session_ttl_s, "
+                f"{self._default_ttl:g} s unless the session set ttl_s)",
                 self._retry_after,
             ) from None
         except ValueError as e:  # the pool refused the position; no slot was taken

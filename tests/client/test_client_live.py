@@ -452,3 +452,21 @@ def test_a_full_quota_says_so_when_retries_run_out(live):
         finally:
             for session in sessions:
                 session.close()
+
+
+def test_a_client_closes_the_sessions_it_opened_unless_told_to_keep_them(live):
+    with Client(live.url, KEY, retry=FAST) as c:
+        gone = [c.open_session("tiny").id for _ in range(3)]
+        closed = c.open_session("tiny")
+        closed.close()  # closed already: not closed twice
+    assert [session_status(live.url, s) for s in gone] == [404, 404, 404]
+    with Client(live.url, KEY, retry=FAST, keep_sessions=True) as c:
+        kept = c.open_session("tiny").id
+    assert session_status(live.url, kept) == 200
+    httpx.delete(f"{live.url}/v1/sessions/{kept}", headers={"X-API-Key": KEY})
+
+    async def main() -> str:
+        async with AsyncClient(live.url, KEY, retry=FAST) as ac:
+            return (await ac.open_session("tiny")).id
+
+    assert session_status(live.url, asyncio.run(main())) == 404

@@ -153,6 +153,21 @@ def test_sessions_are_answered_alike_on_both_sides_of_the_boundary(any_client, c
     assert c.post("/v1/sessions", json={"model": "nope"}).status_code == 404
 
 
+def test_sessions_are_listed_and_deleted_alike_on_both_sides(any_client, clock):
+    c = any_client
+    ids = sorted(
+        c.post("/v1/sessions", json={"model": "tiny"}).json()["session_id"] for _ in range(3)
+    )
+    clock.advance(2)
+    page = c.get("/v1/sessions", params={"limit": 2}).json()
+    assert [s["session_id"] for s in page["sessions"]] == ids[:2] and page["next"] == ids[1]
+    assert page["sessions"][0]["idle_s"] == 2
+    rest = c.get("/v1/sessions", params={"after": page["next"]}).json()
+    assert [s["session_id"] for s in rest["sessions"]] == ids[2:] and rest["next"] is None
+    assert c.delete("/v1/sessions").json() == {"deleted": 3}
+    assert c.get("/v1/sessions").json() == {"sessions": [], "next": None}
+
+
 def test_websocket_streams_alike_on_both_sides(any_client):
     c = any_client
     rows = random_rows(12, seed=8)

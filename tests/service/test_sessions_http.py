@@ -240,3 +240,53 @@ def test_auth_isolates_sessions_between_keys(make_settings):
         # Ids are per key: B may use the same id for its own session.
         r = c.post("/v1/sessions", json={"model": "tiny", "session_id": sid}, headers=b)
         assert r.status_code == 201
+
+
+def test_the_capacity_refusal_says_how_to_free_slots(make_settings):
+    with serving(create_app(make_settings(max_sessions=1, session_ttl_s=600))) as c:
+        open_session(c)
+        message = c.post("/v1/sessions", json={"model": "tiny"}).json()["error"]["message"]
+        for hint in ("max_sessions", "DELETE /v1/sessions", "GET /v1/sessions", "600 s"):
+            assert hint in message, (hint, message)
+
+
+def test_list_your_sessions_by_page_and_delete_them_all(make_settings, tokens_dir, tiny_dir, clock):
+    key_a, key_b = "a" * 16 + "-alpha-key", "b" * 16 + "-bravo-key"
+    settings = make_settings(
+        api_keys=[key_a, key_b], models={"tiny": tiny_dir, "tokens": tokens_dir}
+    )
+    with serving(create_app(settings, clock=clock)) as c:
+        a, b = {"X-API-Key": key_a}, {"X-API-Key": key_b}
+
+        def opened(headers: dict, model: str = "tiny") -> str:
+            r = c.post("/v1/sessions", json={"model": model}, headers=headers)
+            assert r.status_code == 201, r.text
+            return r.json()["session_id"]
+
+        mine = sorted(opened(a) for _ in range(5))
+        token = opened(a, "tokens")
+        theirs = opened(b)
+        clock.advance(7)
+        seen, after = [], None
+        while True:  # pages of two, in id order
+            params = {"limit": 2, "model": "tiny"} | ({"after": after} if after else {})
+            page = c.get("/v1/sessions", params=params, headers=a).json()
+            seen += page["sessions"]
+            after = page["next"]
+            if after is None:
+                break
+        assert [s["session_id"] for s in seen] == mine
+        assert all(s["model"] == "tiny" and s["position"] == 0 and s["idle_s"] == 7 for s in seen)
+        everything = c.get("/v1/sessions", headers=a).json()
+        assert {s["session_id"] for s in everything["sessions"]} == {*mine, token}
+        assert everything["next"] is None
+        assert [s["session_id"] for s in c.get("/v1/sessions", headers=b).json()["sessions"]] == [
+            theirs
+        ]  # never another key's
+        assert c.get("/v1/sessions", params={"limit": 0}, headers=a).status_code == 422
+        assert c.delete("/v1/sessions", params={"model": "tokens"}, headers=a).json() == {
+            "deleted": 1
+        }
+        assert c.delete("/v1/sessions", headers=a).json() == {"deleted": 5}
+        assert c.get("/v1/sessions", headers=a).json() == {"sessions": [], "next": None}
+        assert c.get(f"/v1/sessions/{theirs}", headers=b).status_code == 200

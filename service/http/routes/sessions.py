@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from service.http import route_errors
 from service.http.body import body_bytes, documented_body, json_response
@@ -14,6 +14,8 @@ from service.http.schemas import (
     CreateSessionRequest,
     SessionCreated,
     SessionInfo,
+    SessionList,
+    SessionsDeleted,
     Snapshot,
     StepRequest,
     StepResponse,
@@ -123,6 +125,40 @@ async def push_steps(session_id: str, request: Request, caller: CallerDep) -> Re
     offset, x = await caller.runtime.decode(len(data), decode)
     result = await caller.sessions.push(handle, x, offset)
     return json_response({"outputs": result.outputs.tolist(), "position": result.position})
+
+
+MAX_PAGE = 1000  # sessions in one GET /v1/sessions page
+
+
+@router.get(
+    "",
+    response_model=SessionList,
+    summary="List your sessions (held by this replica), by id, a page at a time",
+    responses=route_errors.LIST_SESSIONS,
+)
+async def list_sessions(
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="sessions per page")] = 100,
+    after: Annotated[str | None, Query(description="the previous page's `next`")] = None,
+    model: Annotated[str | None, Query(description="only this model's sessions")] = None,
+) -> Response:
+    page, after = await caller.sessions.list(caller.owner, limit, after, model)
+    now = caller.runtime.clock()
+    listed = [{**_info(s).model_dump(), "idle_s": max(0.0, now - s.last_used_at)} for s in page]
+    return json_response({"sessions": listed, "next": after})
+
+
+@router.delete(
+    "",
+    response_model=SessionsDeleted,
+    summary="Close all your sessions (held by this replica), or all of one model's",
+    responses=route_errors.LIST_SESSIONS,
+)
+async def delete_sessions(
+    caller: CallerDep,
+    model: Annotated[str | None, Query(description="only this model's sessions")] = None,
+) -> Response:
+    return json_response({"deleted": await caller.sessions.delete_all(caller.owner, model)})
 
 
 @router.get(
