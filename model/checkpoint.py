@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,25 @@ from model.tcn import TCN
 CHECKPOINT_FORMAT = "tcnserve/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def check_destination(directory: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a checkpoint directory that cannot or should not be written: a
+    path that is a file, a directory holding a checkpoint (unless `overwrite`), or a place this
+    process cannot create it in. ValueError names the problem and the way out."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: name a directory for the checkpoint")
+    if (
+        out.is_dir()
+        and not overwrite
+        and any((out / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE))
+    ):
+        raise ValueError(f"{out} already holds a checkpoint: pass --overwrite to replace it")
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {parent} is not a directory this user may write")
+    return out
 
 
 def save_model(net: TCN, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:

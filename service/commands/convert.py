@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from model.checkpoint import read_checkpoint_info
+from model.checkpoint import check_destination, read_checkpoint_info
 from model.config import OUTPUT_ACTIVATIONS
 from model.convert import FORMATS, convert_file
 
@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("src", help="state_dict file (torch.save output or .safetensors)")
     parser.add_argument("dst", help="checkpoint directory to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint already in dst"
+    )
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
     parser.add_argument(
         "--dilations",
@@ -73,6 +76,7 @@ def parse_dilations(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_destination(args.dst, args.overwrite)
         config = convert_file(
             args.src,
             args.dst,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import check_destination
 from model.train import TASKS, TrainOptions, train
 
 # CLI flag -> argparse dest, in the order the reproducing command lists them.
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("task", choices=sorted(TASKS), help="which synthetic task")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint already in --out"
+    )
     parser.add_argument(
         "--seq-len", type=int, help="adding: sequence length; copy: blank length T (input T+20)"
     )
@@ -110,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
+        check_destination(args.out, args.overwrite)  # before the training, not after it
         options = TrainOptions(
             task=args.task,
             out=args.out,

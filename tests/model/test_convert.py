@@ -398,3 +398,13 @@ def test_cli_refuses_pytorch_tcn_without_its_options(tmp_path, capsys, convert_o
     assert cli.main([*argv, "--pytorch-tcn-kwargs", '{"activation": "softmax"}']) == 2
     assert "activation='softmax'" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_refuses_to_replace_a_checkpoint_unless_told(tmp_path, capsys, convert_only_cli):
+    torch.save(their_tcn(40, 2, [4], kernel_size=3).state_dict(), tmp_path / "theirs.pt")
+    argv = ["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt")]
+    argv += ["--pytorch-tcn-kwargs", "{}"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 2
+    assert "already holds a checkpoint: pass --overwrite" in capsys.readouterr().err
+    assert cli.main([*argv, "--overwrite"]) == 0

@@ -150,3 +150,29 @@ def test_shipped_default_model_beats_the_paper_on_fresh_sequences() -> None:
     assert metrics["beats_baseline"] is True
     mse = adding_mse(net, 600, 2000, FRESH_SEED)
     assert mse < 5.8e-5, mse
+
+
+def test_the_out_directory_is_checked_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.commands.train as train_command
+
+    def never(options):  # a refused --out must not cost a training run
+        raise AssertionError("trained despite an unusable --out")
+
+    monkeypatch.setattr(train_command, "train", never)
+    (tmp_path / "a-file").write_text("x")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "config.json").write_text("{}")
+    for out, message in (
+        (tmp_path / "a-file", "is a file"),
+        (held, "already holds a checkpoint: pass --overwrite"),
+    ):
+        assert cli.main(["train", "adding", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.undo()
+    argv = ["train", "adding", "--out", str(held), "--overwrite", "--seq-len", "600"]
+    argv += ["--epochs", "1", "--steps-per-epoch", "1", *TINY]
+    assert cli.main(argv) == 0
+    load_model(held)
