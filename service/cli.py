@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,11 +18,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def installed_version() -> str:
+    for distribution in ("tcnserve", "tcnserve-client"):
+        try:
+            return f"{distribution} {version(distribution)}"
+        except PackageNotFoundError:
+            continue
+    return "tcnserve (not installed: run from a checkout)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The CLI's parser; only `command`'s module is imported (the client needs no torch)."""
+    """The CLI's parser; only `command`'s module is imported (the client needs no torch). The
+    commands this install lacks (the client alone has no server) are not listed."""
     parser = argparse.ArgumentParser(prog="tcnserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=installed_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if name != command and importlib.util.find_spec(module_name) is None:
+            continue
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             module = _import_command(name, module_name)
@@ -45,8 +60,12 @@ def _import_command(name: str, module_name: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        args = build_parser(command).parse_args(argv)
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, as shells expect (128 + SIGINT)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -257,8 +257,13 @@ class Settings(BaseSettings):
         return [k.get_secret_value() for k in self.api_keys]
 
 
+# A model DIR of exactly this names the built-in model (a directory called so: ./builtin).
+BUILTIN = "builtin"
+
+
 def parse_model_specs(specs: list[str]) -> dict[str, str]:
-    """['NAME=DIR', ...] -> {NAME: DIR}; a bare DIR is served as `default`."""
+    """['NAME=DIR', ...] -> {NAME: DIR}; a bare DIR is served as `default`; DIR `builtin` is
+    the built-in model (so `default=builtin mine=runs/x` serves both)."""
     out: dict[str, str] = {}
     for spec in specs:
         name, sep, directory = str(spec).strip().partition("=")
@@ -266,7 +271,8 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
             name, directory = "default", name
         if name in out:
             raise ValueError(f"model name {name!r} given twice")
-        out[name.strip()] = directory.strip()
+        directory = directory.strip()
+        out[name.strip()] = str(default_model_dir()) if directory == BUILTIN else directory
     return out
 
 

@@ -22,7 +22,11 @@ from service.client import Client, RetriesExhausted, ServerError
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("TCNSERVE_URL", "http://127.0.0.1:8000"),
+        help="server base URL (default: $TCNSERVE_URL, else http://127.0.0.1:8000)",
+    )
     parser.add_argument("--model", default="default", help="model name")
     parser.add_argument(
         "--api-key",
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("file", nargs="?", default="-", help="CSV or .npy file, or - for stdin")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--skip-header", action="store_true", help="ignore the CSV file's first line"
+    )
     if name == "predict":
         parser.add_argument("--last", action="store_true", help="print only the last output")
         parser.set_defaults(_action=_predict)
@@ -70,8 +77,13 @@ def _check_reachable(url: str) -> None:
 
 
 def _predict(client: Client, args: argparse.Namespace) -> None:
-    rows = np.asarray(list(_read_rows(args.file)))
-    outputs = client.predict(args.model, [rows], outputs="last" if args.last else "all")[0]
+    rows = np.asarray(list(_read_rows(args.file, args.skip_header)))
+    try:
+        outputs = client.predict(args.model, [rows], outputs="last" if args.last else "all")[0]
+    except ServerError as e:
+        if e.code == "too_many_timesteps":
+            e.args = (f"{e.args[0]} (stream a sequence this long with `tcnserve stream`)",)
+        raise
     _write(outputs)
 
 
@@ -79,7 +91,7 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
     total = _count_rows(args.file)
     with client.open_session(args.model, session_id=args.session_id) as session:
         rows = tqdm(
-            _read_rows(args.file),
+            _read_rows(args.file, args.skip_header),
             total=total,
             unit="step",
             disable=args.quiet or not sys.stderr.isatty(),
@@ -90,31 +102,43 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
 
-def _read_rows(source: str) -> Iterator[np.ndarray]:
+def _read_rows(source: str, skip_header: bool = False) -> Iterator[np.ndarray]:
     if source != "-" and Path(source).suffix == ".npy":
         array = np.load(source, allow_pickle=False)
         yield from (array[:, None] if array.ndim == 1 else array)
         return
+    if source == "-" and sys.stdin.isatty():
+        print(
+            "reading rows from standard input, one comma-separated timestep per line (end with "
+            "Ctrl-D); or name a CSV or .npy file",
+            file=sys.stderr,
+        )
     lines = sys.stdin if source == "-" else Path(source).open()  # noqa: SIM115
-    rows = 0
+    rows, width = 0, None
     try:
         for number, line in enumerate(lines, 1):
             line = line.strip()
-            if not line or line.startswith("#"):
+            if (skip_header and number == 1) or not line or line.startswith("#"):
                 continue
             try:
-                yield np.array([float(v) for v in line.split(",")], dtype=np.float32)
-                rows += 1
+                row = np.array([float(v) for v in line.split(",")], dtype=np.float32)
             except ValueError:
                 hint = (
-                    " (a header line? the file must hold only rows of numbers; start a "
-                    "comment line with #)"
+                    " (a header line? pass --skip-header, or start a comment line with #)"
                     if rows == 0
                     else ""
                 )
                 raise ValueError(
                     f"{source}:{number}: not a row of numbers: {line!r}{hint}"
                 ) from None
+            if width is not None and len(row) != width:
+                raise ValueError(
+                    f"{source}:{number}: {len(row)} values, but the rows before have {width}: "
+                    "every row needs the same number of values"
+                )
+            width = len(row)
+            rows += 1
+            yield row
     finally:
         if lines is not sys.stdin:
             lines.close()

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--model",
         action="append",
         metavar="NAME=DIR",
-        help="serve the checkpoint DIR as NAME (repeatable; default: the built-in model)",
+        help="serve the checkpoint DIR as NAME (repeatable; DIR `builtin`: the built-in model; "
+        "default: the built-in model as `default`)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     parser.add_argument("--dtype", choices=DTYPES, help="default float32")

@@ -161,3 +161,43 @@ def test_a_url_without_scheme_fails_at_once_with_the_reason(no_backoff, tmp_path
     assert main(["predict", "--url", "127.0.0.1:8000", str(path)]) == 2
     assert "http://" in capsys.readouterr().err
     assert no_backoff == []
+
+
+def test_ragged_rows_and_headers_are_named_by_line(live, reference, tmp_path, capsys):
+    argv = ["--url", live.url, "--api-key", KEY, "--model", "tiny"]
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("1.0,2.0\n0.5,0.5\n1.0\n")
+    assert main(["predict", *argv, str(ragged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ragged}:3: 1 values, but the rows before have 2" in err and "Traceback" not in err
+    header = tmp_path / "header.csv"
+    x = rows_of(4, seed=31)
+    header.write_text("value,marker\n" + csv_text(x))
+    assert main(["predict", *argv, "--skip-header", str(header)]) == 0
+    assert_printed(capsys.readouterr().out, reference("tiny", x))
+
+
+def test_the_url_comes_from_tcnserve_url(live, reference, tmp_path, capsys, monkeypatch):
+    x = rows_of(3, seed=32)
+    path = tmp_path / "rows.csv"
+    path.write_text(csv_text(x))
+    monkeypatch.setenv("TCNSERVE_URL", live.url)
+    assert main(["predict", "--api-key", KEY, "--model", "tiny", str(path)]) == 0
+    assert_printed(capsys.readouterr().out, reference("tiny", x))
+
+
+def test_ctrl_c_ends_quietly_with_130(monkeypatch, capsys):
+    from service.commands import client as client_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client_command, "run", interrupted)
+    assert main(["predict", "rows.csv"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("tcnserve")

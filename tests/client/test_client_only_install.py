@@ -141,6 +141,11 @@ def test_the_client_only_cli_says_where_the_server_is(client_venv):
     tcnserve = python.parent / "tcnserve"  # the console script, run by the venv's own python
     help_text = subprocess.run([str(tcnserve), "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "predict" in help_text.stdout
+    assert "convert" not in help_text.stdout  # the commands this install lacks are not listed
+    assert (
+        "tcnserve-client"
+        in subprocess.run([str(tcnserve), "--version"], capture_output=True, text=True).stdout
+    )
     serve = subprocess.run([str(tcnserve), "serve"], capture_output=True, text=True)
     assert serve.returncode == 1
     assert "the client alone (tcnserve-client" in serve.stderr

@@ -19,6 +19,11 @@ def test_defaults_serve_the_builtin_model(monkeypatch):
     assert settings.max_body_bytes == 16 * 1024 * 1024
 
 
+def test_builtin_names_the_shipped_model_beside_your_own(tiny_dir):
+    settings = Settings(models=["default=builtin", f"mine={tiny_dir}"])
+    assert settings.models == {"default": default_model_dir(), "mine": tiny_dir}
+
+
 def test_environment_with_prefix(monkeypatch, tiny_dir, tokens_dir):
     monkeypatch.setenv("TCNSERVE_MODELS", f"a={tiny_dir},b={tokens_dir}")
     monkeypatch.setenv("TCNSERVE_API_KEYS", "k" * 16 + ",m" * 1 + "x" * 15)
