@@ -1,5 +1,6 @@
-"""The cost of each block activation: the R1 step (in 4, 8 x 64, kernel 7, out 3) of N streams
-with every activation tcnserve serves, side by side in one run, as a ratio to ReLU's.
+"""The cost of each model option: the R1 step (in 4, 8 x 64, kernel 7, out 3) of N streams with
+every block activation tcnserve serves, and with skip connections, side by side in one run, as
+a ratio to the plain ReLU model's.
 
 One torch thread; N = 1 (the fused kernel), 16 (fused), 256 ("blas": compiled gathers, torch's
 GEMM); best of `--repeats`. (Batch-normed pytorch-tcn models are folded into their convs at
@@ -47,12 +48,14 @@ def main() -> None:
     print(f"{'activation':<12}" + "".join(f"{f'N={n}':>22}" for n in sizes))
     results, relu = [], {}
     rng = np.random.default_rng(0)
-    for act in ACTIVATIONS:
+    for act, skips in [*((a, False) for a in ACTIVATIONS), ("relu", True)]:
         torch.manual_seed(0)
-        config = TCNConfig(4, [64] * 8, kernel_size=7, out_channels=3, activation=act)
+        config = TCNConfig(
+            4, [64] * 8, kernel_size=7, out_channels=3, activation=act, skip_connections=skips
+        )
         pool = StreamPool(TCN(config).eval(), max(sizes))
         slots = np.array([pool.open() for _ in range(max(sizes))])
-        row = {"activation": act}
+        row = {"activation": act, "skip_connections": skips}
         cells = []
         for n in sizes:
             x = rng.standard_normal((n, 4)).astype(np.float32)
@@ -62,7 +65,8 @@ def main() -> None:
             row[f"n{n}_us"] = us
             cells.append(f"{us:>9.1f} us ({us / relu[n]:.2f}x)")
         results.append(row)
-        print(f"{act:<12}" + "".join(f"{c:>22}" for c in cells))
+        name = f"{act}+skips" if skips else act
+        print(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
     if args.json:
         write_results(args.json, "options_step", results)
 

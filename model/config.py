@@ -26,6 +26,10 @@ class TCNConfig:
     output_activation: str = "none"
     vocab_size: int | None = None  # token-id input through an embedding of width in_channels
     activation: str = "relu"  # of every block's convs and its output (model/activations.py)
+    # pytorch-tcn's use_skip_connections: every block's conv output but the last block's (1x1
+    # conv'd to the last width where it differs) is added to the last block's output, and the
+    # activation taken again.
+    skip_connections: bool = False
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
@@ -60,6 +64,10 @@ class TCNConfig:
             )
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, minimum=1)
+        if not isinstance(self.skip_connections, bool):
+            raise ValueError(
+                f"skip_connections must be true or false, got {self.skip_connections!r}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}"

@@ -43,10 +43,7 @@ _LOCUSLAB_ALIASES = {"conv1": "net.0", "conv2": "net.4"}
 _LOCUSLAB_HEADS = ("linear", "decoder")
 _LOCUSLAB_EMBEDDING = "encoder"
 # Key fragments that only pytorch-tcn's non-default options create, and the option to name.
-_PYTORCH_TCN_OPTION_KEYS = (
-    ("downsample_skip_connection.", "use_skip_connections=True"),
-    ("embedding_projection_", "embedding_shapes (embeddings)"),
-)
+_PYTORCH_TCN_OPTION_KEYS = (("embedding_projection_", "embedding_shapes (embeddings)"),)
 # nn.BatchNorm1d's default eps, which pytorch-tcn builds its batch norms with (not in a state_dict).
 BATCH_NORM_EPS = 1e-5
 
@@ -194,6 +191,7 @@ def _convert(
     elif pytorch_tcn_kwargs is not None:
         raise ValueError("pytorch_tcn_kwargs are for pytorch-tcn state_dicts only")
     prefix, blocks, rest = _split_blocks(state)
+    skips: dict[int, Tensors] = {}
     if fmt == "locuslab":
         convs = [_locuslab_block(i, b) for i, b in enumerate(blocks)]
         head, embedding = _locuslab_extras(prefix, rest)
@@ -201,6 +199,7 @@ def _convert(
     else:
         parsed = [_pytorch_tcn_block(i, b) for i, b in enumerate(blocks)]
         convs, found = [conv for conv, _ in parsed], [dilation for _, dilation in parsed]
+        skips = _pytorch_tcn_skips(prefix, rest)
         head, embedding = _pytorch_tcn_extras(prefix, rest), None
     if dilations is not None:
         dilations = tuple(dilations)
@@ -217,7 +216,16 @@ def _convert(
     else:
         source = "default 2**i"
     activation = options.activation if options is not None else "relu"
-    net = _build(convs, head, embedding, dilations, output_activation, activation)
+    skip_connections = bool(options is not None and options.get("use_skip_connections"))
+    if skips and not skip_connections:
+        raise ValueError(
+            "the stated pytorch-tcn options contradict the weights: use_skip_connections=False "
+            "(the weights hold downsample_skip_connection convs)"
+        )
+    net = _build(
+        convs, head, embedding, dilations, output_activation, activation,
+        skips if skip_connections else None,
+    )  # fmt: skip
     checked: dict[str, Any] = {}
     if options is not None:
         pytorch_tcn_options.check_against_weights(options, net, _norm_shown(state))
@@ -373,6 +381,18 @@ def _refuse_pytorch_tcn_options(state: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"unsupported pytorch-tcn option {', '.join(found)}: only the defaults")
 
 
+def _pytorch_tcn_skips(prefix: str, rest: Tensors) -> dict[int, Tensors]:
+    """The skip connections' 1x1 convs (taken out of `rest`), by block index."""
+    skip_prefix = f"{prefix.removesuffix('network.')}downsample_skip_connection."
+    skips: dict[int, Tensors] = {}
+    for key in [k for k in rest if k.startswith(skip_prefix)]:
+        index, _, part = key.removeprefix(skip_prefix).partition(".")
+        if not index.isdigit():
+            raise ValueError(f"unrecognised pytorch-tcn key {key}")
+        skips.setdefault(int(index), {})[part] = rest.pop(key)
+    return skips
+
+
 def _pytorch_tcn_extras(prefix: str, rest: Tensors) -> Tensors | None:
     head_prefix = f"{prefix}projection_out."
     unknown = sorted(k for k in rest if k not in (f"{head_prefix}weight", f"{head_prefix}bias"))
@@ -403,6 +423,7 @@ def _build(
     dilations: tuple[int, ...] | None,
     output_activation: str,
     activation: str = "relu",
+    skips: dict[int, Tensors] | None = None,  # skip connections: their 1x1 convs by block
 ) -> TCN:
     """Infer the config from tensor shapes, check every shape, and load the weights."""
     w, head_w = convs[0]["conv1.weight"], (head or {}).get("weight")
@@ -421,8 +442,20 @@ def _build(
         output_activation=output_activation,
         vocab_size=None if embedding is None else embedding.shape[0],
         activation=activation,
+        skip_connections=skips is not None,
     )
     state: dict[str, Any] = {}
+    last = config.channels[-1]
+    for i, width in enumerate(config.channels[:-1] if skips is not None else ()):
+        if width != last:  # pytorch-tcn's 1x1 conv to the last width; none where they agree
+            want = {"weight": (last, width, 1), "bias": (last,)}
+            state |= _checked(f"downsample_skip_connection.{i}", skips.pop(i, {}), want,
+                              f"skips.{i}.")  # fmt: skip
+    if skips:
+        raise ValueError(
+            f"downsample_skip_connection: unexpected convs for blocks {sorted(skips)} (their "
+            "width is the last block's)"
+        )
     widths, k = (config.in_channels, *config.channels), config.kernel_size
     for i, block in enumerate(convs):
         c_in, c_out = widths[i], widths[i + 1]

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.step_kernels import add_skip, finish_skips
+
 
 def buckets_for(capacity: int) -> tuple[int, ...]:
     """Row counts graphs are captured for: powers of two below capacity, then capacity."""
@@ -103,7 +105,7 @@ class GraphedStep:
         rows = h.shape[0]
         finite = torch.ones(rows, dtype=torch.bool, device=h.device)
         check_rings = not pool.overflow_safe
-        act = pool._act
+        act, skips, total = pool._act, pool._skips, None
         for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(pool._step_plan):
             ring1.index_copy_(0, writes[i], h)
             a = act.addmm(b1, F.embedding(taps[i], ring1).view(rows, -1), w1)
@@ -111,8 +113,12 @@ class GraphedStep:
             if check_rings:
                 finite &= torch.isfinite(h).all(dim=1) & torch.isfinite(a).all(dim=1)
             a = act.addmm(b2, F.embedding(taps[i], ring2).view(rows, -1), w2)
+            if skips is not None and i < len(skips):
+                total = add_skip(total, a, skips[i])
             residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
             h = act.inplace(a.add_(residual))
+        if skips is not None:
+            h = finish_skips(h, total, act)
         y = pool._finish(h)
         finite &= torch.isfinite(y).all(dim=1)
         out[:, : self._out_width].copy_(y)

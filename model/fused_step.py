@@ -272,14 +272,24 @@ def _step(
     positions,
     commit,
     act,
+    skip_modes,
+    skip_w,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
-    `commit`, a finite step also records x in the input history and moves the positions on."""
-    h, a, o, r, taps = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
+    `commit`, a finite step also records x in the input history and moves the positions on.
+    `skip_modes` per block: 0 no skip connection, 1 its conv output added as it is, 2 through
+    its 1x1 conv (`skip_w`); with any, the sum is added to the last block's output and the
+    activation taken again (pytorch-tcn's use_skip_connections)."""
+    h, a, o, r, taps, sk = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5]
     n, c = x.shape[0], x.shape[1]
     for s in range(n):
         for i in range(c):
             h[s, i] = x[s, i]
+    use_skips = skip_modes.shape[0] > 0
+    if use_skips:
+        for s in range(n):
+            for i in range(sk.shape[1]):
+                sk[s, i] = zero
     finite = True
     for b in range(dilations.shape[0]):
         w1, w2 = weights_t[2 * b], weights_t[2 * b + 1]
@@ -292,6 +302,16 @@ def _step(
             rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
             slots, pos, a, mid, o, taps, zero, act,
         )  # fmt: skip
+        mode = skip_modes[b] if use_skips else 0
+        if mode == 1:
+            for s in range(n):
+                for i in range(c_out):
+                    sk[s, i] += o[s, i]
+        elif mode == 2:  # r is free until the residual below
+            _affine(skip_w[2 * b], skip_w[2 * b + 1][0], o, c_out, r, n)
+            for s in range(n):
+                for i in range(skip_w[2 * b].shape[0]):
+                    sk[s, i] += r[s, i]
         residual = h
         if downsample[2 * b].shape[0] > 0:  # a 1x1 conv where the width changes
             _affine(downsample[2 * b], downsample[2 * b + 1][0], h, c, r, n)
@@ -300,6 +320,10 @@ def _step(
             for i in range(c_out):
                 h[s, i] = _act(o[s, i] + residual[s, i], act, zero)
         c = c_out
+    if use_skips:
+        for s in range(n):
+            for i in range(c):
+                h[s, i] = _act(h[s, i] + sk[s, i], act, zero)
     if head[0].shape[0] > 0:
         _affine(head[0], head[1][0], h, c, y, n)
     else:
@@ -336,6 +360,8 @@ class FusedPlan:
     max_rows: int
     zero: Any  # 0 in the pool's dtype, so the compiled code never widens to float64
     act: int  # the block activation's code (model/activations.py)
+    skip_modes: np.ndarray  # (blocks,) int64 (see `_step`), or (0,) without skip connections
+    skip_w: Any  # typed list: per block its skip conv's (C_last, C_i) weight and (1, C_last) bias
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -349,6 +375,7 @@ def fused_plan(
     in_width: int,
     max_rows: int,
     act: int = 0,
+    skips: tuple | None = None,  # StreamPool._skips as numpy: per block but the last
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
@@ -378,6 +405,19 @@ def fused_plan(
     out_width = head[0].shape[1] if head is not None else widths[-1]
     bufs = [np.zeros((max_rows, c_max), dtype=dtype) for _ in range(4)]
     bufs.append(np.zeros((max_rows, kernel_size * c_max), dtype=dtype))
+    bufs.append(np.zeros((max_rows, c_max), dtype=dtype))  # the skip connections' sum
+    modes, skip_w = [], []
+    for pair in skips or ():
+        modes.append(1 if pair is None else 2)
+        if pair is None:
+            skip_w += [empty, empty]
+        else:
+            skip_w += [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
+    if skips is not None:
+        modes.append(0)  # the last block's output is the sum's other term
+        skip_w += [empty, empty]
+    else:
+        skip_w += [empty, empty]  # a typed list cannot be empty
     return FusedPlan(
         rings=typed([ring for ring, _, _, _ in layers]),
         weights_t=typed([np.ascontiguousarray(w.T) for _, w, _, _ in layers]),
@@ -392,6 +432,8 @@ def fused_plan(
         max_rows=max_rows,
         zero=dtype.type(0),
         act=act,
+        skip_modes=np.array(modes, dtype=np.int64),
+        skip_w=typed(skip_w),
         no_history=np.zeros((0, in_width), dtype=dtype),
         no_positions=np.zeros(0, dtype=np.int64),
     )
@@ -436,5 +478,7 @@ def fused_step(
         *(commit if commit is not None else (plan.no_history, 0, plan.no_positions)),
         commit is not None,
         plan.act,
+        plan.skip_modes,
+        plan.skip_w,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

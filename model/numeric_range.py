@@ -10,6 +10,8 @@ the biases and (p, q); a conv's sum before its activation is bounded first:
     conv1:  |a|   <= p (|W1| |h| + |b1|) + q    (k taps of C_in values per output)
     conv2:  |out| <= p (|W2| |a| + |b2|) + q
     block:  |h'|  <= p (|out| + |residual|) + q (residual = h, or the 1x1 downsample of h)
+    skips:  |s|   <= sum over blocks but the last of |out_i| (|Ws_i| |out_i| + |bs_i| if 1x1)
+            and the output p (|h_last| + |s|) + q
     head:   |y|   <= |Wh| |h| + |bh|
 
 Refusing inputs above the M that keeps every bound under half the dtype's range makes overflow
@@ -56,6 +58,7 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
         return p * value[0], p * value[1] + q
 
     g, c = 1.0, 0.0
+    skips: list[tuple[float, float]] = []  # each block's conv output bound
     for block in net.blocks:
         n1, n2 = _norm(block.conv1.weight), _norm(block.conv2.weight)
         a_sum = (n1 * g, n1 * c + _bias(block.conv1.bias))
@@ -70,6 +73,18 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
         h_sum = (out[0] + res[0], out[1] + res[1])
         g, c = act(h_sum)
         bounds += [a_sum, a, out_sum, out, res, h_sum, (g, c)]
+        skips.append(out)
+    if net.skips is not None:  # the skip sum, then the activation of it plus the last output
+        total = (0.0, 0.0)
+        for out, conv in zip(skips, net.skips, strict=False):
+            if conv is not None:
+                ns = _norm(conv.weight)
+                out = (ns * out[0], ns * out[1] + _bias(conv.bias))
+            total = (total[0] + out[0], total[1] + out[1])
+            bounds += [out, total]
+        h_sum = (g + total[0], c + total[1])
+        g, c = act(h_sum)
+        bounds += [h_sum, (g, c)]
     if net.head is not None:
         nh = _norm(net.head.weight)
         bounds.append((nh * g, nh * c + _bias(net.head.bias)))

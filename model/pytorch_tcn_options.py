@@ -99,8 +99,8 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
             f"activation={options['activation']!r}: tcnserve serves {', '.join(ACTIVATIONS)} "
             "(a custom activation class cannot be read from a state_dict)"
         )
-    if options["use_skip_connections"] is not False:
-        problems.append("use_skip_connections=True: not served yet")
+    if not isinstance(options["use_skip_connections"], bool):
+        problems.append("use_skip_connections: true or false")
     if options["use_gate"] is not False:
         problems.append("use_gate=True: not served yet")
     if options["use_norm"] == "layer_norm":

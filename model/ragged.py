@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.activations import Activation
+from model.step_kernels import add_skip, finish_skips
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def ragged_forward(
     scratch_at: list[int],  # per block: the first scratch row of its ring tensors
     h: torch.Tensor,  # (n, C_in) the first block's inputs
     act: Activation,
+    skips: tuple | None = None,  # StreamPool._skips
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """-> (n, C_last) outputs of the last block, and the ring writes (ring, rows, values) to
     apply once the caller accepts the result, one per conv."""
@@ -107,9 +109,12 @@ def ragged_forward(
         writes.append((ring, plan.kept_at[i], x[plan.kept[i]]))
         return act.addmm(b, taps, w)  # (n, k * C_in) x (k * C_in, C_out)
 
+    total = None
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(blocks):
         a = conv(i, ring1, w1, b1, h)
         out = conv(i, ring2, w2, b2, a)
+        if skips is not None and i < len(skips):
+            total = add_skip(total, out, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = act.inplace(out.add_(residual))
-    return h, writes
+    return (h if skips is None else finish_skips(h, total, act)), writes

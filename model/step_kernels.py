@@ -31,6 +31,27 @@ from model.fused_step import write_and_gather
 # multithreading threshold (measured to start between 2**18.8 and 2**19.1 here).
 NUMPY_MAX_MACS = 2**18
 
+
+def add_skip(total: torch.Tensor | None, out: torch.Tensor, skip: Any) -> torch.Tensor:
+    """The skip sum so far plus a block's conv output `out` (1x1 conv'd when `skip` is its
+    (w, b); as it is when None), before the block's residual add overwrites `out`."""
+    value = out.clone() if skip is None else torch.addmm(skip[1], out, skip[0])
+    return value if total is None else total.add_(value)
+
+
+def finish_skips(h: torch.Tensor, total: torch.Tensor | None, act: Activation) -> torch.Tensor:
+    """With skip connections, the network's output: act(the last block's output + the sum)."""
+    return act.inplace(h if total is None else h.add_(total))
+
+
+def add_skip_np(total: np.ndarray | None, out: np.ndarray, skip: Any) -> np.ndarray:
+    value = out.copy() if skip is None else out @ skip[0] + skip[1]
+    if total is None:
+        return value
+    total += value
+    return total
+
+
 # A block's operands: (ring1, w1, b1, ring2, w2, b2, downsample (w, b) or None), where a ring is
 # (capacity * L, C_in), w is (k * C_in, C_out) with taps oldest first, b is (C_out,).
 Block = tuple[Any, ...]
@@ -42,17 +63,21 @@ def step_torch(
     writes: tuple[torch.Tensor, ...],  # per block (N,): ring row of time t
     taps: tuple[torch.Tensor, ...],  # per block (N, k): ring rows of the taps, oldest first
     act: Activation,
+    skips: tuple | None = None,  # StreamPool._skips
 ) -> torch.Tensor:  # (N, C_last)
     """A block's two convs have the same dilation and ring length, so the same ring rows."""
     n = h.shape[0]
+    total = None
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
         ring1.index_copy_(0, writes[i], h)
         a = act.addmm(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
         ring2.index_copy_(0, writes[i], a)
         a = act.addmm(b2, F.embedding(taps[i], ring2).view(n, -1), w2)
+        if skips is not None and i < len(skips):
+            total = add_skip(total, a, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = act.inplace(a.add_(residual))
-    return h
+    return h if skips is None else finish_skips(h, total, act)
 
 
 # A block's operands for `step_blas`: (ring1, w1, b1, ring2, w2, b2, downsample, L, d), where
@@ -67,20 +92,24 @@ def step_blas(
     h: torch.Tensor,  # (N, C_in) inputs of the first block, on the CPU
     operand: np.ndarray,  # flat scratch of at least N * k * C_in values for every conv
     act: Activation,
+    skips: tuple | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """The step of many CPU streams: per conv, `write_and_gather` (compiled, GIL released)
     lays the taps out in `operand`, then torch's addmm + ReLU. Returns the last block's output
     (N, C_last) and whether every value written into a ring is finite."""
     h = h.contiguous()
     finite = True
-    for ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation in plan:
+    total = None
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation) in enumerate(plan):
         conv = (ring_len, dilation, slots, positions, operand, act)
         a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv)
         a, ok2 = _gathered_conv(ring2, w2, b2, a, *conv)
         finite = finite and ok1 and ok2
+        if skips is not None and i < len(skips):
+            total = add_skip(total, a, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
         h = act.inplace(a.add_(residual))
-    return h, finite
+    return (h if skips is None else finish_skips(h, total, act)), finite
 
 
 def _gathered_conv(
@@ -108,8 +137,10 @@ def step_numpy(
     writes: np.ndarray,  # (layers, N)
     taps: np.ndarray,  # (layers, N, k)
     act: Activation,
+    skips: tuple | None = None,  # StreamPool._skips, as numpy views
 ) -> np.ndarray:  # (N, C_last)
     n = h.shape[0]
+    total = None
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
         ring1[writes[2 * i]] = h
         a = ring1.take(taps[2 * i], axis=0).reshape(n, -1) @ w1
@@ -119,12 +150,18 @@ def step_numpy(
         out = ring2.take(taps[2 * i + 1], axis=0).reshape(n, -1) @ w2
         out += b2
         act.numpy_inplace(out)
+        if skips is not None and i < len(skips):
+            total = add_skip_np(total, out, skips[i])
         if downsample is None:
             out += h
         else:
             out += h @ downsample[0]
             out += downsample[1]
         h = act.numpy_inplace(out)
+    if skips is not None:
+        if total is not None:
+            h += total
+        h = act.numpy_inplace(h)
     return h
 
 

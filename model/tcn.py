@@ -47,10 +47,14 @@ class TemporalBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
+        return self.forward_with_skip(x)[0]
+
+    def forward_with_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block's output, its second conv's activated output: the skip connection's)."""
         h = self.dropout(self.act(self.conv1(x)))
         h = self.dropout(self.act(self.conv2(h)))
         residual = x if self.downsample is None else self.downsample(x)
-        return self.act(h + residual)
+        return self.act(h + residual), h
 
 
 class TCN(nn.Module):
@@ -75,6 +79,16 @@ class TCN(nn.Module):
                 config.activation,
             )
             for i in range(config.num_blocks)
+        )
+        # Skip connections: a 1x1 conv from each block but the last whose width differs from
+        # the last block's (None where it does not, as pytorch-tcn's downsample_skip_connection).
+        last = config.channels[-1]
+        self.skips = (
+            nn.ModuleList(
+                nn.Conv1d(c, last, 1) if c != last else None for c in config.channels[:-1]
+            )
+            if config.skip_connections
+            else None
         )
         self.head = (
             nn.Linear(config.channels[-1], config.out_channels)
@@ -142,8 +156,18 @@ class TCN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, T) floats or (B, T) token ids -> (B, output_size, T)."""
         h = self.embed(x)
-        for block in self.blocks:
-            h = block(h)
+        if self.skips is None:
+            for block in self.blocks:
+                h = block(h)
+        else:
+            total = None
+            for i, block in enumerate(self.blocks):
+                h, out = block.forward_with_skip(h)
+                if i < len(self.skips):
+                    skip = out if self.skips[i] is None else self.skips[i](out)
+                    total = skip if total is None else total + skip
+            act = self.blocks[-1].act
+            h = act(h if total is None else h + total)
         if self.head is not None:
             h = self.head(h.transpose(1, 2)).transpose(1, 2)  # (B, T, C) -> (B, out, T)
         return apply_output_activation(h, self.config.output_activation, dim=1)

@@ -41,6 +41,7 @@ class KernelPlanning:
     def _plan_kernels(self, step_kernel: str) -> None:
         """Decide once, at load, which kernel runs a step of how many streams."""
         self._numpy_plan = None
+        self._skips_np = None
         self._fused_plan = None
         self._blas_plan = None  # set: steps above the lines below take `step_blas`
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
@@ -101,9 +102,11 @@ class KernelPlanning:
                 self.config.in_channels,
                 max(self.fused_max_rows, self.fused_advance_rows),
                 self._act.code,
+                None if self._skips is None else numpy_view(self._skips),
             )
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)
+            self._skips_np = numpy_view(self._skips) if self._skips is not None else None
             self._head_np = numpy_view(self._head) if self._head is not None else None
             rows = self.capacity if step_kernel == "numpy" else NUMPY_MAX_MACS // biggest
             self.numpy_max_rows = rows

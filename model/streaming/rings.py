@@ -106,6 +106,19 @@ class RingBuffers:
             )
             for b in self._blocks
         )
+        # Skip connections: per block but the last, None (its output is added as it is) or the
+        # (C_i, C_last) weight and bias of its 1x1 conv; None altogether without them.
+        self._skips = None
+        if net.skips is not None:
+            self._skips = tuple(
+                None
+                if conv is None
+                else (
+                    conv.weight.detach()[:, :, 0].T.to(dev, dt, copy=True).contiguous(),
+                    conv.bias.detach().to(dev, dt, copy=True),
+                )
+                for conv in net.skips
+            )
         self._embedding = (
             net.embedding.weight.detach().to(dev, dt, copy=True)
             if net.embedding is not None
@@ -131,6 +144,7 @@ class RingBuffers:
         """Every weight matrix a step multiplies by."""
         mats = [layer.step_weight for layer in self._layers]
         mats += [b.downsample[0] for b in self._blocks if b.downsample is not None]
+        mats += [s[0] for s in self._skips or () if s is not None]
         return mats + ([self._head[0]] if self._head is not None else [])
 
     @property

@@ -71,6 +71,9 @@ def _fingerprint(net: TCN) -> str:
             tensors += [block.conv1.weight, block.conv1.bias, block.conv2.weight, block.conv2.bias]
             if block.downsample is not None:
                 tensors += [block.downsample.weight, block.downsample.bias]
+        for conv in net.skips or ():
+            if conv is not None:
+                tensors += [conv.weight, conv.bias]
         if net.head is not None:
             tensors += [net.head.weight, net.head.bias]
         for t in tensors:

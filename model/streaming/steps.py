@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from model import fused_step
 from model.ragged import ragged_forward, ragged_plan
-from model.step_kernels import step_blas, step_numpy, step_torch
+from model.step_kernels import add_skip, finish_skips, step_blas, step_numpy, step_torch
 from model.streaming.errors import MAX_POSITION, NonFiniteOutputError
 from model.streaming.planning import CHUNKED_PUSH_ROWS
 from model.streaming.rings import _CausalLayer
@@ -96,6 +96,7 @@ class StepPaths:
                         self._embed(x),
                         self._operand,
                         self._act,
+                        self._skips,
                     )
                     y = self._finish(h)
             else:
@@ -143,13 +144,18 @@ class StepPaths:
         else:
             writes, taps = self._device_ring_rows(slot_np, per_block=True)
         return step_torch(
-            self._step_plan, self._embed(x), writes.unbind(0), taps.unbind(0), self._act
+            self._step_plan,
+            self._embed(x),
+            writes.unbind(0),
+            taps.unbind(0),
+            self._act,
+            self._skips,
         )
 
     def _step_numpy(self, slot_np: np.ndarray, x: np.ndarray) -> np.ndarray:
         writes, taps = self._ring_rows(slot_np)
         h = self._embedding_np[x] if self._embedding is not None else x
-        h = step_numpy(self._numpy_plan, h, writes, taps, self._act)
+        h = step_numpy(self._numpy_plan, h, writes, taps, self._act, self._skips_np)
         if self._head is not None:
             h = h @ self._head_np[0]
             h += self._head_np[1]
@@ -204,7 +210,7 @@ class StepPaths:
             self.device,
         )
         h, writes = ragged_forward(
-            plan, self._step_plan, self._scratch_at[::2], self._embed(x), self._act
+            plan, self._step_plan, self._scratch_at[::2], self._embed(x), self._act, self._skips
         )
         y = self._finish(h)
         bad_rows = _nonfinite_rows(y)
@@ -306,15 +312,20 @@ class StepPaths:
             y = F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[0]
             return act.inplace(y)  # (C_out, T)
 
-        act = self._act
-        for block in self._blocks:
+        act, skips, total = self._act, self._skips, None
+        for i, block in enumerate(self._blocks):
             out = conv(block.conv2, conv(block.conv1, h))
+            if skips is not None and i < len(skips):
+                total = add_skip(total, out.T, skips[i])  # (T, C_last)
             if block.downsample is None:
                 h = act.inplace(out.add_(h))
             else:
                 res = torch.addmm(block.downsample[1], h.T, block.downsample[0]).T
                 h = act.inplace(out.add_(res))
-        y = self._finish(h.T.contiguous())
+        h = h.T.contiguous()
+        if skips is not None:
+            h = finish_skips(h, total, act)
+        y = self._finish(h)
         bad = _nonfinite_rows(y)
         if not bad and not self.overflow_safe and not all(_all_finite(v) for _, _, v in writes):
             bad = list(range(steps))  # a hidden Inf in the state: refuse the whole chunk

@@ -105,6 +105,7 @@ def tcn_configs(
         output_activation=draw(st.sampled_from(OUTPUT_ACTIVATIONS)),
         vocab_size=draw(st.integers(2, 12)) if with_vocab else None,
         activation=draw(st.sampled_from(ACTIVATIONS)),
+        skip_connections=draw(st.booleans()),
     )
 
 

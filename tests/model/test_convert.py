@@ -283,13 +283,19 @@ def test_cli_reports_a_bad_file_with_exit_code_2(tmp_path, capsys, convert_only_
 
 # The options of the table: each changes the forward and leaves the state_dict as it is.
 HIDDEN = [
-    ({"use_skip_connections": True}, "use_skip_connections=True"),
     ({"causal": False}, "causal=False: each output then depends on later inputs"),
     ({"output_projection": 3, "output_activation": "softmax"}, "normalises over the batch"),
     ({"activation": "softmax"}, "normalises over the batch"),
 ]
 # The activations that convert (each converted exactly below); unstated, each is refused.
 PYTORCH_TCN_ACTIVATIONS = ["relu", "tanh", "leaky_relu", "sigmoid", "elu", "gelu", "selu"]
+
+
+def test_unstated_skip_connections_are_never_assumed():
+    # One width: the weights show no skip convs, so only the stated options can tell.
+    state = their_tcn(20, 3, [8] * 3, kernel_size=3, use_skip_connections=True).state_dict()
+    with pytest.raises(ValueError, match="--pytorch-tcn-kwargs"):
+        convert_state_dict(state)
 
 
 @pytest.mark.parametrize("activation", PYTORCH_TCN_ACTIVATIONS[1:])
@@ -327,6 +333,8 @@ def test_options_a_state_dict_hides_are_never_assumed(tmp_path, kwargs, message)
         *({"activation": a} for a in PYTORCH_TCN_ACTIVATIONS[1:]),
         {"activation": "gelu", "output_projection": 2, "output_activation": "relu"},
         {"activation": "elu", "output_projection": 2, "output_activation": "selu"},
+        {"use_skip_connections": True},  # widths 6, 8, 8: one 1x1 skip conv, one identity
+        {"use_skip_connections": True, "activation": "gelu", "use_norm": None},
     ],
     ids=repr,
 )

@@ -106,6 +106,7 @@ def _reference_forward(net: TCN, x: torch.Tensor) -> torch.Tensor:
     """The paper's block written out from the folded weights: an independent oracle."""
     c, w = net.config, net.state_dict()
     act = REFERENCE_ACTIVATIONS[c.activation]
+    total = None
     h = F.embedding(x, w["embedding.weight"]).transpose(1, 2) if c.vocab_size else x
     for i, d in enumerate(c.dilations):
         p = f"blocks.{i}."
@@ -115,6 +116,12 @@ def _reference_forward(net: TCN, x: torch.Tensor) -> torch.Tensor:
         if p + "downsample.weight" in w:
             h = F.conv1d(h, w[p + "downsample.weight"], w[p + "downsample.bias"])
         h = act(a + h)
+        if c.skip_connections and i < len(c.dilations) - 1:  # pytorch-tcn's skip outputs
+            s = f"skips.{i}."
+            skip = F.conv1d(a, w[s + "weight"], w[s + "bias"]) if s + "weight" in w else a
+            total = skip if total is None else total + skip
+    if c.skip_connections:
+        h = act(h if total is None else h + total)
     if c.out_channels is not None:
         h = torch.einsum("bct,oc->bot", h, w["head.weight"]) + w["head.bias"][:, None]
     return h
