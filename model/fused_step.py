@@ -226,16 +226,22 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
                 a1 += v * t1[i]
                 a2 += v * t2[i]
                 a3 += v * t3[i]
-            out[s, o] = _act(a0, act, zero)
-            out[s + 1, o] = _act(a1, act, zero)
-            out[s + 2, o] = _act(a2, act, zero)
-            out[s + 3, o] = _act(a3, act, zero)
+            if act == 0:  # ReLU that keeps NaN, in the dtype: the common case, kept tight
+                out[s, o] = a0 if not a0 < zero else zero
+                out[s + 1, o] = a1 if not a1 < zero else zero
+                out[s + 2, o] = a2 if not a2 < zero else zero
+                out[s + 3, o] = a3 if not a3 < zero else zero
+            else:
+                out[s, o] = _act(a0, act, zero)
+                out[s + 1, o] = _act(a1, act, zero)
+                out[s + 2, o] = _act(a2, act, zero)
+                out[s + 3, o] = _act(a3, act, zero)
             s += 4
         while s < n:
             acc = bias[o]
             for i in range(width):
                 acc += weight_t[o, i] * taps[s, i]
-            out[s, o] = _act(acc, act, zero)
+            out[s, o] = (acc if not acc < zero else zero) if act == 0 else _act(acc, act, zero)
             s += 1
     return finite
 
@@ -318,7 +324,8 @@ def _step(
             residual = r
         for s in range(n):
             for i in range(c_out):
-                h[s, i] = _act(o[s, i] + residual[s, i], act, zero)
+                v = o[s, i] + residual[s, i]
+                h[s, i] = (v if not v < zero else zero) if act == 0 else _act(v, act, zero)
         c = c_out
     if use_skips:
         for s in range(n):
