@@ -54,6 +54,9 @@ class Activation:
     fn: Callable[[torch.Tensor], torch.Tensor]  # out of place (training: autograd-safe)
     inplace: Callable[[torch.Tensor], torch.Tensor]  # the kernels' (inference)
     bound: tuple[float, float]
+    # pytorch-tcn's use_gate: each block's first conv has twice the width, and a GLU (its first
+    # half times the sigmoid of its second) takes the activation's place after it.
+    gated: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -63,6 +66,21 @@ class Activation:
         if self.code == 0:
             return _addmm_relu(bias, a, w)
         return self.inplace(torch.addmm(bias, a, w))
+
+    def first(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """A block's first conv as one matmul: (rows, 2C) gated to (rows, C), or `addmm`."""
+        if not self.gated:
+            return self.addmm(bias, a, w)
+        return glu(torch.addmm(bias, a, w), dim=-1)
+
+    def first_of(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+        """The first conv's computed output `y` (channels along `dim`), gated or activated."""
+        return glu(y, dim) if self.gated else self.inplace(y)
+
+    def numpy_first(self, a: np.ndarray) -> np.ndarray:
+        if not self.gated:
+            return self.numpy_inplace(a)
+        return glu(torch.from_numpy(a), dim=-1).numpy()
 
     def numpy_inplace(self, a: np.ndarray) -> np.ndarray:
         if self.code == 0:
@@ -95,9 +113,14 @@ _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def glu(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """nn.GLU: the first half of `dim` times the sigmoid of the second (|glu(a, b)| <= |a|)."""
+    return F.glu(x, dim=dim)
+
+
 @functools.cache
-def activation(name: str) -> Activation:
+def activation(name: str, gated: bool = False) -> Activation:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
     index = ACTIVATIONS.index(name)
-    return Activation(name, index, _FUNCTIONS[name], _INPLACE[name], _BOUNDS[name])
+    return Activation(name, index, _FUNCTIONS[name], _INPLACE[name], _BOUNDS[name], gated)

@@ -30,6 +30,9 @@ class TCNConfig:
     # conv'd to the last width where it differs) is added to the last block's output, and the
     # activation taken again.
     skip_connections: bool = False
+    # pytorch-tcn's use_gate: each block's first conv has 2 x its width of outputs, and a GLU
+    # (first half x sigmoid(second half)) stands in for the activation after it.
+    gate: bool = False
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
@@ -64,6 +67,8 @@ class TCNConfig:
             )
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, minimum=1)
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"gate must be true or false, got {self.gate!r}")
         if not isinstance(self.skip_connections, bool):
             raise ValueError(
                 f"skip_connections must be true or false, got {self.skip_connections!r}"

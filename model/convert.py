@@ -217,6 +217,15 @@ def _convert(
         source = "default 2**i"
     activation = options.activation if options is not None else "relu"
     skip_connections = bool(options is not None and options.get("use_skip_connections"))
+    gate = bool(options is not None and options.get("use_gate"))
+    gated = [c["conv1.weight"].shape[0] == 2 * c["conv2.weight"].shape[0] for c in convs]
+    if any(gated) and not gate:
+        raise ValueError(
+            "the stated pytorch-tcn options contradict the weights: use_gate=False (each "
+            "block's conv1 has twice conv2's channels: a gate's)"
+            if options is not None
+            else "network.0: conv1 has twice conv2's channels: a gated block, not served here"
+        )
     if skips and not skip_connections:
         raise ValueError(
             "the stated pytorch-tcn options contradict the weights: use_skip_connections=False "
@@ -224,7 +233,7 @@ def _convert(
         )
     net = _build(
         convs, head, embedding, dilations, output_activation, activation,
-        skips if skip_connections else None,
+        skips if skip_connections else None, gate,
     )  # fmt: skip
     checked: dict[str, Any] = {}
     if options is not None:
@@ -344,9 +353,6 @@ def _pytorch_tcn_block(i: int, block: Tensors) -> tuple[Tensors, int | None]:
             )
         buffer = block.pop(f"{conv}.padder.buffer", None)  # streaming state: only its width
         pads.append(None if buffer is None else buffer.shape[-1])
-    c1, c2 = out["conv1.weight"].shape[0], out["conv2.weight"].shape[0]
-    if c1 == 2 * c2:
-        raise ValueError(f"{where}: conv1 has twice conv2's channels: unsupported use_gate=True")
     k = out["conv1.weight"].shape[-1]
     # The buffers hold (k - 1) * dilation past steps; with k = 1 they say nothing.
     widths = {p for p in pads if p is not None}
@@ -424,6 +430,7 @@ def _build(
     output_activation: str,
     activation: str = "relu",
     skips: dict[int, Tensors] | None = None,  # skip connections: their 1x1 convs by block
+    gate: bool = False,
 ) -> TCN:
     """Infer the config from tensor shapes, check every shape, and load the weights."""
     w, head_w = convs[0]["conv1.weight"], (head or {}).get("weight")
@@ -443,6 +450,7 @@ def _build(
         vocab_size=None if embedding is None else embedding.shape[0],
         activation=activation,
         skip_connections=skips is not None,
+        gate=gate,
     )
     state: dict[str, Any] = {}
     last = config.channels[-1]
@@ -459,9 +467,10 @@ def _build(
     widths, k = (config.in_channels, *config.channels), config.kernel_size
     for i, block in enumerate(convs):
         c_in, c_out = widths[i], widths[i + 1]
+        first = 2 * c_out if gate else c_out  # a gate's conv1 has twice the width
         want = {
-            "conv1.weight": (c_out, c_in, k),
-            "conv1.bias": (c_out,),
+            "conv1.weight": (first, c_in, k),
+            "conv1.bias": (first,),
             "conv2.weight": (c_out, c_out, k),
             "conv2.bias": (c_out,),
         }

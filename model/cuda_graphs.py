@@ -108,7 +108,7 @@ class GraphedStep:
         act, skips, total = pool._act, pool._skips, None
         for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(pool._step_plan):
             ring1.index_copy_(0, writes[i], h)
-            a = act.addmm(b1, F.embedding(taps[i], ring1).view(rows, -1), w1)
+            a = act.first(b1, F.embedding(taps[i], ring1).view(rows, -1), w1)
             ring2.index_copy_(0, writes[i], a)
             if check_rings:
                 finite &= torch.isfinite(h).all(dim=1) & torch.isfinite(a).all(dim=1)

@@ -188,6 +188,8 @@ def _act(v, code, zero):
     """The block activation `code` (model/activations.py's order) of one value, in v's dtype;
     NaN stays NaN. The constants are model/activations.py's (numba reads module globals as
     compile-time constants)."""
+    if code < 0:  # none: the conv before a gate
+        return v
     if code == 0:  # relu
         return v if not v < zero else zero
     if code == 1:  # tanh
@@ -280,6 +282,7 @@ def _step(
     act,
     skip_modes,
     skip_w,
+    gate,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
     `commit`, a finite step also records x in the input history and moves the positions on.
@@ -299,11 +302,20 @@ def _step(
     finite = True
     for b in range(dilations.shape[0]):
         w1, w2 = weights_t[2 * b], weights_t[2 * b + 1]
-        mid, c_out = w1.shape[0], w2.shape[0]
-        finite &= _conv(
-            rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos, h, c,
-            a, taps, zero, act,
-        )  # fmt: skip
+        mid, c_out = w2.shape[1] // k, w2.shape[0]
+        if gate:  # the conv's 2 * mid outputs into r, then a = first half x sigmoid(second)
+            finite &= _conv(
+                rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
+                h, c, r, taps, zero, -1,
+            )  # fmt: skip
+            for s in range(n):
+                for i in range(mid):
+                    a[s, i] = r[s, i] / (1.0 + math.exp(-r[s, mid + i]))
+        else:
+            finite &= _conv(
+                rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
+                h, c, a, taps, zero, act,
+            )  # fmt: skip
         finite &= _conv(
             rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
             slots, pos, a, mid, o, taps, zero, act,
@@ -369,6 +381,7 @@ class FusedPlan:
     act: int  # the block activation's code (model/activations.py)
     skip_modes: np.ndarray  # (blocks,) int64 (see `_step`), or (0,) without skip connections
     skip_w: Any  # typed list: per block its skip conv's (C_last, C_i) weight and (1, C_last) bias
+    gate: bool  # a GLU after each block's first conv (of twice the width) instead of `act`
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -383,6 +396,7 @@ def fused_plan(
     max_rows: int,
     act: int = 0,
     skips: tuple | None = None,  # StreamPool._skips as numpy: per block but the last
+    gate: bool = False,
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
@@ -441,6 +455,7 @@ def fused_plan(
         act=act,
         skip_modes=np.array(modes, dtype=np.int64),
         skip_w=typed(skip_w),
+        gate=gate,
         no_history=np.zeros((0, in_width), dtype=dtype),
         no_positions=np.zeros(0, dtype=np.int64),
     )
@@ -487,5 +502,6 @@ def fused_step(
         plan.act,
         plan.skip_modes,
         plan.skip_w,
+        plan.gate,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

@@ -62,7 +62,7 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
     for block in net.blocks:
         n1, n2 = _norm(block.conv1.weight), _norm(block.conv2.weight)
         a_sum = (n1 * g, n1 * c + _bias(block.conv1.bias))
-        a = act(a_sum)
+        a = a_sum if net.config.gate else act(a_sum)  # |glu(u, v)| = |u| sigmoid(v) <= |u|
         out_sum = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
         out = act(out_sum)
         if block.downsample is None:

@@ -101,8 +101,8 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
         )
     if not isinstance(options["use_skip_connections"], bool):
         problems.append("use_skip_connections: true or false")
-    if options["use_gate"] is not False:
-        problems.append("use_gate=True: not served yet")
+    if not isinstance(options["use_gate"], bool):
+        problems.append("use_gate: true or false")
     if options["use_norm"] == "layer_norm":
         problems.append("use_norm='layer_norm': not served yet")
     elif options["use_norm"] not in ("weight_norm", "batch_norm", None):

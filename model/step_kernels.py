@@ -70,7 +70,7 @@ def step_torch(
     total = None
     for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
         ring1.index_copy_(0, writes[i], h)
-        a = act.addmm(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
+        a = act.first(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
         ring2.index_copy_(0, writes[i], a)
         a = act.addmm(b2, F.embedding(taps[i], ring2).view(n, -1), w2)
         if skips is not None and i < len(skips):
@@ -102,7 +102,7 @@ def step_blas(
     total = None
     for i, (ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation) in enumerate(plan):
         conv = (ring_len, dilation, slots, positions, operand, act)
-        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv)
+        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv, first=True)
         a, ok2 = _gathered_conv(ring2, w2, b2, a, *conv)
         finite = finite and ok1 and ok2
         if skips is not None and i < len(skips):
@@ -123,12 +123,14 @@ def _gathered_conv(
     positions: np.ndarray,
     operand: np.ndarray,
     act: Activation,
+    first: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     n, c = inp.shape
     taps = operand[: n * weight.shape[0]].reshape(n, -1)  # (N, k * C_in)
     k = weight.shape[0] // c
     ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
-    return act.addmm(bias, torch.from_numpy(taps), weight), ok
+    conv = act.first if first else act.addmm
+    return conv(bias, torch.from_numpy(taps), weight), ok
 
 
 def step_numpy(
@@ -145,7 +147,7 @@ def step_numpy(
         ring1[writes[2 * i]] = h
         a = ring1.take(taps[2 * i], axis=0).reshape(n, -1) @ w1
         a += b1
-        act.numpy_inplace(a)
+        a = act.numpy_first(a)
         ring2[writes[2 * i + 1]] = a
         out = ring2.take(taps[2 * i + 1], axis=0).reshape(n, -1) @ w2
         out += b2

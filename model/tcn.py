@@ -35,10 +35,13 @@ class TemporalBlock(nn.Module):
         dilation: int,
         dropout: float,
         act: str = "relu",
+        gate: bool = False,
     ):
         super().__init__()
         self.act = activation_of(act)
-        self.conv1 = weight_norm(CausalConv1d(in_channels, out_channels, kernel_size, dilation))
+        self.gate = gate
+        first_width = 2 * out_channels if gate else out_channels
+        self.conv1 = weight_norm(CausalConv1d(in_channels, first_width, kernel_size, dilation))
         self.conv2 = weight_norm(CausalConv1d(out_channels, out_channels, kernel_size, dilation))
         self.dropout = nn.Dropout(dropout)
         # 1x1 conv on the residual path only when the channel count changes, as in the paper.
@@ -51,7 +54,8 @@ class TemporalBlock(nn.Module):
 
     def forward_with_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the block's output, its second conv's activated output: the skip connection's)."""
-        h = self.dropout(self.act(self.conv1(x)))
+        h = self.conv1(x)
+        h = self.dropout(F.glu(h, dim=1) if self.gate else self.act(h))
         h = self.dropout(self.act(self.conv2(h)))
         residual = x if self.downsample is None else self.downsample(x)
         return self.act(h + residual), h
@@ -77,6 +81,7 @@ class TCN(nn.Module):
                 config.dilations[i],
                 config.dropout,
                 config.activation,
+                config.gate,
             )
             for i in range(config.num_blocks)
         )

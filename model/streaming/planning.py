@@ -103,6 +103,7 @@ class KernelPlanning:
                 max(self.fused_max_rows, self.fused_advance_rows),
                 self._act.code,
                 None if self._skips is None else numpy_view(self._skips),
+                self.config.gate,
             )
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)

@@ -67,7 +67,8 @@ class StreamPool(
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
         self.config = net.config
-        self._act = activation(net.config.activation)  # every kernel's (model/activations.py)
+        # Every kernel's activation, and the gate after each block's first conv if any
+        self._act = activation(net.config.activation, net.config.gate)
         self.capacity = capacity
         if isinstance(max_advance_rows, bool) or not isinstance(max_advance_rows, int):
             raise ValueError(f"max_advance_rows must be an integer, got {max_advance_rows!r}")

@@ -106,6 +106,7 @@ def tcn_configs(
         vocab_size=draw(st.integers(2, 12)) if with_vocab else None,
         activation=draw(st.sampled_from(ACTIVATIONS)),
         skip_connections=draw(st.booleans()),
+        gate=draw(st.booleans()),
     )
 
 

@@ -335,6 +335,9 @@ def test_options_a_state_dict_hides_are_never_assumed(tmp_path, kwargs, message)
         {"activation": "elu", "output_projection": 2, "output_activation": "selu"},
         {"use_skip_connections": True},  # widths 6, 8, 8: one 1x1 skip conv, one identity
         {"use_skip_connections": True, "activation": "gelu", "use_norm": None},
+        {"use_gate": True},
+        {"use_gate": True, "use_skip_connections": True, "activation": "elu"},
+        {"use_gate": True, "use_norm": "batch_norm", "output_projection": 2},
     ],
     ids=repr,
 )

@@ -111,7 +111,8 @@ def _reference_forward(net: TCN, x: torch.Tensor) -> torch.Tensor:
     for i, d in enumerate(c.dilations):
         p = f"blocks.{i}."
         pad = (c.kernel_size - 1) * d
-        a = act(F.conv1d(F.pad(h, (pad, 0)), w[p + "conv1.weight"], w[p + "conv1.bias"], 1, 0, d))
+        a = F.conv1d(F.pad(h, (pad, 0)), w[p + "conv1.weight"], w[p + "conv1.bias"], 1, 0, d)
+        a = torch.nn.GLU(dim=1)(a) if c.gate else act(a)
         a = act(F.conv1d(F.pad(a, (pad, 0)), w[p + "conv2.weight"], w[p + "conv2.bias"], 1, 0, d))
         if p + "downsample.weight" in w:
             h = F.conv1d(h, w[p + "downsample.weight"], w[p + "downsample.bias"])

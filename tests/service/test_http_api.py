@@ -72,13 +72,23 @@ def test_predict_matches_forward_for_ragged_batches(client, tiny_dir):
         assert_rows_close(tail, expected[-1:].tolist())
 
 
-@pytest.mark.parametrize("activation", ["gelu", "tanh", "selu"])
-def test_a_model_with_another_activation_streams_and_predicts_its_forward(
-    tmp_path, make_settings, activation
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"activation": "gelu"},
+        {"activation": "tanh"},
+        {"activation": "selu", "skip_connections": True},
+        {"activation": "elu", "skip_connections": True, "gate": True},
+    ],
+    ids=repr,
+)
+def test_a_model_with_other_options_streams_and_predicts_its_forward(
+    tmp_path, make_settings, options
 ):
     import dataclasses
 
-    directory = write_model(tmp_path / "m", dataclasses.replace(TINY, activation=activation), 5)
+    directory = write_model(tmp_path / "m", dataclasses.replace(TINY, **options), 5)
+    activation = options["activation"]
     net = load_model(directory)
     rows = random_rows(30, seed=5)
     expected = net(torch.tensor(rows).T[None])[0].T.tolist()
