@@ -1,6 +1,6 @@
 """The cost of each model option: the R1 step (in 4, 8 x 64, kernel 7, out 3) of N streams with
-every block activation tcnserve serves, with skip connections, and with skip connections and
-gates, side by side in one run, as a ratio to the plain ReLU model's.
+every block activation tcnserve serves, with skip connections, with gates too, and with layer
+norms too, side by side in one run, as a ratio to the plain ReLU model's.
 
 One torch thread; N = 1 (the fused kernel), 16 (fused), 256 ("blas": compiled gathers, torch's
 GEMM); best of `--repeats`. (Batch-normed pytorch-tcn models are folded into their convs at
@@ -45,20 +45,20 @@ def main() -> None:
     print(environment())
     sizes = (1, 16, 256)
     print(f"R1 step per call, one torch thread, best of {args.repeats}\n")
-    print(f"{'option':<16}" + "".join(f"{f'N={n}':>22}" for n in sizes))
+    print(f"{'option':<20}" + "".join(f"{f'N={n}':>22}" for n in sizes))
     results, relu = [], {}
     rng = np.random.default_rng(0)
-    options = [*((a, False, False) for a in ACTIVATIONS), ("relu", True, False)]
-    options.append(("relu", True, True))
-    for act, skips, gate in options:
+    options = [*((a, False, False, False) for a in ACTIVATIONS), ("relu", True, False, False)]
+    options += [("relu", True, True, False), ("relu", True, True, True)]
+    for act, skips, gate, norm in options:
         torch.manual_seed(0)
         config = TCNConfig(
             4, [64] * 8, kernel_size=7, out_channels=3, activation=act, skip_connections=skips,
-            gate=gate,
+            gate=gate, layer_norm=norm,
         )  # fmt: skip
         pool = StreamPool(TCN(config).eval(), max(sizes))
         slots = np.array([pool.open() for _ in range(max(sizes))])
-        row = {"activation": act, "skip_connections": skips, "gate": gate}
+        row = {"activation": act, "skip_connections": skips, "gate": gate, "layer_norm": norm}
         cells = []
         for n in sizes:
             x = rng.standard_normal((n, 4)).astype(np.float32)
@@ -68,8 +68,10 @@ def main() -> None:
             row[f"n{n}_us"] = us
             cells.append(f"{us:>9.1f} us ({us / relu[n]:.2f}x)")
         results.append(row)
-        name = act + ("+skips" if skips else "") + ("+gate" if gate else "")
-        print(f"{name:<16}" + "".join(f"{c:>22}" for c in cells))
+        name = (
+            act + ("+skips" if skips else "") + ("+gate" if gate else "") + ("+ln" if norm else "")
+        )
+        print(f"{name:<20}" + "".join(f"{c:>22}" for c in cells))
     if args.json:
         write_results(args.json, "options_step", results)
 

@@ -61,26 +61,35 @@ class Activation:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
-    def addmm(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """act(bias + a @ w) in a fresh tensor."""
-        if self.code == 0:
+    def addmm(
+        self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, norm: Norm = None
+    ) -> torch.Tensor:
+        """act(bias + a @ w) in a fresh tensor (layer-normed first when `norm` is given)."""
+        if norm is None and self.code == 0:
             return _addmm_relu(bias, a, w)
-        return self.inplace(torch.addmm(bias, a, w))
+        return self.inplace(layer_norm(torch.addmm(bias, a, w), norm, -1))
 
-    def first(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def first(
+        self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, norm: Norm = None
+    ) -> torch.Tensor:
         """A block's first conv as one matmul: (rows, 2C) gated to (rows, C), or `addmm`."""
         if not self.gated:
-            return self.addmm(bias, a, w)
-        return glu(torch.addmm(bias, a, w), dim=-1)
+            return self.addmm(bias, a, w, norm)
+        return glu(layer_norm(torch.addmm(bias, a, w), norm, -1), dim=-1)
 
-    def first_of(self, y: torch.Tensor, dim: int) -> torch.Tensor:
-        """The first conv's computed output `y` (channels along `dim`), gated or activated."""
-        return glu(y, dim) if self.gated else self.inplace(y)
+    def of(self, y: torch.Tensor, dim: int, norm: Norm = None, first: bool = False):
+        """A conv's computed output `y` (channels along `dim`): normed, then gated (a first
+        conv's, with a gate) or activated."""
+        y = layer_norm(y, norm, dim)
+        return glu(y, dim) if first and self.gated else self.inplace(y)
 
-    def numpy_first(self, a: np.ndarray) -> np.ndarray:
-        if not self.gated:
+    def numpy_of(self, a: np.ndarray, norm: Norm = None, first: bool = False) -> np.ndarray:
+        """`of` for (rows, C) numpy rows, in place where it can be."""
+        if norm is None and not (first and self.gated):
             return self.numpy_inplace(a)
-        return glu(torch.from_numpy(a), dim=-1).numpy()
+        if norm is not None:  # numpy views of the pool's tensors
+            norm = (torch.from_numpy(norm[0]), torch.from_numpy(norm[1]))
+        return self.of(torch.from_numpy(a), -1, norm, first).numpy()
 
     def numpy_inplace(self, a: np.ndarray) -> np.ndarray:
         if self.code == 0:
@@ -111,6 +120,22 @@ _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "selu": torch.selu_,
     "sigmoid": torch.sigmoid_,
 }
+
+
+# A conv's layer norm (pytorch-tcn's use_norm="layer_norm", per timestep over the channels):
+# its (weight, bias), or None.
+Norm = tuple[torch.Tensor, torch.Tensor] | None
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which pytorch-tcn builds with
+
+
+def layer_norm(y: torch.Tensor, norm: Norm, dim: int) -> torch.Tensor:
+    if norm is None:
+        return y
+    if dim in (-1, y.dim() - 1):
+        return F.layer_norm(y, (y.shape[-1],), norm[0], norm[1], LAYER_NORM_EPS)
+    return F.layer_norm(
+        y.movedim(dim, -1), (y.shape[dim],), norm[0], norm[1], LAYER_NORM_EPS
+    ).movedim(-1, dim)
 
 
 def glu(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -33,6 +33,9 @@ class TCNConfig:
     # pytorch-tcn's use_gate: each block's first conv has 2 x its width of outputs, and a GLU
     # (first half x sigmoid(second half)) stands in for the activation after it.
     gate: bool = False
+    # pytorch-tcn's use_norm="layer_norm": each conv's output normed over its channels, per
+    # timestep, before its activation (weight norm and batch norm are folded into the convs).
+    layer_norm: bool = False
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
@@ -67,6 +70,8 @@ class TCNConfig:
             )
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, minimum=1)
+        if not isinstance(self.layer_norm, bool):
+            raise ValueError(f"layer_norm must be true or false, got {self.layer_norm!r}")
         if not isinstance(self.gate, bool):
             raise ValueError(f"gate must be true or false, got {self.gate!r}")
         if not isinstance(self.skip_connections, bool):

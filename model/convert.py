@@ -346,11 +346,9 @@ def _pytorch_tcn_block(i: int, block: Tensors) -> tuple[Tensors, int | None]:
             out[f"{conv}.weight"], out[f"{conv}.bias"] = _fold_batch_norm(
                 out[f"{conv}.weight"], out[f"{conv}.bias"], block, norm, where
             )
-        elif f"{norm}.weight" in block:
-            raise ValueError(
-                f"{where}: use_norm='layer_norm' is not served yet (a per-timestep layer norm "
-                "after each conv)"
-            )
+        elif f"{norm}.weight" in block:  # use_norm="layer_norm": per timestep, kept as it is
+            out[f"{norm}.weight"] = block.pop(f"{norm}.weight")
+            out[f"{norm}.bias"] = _take(block, f"{norm}.bias", where)
         buffer = block.pop(f"{conv}.padder.buffer", None)  # streaming state: only its width
         pads.append(None if buffer is None else buffer.shape[-1])
     k = out["conv1.weight"].shape[-1]
@@ -376,6 +374,8 @@ def _norm_shown(state: Mapping[str, torch.Tensor]) -> str | None:
     or plain conv weights (None)."""
     if any(k.endswith("norm1.running_mean") for k in state):
         return "batch_norm"
+    if any(k.endswith("norm1.weight") for k in state):
+        return "layer_norm"
     if any(".parametrizations.weight." in k for k in state):
         return "weight_norm"
     return None
@@ -432,6 +432,7 @@ def _build(
     skips: dict[int, Tensors] | None = None,  # skip connections: their 1x1 convs by block
     gate: bool = False,
 ) -> TCN:
+    layer_norm = "norm1.weight" in convs[0]
     """Infer the config from tensor shapes, check every shape, and load the weights."""
     w, head_w = convs[0]["conv1.weight"], (head or {}).get("weight")
     if w.dim() != 3 or any(c["conv2.weight"].dim() != 3 for c in convs):
@@ -451,6 +452,7 @@ def _build(
         activation=activation,
         skip_connections=skips is not None,
         gate=gate,
+        layer_norm=layer_norm,
     )
     state: dict[str, Any] = {}
     last = config.channels[-1]
@@ -476,6 +478,9 @@ def _build(
         }
         if c_in != c_out:
             want |= {"downsample.weight": (c_out, c_in, 1), "downsample.bias": (c_out,)}
+        if layer_norm:
+            want |= {"norm1.weight": (first,), "norm1.bias": (first,)}
+            want |= {"norm2.weight": (c_out,), "norm2.bias": (c_out,)}
         state |= _checked(f"network.{i}", block, want, f"blocks.{i}.")
     if head is not None:
         if head_w is not None and head_w.dim() == 3:  # pytorch-tcn's 1x1 conv is a Linear

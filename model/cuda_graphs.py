@@ -106,13 +106,13 @@ class GraphedStep:
         finite = torch.ones(rows, dtype=torch.bool, device=h.device)
         check_rings = not pool.overflow_safe
         act, skips, total = pool._act, pool._skips, None
-        for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(pool._step_plan):
+        for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(pool._step_plan):
             ring1.index_copy_(0, writes[i], h)
-            a = act.first(b1, F.embedding(taps[i], ring1).view(rows, -1), w1)
+            a = act.first(b1, F.embedding(taps[i], ring1).view(rows, -1), w1, n1)
             ring2.index_copy_(0, writes[i], a)
             if check_rings:
                 finite &= torch.isfinite(h).all(dim=1) & torch.isfinite(a).all(dim=1)
-            a = act.addmm(b2, F.embedding(taps[i], ring2).view(rows, -1), w2)
+            a = act.addmm(b2, F.embedding(taps[i], ring2).view(rows, -1), w2, n2)
             if skips is not None and i < len(skips):
                 total = add_skip(total, a, skips[i])
             residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])

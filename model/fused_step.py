@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from model.activations import ELU_ALPHA, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
+from model.activations import ELU_ALPHA, LAYER_NORM_EPS, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
 
 try:  # an optional accelerator: everything works without it, only slower for small N
     import numba
@@ -74,6 +74,7 @@ FUSED_NARROW_MACS = 8_192
 # The activations' constants as globals of this module, which numba compiles in.
 _LEAKY_SLOPE, _ELU_ALPHA, _SELU_ALPHA, _SELU_SCALE = LEAKY_SLOPE, ELU_ALPHA, SELU_ALPHA, SELU_SCALE
 _SQRT_HALF = math.sqrt(0.5)
+_LAYER_NORM_EPS = LAYER_NORM_EPS
 
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
 _FASTMATH = {"reassoc", "contract"}
@@ -249,6 +250,24 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
 
 
 @_jit
+def _norm_act(buf, n, width, weight, bias, act, zero):
+    """buf[:n, :width] layer-normed per row (nn.LayerNorm: biased variance, eps inside the
+    root, then weight and bias), then the activation `act` (-1: none), in place."""
+    for s in range(n):
+        mean = 0.0
+        for i in range(width):
+            mean += buf[s, i]
+        mean /= width
+        var = 0.0
+        for i in range(width):
+            d = buf[s, i] - mean
+            var += d * d
+        inv = 1.0 / math.sqrt(var / width + _LAYER_NORM_EPS)
+        for i in range(width):
+            buf[s, i] = _act((buf[s, i] - mean) * inv * weight[i] + bias[i], act, zero)
+
+
+@_jit
 def _affine(weight_t, bias, inp, c_in, out, n):
     """out[:n, :C_out] = inp[:n, :c_in] @ W + b, with weight_t (C_out, c_in)."""
     for o in range(weight_t.shape[0]):
@@ -283,6 +302,7 @@ def _step(
     skip_modes,
     skip_w,
     gate,
+    norms,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
     `commit`, a finite step also records x in the input history and moves the positions on.
@@ -303,23 +323,30 @@ def _step(
     for b in range(dilations.shape[0]):
         w1, w2 = weights_t[2 * b], weights_t[2 * b + 1]
         mid, c_out = w2.shape[1] // k, w2.shape[0]
+        normed = norms[4 * b].shape[0] > 0  # layer norms after both convs
         if gate:  # the conv's 2 * mid outputs into r, then a = first half x sigmoid(second)
             finite &= _conv(
                 rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
                 h, c, r, taps, zero, -1,
             )  # fmt: skip
+            if normed:
+                _norm_act(r, n, 2 * mid, norms[4 * b], norms[4 * b + 1], -1, zero)
             for s in range(n):
                 for i in range(mid):
                     a[s, i] = r[s, i] / (1.0 + math.exp(-r[s, mid + i]))
         else:
             finite &= _conv(
                 rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
-                h, c, a, taps, zero, act,
+                h, c, a, taps, zero, -1 if normed else act,
             )  # fmt: skip
+            if normed:
+                _norm_act(a, n, mid, norms[4 * b], norms[4 * b + 1], act, zero)
         finite &= _conv(
             rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
-            slots, pos, a, mid, o, taps, zero, act,
+            slots, pos, a, mid, o, taps, zero, -1 if normed else act,
         )  # fmt: skip
+        if normed:
+            _norm_act(o, n, c_out, norms[4 * b + 2], norms[4 * b + 3], act, zero)
         mode = skip_modes[b] if use_skips else 0
         if mode == 1:
             for s in range(n):
@@ -382,6 +409,7 @@ class FusedPlan:
     skip_modes: np.ndarray  # (blocks,) int64 (see `_step`), or (0,) without skip connections
     skip_w: Any  # typed list: per block its skip conv's (C_last, C_i) weight and (1, C_last) bias
     gate: bool  # a GLU after each block's first conv (of twice the width) instead of `act`
+    norms: Any  # typed list: per block norm1's and norm2's weight and bias (C,), or (0,)s
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -397,12 +425,14 @@ def fused_plan(
     act: int = 0,
     skips: tuple | None = None,  # StreamPool._skips as numpy: per block but the last
     gate: bool = False,
+    norms: list | None = None,  # per block (norm1, norm2), each (weight, bias) or None
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
         raise RuntimeError("the fused step kernel needs numba (pip install numba)")
     dtype = layers[0][0].dtype
     empty = np.zeros((0, 0), dtype=dtype)
+    no_norm = np.zeros(0, dtype=dtype)
 
     def typed(arrays: list[np.ndarray]) -> Any:
         out = TypedList()
@@ -456,6 +486,14 @@ def fused_plan(
         skip_modes=np.array(modes, dtype=np.int64),
         skip_w=typed(skip_w),
         gate=gate,
+        norms=typed(
+            [
+                part
+                for pair in (norms or [(None, None)] * len(dilations))
+                for norm in pair
+                for part in (norm if norm is not None else (no_norm, no_norm))
+            ]
+        ),
         no_history=np.zeros((0, in_width), dtype=dtype),
         no_positions=np.zeros(0, dtype=np.int64),
     )
@@ -503,5 +541,6 @@ def fused_step(
         plan.skip_modes,
         plan.skip_w,
         plan.gate,
+        plan.norms,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

@@ -10,6 +10,8 @@ the biases and (p, q); a conv's sum before its activation is bounded first:
     conv1:  |a|   <= p (|W1| |h| + |b1|) + q    (k taps of C_in values per output)
     conv2:  |out| <= p (|W2| |a| + |b2|) + q
     block:  |h'|  <= p (|out| + |residual|) + q (residual = h, or the 1x1 downsample of h)
+    norm:   |LN(v)| <= sqrt(C - 1) |weight| + |bias| whatever v; its variance squares v, so
+            |v| stays within sqrt(limit / C)
     skips:  |s|   <= sum over blocks but the last of |out_i| (|Ws_i| |out_i| + |bs_i| if 1x1)
             and the output p (|h_last| + |s|) + q
     head:   |y|   <= |Wh| |h| + |bh|
@@ -44,6 +46,15 @@ def _bias(bias: torch.Tensor | None) -> float:
     return float(bias.detach().double().abs().max()) if bias is not None else 0.0
 
 
+def _normed(bound: tuple[float, float], norm: torch.nn.LayerNorm | None) -> tuple[float, float]:
+    """A layer norm's output, whatever its input: each normalised value is within
+    sqrt(C - 1) of 0, then scaled by |weight| and moved by |bias|."""
+    if norm is None:
+        return bound
+    c = norm.weight.numel()
+    return 0.0, math.sqrt(max(c - 1, 1)) * _bias(norm.weight) + _bias(norm.bias)
+
+
 @torch.no_grad()
 def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
     """The largest |x| whose every intermediate stays under half of dtype's range, or None
@@ -61,9 +72,11 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
     skips: list[tuple[float, float]] = []  # each block's conv output bound
     for block in net.blocks:
         n1, n2 = _norm(block.conv1.weight), _norm(block.conv2.weight)
-        a_sum = (n1 * g, n1 * c + _bias(block.conv1.bias))
+        conv1 = (n1 * g, n1 * c + _bias(block.conv1.bias))  # before its norm, if any
+        a_sum = _normed(conv1, block.norm1)
         a = a_sum if net.config.gate else act(a_sum)  # |glu(u, v)| = |u| sigmoid(v) <= |u|
-        out_sum = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
+        conv2 = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
+        out_sum = _normed(conv2, block.norm2)
         out = act(out_sum)
         if block.downsample is None:
             res = (g, c)
@@ -72,7 +85,11 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
             res = (nd * g, nd * c + _bias(block.downsample.bias))
         h_sum = (out[0] + res[0], out[1] + res[1])
         g, c = act(h_sum)
-        bounds += [a_sum, a, out_sum, out, res, h_sum, (g, c)]
+        bounds += [conv1, a_sum, a, conv2, out_sum, out, res, h_sum, (g, c)]
+        for value, norm in ((conv1, block.norm1), (conv2, block.norm2)):
+            if norm is not None:  # its variance squares the values: they stay below
+                scale = math.sqrt(limit * norm.weight.numel())  # sqrt(limit / C)
+                bounds.append((value[0] * scale, value[1] * scale))
         skips.append(out)
     if net.skips is not None:  # the skip sum, then the activation of it plus the last output
         total = (0.0, 0.0)

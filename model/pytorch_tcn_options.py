@@ -103,9 +103,7 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
         problems.append("use_skip_connections: true or false")
     if not isinstance(options["use_gate"], bool):
         problems.append("use_gate: true or false")
-    if options["use_norm"] == "layer_norm":
-        problems.append("use_norm='layer_norm': not served yet")
-    elif options["use_norm"] not in ("weight_norm", "batch_norm", None):
+    if options["use_norm"] not in ("weight_norm", "batch_norm", "layer_norm", None):
         problems.append(f"use_norm={options['use_norm']!r}: pytorch-tcn has no such norm")
     if options["embedding_shapes"] is not None:
         problems.append("embedding_shapes: embeddings are not served yet")
@@ -155,8 +153,13 @@ def check_against_weights(options: PytorchTcnOptions, net: TCN, norm_shown: str 
         if stated[name] is not None and stated[name] != shown[name]
     ]
     norm = options.get("use_norm")
-    if norm != norm_shown and norm != "layer_norm":  # layer_norm: refused by `parse`
-        shows = {None: "plain", "weight_norm": "weight-normed", "batch_norm": "batch-normed"}
+    if norm != norm_shown:
+        shows = {
+            None: "plain",
+            "weight_norm": "weight-normed",
+            "batch_norm": "batch-normed",
+            "layer_norm": "layer-normed",
+        }
         wrong.append(f"use_norm={norm!r} (the weights are {shows[norm_shown]})")
     if wrong:
         raise ValueError(

@@ -103,16 +103,18 @@ def ragged_forward(
     n = plan.n
     writes = []
 
-    def conv(i: int, ring: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, f):
+    def conv(
+        i: int, ring: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, f, norm
+    ):
         ring[scratch_at[i] : scratch_at[i] + n] = x  # scratch: nothing reads it between calls
         taps = F.embedding(plan.taps[i], ring).view(n, -1)  # (n, k * C_in), oldest tap first
         writes.append((ring, plan.kept_at[i], x[plan.kept[i]]))
-        return f(b, taps, w)  # (n, k * C_in) x (k * C_in, C_out)
+        return f(b, taps, w, norm)  # (n, k * C_in) x (k * C_in, C_out)
 
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(blocks):
-        a = conv(i, ring1, w1, b1, h, act.first)
-        out = conv(i, ring2, w2, b2, a, act.addmm)
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(blocks):
+        a = conv(i, ring1, w1, b1, h, act.first, n1)
+        out = conv(i, ring2, w2, b2, a, act.addmm, n2)
         if skips is not None and i < len(skips):
             total = add_skip(total, out, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])

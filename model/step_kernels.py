@@ -68,11 +68,11 @@ def step_torch(
     """A block's two convs have the same dilation and ring length, so the same ring rows."""
     n = h.shape[0]
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(plan):
         ring1.index_copy_(0, writes[i], h)
-        a = act.first(b1, F.embedding(taps[i], ring1).view(n, -1), w1)
+        a = act.first(b1, F.embedding(taps[i], ring1).view(n, -1), w1, n1)
         ring2.index_copy_(0, writes[i], a)
-        a = act.addmm(b2, F.embedding(taps[i], ring2).view(n, -1), w2)
+        a = act.addmm(b2, F.embedding(taps[i], ring2).view(n, -1), w2, n2)
         if skips is not None and i < len(skips):
             total = add_skip(total, a, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
@@ -100,10 +100,11 @@ def step_blas(
     h = h.contiguous()
     finite = True
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation) in enumerate(plan):
+    for i, block in enumerate(plan):
+        ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation, n1, n2 = block
         conv = (ring_len, dilation, slots, positions, operand, act)
-        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv, first=True)
-        a, ok2 = _gathered_conv(ring2, w2, b2, a, *conv)
+        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv, first=True, norm=n1)
+        a, ok2 = _gathered_conv(ring2, w2, b2, a, *conv, norm=n2)
         finite = finite and ok1 and ok2
         if skips is not None and i < len(skips):
             total = add_skip(total, a, skips[i])
@@ -124,13 +125,14 @@ def _gathered_conv(
     operand: np.ndarray,
     act: Activation,
     first: bool = False,
+    norm: Any = None,
 ) -> tuple[torch.Tensor, bool]:
     n, c = inp.shape
     taps = operand[: n * weight.shape[0]].reshape(n, -1)  # (N, k * C_in)
     k = weight.shape[0] // c
     ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
     conv = act.first if first else act.addmm
-    return conv(bias, torch.from_numpy(taps), weight), ok
+    return conv(bias, torch.from_numpy(taps), weight, norm), ok
 
 
 def step_numpy(
@@ -143,15 +145,15 @@ def step_numpy(
 ) -> np.ndarray:  # (N, C_last)
     n = h.shape[0]
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample) in enumerate(plan):
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(plan):
         ring1[writes[2 * i]] = h
         a = ring1.take(taps[2 * i], axis=0).reshape(n, -1) @ w1
         a += b1
-        a = act.numpy_first(a)
+        a = act.numpy_of(a, n1, first=True)
         ring2[writes[2 * i + 1]] = a
         out = ring2.take(taps[2 * i + 1], axis=0).reshape(n, -1) @ w2
         out += b2
-        act.numpy_inplace(out)
+        out = act.numpy_of(out, n2)
         if skips is not None and i < len(skips):
             total = add_skip_np(total, out, skips[i])
         if downsample is None:

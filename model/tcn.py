@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from model.activations import LAYER_NORM_EPS
 from model.activations import activation as activation_of
 from model.config import ACTIVATIONS, TCNConfig
 
@@ -36,12 +37,16 @@ class TemporalBlock(nn.Module):
         dropout: float,
         act: str = "relu",
         gate: bool = False,
+        layer_norm: bool = False,
     ):
         super().__init__()
         self.act = activation_of(act)
         self.gate = gate
         first_width = 2 * out_channels if gate else out_channels
         self.conv1 = weight_norm(CausalConv1d(in_channels, first_width, kernel_size, dilation))
+        # pytorch-tcn's use_norm="layer_norm": each conv's output normed per timestep
+        self.norm1 = nn.LayerNorm(first_width, eps=LAYER_NORM_EPS) if layer_norm else None
+        self.norm2 = nn.LayerNorm(out_channels, eps=LAYER_NORM_EPS) if layer_norm else None
         self.conv2 = weight_norm(CausalConv1d(out_channels, out_channels, kernel_size, dilation))
         self.dropout = nn.Dropout(dropout)
         # 1x1 conv on the residual path only when the channel count changes, as in the paper.
@@ -52,11 +57,15 @@ class TemporalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
         return self.forward_with_skip(x)[0]
 
+    @staticmethod
+    def _normed(h: torch.Tensor, norm: nn.LayerNorm | None) -> torch.Tensor:
+        return h if norm is None else norm(h.transpose(1, 2)).transpose(1, 2)
+
     def forward_with_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the block's output, its second conv's activated output: the skip connection's)."""
-        h = self.conv1(x)
+        h = self._normed(self.conv1(x), self.norm1)
         h = self.dropout(F.glu(h, dim=1) if self.gate else self.act(h))
-        h = self.dropout(self.act(self.conv2(h)))
+        h = self.dropout(self.act(self._normed(self.conv2(h), self.norm2)))
         residual = x if self.downsample is None else self.downsample(x)
         return self.act(h + residual), h
 
@@ -82,6 +91,7 @@ class TCN(nn.Module):
                 config.dropout,
                 config.activation,
                 config.gate,
+                config.layer_norm,
             )
             for i in range(config.num_blocks)
         )

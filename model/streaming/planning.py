@@ -63,11 +63,12 @@ class KernelPlanning:
         auto_numba = step_kernel == "auto" and fused_step.AVAILABLE
         if auto_numba or step_kernel == "blas":
             self._blas_plan = tuple(
-                (r1.numpy(), w1, b1, r2.numpy(), w2, b2, ds, b.conv1.ring_len, b.conv1.dilation)
-                for (r1, w1, b1, r2, w2, b2, ds), b in zip(
+                (r1.numpy(), w1, b1, r2.numpy(), w2, b2, ds, b.conv1.ring_len, b.conv1.dilation,
+                 n1, n2)
+                for (r1, w1, b1, r2, w2, b2, ds, n1, n2), b in zip(
                     self._step_plan, self._blocks, strict=True
                 )
-            )
+            )  # fmt: skip
             widest = max(layer.step_weight.shape[0] for layer in self._layers)  # k * C_in
             # torch's allocator aligns to 64 bytes (numpy's to 16): rows start on cache lines
             self._operand = torch.empty(self.capacity * widest, dtype=self.dtype).numpy()
@@ -104,6 +105,7 @@ class KernelPlanning:
                 self._act.code,
                 None if self._skips is None else numpy_view(self._skips),
                 self.config.gate,
+                [numpy_view((block.norm1, block.norm2)) for block in self._blocks],
             )
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)

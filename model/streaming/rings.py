@@ -45,6 +45,8 @@ class _Block:
     conv1: _CausalLayer
     conv2: _CausalLayer
     downsample: tuple[torch.Tensor, torch.Tensor] | None  # (C_in, C_out) weight, bias
+    norm1: tuple[torch.Tensor, torch.Tensor] | None = None  # layer norms' (weight, bias)
+    norm2: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class RingBuffers:
@@ -81,7 +83,18 @@ class RingBuffers:
                     block.downsample.weight.detach()[:, :, 0].T.to(dev, dt, copy=True).contiguous(),
                     block.downsample.bias.detach().to(dev, dt, copy=True),
                 )
-            blocks.append(_Block(layer(block.conv1, dilation), layer(block.conv2, dilation), ds))
+            norms = [
+                None
+                if norm is None
+                else (
+                    norm.weight.detach().to(dev, dt, copy=True),
+                    norm.bias.detach().to(dev, dt, copy=True),
+                )
+                for norm in (block.norm1, block.norm2)
+            ]
+            blocks.append(
+                _Block(layer(block.conv1, dilation), layer(block.conv2, dilation), ds, *norms)
+            )
         self._blocks: tuple[_Block, ...] = tuple(blocks)
         self._layers = tuple(layer for b in blocks for layer in (b.conv1, b.conv2))
         # Per layer: how far back each tap reaches (oldest first), and the ring length.
@@ -103,6 +116,8 @@ class RingBuffers:
                 b.conv2.step_weight,
                 b.conv2.bias,
                 b.downsample,
+                b.norm1,
+                b.norm2,
             )
             for b in self._blocks
         )

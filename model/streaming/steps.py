@@ -301,7 +301,7 @@ class StepPaths:
             writes.append((self._history, rows, x[steps - kept :]))
         h = self._embed(x).T  # (C, T)
 
-        def conv(layer: _CausalLayer, inp: torch.Tensor, first: bool) -> torch.Tensor:
+        def conv(layer: _CausalLayer, inp: torch.Tensor, first: bool, norm) -> torch.Tensor:
             base = slot * layer.ring_len
             past = layer.ring[base + torch.remainder(t0 + layer.past_offsets, layer.ring_len)]
             seq = torch.cat([past.T, inp], dim=1)  # (C_in, L - 1 + T), oldest first
@@ -310,11 +310,11 @@ class StepPaths:
             when = torch.remainder(t0 + steps + layer.past_offsets, layer.ring_len)
             writes.append((layer.ring, base + when, newest))
             y = F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[0]
-            return act.first_of(y, 0) if first else act.inplace(y)  # (C_out, T)
+            return act.of(y, 0, norm, first)  # (C_out, T)
 
         act, skips, total = self._act, self._skips, None
         for i, block in enumerate(self._blocks):
-            out = conv(block.conv2, conv(block.conv1, h, True), False)
+            out = conv(block.conv2, conv(block.conv1, h, True, block.norm1), False, block.norm2)
             if skips is not None and i < len(skips):
                 total = add_skip(total, out.T, skips[i])  # (T, C_last)
             if block.downsample is None:

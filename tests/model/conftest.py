@@ -107,6 +107,7 @@ def tcn_configs(
         activation=draw(st.sampled_from(ACTIVATIONS)),
         skip_connections=draw(st.booleans()),
         gate=draw(st.booleans()),
+        layer_norm=draw(st.booleans()),
     )
 
 

@@ -98,7 +98,7 @@ def test_pytorch_tcn_without_weight_norm_is_a_plain_conv(tmp_path):
         ({"use_skip_connections": True}, "use_skip_connections"),
         ({"use_gate": True}, "use_gate"),
         ({"use_norm": "batch_norm"}, "batch-normed"),  # shown by its statistics
-        ({"use_norm": "layer_norm"}, "layer_norm"),
+        ({"use_norm": "layer_norm"}, "layer-normed"),  # shown by its norm weights
         ({"embedding_shapes": [(3,)]}, "embedding_shapes"),
     ],
 )
@@ -338,6 +338,8 @@ def test_options_a_state_dict_hides_are_never_assumed(tmp_path, kwargs, message)
         {"use_gate": True},
         {"use_gate": True, "use_skip_connections": True, "activation": "elu"},
         {"use_gate": True, "use_norm": "batch_norm", "output_projection": 2},
+        {"use_norm": "layer_norm", "activation": "gelu"},
+        {"use_norm": "layer_norm", "use_gate": True, "use_skip_connections": True},
     ],
     ids=repr,
 )

@@ -107,13 +107,24 @@ def _reference_forward(net: TCN, x: torch.Tensor) -> torch.Tensor:
     c, w = net.config, net.state_dict()
     act = REFERENCE_ACTIVATIONS[c.activation]
     total = None
+
+    def normed(v: torch.Tensor, prefix: str) -> torch.Tensor:  # nn.LayerNorm per timestep
+        if not c.layer_norm:
+            return v
+        shape = (v.shape[1],)
+        return F.layer_norm(
+            v.transpose(1, 2), shape, w[prefix + "weight"], w[prefix + "bias"]
+        ).transpose(1, 2)
+
     h = F.embedding(x, w["embedding.weight"]).transpose(1, 2) if c.vocab_size else x
     for i, d in enumerate(c.dilations):
         p = f"blocks.{i}."
         pad = (c.kernel_size - 1) * d
         a = F.conv1d(F.pad(h, (pad, 0)), w[p + "conv1.weight"], w[p + "conv1.bias"], 1, 0, d)
+        a = normed(a, p + "norm1.")
         a = torch.nn.GLU(dim=1)(a) if c.gate else act(a)
-        a = act(F.conv1d(F.pad(a, (pad, 0)), w[p + "conv2.weight"], w[p + "conv2.bias"], 1, 0, d))
+        a = F.conv1d(F.pad(a, (pad, 0)), w[p + "conv2.weight"], w[p + "conv2.bias"], 1, 0, d)
+        a = act(normed(a, p + "norm2."))
         if p + "downsample.weight" in w:
             h = F.conv1d(h, w[p + "downsample.weight"], w[p + "downsample.bias"])
         h = act(a + h)

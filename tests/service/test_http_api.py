@@ -79,6 +79,7 @@ def test_predict_matches_forward_for_ragged_batches(client, tiny_dir):
         {"activation": "tanh"},
         {"activation": "selu", "skip_connections": True},
         {"activation": "elu", "skip_connections": True, "gate": True},
+        {"activation": "relu", "layer_norm": True, "gate": True},
     ],
     ids=repr,
 )
