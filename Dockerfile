@@ -39,8 +39,8 @@ COPY service ./service
 # default), then the project, whose torch requirement that build already satisfies.
 RUN python -m pip install --upgrade pip \
  && python -m pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
- && python -m pip install . \
- && rm -rf /app/model /app/service
+ && python -m pip install --no-cache-dir . \
+ && rm -rf /app/model /app/service /app/build /app/*.egg-info
 
 USER tcnserve
 EXPOSE 8000

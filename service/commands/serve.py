@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    busy = port_in_use(settings.host, settings.port)
+    if busy:  # before the models load, not seconds later
+        print(f"tcnserve serve: refusing to start: {busy}", file=sys.stderr)
+        return 2
     workers = settings.resolved_workers()
     if workers:  # N edge processes and an engine process (service/engine/supervisor.py)
         from service.engine.supervisor import Supervisor
@@ -95,6 +100,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"tcnserve serve: refusing to start: {e}", file=sys.stderr)
         return 2
     return serve(app, settings, host=settings.host, port=settings.port)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served (another process listens there), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return (
+                f"cannot listen on {host}:{port} ({e.strerror}): is another server there? "
+                "pass another --port"
+            )
+    return None
 
 
 def serve(

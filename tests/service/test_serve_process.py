@@ -70,6 +70,28 @@ def test_unsafe_settings_exit_with_a_clear_message():
     assert "refusing to start: max_batch_size must be >= 1" in result.stderr
 
 
+def test_a_busy_port_is_refused_before_the_models_load(tiny_dir):
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            [*serve_command(), "--model", f"tiny={tiny_dir}", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
 def test_sigterm_drains_then_exits(tiny_dir, tmp_path):
     port = free_port()
     with (tmp_path / "server.log").open("w") as log:
