@@ -154,7 +154,15 @@ class Settings(BaseSettings):
         for name, directory in self.models.items():
             if not MODEL_NAME_RE.match(name):
                 problems.append(f"models: invalid model name {name!r} (use [A-Za-z0-9_.-])")
-            if not (Path(directory) / "config.json").is_file():
+            try:
+                found = (Path(directory) / "config.json").is_file()
+            except OSError as e:  # e.g. a directory this user may not enter (mode 0700)
+                problems.append(
+                    f"models: {name}={directory} cannot be read by this user ({e.strerror}): "
+                    "make the checkpoint readable (a mounted model needs r-x on its directory)"
+                )
+                continue
+            if not found:
                 problems.append(f"models: {name}={directory} has no config.json checkpoint")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")

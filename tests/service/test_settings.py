@@ -19,6 +19,17 @@ def test_defaults_serve_the_builtin_model(monkeypatch):
     assert settings.max_body_bytes == 16 * 1024 * 1024
 
 
+def test_a_model_directory_this_user_cannot_enter_is_refused_by_name(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def no_entry(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_file", no_entry)  # root may enter any mode-0700 directory
+    with pytest.raises(ValueError, match=r"cannot be read by this user \(Permission denied\)"):
+        Settings(models={"m": tmp_path})
+
+
 def test_builtin_names_the_shipped_model_beside_your_own(tiny_dir):
     settings = Settings(models=["default=builtin", f"mine={tiny_dir}"])
     assert settings.models == {"default": default_model_dir(), "mine": tiny_dir}
