@@ -57,6 +57,10 @@ class Activation:
     # pytorch-tcn's use_gate: each block's first conv has twice the width, and a GLU (its first
     # half times the sigmoid of its second) takes the activation's place after it.
     gated: bool = False
+    # keras-tcn's block: the second conv's output goes through the activation twice (its
+    # Act_Conv1D_1, then Act_Conv_Blocks), and skip connections sum every block's second-conv
+    # output, the last block's included, with no activation after (model/tcn.py).
+    keras: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -68,6 +72,13 @@ class Activation:
         if norm is None and self.code == 0:
             return _addmm_relu(bias, a, w)
         return self.inplace(layer_norm(torch.addmm(bias, a, w), norm, -1))
+
+    def second(
+        self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, norm: Norm = None
+    ) -> torch.Tensor:
+        """A block's second conv as one matmul: `addmm`, activated again for keras-tcn."""
+        y = self.addmm(bias, a, w, norm)
+        return self.inplace(y) if self.keras else y
 
     def first(
         self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, norm: Norm = None
@@ -81,12 +92,16 @@ class Activation:
         """A conv's computed output `y` (channels along `dim`): normed, then gated (a first
         conv's, with a gate) or activated."""
         y = layer_norm(y, norm, dim)
-        return glu(y, dim) if first and self.gated else self.inplace(y)
+        if first:
+            return glu(y, dim) if self.gated else self.inplace(y)
+        y = self.inplace(y)
+        return self.inplace(y) if self.keras else y
 
     def numpy_of(self, a: np.ndarray, norm: Norm = None, first: bool = False) -> np.ndarray:
         """`of` for (rows, C) numpy rows, in place where it can be."""
         if norm is None and not (first and self.gated):
-            return self.numpy_inplace(a)
+            a = self.numpy_inplace(a)
+            return self.numpy_inplace(a) if self.keras and not first else a
         if norm is not None:  # numpy views of the pool's tensors
             norm = (torch.from_numpy(norm[0]), torch.from_numpy(norm[1]))
         return self.of(torch.from_numpy(a), -1, norm, first).numpy()
@@ -144,8 +159,8 @@ def glu(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @functools.cache
-def activation(name: str, gated: bool = False) -> Activation:
+def activation(name: str, gated: bool = False, keras: bool = False) -> Activation:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
     index = ACTIVATIONS.index(name)
-    return Activation(name, index, _FUNCTIONS[name], _INPLACE[name], _BOUNDS[name], gated)
+    return Activation(name, index, _FUNCTIONS[name], _INPLACE[name], _BOUNDS[name], gated, keras)

@@ -36,6 +36,10 @@ class TCNConfig:
     # pytorch-tcn's use_norm="layer_norm": each conv's output normed over its channels, per
     # timestep, before its activation (weight norm and batch norm are folded into the convs).
     layer_norm: bool = False
+    # keras-tcn's block: the second conv's output is activated twice (Act_Conv1D_1, then
+    # Act_Conv_Blocks), and skip connections sum every block's second-conv output, the last
+    # block's included, in place of the last block's output, with no activation after.
+    keras_tcn: bool = False
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
@@ -70,6 +74,10 @@ class TCNConfig:
             )
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, minimum=1)
+        if not isinstance(self.keras_tcn, bool):
+            raise ValueError(f"keras_tcn must be true or false, got {self.keras_tcn!r}")
+        if self.keras_tcn and self.skip_connections and len(set(self.channels)) > 1:
+            raise ValueError("keras-tcn's skip connections need every block of one width")
         if not isinstance(self.layer_norm, bool):
             raise ValueError(f"layer_norm must be true or false, got {self.layer_norm!r}")
         if not isinstance(self.gate, bool):

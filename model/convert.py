@@ -147,9 +147,22 @@ def convert_file(
     output_activation: str = "none",
     pytorch_tcn_kwargs: Mapping[str, Any] | None = None,
 ) -> TCNConfig:
-    """Convert a state_dict file into a tcnserve checkpoint directory; return its config.
-    Nothing is written unless the conversion is exact (as far as can be checked here: see
-    the checkpoint metadata's `verified_against`)."""
+    """Convert a state_dict file (or a keras-tcn `.keras` model) into a tcnserve checkpoint
+    directory; return its config. Nothing is written unless the conversion is exact (as far
+    as can be checked here: see the checkpoint metadata's `verified_against`)."""
+    if Path(src).suffix == ".keras" or format == "keras-tcn":
+        if dilations is not None or output_activation != "none" or pytorch_tcn_kwargs:
+            raise ValueError(
+                "a .keras file records its own options: give no --dilations, "
+                "--output-activation or --pytorch-tcn-kwargs"
+            )
+        from model import keras_tcn
+
+        net, read = keras_tcn.convert_keras_file(src)
+        metadata = {**read, "source_file": Path(src).name, "dilations": "keras-tcn config"}
+        metadata |= keras_tcn.verify(net, src)  # where keras-tcn is importable, else null
+        save_model(net, dst, metadata=metadata)
+        return net.config
     state = load_state_dict_file(src)
     net, fmt, dilations_from, checked = _convert(
         state, format, dilations, output_activation, pytorch_tcn_kwargs

@@ -112,7 +112,7 @@ class GraphedStep:
             ring2.index_copy_(0, writes[i], a)
             if check_rings:
                 finite &= torch.isfinite(h).all(dim=1) & torch.isfinite(a).all(dim=1)
-            a = act.addmm(b2, F.embedding(taps[i], ring2).view(rows, -1), w2, n2)
+            a = act.second(b2, F.embedding(taps[i], ring2).view(rows, -1), w2, n2)
             if skips is not None and i < len(skips):
                 total = add_skip(total, a, skips[i])
             residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])

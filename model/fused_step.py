@@ -303,6 +303,7 @@ def _step(
     skip_w,
     gate,
     norms,
+    keras,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
     `commit`, a finite step also records x in the input history and moves the positions on.
@@ -347,6 +348,10 @@ def _step(
         )  # fmt: skip
         if normed:
             _norm_act(o, n, c_out, norms[4 * b + 2], norms[4 * b + 3], act, zero)
+        if keras:  # keras-tcn's Act_Conv_Blocks: the activation once more
+            for s in range(n):
+                for i in range(c_out):
+                    o[s, i] = _act(o[s, i], act, zero)
         mode = skip_modes[b] if use_skips else 0
         if mode == 1:
             for s in range(n):
@@ -369,7 +374,7 @@ def _step(
     if use_skips:
         for s in range(n):
             for i in range(c):
-                h[s, i] = _act(h[s, i] + sk[s, i], act, zero)
+                h[s, i] = sk[s, i] if keras else _act(h[s, i] + sk[s, i], act, zero)
     if head[0].shape[0] > 0:
         _affine(head[0], head[1][0], h, c, y, n)
     else:
@@ -410,6 +415,7 @@ class FusedPlan:
     skip_w: Any  # typed list: per block its skip conv's (C_last, C_i) weight and (1, C_last) bias
     gate: bool  # a GLU after each block's first conv (of twice the width) instead of `act`
     norms: Any  # typed list: per block norm1's and norm2's weight and bias (C,), or (0,)s
+    keras: bool  # keras-tcn's block (model/activations.py `Activation.keras`)
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -426,6 +432,7 @@ def fused_plan(
     skips: tuple | None = None,  # StreamPool._skips as numpy: per block but the last
     gate: bool = False,
     norms: list | None = None,  # per block (norm1, norm2), each (weight, bias) or None
+    keras: bool = False,
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
@@ -464,7 +471,7 @@ def fused_plan(
             skip_w += [empty, empty]
         else:
             skip_w += [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
-    if skips is not None:
+    if skips is not None and len(modes) < len(dilations):
         modes.append(0)  # the last block's output is the sum's other term
         skip_w += [empty, empty]
     else:
@@ -486,6 +493,7 @@ def fused_plan(
         skip_modes=np.array(modes, dtype=np.int64),
         skip_w=typed(skip_w),
         gate=gate,
+        keras=keras,
         norms=typed(
             [
                 part
@@ -542,5 +550,6 @@ def fused_step(
         plan.skip_w,
         plan.gate,
         plan.norms,
+        plan.keras,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

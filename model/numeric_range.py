@@ -78,6 +78,8 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
         conv2 = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
         out_sum = _normed(conv2, block.norm2)
         out = act(out_sum)
+        if net.config.keras_tcn:  # activated twice
+            out = act(out)
         if block.downsample is None:
             res = (g, c)
         else:
@@ -99,9 +101,13 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
                 out = (ns * out[0], ns * out[1] + _bias(conv.bias))
             total = (total[0] + out[0], total[1] + out[1])
             bounds += [out, total]
-        h_sum = (g + total[0], c + total[1])
-        g, c = act(h_sum)
-        bounds += [h_sum, (g, c)]
+        if net.config.keras_tcn:  # the sum alone
+            g, c = total
+        else:
+            h_sum = (g + total[0], c + total[1])
+            g, c = act(h_sum)
+            bounds.append(h_sum)
+        bounds.append((g, c))
     if net.head is not None:
         nh = _norm(net.head.weight)
         bounds.append((nh * g, nh * c + _bias(net.head.bias)))

@@ -114,7 +114,7 @@ def ragged_forward(
     total = None
     for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(blocks):
         a = conv(i, ring1, w1, b1, h, act.first, n1)
-        out = conv(i, ring2, w2, b2, a, act.addmm, n2)
+        out = conv(i, ring2, w2, b2, a, act.second, n2)
         if skips is not None and i < len(skips):
             total = add_skip(total, out, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])

@@ -40,7 +40,10 @@ def add_skip(total: torch.Tensor | None, out: torch.Tensor, skip: Any) -> torch.
 
 
 def finish_skips(h: torch.Tensor, total: torch.Tensor | None, act: Activation) -> torch.Tensor:
-    """With skip connections, the network's output: act(the last block's output + the sum)."""
+    """With skip connections, the network's output: act(the last block's output + the sum),
+    or for keras-tcn the sum alone (it includes the last block's conv output)."""
+    if act.keras:
+        return total
     return act.inplace(h if total is None else h.add_(total))
 
 
@@ -72,7 +75,7 @@ def step_torch(
         ring1.index_copy_(0, writes[i], h)
         a = act.first(b1, F.embedding(taps[i], ring1).view(n, -1), w1, n1)
         ring2.index_copy_(0, writes[i], a)
-        a = act.addmm(b2, F.embedding(taps[i], ring2).view(n, -1), w2, n2)
+        a = act.second(b2, F.embedding(taps[i], ring2).view(n, -1), w2, n2)
         if skips is not None and i < len(skips):
             total = add_skip(total, a, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])
@@ -131,7 +134,7 @@ def _gathered_conv(
     taps = operand[: n * weight.shape[0]].reshape(n, -1)  # (N, k * C_in)
     k = weight.shape[0] // c
     ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
-    conv = act.first if first else act.addmm
+    conv = act.first if first else act.second
     return conv(bias, torch.from_numpy(taps), weight, norm), ok
 
 
@@ -163,6 +166,8 @@ def step_numpy(
             out += downsample[1]
         h = act.numpy_inplace(out)
     if skips is not None:
+        if act.keras:
+            return total
         if total is not None:
             h += total
         h = act.numpy_inplace(h)

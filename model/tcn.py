@@ -38,10 +38,12 @@ class TemporalBlock(nn.Module):
         act: str = "relu",
         gate: bool = False,
         layer_norm: bool = False,
+        keras: bool = False,
     ):
         super().__init__()
         self.act = activation_of(act)
         self.gate = gate
+        self.keras = keras
         first_width = 2 * out_channels if gate else out_channels
         self.conv1 = weight_norm(CausalConv1d(in_channels, first_width, kernel_size, dilation))
         # pytorch-tcn's use_norm="layer_norm": each conv's output normed per timestep
@@ -66,6 +68,8 @@ class TemporalBlock(nn.Module):
         h = self._normed(self.conv1(x), self.norm1)
         h = self.dropout(F.glu(h, dim=1) if self.gate else self.act(h))
         h = self.dropout(self.act(self._normed(self.conv2(h), self.norm2)))
+        if self.keras:  # keras-tcn's Act_Conv_Blocks
+            h = self.act(h)
         residual = x if self.downsample is None else self.downsample(x)
         return self.act(h + residual), h
 
@@ -92,16 +96,17 @@ class TCN(nn.Module):
                 config.activation,
                 config.gate,
                 config.layer_norm,
+                config.keras_tcn,
             )
             for i in range(config.num_blocks)
         )
         # Skip connections: a 1x1 conv from each block but the last whose width differs from
         # the last block's (None where it does not, as pytorch-tcn's downsample_skip_connection).
         last = config.channels[-1]
+        # keras-tcn's skips take every block's output, the last one's too, all of one width.
+        skipped = config.channels if config.keras_tcn else config.channels[:-1]
         self.skips = (
-            nn.ModuleList(
-                nn.Conv1d(c, last, 1) if c != last else None for c in config.channels[:-1]
-            )
+            nn.ModuleList(nn.Conv1d(c, last, 1) if c != last else None for c in skipped)
             if config.skip_connections
             else None
         )
@@ -182,7 +187,7 @@ class TCN(nn.Module):
                     skip = out if self.skips[i] is None else self.skips[i](out)
                     total = skip if total is None else total + skip
             act = self.blocks[-1].act
-            h = act(h if total is None else h + total)
+            h = total if self.config.keras_tcn else act(h if total is None else h + total)
         if self.head is not None:
             h = self.head(h.transpose(1, 2)).transpose(1, 2)  # (B, T, C) -> (B, out, T)
         return apply_output_activation(h, self.config.output_activation, dim=1)

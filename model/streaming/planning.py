@@ -106,6 +106,7 @@ class KernelPlanning:
                 None if self._skips is None else numpy_view(self._skips),
                 self.config.gate,
                 [numpy_view((block.norm1, block.norm2)) for block in self._blocks],
+                self.config.keras_tcn,
             )
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)

@@ -68,7 +68,7 @@ class StreamPool(
             raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
         self.config = net.config
         # Every kernel's activation, and the gate after each block's first conv if any
-        self._act = activation(net.config.activation, net.config.gate)
+        self._act = activation(net.config.activation, net.config.gate, net.config.keras_tcn)
         self.capacity = capacity
         if isinstance(max_advance_rows, bool) or not isinstance(max_advance_rows, int):
             raise ValueError(f"max_advance_rows must be an integer, got {max_advance_rows!r}")

@@ -34,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a checkpoint already in dst"
     )
-    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
+    parser.add_argument(
+        "--format",
+        choices=("auto", *FORMATS, "keras-tcn"),
+        default="auto",
+        help="auto: a .keras file is keras-tcn, a state_dict is told apart by its keys",
+    )
     parser.add_argument(
         "--dilations",
         type=parse_dilations,
@@ -97,6 +102,13 @@ def run(args: argparse.Namespace) -> int:
         f"output_activation={config.output_activation} "
         f"receptive_field={config.receptive_field}"
     )
+    if metadata["source_format"] == "keras-tcn" and not metadata.get("verified_against"):
+        print(
+            "note: keras-tcn (with TensorFlow) is not installed here, so the conversion was not "
+            "run against its forward; the converter is tested against models saved by real "
+            "keras-tcn (docs/bring_your_own_model.md)",
+            file=sys.stderr,
+        )
     if metadata["source_format"] == "pytorch-tcn":
         if metadata.get("verified_against"):
             print(

@@ -96,6 +96,9 @@ def tcn_configs(
     channels = draw(st.lists(st.integers(1, max_width), min_size=blocks, max_size=blocks))
     dilations = draw(st.none() | st.lists(st.integers(1, 5), min_size=blocks, max_size=blocks))
     with_vocab = draw(st.booleans()) if vocab is None else vocab
+    skips, keras = draw(st.booleans()), draw(st.booleans())
+    if skips and keras:  # keras-tcn's skip connections: every block of one width
+        channels = [channels[0]] * blocks
     return TCNConfig(
         in_channels=draw(st.integers(1, 4)),
         channels=channels,
@@ -105,7 +108,8 @@ def tcn_configs(
         output_activation=draw(st.sampled_from(OUTPUT_ACTIVATIONS)),
         vocab_size=draw(st.integers(2, 12)) if with_vocab else None,
         activation=draw(st.sampled_from(ACTIVATIONS)),
-        skip_connections=draw(st.booleans()),
+        skip_connections=skips,
+        keras_tcn=keras,
         gate=draw(st.booleans()),
         layer_norm=draw(st.booleans()),
     )

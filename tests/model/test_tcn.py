@@ -125,15 +125,17 @@ def _reference_forward(net: TCN, x: torch.Tensor) -> torch.Tensor:
         a = torch.nn.GLU(dim=1)(a) if c.gate else act(a)
         a = F.conv1d(F.pad(a, (pad, 0)), w[p + "conv2.weight"], w[p + "conv2.bias"], 1, 0, d)
         a = act(normed(a, p + "norm2."))
+        if c.keras_tcn:  # Act_Conv_Blocks
+            a = act(a)
         if p + "downsample.weight" in w:
             h = F.conv1d(h, w[p + "downsample.weight"], w[p + "downsample.bias"])
         h = act(a + h)
-        if c.skip_connections and i < len(c.dilations) - 1:  # pytorch-tcn's skip outputs
+        if c.skip_connections and (c.keras_tcn or i < len(c.dilations) - 1):
             s = f"skips.{i}."
             skip = F.conv1d(a, w[s + "weight"], w[s + "bias"]) if s + "weight" in w else a
             total = skip if total is None else total + skip
-    if c.skip_connections:
-        h = act(h if total is None else h + total)
+    if c.skip_connections:  # keras-tcn: the sum of every block's; pytorch-tcn: act(h + sum)
+        h = total if c.keras_tcn else act(h if total is None else h + total)
     if c.out_channels is not None:
         h = torch.einsum("bct,oc->bot", h, w["head.weight"]) + w["head.bias"][:, None]
     return h
