@@ -103,7 +103,7 @@ class Activation:
             a = self.numpy_inplace(a)
             return self.numpy_inplace(a) if self.keras and not first else a
         if norm is not None:  # numpy views of the pool's tensors
-            norm = (torch.from_numpy(norm[0]), torch.from_numpy(norm[1]))
+            norm = (torch.from_numpy(norm[0]), torch.from_numpy(norm[1]), norm[2])
         return self.of(torch.from_numpy(a), -1, norm, first).numpy()
 
     def numpy_inplace(self, a: np.ndarray) -> np.ndarray:
@@ -137,20 +137,18 @@ _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# A conv's layer norm (pytorch-tcn's use_norm="layer_norm", per timestep over the channels):
-# its (weight, bias), or None.
-Norm = tuple[torch.Tensor, torch.Tensor] | None
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which pytorch-tcn builds with
+# A conv's layer norm (per timestep over the channels): its (weight, bias, eps), or None.
+Norm = tuple[torch.Tensor, torch.Tensor, float] | None
 
 
 def layer_norm(y: torch.Tensor, norm: Norm, dim: int) -> torch.Tensor:
     if norm is None:
         return y
     if dim in (-1, y.dim() - 1):
-        return F.layer_norm(y, (y.shape[-1],), norm[0], norm[1], LAYER_NORM_EPS)
-    return F.layer_norm(
-        y.movedim(dim, -1), (y.shape[dim],), norm[0], norm[1], LAYER_NORM_EPS
-    ).movedim(-1, dim)
+        return F.layer_norm(y, (y.shape[-1],), norm[0], norm[1], norm[2])
+    return F.layer_norm(y.movedim(dim, -1), (y.shape[dim],), norm[0], norm[1], norm[2]).movedim(
+        -1, dim
+    )
 
 
 def glu(x: torch.Tensor, dim: int) -> torch.Tensor:

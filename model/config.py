@@ -36,6 +36,7 @@ class TCNConfig:
     # pytorch-tcn's use_norm="layer_norm": each conv's output normed over its channels, per
     # timestep, before its activation (weight norm and batch norm are folded into the convs).
     layer_norm: bool = False
+    layer_norm_eps: float = 1e-5  # nn.LayerNorm's default (pytorch-tcn's); Keras' is 1e-3
     # keras-tcn's block: the second conv's output is activated twice (Act_Conv1D_1, then
     # Act_Conv_Blocks), and skip connections sum every block's second-conv output, the last
     # block's included, in place of the last block's output, with no activation after.
@@ -78,6 +79,9 @@ class TCNConfig:
             raise ValueError(f"keras_tcn must be true or false, got {self.keras_tcn!r}")
         if self.keras_tcn and self.skip_connections and len(set(self.channels)) > 1:
             raise ValueError("keras-tcn's skip connections need every block of one width")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"layer_norm_eps must be a number in (0, 1), got {eps!r}")
         if not isinstance(self.layer_norm, bool):
             raise ValueError(f"layer_norm must be true or false, got {self.layer_norm!r}")
         if not isinstance(self.gate, bool):

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from model.activations import ELU_ALPHA, LAYER_NORM_EPS, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
+from model.activations import ELU_ALPHA, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
 
 try:  # an optional accelerator: everything works without it, only slower for small N
     import numba
@@ -74,7 +74,6 @@ FUSED_NARROW_MACS = 8_192
 # The activations' constants as globals of this module, which numba compiles in.
 _LEAKY_SLOPE, _ELU_ALPHA, _SELU_ALPHA, _SELU_SCALE = LEAKY_SLOPE, ELU_ALPHA, SELU_ALPHA, SELU_SCALE
 _SQRT_HALF = math.sqrt(0.5)
-_LAYER_NORM_EPS = LAYER_NORM_EPS
 
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
 _FASTMATH = {"reassoc", "contract"}
@@ -250,7 +249,7 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
 
 
 @_jit
-def _norm_act(buf, n, width, weight, bias, act, zero):
+def _norm_act(buf, n, width, weight, bias, act, zero, eps):
     """buf[:n, :width] layer-normed per row (nn.LayerNorm: biased variance, eps inside the
     root, then weight and bias), then the activation `act` (-1: none), in place."""
     for s in range(n):
@@ -262,7 +261,7 @@ def _norm_act(buf, n, width, weight, bias, act, zero):
         for i in range(width):
             d = buf[s, i] - mean
             var += d * d
-        inv = 1.0 / math.sqrt(var / width + _LAYER_NORM_EPS)
+        inv = 1.0 / math.sqrt(var / width + eps)
         for i in range(width):
             buf[s, i] = _act((buf[s, i] - mean) * inv * weight[i] + bias[i], act, zero)
 
@@ -304,6 +303,7 @@ def _step(
     gate,
     norms,
     keras,
+    norm_eps,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
     `commit`, a finite step also records x in the input history and moves the positions on.
@@ -331,7 +331,7 @@ def _step(
                 h, c, r, taps, zero, -1,
             )  # fmt: skip
             if normed:
-                _norm_act(r, n, 2 * mid, norms[4 * b], norms[4 * b + 1], -1, zero)
+                _norm_act(r, n, 2 * mid, norms[4 * b], norms[4 * b + 1], -1, zero, norm_eps)
             for s in range(n):
                 for i in range(mid):
                     a[s, i] = r[s, i] / (1.0 + math.exp(-r[s, mid + i]))
@@ -341,13 +341,13 @@ def _step(
                 h, c, a, taps, zero, -1 if normed else act,
             )  # fmt: skip
             if normed:
-                _norm_act(a, n, mid, norms[4 * b], norms[4 * b + 1], act, zero)
+                _norm_act(a, n, mid, norms[4 * b], norms[4 * b + 1], act, zero, norm_eps)
         finite &= _conv(
             rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
             slots, pos, a, mid, o, taps, zero, -1 if normed else act,
         )  # fmt: skip
         if normed:
-            _norm_act(o, n, c_out, norms[4 * b + 2], norms[4 * b + 3], act, zero)
+            _norm_act(o, n, c_out, norms[4 * b + 2], norms[4 * b + 3], act, zero, norm_eps)
         if keras:  # keras-tcn's Act_Conv_Blocks: the activation once more
             for s in range(n):
                 for i in range(c_out):
@@ -416,6 +416,7 @@ class FusedPlan:
     gate: bool  # a GLU after each block's first conv (of twice the width) instead of `act`
     norms: Any  # typed list: per block norm1's and norm2's weight and bias (C,), or (0,)s
     keras: bool  # keras-tcn's block (model/activations.py `Activation.keras`)
+    norm_eps: float  # the layer norms' epsilon
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -494,12 +495,13 @@ def fused_plan(
         skip_w=typed(skip_w),
         gate=gate,
         keras=keras,
+        norm_eps=next((float(n[2]) for pair in norms or () for n in pair if n is not None), 1e-5),
         norms=typed(
             [
                 part
                 for pair in (norms or [(None, None)] * len(dilations))
                 for norm in pair
-                for part in (norm if norm is not None else (no_norm, no_norm))
+                for part in (norm[:2] if norm is not None else (no_norm, no_norm))
             ]
         ),
         no_history=np.zeros((0, in_width), dtype=dtype),
@@ -551,5 +553,6 @@ def fused_step(
         plan.gate,
         plan.norms,
         plan.keras,
+        plan.norm_eps,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

@@ -10,9 +10,9 @@ activation twice (its Act_Conv1D_1, then Act_Conv_Blocks), and skip connections 
 block's second-conv output (the last block's included) in place of the last block's output,
 with no activation after; the converted config says so (`keras_tcn`). Batch norms are folded
 into the convs with Keras' epsilon (1e-3). What tcnserve cannot compute exactly is refused by
-name: `padding="same"` (not causal), layer norms (Keras' epsilon differs from the one
-tcnserve's kernels use), `leaky_relu` (Keras' slope 0.2, not torch's 0.01), other activations,
-`go_backwards`, layers other than one Dense head.
+name: `padding="same"` (not causal), `leaky_relu` (Keras' slope 0.2, not torch's 0.01), other
+activations, `go_backwards`, layers other than one Dense head. Layer norms keep Keras' epsilon
+(1e-3).
 
 `return_sequences=False` models answer only their last timestep; served, they answer every
 timestep, the last of which is the source model's output.
@@ -38,6 +38,7 @@ ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "selu", "sigmoid")
 # axis: the channels, as tcnserve's).
 HEAD_ACTIVATIONS = {"linear": "none", "softmax": "softmax", **{a: a for a in ACTIVATIONS}}
 KERAS_BATCH_NORM_EPS = 1e-3  # keras.layers.BatchNormalization's default, keras-tcn's
+KERAS_LAYER_NORM_EPS = 1e-3  # keras.layers.LayerNormalization's
 OPTIONS_READ = (
     "nb_filters", "kernel_size", "nb_stacks", "dilations", "padding", "use_skip_connections",
     "activation", "use_batch_norm", "use_layer_norm", "return_sequences",
@@ -91,8 +92,6 @@ def _refusals(options: dict[str, Any]) -> list[str]:
         )
     elif activation not in ACTIVATIONS:
         problems.append(f"activation={activation!r}: tcnserve serves {', '.join(ACTIVATIONS)}")
-    if options.get("use_layer_norm"):
-        problems.append("use_layer_norm=True: not served yet (Keras' layer-norm epsilon 1e-3)")
     if options.get("use_weight_norm"):
         problems.append("use_weight_norm=True: not served yet")
     if options.get("go_backwards"):
@@ -129,14 +128,20 @@ def _build(options: dict, in_channels: int, dense: dict | None, h5: Any) -> TCN:
         activation=str(options["activation"]),
         skip_connections=bool(options.get("use_skip_connections", True)),
         keras_tcn=True,
+        layer_norm=bool(options.get("use_layer_norm")) and not options.get("use_batch_norm"),
+        layer_norm_eps=KERAS_LAYER_NORM_EPS,
     )
     state: dict[str, torch.Tensor] = {}
     # Keras 3 keeps a layer's weights under its class's snake-case name (one TCN, one Dense).
     root = h5["layers/tcn"]
     for i in range(len(channels)):
         block = root[f"residual_block_{i}"]
-        norms = _batch_norms(block) if options.get("use_batch_norm") else [None, None]
-        for k, norm in enumerate(norms):
+        norms = _norms(block, "batch_norm_layers") if options.get("use_batch_norm") else None
+        if config.layer_norm:  # kept as they are: per timestep, over the channels
+            for k, (gamma, beta) in enumerate(_norms(block, "layer_norm_layers", 2)):
+                state[f"blocks.{i}.norm{k + 1}.weight"] = gamma
+                state[f"blocks.{i}.norm{k + 1}.bias"] = beta
+        for k, norm in enumerate(norms or [None, None]):
             weight = _tensor(block, f"conv1D_{k}", 0).permute(2, 1, 0)  # (k, in, out) -> torch
             bias = _tensor(block, f"conv1D_{k}", 1)
             if norm is not None:
@@ -170,13 +175,16 @@ def _tensor(group: Any, layer: str, index: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(node[str(index)], dtype=np.float32))
 
 
-def _batch_norms(block: Any) -> list[tuple[torch.Tensor, ...]]:
-    """The block's two batch norms in creation order (Keras numbers them globally)."""
-    group = block["batch_norm_layers"]
+def _norms(block: Any, kind: str, parts: int = 4) -> list[tuple[torch.Tensor, ...]]:
+    """The block's two norms in creation order (Keras numbers its layers globally): a batch
+    norm's gamma, beta, moving mean and variance, a layer norm's gamma and beta."""
+    if kind not in block:
+        raise ValueError(f"the config says a {kind.split('_')[0]} norm, the weights hold none")
+    group = block[kind]
     names = sorted(group, key=lambda n: int(re.sub(r"\D", "", n) or 0))
     if len(names) != 2:
-        raise ValueError(f"expected two batch norms in a residual block, found {names}")
-    return [tuple(_tensor(group, n, j) for j in range(4)) for n in names]
+        raise ValueError(f"expected two norms ({kind}) in a residual block, found {names}")
+    return [tuple(_tensor(group, n, j) for j in range(parts)) for n in names]
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, norm: tuple) -> tuple[torch.Tensor, ...]:

@@ -8,7 +8,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from model.activations import LAYER_NORM_EPS
 from model.activations import activation as activation_of
 from model.config import ACTIVATIONS, TCNConfig
 
@@ -39,6 +38,7 @@ class TemporalBlock(nn.Module):
         gate: bool = False,
         layer_norm: bool = False,
         keras: bool = False,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.act = activation_of(act)
@@ -47,8 +47,8 @@ class TemporalBlock(nn.Module):
         first_width = 2 * out_channels if gate else out_channels
         self.conv1 = weight_norm(CausalConv1d(in_channels, first_width, kernel_size, dilation))
         # pytorch-tcn's use_norm="layer_norm": each conv's output normed per timestep
-        self.norm1 = nn.LayerNorm(first_width, eps=LAYER_NORM_EPS) if layer_norm else None
-        self.norm2 = nn.LayerNorm(out_channels, eps=LAYER_NORM_EPS) if layer_norm else None
+        self.norm1 = nn.LayerNorm(first_width, eps=layer_norm_eps) if layer_norm else None
+        self.norm2 = nn.LayerNorm(out_channels, eps=layer_norm_eps) if layer_norm else None
         self.conv2 = weight_norm(CausalConv1d(out_channels, out_channels, kernel_size, dilation))
         self.dropout = nn.Dropout(dropout)
         # 1x1 conv on the residual path only when the channel count changes, as in the paper.
@@ -97,6 +97,7 @@ class TCN(nn.Module):
                 config.gate,
                 config.layer_norm,
                 config.keras_tcn,
+                config.layer_norm_eps,
             )
             for i in range(config.num_blocks)
         )

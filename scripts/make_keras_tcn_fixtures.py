@@ -30,6 +30,11 @@ CASES = {
              use_batch_norm=True, return_sequences=False),
         3, "sigmoid",
     ),
+    "skips_tanh_layernorm": (
+        dict(nb_filters=6, kernel_size=3, dilations=[1, 2, 4], activation="tanh",
+             use_layer_norm=True),
+        2, "linear",
+    ),
     "widths_elu": (
         dict(nb_filters=[4, 6, 6], kernel_size=3, dilations=[1, 2, 4],
              use_skip_connections=False, activation="elu"),
@@ -51,12 +56,15 @@ def main(out: Path) -> None:
         if units is not None:
             x = keras.layers.Dense(units, activation=head_activation)(x)
         model = keras.Model(inputs, x)
-        for layer in model.layers:  # batch norm statistics far from (0, 1)
+        for layer in model.layers:  # norms far from their initial (1, 0) and (0, 1)
             for sub in getattr(layer, "_flatten_layers", lambda: [])():
                 if isinstance(sub, keras.layers.BatchNormalization):
                     mean, var = sub.moving_mean, sub.moving_variance
                     mean.assign(rng.normal(size=mean.shape).astype("float32"))
                     var.assign(rng.uniform(0.2, 3.0, size=var.shape).astype("float32"))
+                if isinstance(sub, keras.layers.LayerNormalization):
+                    sub.gamma.assign(rng.uniform(0.5, 1.5, size=sub.gamma.shape).astype("float32"))
+                    sub.beta.assign(rng.normal(size=sub.beta.shape).astype("float32"))
         x_in = rng.normal(size=(1, 70, 3)).astype("float32")
         y = np.asarray(model(x_in, training=False))
         model.save(out / f"{name}.keras")

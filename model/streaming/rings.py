@@ -45,8 +45,8 @@ class _Block:
     conv1: _CausalLayer
     conv2: _CausalLayer
     downsample: tuple[torch.Tensor, torch.Tensor] | None  # (C_in, C_out) weight, bias
-    norm1: tuple[torch.Tensor, torch.Tensor] | None = None  # layer norms' (weight, bias)
-    norm2: tuple[torch.Tensor, torch.Tensor] | None = None
+    norm1: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (weight, bias, eps)
+    norm2: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
 
 class RingBuffers:
@@ -89,6 +89,7 @@ class RingBuffers:
                 else (
                     norm.weight.detach().to(dev, dt, copy=True),
                     norm.bias.detach().to(dev, dt, copy=True),
+                    float(norm.eps),
                 )
                 for norm in (block.norm1, block.norm2)
             ]

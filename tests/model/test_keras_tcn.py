@@ -33,9 +33,8 @@ def last_or_all(y: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 
 def test_there_are_fixtures_of_every_kind():
-    assert {"skips_relu", "noskips_tanh_stacks", "skips_gelu_batchnorm_last", "widths_elu"} <= set(
-        CASES
-    )
+    kinds = {"skips_relu", "noskips_tanh_stacks", "skips_gelu_batchnorm_last", "widths_elu"}
+    assert kinds | {"skips_tanh_layernorm"} <= set(CASES)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -99,7 +98,7 @@ def tcn_options(config: dict) -> dict:
         (lambda c: tcn_options(c).update(padding="same"), "padding='same'"),
         (lambda c: tcn_options(c).update(activation="leaky_relu"), "slope is 0.2"),
         (lambda c: tcn_options(c).update(activation="swish"), "activation='swish'"),
-        (lambda c: tcn_options(c).update(use_layer_norm=True), "use_layer_norm=True"),
+        (lambda c: tcn_options(c).update(use_layer_norm=True), "a layer norm, the weights"),
         (lambda c: tcn_options(c).update(go_backwards=True), "go_backwards=True"),
         (
             lambda c: c["config"]["layers"].append({"class_name": "LSTM", "config": {}}),
