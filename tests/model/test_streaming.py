@@ -54,17 +54,25 @@ def open_streams(pool: StreamPool, count: int, data: st.DataObject) -> list[int]
     return slots
 
 
+# Every host kernel a pool can be told to use (CUDA graphs: tests/model/test_streaming_cuda.py).
+HOST_KERNELS = ["auto", "fused", "blas", "numpy", "torch"]
+
+
+@pytest.mark.parametrize("kernel", HOST_KERNELS)
 @given(config=tcn_configs(), seed=st.integers(0, 2**16), data=st.data())
 @settings(PROPERTY, max_examples=40)
 def test_interleaved_streams_equal_full_forward(
-    config: TCNConfig, seed: int, data: st.DataObject
+    kernel: str, config: TCNConfig, seed: int, data: st.DataObject
 ) -> None:
+    """Random configs (every option: activation, skip connections, gate, layer norm, the
+    keras-tcn block, heads, token inputs) through each kernel, random chunkings and orders."""
     net = random_net(config, seed, std=data.draw(st.floats(0.3, 0.5), label="std"))
     n = data.draw(st.integers(2, 5), label="streams")
     lengths = data.draw(st.lists(st.integers(1, 24), min_size=n, max_size=n), label="lengths")
     seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
     expected = [full_forward(net, s) for s in seqs]
-    pool = StreamPool(net, capacity=n + data.draw(st.integers(0, 3), label="spare"))
+    spare = data.draw(st.integers(0, 3), label="spare")
+    pool = StreamPool(net, capacity=n + spare, step_kernel=kernel)
     slots = open_streams(pool, n, data)
     got = drive(data, pool, slots, seqs)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
