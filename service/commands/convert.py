@@ -1,4 +1,5 @@
-"""`tcnserve convert`: a locuslab/TCN or pytorch-tcn state_dict into a tcnserve checkpoint."""
+"""`tcnserve convert`: a locuslab/TCN or pytorch-tcn state_dict, or a keras-tcn `.keras`
+model, into a tcnserve checkpoint."""
 
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ nothing it cannot show is guessed:
   model is rebuilt from them and both forwards are compared (max |difference| <= 1e-5 +
   1e-5 * max |output|) before the checkpoint is written; without it, the checkpoint records
   that it was not verified.
+  keras-tcn: a .keras file (model.save("x.keras")) records its options; TensorFlow is not
+  needed (docs/bring_your_own_model.md).
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", help="state_dict file (torch.save output or .safetensors)")
+    parser.add_argument(
+        "src", help="state_dict file (torch.save output or .safetensors), or a keras-tcn .keras"
+    )
     parser.add_argument("dst", help="checkpoint directory to write")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a checkpoint already in dst"
