@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.commands.serve", "start the HTTP/WebSocket server"),
-    "convert": ("service.commands.convert", "convert a locuslab/TCN, pytorch-tcn or keras-tcn model"),
+    "convert": ("service.commands.convert", "convert a locuslab/TCN, pytorch-tcn, keras-tcn model"),
     "train": ("service.commands.train", "train a TCN on one of the paper's synthetic tasks"),
     "predict": ("service.commands.client", "send a whole sequence file to a server"),
     "stream": ("service.commands.client", "stream rows to a server session, print outputs"),
