@@ -243,7 +243,10 @@ def _conv(ring, weight_t, bias, ring_len, dilation, k, slots, pos, inp, c_in, ou
             acc = bias[o]
             for i in range(width):
                 acc += weight_t[o, i] * taps[s, i]
-            out[s, o] = (acc if not acc < zero else zero) if act == 0 else _act(acc, act, zero)
+            if act == 0:
+                out[s, o] = acc if not acc < zero else zero
+            else:
+                out[s, o] = _act(acc, act, zero)
             s += 1
     return finite
 
@@ -366,10 +369,17 @@ def _step(
         if downsample[2 * b].shape[0] > 0:  # a 1x1 conv where the width changes
             _affine(downsample[2 * b], downsample[2 * b + 1][0], h, c, r, n)
             residual = r
-        for s in range(n):
-            for i in range(c_out):
-                v = o[s, i] + residual[s, i]
-                h[s, i] = (v if not v < zero else zero) if act == 0 else _act(v, act, zero)
+        # Branches on `act` as statements, never one typed expression: mixing the dtype's ReLU
+        # with `_act`'s float64 in one expression costs the ReLU path its vectorised stores.
+        if act == 0:
+            for s in range(n):
+                for i in range(c_out):
+                    v = o[s, i] + residual[s, i]
+                    h[s, i] = v if not v < zero else zero
+        else:
+            for s in range(n):
+                for i in range(c_out):
+                    h[s, i] = _act(o[s, i] + residual[s, i], act, zero)
         c = c_out
     if use_skips:
         for s in range(n):
