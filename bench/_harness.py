@@ -354,6 +354,19 @@ def environment() -> str:
     )
 
 
+def best_us(fn, repeats: int, inner: int) -> float:
+    """The fastest of `repeats` timings of `inner` calls of fn(), per call, in microseconds
+    (one untimed call first)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best * 1e6
+
+
 def write_results(path: Path | str, bench: str, results: object) -> None:
     """`--json PATH`: one benchmark run, machine-readable, for bench/plot_service.py."""
     record = {

@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._harness import environment, write_results
+from bench._harness import best_us, environment, write_results
 from model import TCN, StreamPool, TCNConfig
 from model.config import ACTIVATIONS
-
-
-def best_us(fn, repeats: int, inner: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return best * 1e6
 
 
 def main() -> None:
