@@ -34,7 +34,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from types import MappingProxyType
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # loaded by the process that serves the models, before this i
 logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
 SAVE_CHUNK = 512  # writes per pipelined round trip
+_NO_WRITES: Mapping[int, float] = MappingProxyType({})
 # A failed create's record is deleted twice, this far apart: a register still queued on the
 # connection that timed out reaches Redis within a moment of its other commands.
 UNCONFIRMED_RECHECK_S = 1.0
@@ -100,7 +102,11 @@ class SessionDurability:
         # Monotonic time of each owned session's oldest acknowledged, unstored push: pushed
         # since its last capture, and captured by a write still in flight.
         self._unsaved_since: dict[SessionKey, float] = {}
-        self._writing: dict[SessionKey, float] = {}
+        # Writes in flight, per session: write number -> the oldest push it captured. A write
+        # that lands stores every push captured by any earlier write, so it settles those too,
+        # and an earlier write that fails afterwards has nothing left to give back.
+        self._writing: dict[SessionKey, dict[int, float]] = {}
+        self._write_seq = 0
         # Registers whose outcome is unknown (their answer was lost): key -> the record.
         self._unconfirmed: dict[SessionKey, bytes] = {}
         self._cleanups: dict[SessionKey, asyncio.Task] = {}
@@ -228,7 +234,8 @@ class SessionDurability:
 
     def check_push(self, session: Session) -> None:
         key = self._key(session)
-        oldest = min(self._unsaved_since.get(key, math.inf), self._writing.get(key, math.inf))
+        in_flight = self._writing.get(key, _NO_WRITES).values()
+        oldest = min(self._unsaved_since.get(key, math.inf), min(in_flight, default=math.inf))
         age = self._monotonic() - oldest
         if age > self.bound_s:
             self._refused.inc()
@@ -382,13 +389,14 @@ class SessionDurability:
             held = True
             records = await self._capture(locked)
             # What this write stores: each session's pushes up to now (later ones start anew).
+            self._write_seq += 1
+            seq = self._write_seq
             captured: dict[SessionKey, float] = {}
             for session in locked:
                 key = self._key(session)
-                since = self._unsaved_since.pop(key, None)
-                if since is not None:
-                    captured[key] = since
-                    self._writing[key] = min(since, self._writing.get(key, math.inf))
+                since = self._unsaved_since.pop(key, math.inf)
+                captured[key] = since
+                self._writing.setdefault(key, {})[seq] = since
             if not release:  # the snapshot is taken: pushes may go on while it is written
                 held = False
                 for session in locked:
@@ -409,16 +417,15 @@ class SessionDurability:
             except (RedisError, OSError) as e:
                 logger.warning("session store: %d snapshots not written: %s", len(writes), e)
                 self._failed_writes.inc(len(writes))
-                self._uncapture(captured)
+                self._uncapture(captured, seq)
                 if release:
                     raise
                 return 0
             written = 0
             for session, record, ok in zip(locked, records, applied, strict=True):
                 key = self._key(session)
-                if key in captured:
-                    self._writing.pop(key, None)
                 if ok:
+                    self._settle(key, seq)
                     written += 1
                     self._saved[key] = (record.position, session.last_used_at)
                 if release:
@@ -455,11 +462,27 @@ class SessionDurability:
         self._unsaved_since.pop(key, None)
         self._writing.pop(key, None)
 
-    def _uncapture(self, captured: dict[SessionKey, float]) -> None:
-        """A write failed: what it captured is unstored again, since the oldest push."""
+    def _settle(self, key: SessionKey, seq: int) -> None:
+        """Write `seq` landed: it stored every push that it or an earlier write captured."""
+        in_flight = self._writing.get(key)
+        if in_flight is None:
+            return
+        for earlier in [n for n in in_flight if n <= seq]:
+            del in_flight[earlier]
+        if not in_flight:
+            del self._writing[key]
+
+    def _uncapture(self, captured: dict[SessionKey, float], seq: int) -> None:
+        """Write `seq` failed: what it captured is unstored again, since its oldest push, unless
+        a later write has landed meanwhile and stored it."""
         for key, since in captured.items():
-            self._writing.pop(key, None)
-            if key in self._epochs:
+            in_flight = self._writing.get(key)
+            if in_flight is None or seq not in in_flight:
+                continue  # settled by a later write
+            del in_flight[seq]
+            if not in_flight:
+                del self._writing[key]
+            if key in self._epochs and since != math.inf:
                 self._unsaved_since[key] = min(since, self._unsaved_since.get(key, math.inf))
 
     # ----- small pieces ------------------------------------------------------------------------

@@ -153,6 +153,75 @@ async def test_a_write_that_hangs_counts_as_unstored(make_settings):
         assert (await push(client, sid, 3, 4)).status_code == 200
 
 
+class GatedStore(MemoryStore):
+    """A MemoryStore whose next writes each wait for their own gate, then land or fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[tuple[asyncio.Event, bool]] = []  # (opens it, it fails)
+        self.waiting = 0
+
+    def gate(self, fails: bool) -> asyncio.Event:
+        opened = asyncio.Event()
+        self.gates.append((opened, fails))
+        return opened
+
+    async def save(self, writes: list[Write]) -> list[bool]:
+        if not self.gates:
+            return await super().save(writes)
+        opened, fails = self.gates.pop(0)
+        self.waiting += 1
+        await opened.wait()
+        self.waiting -= 1
+        if fails:
+            raise RedisTimeout("Timeout reading from socket")
+        return await super().save(writes)
+
+
+async def until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_a_write_that_fails_after_a_later_one_landed_gives_nothing_back(make_settings):
+    store, clock = GatedStore(), FakeClock(1000.0)
+    async with replica(make_settings, store, clock) as (client, durability):
+        sid = (await client.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
+        assert (await push(client, sid, 0, 2)).status_code == 200  # unstored from t = 1000
+        first = store.gate(fails=True)
+        slow = asyncio.create_task(durability.save_changed())
+        await until(lambda: store.waiting == 1)  # captured, waiting on the store
+        assert await durability.save_changed() == 1  # a later write stores position 2
+        first.set()
+        assert await slow == 0  # the earlier one fails: what it held is stored already
+        clock.advance(BOUND_S + 1.0)
+        assert (await push(client, sid, 2, 3)).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_an_earlier_write_landing_leaves_a_later_ones_pushes_counted(make_settings):
+    store, clock = GatedStore(), FakeClock(1000.0)
+    async with replica(make_settings, store, clock) as (client, durability):
+        sid = (await client.post("/v1/sessions", json={"model": "tiny"})).json()["session_id"]
+        assert (await push(client, sid, 0, 2)).status_code == 200
+        first, second = store.gate(fails=False), store.gate(fails=False)
+        earlier = asyncio.create_task(durability.save_changed())
+        await until(lambda: store.waiting == 1)
+        clock.advance(1.0)
+        assert (await push(client, sid, 2, 3)).status_code == 200  # unstored from t = 1001
+        later = asyncio.create_task(durability.save_changed())
+        await until(lambda: store.waiting == 2)
+        first.set()
+        assert await earlier == 1  # position 2 stored; position 3 is still in flight
+        clock.advance(BOUND_S + 0.5)  # the push at t = 1001 is past the bound, unstored
+        r = await push(client, sid, 3, 4)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "durability_unavailable"
+        second.set()
+        assert await later == 1
+        assert (await push(client, sid, 3, 4)).status_code == 200
+
+
 @pytest.mark.asyncio
 async def test_a_create_whose_answer_was_lost_exists_nowhere(make_settings):
     store, clock = FaultyStore(), FakeClock(1000.0)

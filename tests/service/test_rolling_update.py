@@ -103,6 +103,14 @@ class Cluster:
     url: str
     replicas: list[Replica]
     redis_url: str
+    proxy_log: Path
+
+    def explain(self, r: httpx.Response) -> str:
+        """A reply a test did not expect, with what the proxy logged for its request (its
+        termination state and retries say which side failed, and how)."""
+        request_id = r.request.headers.get("x-request-id", "")
+        lines = [x for x in self.proxy_log.read_text().splitlines() if request_id in x]
+        return f"{r.status_code} {r.text!r}; the proxy logged: {lines}"
 
     def moves(self, kind: str) -> int:
         """Sessions the live replicas took from the store, by `kind` (restored, taken_over)."""
@@ -194,7 +202,7 @@ def cluster(tmp_path: Path, tiny_dir: Path, redis_url: str) -> Iterator[Cluster]
                 return len(seen) == len(ADDRESSES)
 
             wait_until(every_replica_serves, "the proxy to route to every replica", 60)
-            yield Cluster(url, replicas, redis_url)
+            yield Cluster(url, replicas, redis_url, tmp_path / "haproxy.log")
     finally:
         for process in reversed(processes):
             stop_process(process)
@@ -214,13 +222,14 @@ class Stream:
         body = {"inputs": self.rows[self.position : self.position + length]}
         body["offset"] = self.position
         path = f"/v1/sessions/{self.session_id}/steps"
+        headers = {"X-Request-ID": uuid.uuid4().hex}  # to find the request in the proxy's log
         try:
-            return client.post(path, json=body)
+            return client.post(path, json=body, headers=headers)
         except httpx.RemoteProtocolError:
             # A kept-alive connection to the proxy closed under the request (no answer, nothing
             # in the proxy's log): sent again with its offset, as the Python client does; the
             # server applies it at most once.
-            return client.post(path, json=body)
+            return client.post(path, json=body, headers=headers)
 
 
 def proxy_client(url: str) -> httpx.Client:
@@ -290,7 +299,7 @@ def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, t
 
         def step(stream: Stream) -> None:
             r = stream.push(client, 2)
-            assert r.status_code == 200, (r.status_code, r.text)  # no error, ever
+            assert r.status_code == 200, c.explain(r)  # no error, ever
             assert r.json()["position"] == stream.position + 2  # applied once, in order
             stream.outputs += r.json()["outputs"]
             stream.position += 2
@@ -344,7 +353,7 @@ def test_kill_9_loses_at_most_the_pushes_since_the_last_snapshot(tmp_path, tiny_
                 del stream.outputs[durable:]
                 stream.position, stream.replays = durable, stream.replays + 1
                 r = stream.push(client, 3)
-            assert r.status_code == 200, (r.status_code, r.text)
+            assert r.status_code == 200, c.explain(r)
             stream.outputs += r.json()["outputs"]
             stream.position += len(r.json()["outputs"])
 
