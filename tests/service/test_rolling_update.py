@@ -296,6 +296,10 @@ def test_sigterm_moves_every_session_with_no_error_and_exact_outputs(tmp_path, t
         ThreadPoolExecutor(6) as pool,
     ):
         streams = open_streams(client, rows=600)
+        # What the proxy answers itself carries the request id too, and says how it ended.
+        r = client.get("/metrics", headers={"X-Request-ID": "proxy-answer-1"})
+        assert r.status_code == 404 and r.headers["x-request-id"] == "proxy-answer-1"
+        assert '"GET /metrics HTTP/1.1" 404' in c.explain(r)
 
         def step(stream: Stream) -> None:
             r = stream.push(client, 2)
