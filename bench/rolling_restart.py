@@ -265,12 +265,14 @@ def rolling_part(directory: Path, sessions: int, rate_hz: float) -> None:
             r.start()
         for r in replicas:
             r.wait_ready()
-        with DnsResponder("tcnserve.bench", ADDRESSES) as dns:
+        pods = {f"tcnserve-{i}.tcnserve.bench": [a] for i, a in enumerate(ADDRESSES)}
+        with DnsResponder(pods) as dns:
             proxy_port = free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("TCNSERVE_")}
             env.update(
                 TCNSERVE_PROXY_BIND=f"127.0.0.1:{proxy_port}",
-                TCNSERVE_BACKEND=f"tcnserve.bench:{port}",
+                TCNSERVE_PODS="tcnserve.bench",
+                TCNSERVE_POD_PORT=str(port),
                 TCNSERVE_DNS_SERVER=dns.address,
             )
             with (directory / "haproxy.log").open("w") as out:

@@ -1,6 +1,7 @@
-"""A DNS server on loopback UDP for the proxy tests: it answers A queries for one name with a
-list of addresses the test may change (as a headless Service's records change), NXDOMAIN for
-other names, and an empty answer for other record types of that name (RFC 1035 wire format)."""
+"""A DNS server on loopback UDP for the proxy tests: it answers A queries for the names it holds
+with their addresses, which the test may change (as a StatefulSet pod's record changes when the
+pod is replaced, or goes when it is not ready), NXDOMAIN for other names, and an empty answer
+for other record types of a name it holds (RFC 1035 wire format)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ TYPE_A, CLASS_IN = 1, 1
 
 
 class DnsResponder:
-    def __init__(self, name: str, addresses: list[str]):
-        self.name = name.lower().rstrip(".")
-        self.addresses = list(addresses)
+    def __init__(self, records: dict[str, list[str]]):
+        self.records = {name.lower().rstrip("."): list(a) for name, a in records.items()}
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._socket.bind(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._socket.getsockname()[1]}"
@@ -55,9 +55,10 @@ class DnsResponder:
         name = ".".join(labels)
         records = b""
         count = 0
-        rcode = 0 if name == self.name else 3  # NXDOMAIN
-        if rcode == 0 and (qtype, qclass) == (TYPE_A, CLASS_IN):
-            for address in self.addresses:
+        addresses = self.records.get(name)
+        rcode = 0 if addresses else 3  # NXDOMAIN
+        if addresses and (qtype, qclass) == (TYPE_A, CLASS_IN):
+            for address in addresses:
                 # A pointer to the question's name, type A, class IN, TTL 1 s, 4 bytes of address.
                 records += struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, 1, 4)
                 records += socket.inet_aton(address)

@@ -32,15 +32,36 @@ def env_of(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+def workload(m: dict, name: str) -> dict:
+    (found,) = [d for (kind, n), d in m.items() if kind in WORKLOADS and n == name]
+    return found
+
+
 def pod_specs() -> list[dict]:
-    return [
-        d["spec"]["template"]["spec"] for d in manifests().values() if d["kind"] == "Deployment"
-    ]
+    return [d["spec"]["template"]["spec"] for d in manifests().values() if d["kind"] in WORKLOADS]
+
+
+# The oldest Kubernetes these manifests support, a recent one, and the newest schema known.
+KUBERNETES_VERSIONS = ("1.25.0", "1.32.0", "1.37.0")
+
+
+def test_every_manifest_is_valid_against_the_kubernetes_api_strictly():
+    """No field Kubernetes does not know (strict: a misspelt key is an error, not ignored)."""
+    import kubernetes_validate
+
+    docs = documents("tcnserve.yaml", "proxy.yaml", "redis.yaml")
+    assert len(docs) >= 8
+    for doc in docs:
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_one_worker_per_pod_with_probes_that_mean_something():
     m = manifests()
-    pod = m[("Deployment", "tcnserve")]["spec"]["template"]["spec"]
+    pod = m[("StatefulSet", "tcnserve")]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["args"] == ["serve"]
     assert not any("--workers" in a or "WEB_CONCURRENCY" in a for a in container["args"])
@@ -54,7 +75,7 @@ def test_one_worker_per_pod_with_probes_that_mean_something():
 
 
 def test_the_grace_period_covers_the_drain():
-    pod = manifests()[("Deployment", "tcnserve")]["spec"]["template"]["spec"]
+    pod = manifests()[("StatefulSet", "tcnserve")]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
@@ -65,14 +86,24 @@ def test_the_grace_period_covers_the_drain():
 
 def test_sessions_go_to_the_store_and_the_proxy_hashes_the_session_id():
     m = manifests()
-    (container,) = m[("Deployment", "tcnserve")]["spec"]["template"]["spec"]["containers"]
+    (container,) = m[("StatefulSet", "tcnserve")]["spec"]["template"]["spec"]["containers"]
     store = env_of(container)["TCNSERVE_SESSION_STORE"]
     redis_service = m[("Service", "tcnserve-redis")]
     assert store == f"redis://{redis_service['metadata']['name']}:6379/0"
     assert m[("Service", "tcnserve")]["spec"]["clusterIP"] == "None"  # DNS lists the pods
     conf = (DEPLOY / "haproxy.cfg").read_text()
     assert "balance hash req.hdr(X-Session-ID)" in conf and "hash-type consistent" in conf
-    assert 'server-template tcnserve 16 "${TCNSERVE_BACKEND}"' in conf
+    # One server per pod name, in ordinal order, as many as the StatefulSet may grow to: the
+    # ring every proxy builds is the same, whichever pods it resolved first.
+    pods = m[("StatefulSet", "tcnserve")]
+    assert pods["spec"]["serviceName"] == m[("Service", "tcnserve")]["metadata"]["name"]
+    servers = re.findall(r"^\s*server (\S+) (\S+)", conf, re.MULTILINE)
+    assert servers == [
+        (f"tcnserve-{n}", f'"tcnserve-{n}.${{TCNSERVE_PODS}}:${{TCNSERVE_POD_PORT}}"')
+        for n in range(len(servers))
+    ]
+    assert "server-template" not in conf
+    assert pods["spec"]["replicas"] <= len(servers) == 16
     assert "http-check send meth GET uri /readyz" in conf
     (proxy,) = m[("Deployment", "tcnserve-proxy")]["spec"]["template"]["spec"]["containers"]
     assert proxy["command"][-1].endswith("haproxy-start.sh")
@@ -90,7 +121,7 @@ def test_every_image_is_set_in_one_place():
     pinned = {i["name"] for i in kustomization["images"]}
     used = []
     gpu_patch = documents("gpu/tcnserve-gpu.yaml")
-    workloads = [d for d in manifests().values() if d["kind"] == "Deployment"]
+    workloads = [d for d in manifests().values() if d["kind"] in WORKLOADS]
     for doc in [*workloads, *gpu_patch]:
         for container in doc["spec"]["template"]["spec"]["containers"]:
             if "image" in container:
@@ -118,15 +149,17 @@ def test_pods_meet_the_restricted_pod_security_standard():
 def test_disruption_budgets_and_spread():
     m = manifests()
     for name in ("tcnserve", "tcnserve-proxy"):
-        deployment = m[("Deployment", name)]
+        deployment = workload(m, name)
         budget = m[("PodDisruptionBudget", name)]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert budget["spec"]["maxUnavailable"] == 1 < deployment["spec"]["replicas"]
         spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
         assert {c["topologyKey"] for c in spread} >= {"kubernetes.io/hostname"}
-    strategy = m[("Deployment", "tcnserve")]["spec"]["strategy"]["rollingUpdate"]
-    assert strategy == {"maxSurge": 1, "maxUnavailable": 0}
+    # A StatefulSet replaces one pod at a time (drained first), under the same name.
+    pods = m[("StatefulSet", "tcnserve")]["spec"]
+    assert pods["updateStrategy"] == {"type": "RollingUpdate"}
+    assert pods["podManagementPolicy"] == "Parallel"
 
 
 def test_the_gpu_variant_asks_for_a_gpu_and_runs_on_cuda():

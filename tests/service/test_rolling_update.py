@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +34,9 @@ from tests.service.conftest import (
 from tests.service.dns_responder import DnsResponder
 
 DEPLOY = ROOT / "deploy"
-NAME = "tcnserve.test"
+PODS = "tcnserve.test"  # the StatefulSet's pods are tcnserve-<n>.<PODS>, as on a cluster
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+SPARE = "127.0.0.5"  # where a replaced pod comes back
 SESSIONS = 18
 pytestmark = [
     pytest.mark.slow,
@@ -43,13 +44,18 @@ pytestmark = [
 ]
 
 
-def proxy_env(bind: str, backend: str, dns: str) -> dict[str, str]:
+def pod_name(n: int) -> str:
+    return f"tcnserve-{n}.{PODS}"
+
+
+def proxy_env(bind: str, port: int, dns: str) -> dict[str, str]:
     """The only things a test sets: the variables deploy/haproxy.cfg expands."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("TCNSERVE_")}
     return {
         **base,
         "TCNSERVE_PROXY_BIND": bind,
-        "TCNSERVE_BACKEND": backend,
+        "TCNSERVE_PODS": PODS,
+        "TCNSERVE_POD_PORT": str(port),
         "TCNSERVE_DNS_SERVER": dns,
     }
 
@@ -67,7 +73,7 @@ def proxy_command() -> list[str]:
 
 
 def test_the_deployed_proxy_config_is_valid():
-    env = proxy_env("127.0.0.1:18080", f"{NAME}:8000", "127.0.0.1:53")
+    env = proxy_env("127.0.0.1:18080", 8000, "127.0.0.1:53")
     result = subprocess.run(
         [*proxy_command(), "-c"], env=env, capture_output=True, text=True, timeout=60
     )
@@ -86,7 +92,8 @@ def test_the_start_script_finds_the_cluster_dns_and_namespace(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "TCNSERVE_DNS_SERVER=10.0.0.10:53" in result.stdout
-    assert "TCNSERVE_BACKEND=tcnserve.shop.svc.k8s.example:8000" in result.stdout
+    assert "TCNSERVE_PODS=tcnserve.shop.svc.k8s.example" in result.stdout
+    assert "TCNSERVE_POD_PORT=8000" in result.stdout
     assert "TCNSERVE_PROXY_BIND=:8080" in result.stdout
 
 
@@ -104,13 +111,22 @@ class Cluster:
     replicas: list[Replica]
     redis_url: str
     proxy_log: Path
+    dns: DnsResponder
+    start_replica: Callable[[str], Replica]  # another pod, on this address
+    start_proxy: Callable[[str], str]  # another proxy, logging to this file: its URL
 
     def explain(self, r: httpx.Response) -> str:
         """A reply a test did not expect, with what the proxy logged for its request (its
         termination state and retries say which side failed, and how)."""
         request_id = r.request.headers.get("x-request-id", "")
-        lines = [x for x in self.proxy_log.read_text().splitlines() if request_id in x]
-        return f"{r.status_code} {r.text!r}; the proxy logged: {lines}"
+
+        def logged() -> list[str]:
+            return [x for x in self.proxy_log.read_text().splitlines() if request_id in x]
+
+        # The proxy writes a request's line once it has answered: it may come a moment later.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: bool(logged()), "the proxy to log the request", 5)
+        return f"{r.status_code} {r.text!r}; the proxy logged: {logged()}"
 
     def moves(self, kind: str) -> int:
         """Sessions the live replicas took from the store, by `kind` (restored, taken_over)."""
@@ -143,7 +159,7 @@ def shared_free_port() -> int:
             s.bind((ADDRESSES[0], 0))
             port = s.getsockname()[1]
         try:
-            for address in ADDRESSES[1:]:
+            for address in [*ADDRESSES[1:], SPARE]:
                 with socket.socket() as s:
                     s.bind((address, port))
         except OSError:
@@ -154,6 +170,7 @@ def shared_free_port() -> int:
 
 @contextlib.contextmanager
 def cluster(tmp_path: Path, tiny_dir: Path, redis_url: str) -> Iterator[Cluster]:
+    """Pod n at ADDRESSES[n], named pod_name(n) in the DNS, and one proxy in front."""
     port = shared_free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("TCNSERVE_")}
     env = {
@@ -166,43 +183,55 @@ def cluster(tmp_path: Path, tiny_dir: Path, redis_url: str) -> Iterator[Cluster]
         "TCNSERVE_TORCH_THREADS": "1",
     }
     processes: list[subprocess.Popen] = []
+
+    def start_replica(address: str) -> Replica:
+        log = tmp_path / f"tcnserve-{address}.log"
+        with log.open("w") as out:
+            command = [*serve_command(), "--host", address, "--port", str(port)]
+            command += ["--model", f"tiny={tiny_dir}", "--device", "cpu"]
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        processes.append(process)
+        return Replica(address, f"http://{address}:{port}", process, log)
+
     try:
-        replicas = []
-        for address in ADDRESSES:
-            log = tmp_path / f"tcnserve-{address}.log"
-            with log.open("w") as out:
-                command = [*serve_command(), "--host", address, "--port", str(port)]
-                command += ["--model", f"tiny={tiny_dir}", "--device", "cpu"]
-                process = subprocess.Popen(
-                    command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            processes.append(process)
-            replicas.append(Replica(address, f"http://{address}:{port}", process, log))
+        replicas = [start_replica(address) for address in ADDRESSES]
         for replica in replicas:
             wait_ready(replica.url, replica.process)
-        with DnsResponder(NAME, ADDRESSES) as dns:
-            proxy_port = shared_free_port()
-            env = proxy_env(f"127.0.0.1:{proxy_port}", f"{NAME}:{port}", dns.address)
-            with (tmp_path / "haproxy.log").open("w") as out:
-                proxy = subprocess.Popen(
-                    proxy_command(), env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            processes.append(proxy)
-            url = f"http://127.0.0.1:{proxy_port}"
-            seen: set[str] = set()
+        records = {pod_name(n): [address] for n, address in enumerate(ADDRESSES)}
+        with DnsResponder(records) as dns:
 
-            def every_replica_serves() -> bool:
-                assert proxy.poll() is None, (tmp_path / "haproxy.log").read_text()
-                with contextlib.suppress(httpx.TransportError):
-                    r = httpx.get(
-                        f"{url}/v1/models", headers={"X-Session-ID": uuid.uuid4().hex}, timeout=5
+            def start_proxy(log_name: str) -> str:
+                proxy_port = shared_free_port()
+                log = tmp_path / log_name
+                with log.open("w") as out:
+                    proxy = subprocess.Popen(
+                        proxy_command(),
+                        env=proxy_env(f"127.0.0.1:{proxy_port}", port, dns.address),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
                     )
-                    if r.status_code == 200:
-                        seen.add(r.headers["x-tcnserve-server"])
-                return len(seen) == len(ADDRESSES)
+                processes.append(proxy)
+                url = f"http://127.0.0.1:{proxy_port}"
+                seen: set[str] = set()
 
-            wait_until(every_replica_serves, "the proxy to route to every replica", 60)
-            yield Cluster(url, replicas, redis_url, tmp_path / "haproxy.log")
+                def every_replica_serves() -> bool:
+                    assert proxy.poll() is None, log.read_text()
+                    with contextlib.suppress(httpx.TransportError):
+                        headers = {"X-Session-ID": uuid.uuid4().hex}
+                        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+                        if r.status_code == 200:
+                            seen.add(r.headers["x-tcnserve-server"])
+                    return len(seen) == len(ADDRESSES)
+
+                wait_until(every_replica_serves, "the proxy to route to every replica", 60)
+                return url
+
+            url = start_proxy("haproxy.log")
+            yield Cluster(
+                url, replicas, redis_url, tmp_path / "haproxy.log", dns, start_replica, start_proxy
+            )
     finally:
         for process in reversed(processes):
             stop_process(process)
@@ -379,3 +408,50 @@ def test_kill_9_loses_at_most_the_pushes_since_the_last_snapshot(tmp_path, tiny_
         assert sum(s.replays for s in streams) <= max(counts)
         assert sum(c.sessions_per_replica()) == SESSIONS
         assert c.moves("restored") + c.moves("taken_over") >= max(counts)
+
+
+def routes(url: str, session_ids: list[str]) -> dict[str, str | None]:
+    """The pod a proxy sends each session id to (None: no pod answered)."""
+    out: dict[str, str | None] = {}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for sid in session_ids:
+            with contextlib.suppress(httpx.TransportError):
+                r = client.get("/v1/models", headers={"X-Session-ID": sid})
+                out[sid] = r.headers.get("x-tcnserve-server") if r.status_code == 200 else None
+    return out
+
+
+def test_every_proxy_routes_a_session_to_the_same_pod_after_a_pod_is_replaced(
+    tmp_path, tiny_dir, redis_url
+):
+    with cluster(tmp_path, tiny_dir, redis_url) as c, proxy_client(c.url) as first:
+        ids = [f"ring-key-{i:03d}" for i in range(40)]
+        before = routes(c.url, ids)
+        assert set(before.values()) == {f"tcnserve-{n}" for n in range(len(ADDRESSES))}
+        # tcnserve-1 is replaced as a StatefulSet replaces a pod: it leaves the DNS (not ready),
+        # stops, and a new pod comes up under its name at another address.
+        old = c.replicas[1]
+        c.dns.records[pod_name(1)] = []
+        old.process.send_signal(signal.SIGTERM)
+        assert old.process.wait(60) == 0
+        new = c.start_replica(SPARE)
+        wait_ready(new.url, new.process)
+        c.replicas[1] = new
+        c.dns.records[pod_name(1)] = [SPARE]
+        # The proxy that saw the churn and one started after it: the same ring, the one from
+        # before (the new pod takes its predecessor's place).
+        second_url = c.start_proxy("haproxy-2.log")
+        wait_until(lambda: routes(c.url, ids) == before, "the first proxy to route to the new pod")
+        assert routes(second_url, ids) == before
+        # A client whose requests alternate between the proxies: its sessions never move.
+        streams = open_streams(first, rows=12)
+        with proxy_client(second_url) as second:
+            for round_ in range(6):
+                for stream in streams:
+                    r = stream.push(second if round_ % 2 else first, 2)
+                    assert r.status_code == 200, c.explain(r)
+                    stream.outputs += r.json()["outputs"]
+                    stream.position += 2
+        check_outputs(first, streams)
+        assert c.moves("restored") + c.moves("taken_over") == 0
+        assert sum(c.sessions_per_replica()) == SESSIONS
