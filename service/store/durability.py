@@ -34,8 +34,8 @@ import os
 import secrets
 import socket
 import time
-from types import MappingProxyType
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
