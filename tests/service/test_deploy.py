@@ -146,6 +146,27 @@ def test_pods_meet_the_restricted_pod_security_standard():
             assert sc["readOnlyRootFilesystem"] is True
 
 
+def test_every_pod_has_limits_a_high_uid_and_a_network_policy():
+    m = manifests()
+    policies = [d for d in m.values() if d["kind"] == "NetworkPolicy"]
+    for doc in [d for d in m.values() if d["kind"] in WORKLOADS]:
+        pod = doc["spec"]["template"]
+        assert pod["spec"]["securityContext"]["runAsUser"] >= 10000
+        for container in pod["spec"]["containers"]:
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+        labels = pod["metadata"]["labels"]
+        (policy,) = [
+            p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+        assert len(ports) == 1, policy  # one port open per pod, nothing else
+    # The pods' port only from the proxy (and the scraper): /metrics there needs no key.
+    (rule,) = m[("NetworkPolicy", "tcnserve")]["spec"]["ingress"]
+    proxy_labels = workload(m, "tcnserve-proxy")["spec"]["template"]["metadata"]["labels"]
+    assert {"podSelector": {"matchLabels": proxy_labels}} in rule["from"]
+
+
 def test_disruption_budgets_and_spread():
     m = manifests()
     for name in ("tcnserve", "tcnserve-proxy"):
