@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_sequences_per_request: int = Field(1024, ge=1, description="sequences in one /predict")
     max_body_bytes: int = Field(16 * 1024 * 1024, description="largest request body")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
+    api_keys_file: Path | None = Field(
+        None, description="a file holding the API keys (a mounted Secret), read at start"
+    )
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024, description="request bodies held at once, all requests together"
     )
@@ -147,6 +150,27 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _read_api_keys_file(self) -> Settings:
+        """Keys from `api_keys_file`: separated by commas or newlines; blank lines and lines
+        starting with # are skipped. Read once, here; the file name is all that is kept."""
+        if self.api_keys_file is None:
+            return self
+        if self.api_keys:
+            raise ValueError("set api_keys or api_keys_file, not both")
+        try:
+            text = self.api_keys_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            problem = f"api_keys_file {self.api_keys_file} cannot be read: {reason}"
+            raise ValueError(problem) from None
+        lines = [x for x in text.splitlines() if not x.strip().startswith("#")]
+        keys = [k.strip() for line in lines for k in line.split(",") if k.strip()]
+        if not keys:
+            raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+        self.api_keys = [SecretStr(k) for k in keys]
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         problems = []
         if not self.models:
@@ -237,6 +261,7 @@ class Settings(BaseSettings):
         server, handed over in a file only its user may read (service/engine/supervisor.py)."""
         data = self.model_dump(mode="json")
         data["api_keys"] = self.api_key_values()
+        data["api_keys_file"] = None  # read already: the keys are above
         return data
 
     def connection_limit(self) -> int:

@@ -69,7 +69,7 @@ def test_one_worker_per_pod_with_probes_that_mean_something():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    assert set(env_of(container)) - {"TCNSERVE_API_KEYS"} <= {
+    assert set(env_of(container)) - {"TCNSERVE_API_KEYS_FILE"} <= {
         "TCNSERVE_" + f.upper() for f in (*FLAGS, "device")
     }
 

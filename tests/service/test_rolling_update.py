@@ -37,6 +37,7 @@ DEPLOY = ROOT / "deploy"
 PODS = "tcnserve.test"  # the StatefulSet's pods are tcnserve-<n>.<PODS>, as on a cluster
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 SPARE = "127.0.0.5"  # where a replaced pod comes back
+ADDED = "127.0.0.6"  # a pod added by scaling up
 SESSIONS = 18
 pytestmark = [
     pytest.mark.slow,
@@ -159,7 +160,7 @@ def shared_free_port() -> int:
             s.bind((ADDRESSES[0], 0))
             port = s.getsockname()[1]
         try:
-            for address in [*ADDRESSES[1:], SPARE]:
+            for address in [*ADDRESSES[1:], SPARE, ADDED]:
                 with socket.socket() as s:
                     s.bind((address, port))
         except OSError:
@@ -443,6 +444,20 @@ def test_every_proxy_routes_a_session_to_the_same_pod_after_a_pod_is_replaced(
         second_url = c.start_proxy("haproxy-2.log")
         wait_until(lambda: routes(c.url, ids) == before, "the first proxy to route to the new pod")
         assert routes(second_url, ids) == before
+        # Scaled up: tcnserve-3 joins both rings at the same place.
+        added = c.start_replica(ADDED)
+        wait_ready(added.url, added.process)
+        c.replicas.append(added)
+        c.dns.records[pod_name(3)] = [ADDED]
+
+        def both_route_to_the_new_pod() -> bool:
+            one, other = routes(c.url, ids), routes(second_url, ids)
+            return one == other and "tcnserve-3" in one.values()
+
+        wait_until(both_route_to_the_new_pod, "both proxies to route to the added pod")
+        after = routes(c.url, ids)
+        moved = {sid for sid in ids if after[sid] != before[sid]}
+        assert all(after[sid] == "tcnserve-3" for sid in moved)  # only keys to the new pod move
         # A client whose requests alternate between the proxies: its sessions never move.
         streams = open_streams(first, rows=12)
         with proxy_client(second_url) as second:

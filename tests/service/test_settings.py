@@ -72,6 +72,32 @@ def test_unsafe_settings_refuse_to_start(overrides, fragment):
         Settings(**overrides)
 
 
+def test_api_keys_come_from_a_mounted_file(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated 2026-12\n" + "a" * 16 + "," + "b" * 16 + "\n\n" + "c" * 16 + "\n")
+    monkeypatch.setenv("TCNSERVE_API_KEYS_FILE", str(keys))
+    settings = Settings()
+    assert settings.api_key_values() == ["a" * 16, "b" * 16, "c" * 16]
+    assert "aaaa" not in repr(settings)
+    # The edge and engine processes get the keys, not the file again.
+    revealed = settings.secrets_revealed()
+    assert revealed["api_keys_file"] is None
+    assert Settings(**revealed).api_key_values() == settings.api_key_values()
+    monkeypatch.setenv("TCNSERVE_API_KEYS", "d" * 16)
+    with pytest.raises(ValidationError, match="not both"):
+        Settings()
+    monkeypatch.delenv("TCNSERVE_API_KEYS")
+    keys.write_text("short\n")
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings()
+    keys.write_text("# nothing yet\n")
+    with pytest.raises(ValidationError, match="holds no key"):
+        Settings()
+    keys.unlink()
+    with pytest.raises(ValidationError, match="cannot be read: No such file"):
+        Settings()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_cuda_without_a_gpu_refuses():
     with pytest.raises(ValidationError, match="no CUDA GPU"):
