@@ -391,12 +391,9 @@ class SessionDurability:
             # What this write stores: each session's pushes up to now (later ones start anew).
             self._write_seq += 1
             seq = self._write_seq
-            captured: dict[SessionKey, float] = {}
             for session in locked:
                 key = self._key(session)
-                since = self._unsaved_since.pop(key, math.inf)
-                captured[key] = since
-                self._writing.setdefault(key, {})[seq] = since
+                self._writing.setdefault(key, {})[seq] = self._unsaved_since.pop(key, math.inf)
             if not release:  # the snapshot is taken: pushes may go on while it is written
                 held = False
                 for session in locked:
@@ -417,7 +414,7 @@ class SessionDurability:
             except (RedisError, OSError) as e:
                 logger.warning("session store: %d snapshots not written: %s", len(writes), e)
                 self._failed_writes.inc(len(writes))
-                self._uncapture(captured, seq)
+                self._uncapture([self._key(s) for s in locked], seq)
                 if release:
                     raise
                 return 0
@@ -472,14 +469,14 @@ class SessionDurability:
         if not in_flight:
             del self._writing[key]
 
-    def _uncapture(self, captured: dict[SessionKey, float], seq: int) -> None:
+    def _uncapture(self, keys: list[SessionKey], seq: int) -> None:
         """Write `seq` failed: what it captured is unstored again, since its oldest push, unless
         a later write has landed meanwhile and stored it."""
-        for key, since in captured.items():
+        for key in keys:
             in_flight = self._writing.get(key)
             if in_flight is None or seq not in in_flight:
                 continue  # settled by a later write
-            del in_flight[seq]
+            since = in_flight.pop(seq)
             if not in_flight:
                 del self._writing[key]
             if key in self._epochs and since != math.inf:
