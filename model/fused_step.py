@@ -484,9 +484,7 @@ def fused_plan(
             skip_w += [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
     if skips is not None and len(modes) < len(dilations):
         modes.append(0)  # the last block's output is the sum's other term
-        skip_w += [empty, empty]
-    else:
-        skip_w += [empty, empty]  # a typed list cannot be empty
+    skip_w += [empty, empty]  # the last block's (none); and a typed list cannot be empty
     return FusedPlan(
         rings=typed([ring for ring, _, _, _ in layers]),
         weights_t=typed([np.ascontiguousarray(w.T) for _, w, _, _ in layers]),

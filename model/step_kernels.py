@@ -55,6 +55,15 @@ def add_skip_np(total: np.ndarray | None, out: np.ndarray, skip: Any) -> np.ndar
     return total
 
 
+def finish_skips_np(h: np.ndarray, total: np.ndarray | None, act: Activation) -> np.ndarray:
+    """`finish_skips` for numpy arrays."""
+    if act.keras:
+        return total
+    if total is not None:
+        h += total
+    return act.numpy_inplace(h)
+
+
 # A block's operands: (ring1, w1, b1, ring2, w2, b2, downsample (w, b) or None), where a ring is
 # (capacity * L, C_in), w is (k * C_in, C_out) with taps oldest first, b is (C_out,).
 Block = tuple[Any, ...]
@@ -165,13 +174,7 @@ def step_numpy(
             out += h @ downsample[0]
             out += downsample[1]
         h = act.numpy_inplace(out)
-    if skips is not None:
-        if act.keras:
-            return total
-        if total is not None:
-            h += total
-        h = act.numpy_inplace(h)
-    return h
+    return h if skips is None else finish_skips_np(h, total, act)
 
 
 def numpy_view(plan: tuple[Block, ...]) -> tuple[Block, ...]:
