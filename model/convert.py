@@ -445,8 +445,8 @@ def _build(
     skips: dict[int, Tensors] | None = None,  # skip connections: their 1x1 convs by block
     gate: bool = False,
 ) -> TCN:
-    layer_norm = "norm1.weight" in convs[0]
     """Infer the config from tensor shapes, check every shape, and load the weights."""
+    layer_norm = "norm1.weight" in convs[0]
     w, head_w = convs[0]["conv1.weight"], (head or {}).get("weight")
     if w.dim() != 3 or any(c["conv2.weight"].dim() != 3 for c in convs):
         raise ValueError(f"conv weights must be (out, in, kernel_size), got {tuple(w.shape)}")
