@@ -12,3 +12,15 @@ def test_the_readme_gives_the_chunked_push_threshold_the_pool_uses():
 
     text = " ".join((ROOT / "README.md").read_text().split())
     assert f"up to `CHUNKED_PUSH_ROWS` ({CHUNKED_PUSH_ROWS}) rows a ragged advance" in text
+
+
+def test_the_docs_give_how_long_the_server_waits_for_its_session_store():
+    from service.store.durability import STORE_CONNECT_TIMEOUT_S, STORE_CONNECT_WARN_EVERY_S
+
+    durability = " ".join((ROOT / "docs" / "durability.md").read_text().split())
+    assert (
+        f"waits up to {STORE_CONNECT_TIMEOUT_S:g} s for the store to answer (a store starting "
+        f"beside it), saying so every {STORE_CONNECT_WARN_EVERY_S:g} s"
+    ) in durability
+    service = (ROOT / "docs" / "service.md").read_text()
+    assert f"did not answer within {STORE_CONNECT_TIMEOUT_S:g} s of the start" in service

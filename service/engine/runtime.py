@@ -21,6 +21,7 @@ from service.protocol.errors import Draining, NotReady, ServiceError
 from service.protocol.limits import InflightBudget, RequestLimits, StreamsPerKey
 from service.sessions.manager import Clock
 from service.settings import Settings
+from service.store.base import StoreUnreachable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,6 +155,8 @@ class Runtime:
             if self.durability is not None:
                 await self.durability.start()
             self.metrics.models_ready.set(1)
+        except StoreUnreachable as e:  # a deployment fault, said in one line: no traceback
+            self.load_error = str(e)
         except Exception as e:
             logger.exception("loading the models failed")
             self.load_error = f"{type(e).__name__}: {e}"

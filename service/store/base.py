@@ -62,10 +62,18 @@ class Stored:
     record: bytes
 
 
+class StoreUnreachable(Exception):
+    """The session store did not answer while the server started: it cannot serve."""
+
+
 class SessionStore(ABC):
     """One replica's handle on the shared store."""
 
     replica: str
+
+    def where(self) -> str:
+        """The store's address for messages, with no credentials."""
+        return type(self).__name__
 
     @abstractmethod
     async def connect(self, replica: str, on_message: MessageHandler) -> None:

@@ -47,7 +47,7 @@ from service.protocol.errors import DurabilityUnavailable, NotReady, ServiceErro
 from service.sessions.record import SessionRecord
 from service.sessions.state import Session
 from service.settings import Settings
-from service.store.base import SessionKey, SessionStore, Write
+from service.store.base import SessionKey, SessionStore, StoreUnreachable, Write
 
 if TYPE_CHECKING:  # loaded by the process that serves the models, before this is built
     from service.models.registry import ModelRegistry
@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # loaded by the process that serves the models, before this i
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
+STORE_CONNECT_TIMEOUT_S = 30.0  # a store starting beside the server has this long
+STORE_CONNECT_WARN_EVERY_S = 10.0
 SAVE_CHUNK = 512  # writes per pipelined round trip
 _NO_WRITES: Mapping[int, float] = MappingProxyType({})
 # A failed create's record is deleted twice, this far apart: a register still queued on the
@@ -135,18 +137,32 @@ class SessionDurability:
 
     # ----- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, connect_timeout_s: float = 30.0) -> None:
-        """Connect (retrying while the store starts), then heartbeat and snapshot in background."""
-        deadline = self._monotonic() + connect_timeout_s
-        delay = 0.1
+    async def start(self, connect_timeout_s: float | None = None) -> None:
+        """Connect (retrying while the store starts), then heartbeat and snapshot in background.
+        StoreUnreachable when the store has not answered within `connect_timeout_s`
+        (STORE_CONNECT_TIMEOUT_S unless given)."""
+        if connect_timeout_s is None:
+            connect_timeout_s = STORE_CONNECT_TIMEOUT_S
+        started = self._monotonic()
+        delay, warned = 0.1, -math.inf
         while True:
             try:
                 await self.store.connect(self.replica, self._on_message)
                 break
             except (RedisError, OSError) as e:
-                if self._monotonic() >= deadline:
-                    raise RuntimeError(f"the session store is unreachable: {e}") from None
-                logger.warning("session store not reachable yet (%s); retrying", e)
+                waited = self._monotonic() - started
+                if waited >= connect_timeout_s:
+                    raise StoreUnreachable(
+                        f"the session store at {self.store.where()} did not answer for "
+                        f"{connect_timeout_s:g} s ({e}): start it, or name another with "
+                        "--session-store / TCNSERVE_SESSION_STORE"
+                    ) from None
+                if waited - warned >= STORE_CONNECT_WARN_EVERY_S:  # a line now and then
+                    warned = waited
+                    logger.warning(
+                        "session store at %s not reachable yet (%s); retrying for up to %g s",
+                        self.store.where(), e, connect_timeout_s,
+                    )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         self.connected = True

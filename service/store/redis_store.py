@@ -101,6 +101,10 @@ class RedisStore(SessionStore):
         self._delete = self._redis.register_script(_DELETE)
         self._listener: asyncio.Task | None = None
 
+    def where(self) -> str:
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.split('@')[-1]}"  # redis://user:password@host:port/db
+
     async def connect(self, replica: str, on_message: MessageHandler) -> None:
         self.replica = replica
         await self._redis.ping()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -375,3 +376,32 @@ async def test_another_create_of_a_lost_id_replaces_the_unanswered_one(make_sett
         assert not durability._unconfirmed and not durability._cleanups
         info = (await client.get("/v1/sessions/lost-then-other")).json()
         assert info["position"] == 5
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket closes
+
+
+@pytest.mark.asyncio
+async def test_a_store_that_never_answers_stops_the_start_in_one_line_without_its_password(
+    make_settings, monkeypatch, caplog
+):
+    import service.store.durability as durability
+
+    monkeypatch.setattr(durability, "STORE_CONNECT_TIMEOUT_S", 0.3)
+    port = _closed_port()
+    app = create_app(make_settings(session_store=f"redis://user:s3cret@127.0.0.1:{port}/0"))
+    async with app.router.lifespan_context(app):
+        rt = runtime_of(app)
+        await asyncio.to_thread(rt.loaded.wait, 60)
+        error = rt.load_error
+        assert error.startswith(
+            f"the session store at redis://127.0.0.1:{port}/0 did not answer for 0.3 s (Error 111"
+        ), error
+        assert error.endswith("): start it, or name another with --session-store / "
+                              "TCNSERVE_SESSION_STORE"), error  # fmt: skip
+    assert "s3cret" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records), "a deployment fault is not a traceback"
+    assert "retrying for up to 0.3 s" in caplog.text
