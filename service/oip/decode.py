@@ -38,7 +38,7 @@ INPUT = "input"
 OUTPUT = "output"
 VERSION = "1"  # every served model has exactly this one version
 PLATFORM = "tcnserve_pytorch"
-EXTENSIONS = ("binary_tensor_data", "sequence")
+EXTENSIONS = ("binary_tensor_data", "sequence", "statistics")
 INFERENCE_HEADER = "inference-header-content-length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 # Numpy dtypes of the protocol's datatypes: FP32 for float inputs and outputs, INT64 for ids.

@@ -8,15 +8,18 @@ service/oip/inference.py on the same sessions and workers as /v1. Errors are the
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
+from service.engine.runtime import Runtime
 from service.http.body import documented_body, json_response
 from service.http.deps import CallerDep, RuntimeDep
 from service.http.route_errors import V2_INDEX, V2_INFER, V2_METADATA, V2_MODEL_READY
 from service.http.routes.lean import LeanRoute
 from service.oip import decode as oip
+from service.oip import stats
 from service.oip.inference import OipInference
 from service.oip.schemas import InferRequestDoc, InferResponseDoc, ModelMetadata, ServerMetadata
 from service.protocol.errors import InvalidInput, ModelNotFound
@@ -110,6 +113,36 @@ def _check_version(registry: ModelRegistry, name: str, version: str) -> None:
     registry.get(name)  # an unknown model is a 404 whatever the version
     if version != oip.VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}")
+
+
+@router.get("/models/stats", summary="Statistics of every model (Triton's extension)",
+            responses=V2_INDEX)  # fmt: skip
+async def all_stats(caller: CallerDep) -> Response:
+    names = [entry.name for entry in caller.registry.entries()]
+    return await _stats(caller.runtime, names)
+
+
+@router.get(
+    "/models/{name}/stats", summary="Statistics of one model (Triton's extension)",
+    responses=V2_METADATA,
+)  # fmt: skip
+async def model_stats(name: str, caller: CallerDep) -> Response:
+    caller.registry.get(name)  # an unknown model is a 404
+    return await _stats(caller.runtime, [name])
+
+
+@router.get(
+    "/models/{name}/versions/{version}/stats", summary="Statistics of a model's version",
+    responses=V2_METADATA,
+)  # fmt: skip
+async def version_stats(name: str, version: str, caller: CallerDep) -> Response:
+    _check_version(caller.registry, name, version)
+    return await _stats(caller.runtime, [name])
+
+
+async def _stats(runtime: Runtime, names: list[str]) -> Response:
+    page = await runtime.render_metrics()
+    return json_response(await asyncio.to_thread(stats.model_stats, page, names, oip.VERSION))
 
 
 @router.get(

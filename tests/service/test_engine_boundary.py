@@ -273,6 +273,8 @@ def test_the_metrics_page_sums_the_engine_and_every_edge(make_settings, clock, e
         page = one.get("/metrics").text
         assert metric(page, "tcnserve_active_sessions") == 3
         assert page.count("# TYPE tcnserve_requests_total counter") == 1  # one family, summed
+        (stats,) = two.get("/v2/models/tiny/stats").json()["model_stats"]  # the same sums
+        assert stats["inference_count"] == 3  # one timestep each, on the engine
 
 
 def test_the_docs_name_every_message_and_the_sizes_of_a_push():

@@ -80,7 +80,7 @@ def test_server_metadata_and_health(client):
     assert client.get("/v2").json() == {
         "name": "tcnserve",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data", "sequence"],
+        "extensions": ["binary_tensor_data", "sequence", "statistics"],
     }
     # The bodies the OIP text defines, and the status codes (200 true, 4xx false) beside them.
     for path, body in (

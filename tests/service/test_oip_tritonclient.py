@@ -181,3 +181,28 @@ def test_sequence_offset_makes_a_retry_exactly_once(triton):
     with pytest.raises(InferenceServerException, match="position 6") as raised:
         push(2, 5)
     assert raised.value.status() == "409"
+
+
+def test_inference_statistics_follow_the_metrics(triton):
+    client, url, _ = triton
+    before = client.get_inference_statistics("tiny", headers=auth())["model_stats"]
+    assert [(m["name"], m["version"], m["inference_count"]) for m in before] == [("tiny", "1", 0)]
+    x = rows(50, 4)
+    for i, (a, b) in enumerate(itertools.pairwise([0, 1, 20, 50])):
+        client.infer(
+            "tiny", inputs_of(x[None, a:b]), sequence_id=77, sequence_start=i == 0,
+            headers=auth(),
+        )  # fmt: skip
+    (after,) = client.get_inference_statistics("tiny", "1", headers=auth())["model_stats"]
+    assert after["inference_count"] == 50  # timesteps, the unit a streaming model infers
+    stats = after["inference_stats"]
+    assert 1 <= after["execution_count"] == stats["compute_infer"]["count"] <= 3
+    assert stats["success"]["count"] == after["execution_count"]
+    assert stats["success"]["ns"] >= stats["compute_infer"]["ns"] > 0
+    assert stats["fail"] == {"count": 0, "ns": 0}  # not measured per model: docs/oip.md
+    every = client.get_inference_statistics(headers=auth())["model_stats"]
+    assert [m["name"] for m in every] == ["tiny"]
+    assert httpx.get(f"{url}/v2/models/tiny/stats").status_code == 401
+    for path in ("nope/stats", "tiny/versions/2/stats"):
+        r = httpx.get(f"{url}/v2/models/{path}", headers=auth())
+        assert r.status_code == 404 and "error" in r.json(), r.text
