@@ -5,6 +5,11 @@ overrides in `TrainOptions`), evaluates on a validation set after every epoch, k
 with the best validation metric, reports that model's metric on a separate test set, and writes
 `save_model` + metrics.json to `options.out`. Given a seed the run is deterministic (on CPU, one
 thread), unless `max_minutes` cuts it short.
+
+After every warm-up stage and epoch the whole training state (weights, optimizer, schedule, both
+random generators, the best weights so far, the history) goes to `STATE_FILE` in `options.out`,
+so `resume=True` continues an interrupted run exactly where its last finished phase left it, or
+extends a finished one by more epochs: the result equals one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import copy
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,10 @@ from model.tcn import TCN
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+STATE_FILE = "training_state.pt"  # torch.save of tensors and plain values: weights_only loads it
+STATE_FORMAT = 1
+# Options that may differ between a run and its resumption: the rest must be equal.
+RESUMABLE_CHANGES = frozenset(("out", "epochs", "max_minutes", "progress", "command", "resume"))
 CURVE_FILE = "learning_curve.png"
 CURVE_EVERY = 20  # steps between the points of the training-loss curve
 # Held-out sets are drawn from seeds far from the training seed, so no run's val/test data
@@ -64,6 +74,7 @@ class TrainOptions:
     max_minutes: float | None = None
     progress: bool | None = None  # None: only when stderr is a terminal
     command: str = ""
+    resume: bool = False  # continue from STATE_FILE in `out` (more epochs allowed)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -174,11 +185,33 @@ def train(options: TrainOptions) -> dict[str, Any]:
     best_value, best_state, best_step = math.inf, copy.deepcopy(net.state_dict()), 0
     history: list[dict[str, Any]] = []
     curve: list[tuple[int, float]] = []  # (step, running loss) every CURVE_EVERY steps
-    step, out_of_time = 0, False
+    step, out_of_time, done_phases = 0, False, 0
     # Warm-up stages at shorter T (no validation), then the epochs at the task's T.
     phases = [(f"warm-up T={t}", t, n, 0) for t, n in options.curriculum]
     phases += [(f"epoch {e}/{epochs}", seq_len, steps_per_epoch, e) for e in range(1, epochs + 1)]
-    for label, phase_len, phase_steps, epoch in phases:
+    if not options.resume:  # a new run: a state left in `out` is not this run's
+        (Path(options.out) / STATE_FILE).unlink(missing_ok=True)
+    else:
+        state = load_state(options, len(phases))
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_gen.set_state(state["train_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        best_value, best_state, best_step = (
+            state["best_value"],
+            state["best_state"],
+            state["best_step"],
+        )
+        history, curve, step = state["history"], [tuple(p) for p in state["curve"]], state["step"]
+        done_phases = state["phases"]
+        start -= state["elapsed_s"]  # elapsed and wall time count the whole run
+        logger.info("resuming after %s (step %d)", history[-1]["phase"], step)
+    for index, (label, phase_len, phase_steps, epoch) in enumerate(phases):
+        if index < done_phases:
+            continue
         phase_lr = optimizer.param_groups[0]["lr"]
         running, phase_loss, done = None, 0.0, 0
         bar = tqdm(
@@ -227,6 +260,18 @@ def train(options: TrainOptions) -> dict[str, Any]:
             "%s: %d steps, lr %.3g, train loss %.4g%s", label, step, phase_lr,
             entry["train_loss"], f", val {spec.metric} {val[spec.metric]:.4g}" if epoch else "",
         )  # fmt: skip
+        if not out_of_time:  # a finished phase: what a resumed run starts from
+            state = {
+                "format": STATE_FORMAT, "options": _fingerprint(options), "phases": index + 1,
+                "step": step, "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "train_gen": train_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "best_value": best_value,
+                "best_state": best_state, "best_step": best_step, "history": history,
+                "curve": curve, "elapsed_s": time.monotonic() - start,
+            }  # fmt: skip
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            _save_state(state, Path(options.out))
         if out_of_time:
             logger.info("stopping: the %.1f-minute budget is spent", options.max_minutes)
             break
@@ -305,6 +350,59 @@ def train(options: TrainOptions) -> dict[str, Any]:
     logger.info("test %s %.4g after %d steps in %.0f s", spec.metric, test[spec.metric], step,
                 wall_time)  # fmt: skip
     return result
+
+
+def _fingerprint(options: TrainOptions) -> dict[str, Any]:
+    """The options a resumed run must share with the run it continues."""
+    values = asdict(options)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()
+            if k not in RESUMABLE_CHANGES}  # fmt: skip
+
+
+def _save_state(state: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)  # whole or not at all, if the run dies while writing
+
+
+def load_state(options: TrainOptions, phases: int) -> dict[str, Any]:
+    """The saved state `options.resume` continues from; ValueError when it cannot continue it."""
+    path = Path(options.out) / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"nothing to resume: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a training state this version reads")
+    saved, given = state["options"], _fingerprint(options)
+    differ = [f"{k} {saved.get(k)!r} -> {given[k]!r}" for k in given if saved.get(k) != given[k]]
+    if differ:
+        raise ValueError(
+            f"{path} was written by a run with other options ({'; '.join(differ)}): resume with "
+            "the same options (only --epochs and --max-minutes may change)"
+        )
+    if state["phases"] > phases:
+        raise ValueError(
+            f"{path} has finished {state['history'][-1]['phase']}: it ran more epochs than "
+            "--epochs gives; resume with at least as many"
+        )
+    return state
+
+
+def check_resumable(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: `resume` needs a saved state, and a new run must not silently replace
+    one, finished or interrupted (ValueError saying what to pass)."""
+    path = Path(out) / STATE_FILE
+    if resume and not path.is_file():
+        raise ValueError(f"nothing to resume: {path} does not exist")
+    if not resume and not overwrite and path.is_file():
+        finished = (Path(out) / METRICS_FILE).is_file()
+        run, verb = ("a finished", "extend it with more --epochs") if finished else (
+            "an unfinished", "continue it")  # fmt: skip
+        raise ValueError(
+            f"{out} holds {run} training run ({STATE_FILE}): pass --resume to {verb}, or "
+            "--overwrite to start again"
+        )
 
 
 def _deviations(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import check_destination
-from model.train import TASKS, TrainOptions, train
+from model.train import STATE_FILE, TASKS, TrainOptions, check_resumable, train
 
 # CLI flag -> argparse dest, in the order the reproducing command lists them.
 _FLAGS = {
@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a checkpoint already in --out"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run whose {STATE_FILE} is in --out (saved after every epoch), with "
+        "the same options; a larger --epochs extends a finished run",
     )
     parser.add_argument(
         "--seq-len", type=int, help="adding: sequence length; copy: blank length T (input T+20)"
@@ -114,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        check_destination(args.out, args.overwrite)  # before the training, not after it
+        # Before the training, not after it. A resumed run replaces its own checkpoint.
+        check_destination(args.out, args.overwrite or args.resume)
+        check_resumable(args.out, args.resume, args.overwrite)
         options = TrainOptions(
             task=args.task,
             out=args.out,
@@ -137,11 +145,21 @@ def run(args: argparse.Namespace) -> int:
             max_minutes=args.max_minutes,
             progress=False if args.no_progress else None,
             command=reproducing_command(args),
+            resume=args.resume,
         )
         result = train(options)
     except ValueError as e:
         print(f"tcnserve train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if (args.out / STATE_FILE).is_file():
+            kept, again = "the last finished phase is kept: continue with", " --resume"
+        else:
+            kept, again = "no phase had finished, nothing is kept: rerun with", ""
+        again += " --overwrite" if args.overwrite and not again else ""
+        print(f"tcnserve train: interrupted; {kept} {reproducing_command(args)}{again}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     print(
         f"{result['task']} T={result['seq_len']}: held-out {result['metric']} "
         f"{result['value']:.3g} (paper {result['paper_value']:g} at T={result['paper_seq_len']}) "

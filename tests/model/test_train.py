@@ -176,3 +176,77 @@ def test_the_out_directory_is_checked_before_any_training(
     argv += ["--epochs", "1", "--steps-per-epoch", "1", *TINY]
     assert cli.main(argv) == 0
     load_model(held)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path).state_dict()
+
+
+def test_a_resumed_run_equals_one_uninterrupted_run(tmp_path: Path) -> None:
+    def options(out: str, epochs: int, resume: bool = False) -> TrainOptions:
+        return TrainOptions(
+            task="copy",
+            out=tmp_path / out,
+            seq_len=6,
+            epochs=epochs,
+            steps_per_epoch=4,
+            curriculum=((4, 3),),
+            lr_decay=0.5,
+            hidden=4,
+            levels=2,
+            kernel_size=2,
+            val_size=8,
+            test_size=8,
+            seed=5,
+            progress=False,
+            resume=resume,
+        )  # fmt: skip  (copy: dropout, so the torch generator is part of the state too)
+
+    whole = train(options("whole", 3))
+    train(options("parts", 2))  # a finished run of 2 epochs...
+    resumed = train(options("parts", 3, resume=True))  # ...extended to 3
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["value"] == whole["value"] and resumed["steps"] == whole["steps"] == 15
+    def numbers(history: list[dict]) -> list[dict]:  # the labels say "epoch 1/2" in part one
+        return [{k: v for k, v in h.items() if k not in ("phase", "elapsed_s")} for h in history]
+
+    assert numbers(resumed["history"]) == numbers(whole["history"])
+    assert any("val_" in k for k in resumed["history"][-1])
+
+
+def test_an_interrupted_run_keeps_its_last_epoch_and_resumes_from_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import model.train as training
+
+    argv = ["train", "adding", "--seq-len", "12", "--epochs", "3", "--steps-per-epoch", "3", *TINY]
+    assert cli.main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    evaluate, calls = training.evaluate, []
+
+    def ctrl_c_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", ctrl_c_in_the_second_epoch)
+    out = tmp_path / "cut"
+    assert cli.main([*argv, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the last finished phase is kept: continue with tcnserve train" in err
+    assert err.rstrip().endswith("--resume")
+    monkeypatch.undo()
+    assert not (out / "config.json").exists()  # no checkpoint yet, only the training state
+    assert cli.main([*argv, "--out", str(out)]) == 2  # a new run would throw the epoch away
+    assert "holds an unfinished training run (training_state.pt): pass --resume" in (
+        capsys.readouterr().err
+    )
+    assert cli.main([*argv, "--out", str(out), "--seed", "1", "--resume"]) == 2
+    assert "other options (seed 0 -> 1)" in capsys.readouterr().err
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = tmp_path / "fresh"
+    assert cli.main([*argv, "--out", str(fresh), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
