@@ -88,29 +88,32 @@ def style(label: str) -> tuple[str, str]:
 
 
 def draw(records: list[dict], path: Path, note: str) -> None:
+    """Two panels side by side, one row per message (with the echo, which carries one row) and
+    several rows per message, so no series is read against a floor of another kind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 5.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), sharey=True)
+    panels = ("one row per message or per session", "several rows per message or per session")
     for label, points in series(records).items():
         marker, color = style(label)
+        ax = axes[1 if " rows per " in label and not label.startswith("no-work") else 0]
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker, color=color, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent sessions")
-    ax.set_ylabel("timesteps served per second, all sessions")
-    ax.set_title("Service throughput vs concurrent sessions (built-in model, 1 process, CPU)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5)
-    where = []
-    for record in records:
-        lines = record["environment"].splitlines()
-        where.append(f"{record['bench']}: {' | '.join(lines)}")
-    fig.text(0.01, 0.01, "\n".join([*where, note]), fontsize=6, va="bottom")
-    fig.tight_layout(rect=(0, 0.04 + 0.018 * len(where), 1, 1))
+    for ax, title in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent sessions")
+        ax.set_title(title, fontsize=11)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8.5)
+    axes[0].set_ylabel("timesteps served per second, all sessions")
+    fig.suptitle("Service throughput vs concurrent sessions (built-in model, CPU)")
+    where = [f"{r['bench']}: {' | '.join(r['environment'].splitlines())}" for r in records]
+    fig.text(0.01, 0.0, "\n".join([*where, note]), fontsize=8.5, va="top", wrap=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
