@@ -66,7 +66,7 @@ class Metrics:
         self.queue_delay = Histogram(
             "tcnserve_batch_queue_delay_seconds",
             "Time a model call waited in the queue (for a batched step: its oldest push)",
-            ["model"],
+            ["model", "op"],
             buckets=QUEUE_BUCKETS,
             registry=r,
         )

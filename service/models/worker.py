@@ -326,7 +326,7 @@ class ModelWorker:
 
     def _run_call(self, job: _Call) -> None:
         start = time.perf_counter()
-        self._metrics.queue_delay.labels(self.name).observe(start - job.enqueued)
+        self._metrics.queue_delay.labels(self.name, job.op).observe(start - job.enqueued)
         try:
             result, error = job.fn(), None
         except BaseException as e:  # handed to the caller, which decides
@@ -338,7 +338,7 @@ class ModelWorker:
         start = time.perf_counter()
         # One observation per call, as for any other call: the wait of its oldest push.
         oldest = min(job.enqueued for job in batch)
-        self._metrics.queue_delay.labels(self.name).observe(start - oldest)
+        self._metrics.queue_delay.labels(self.name, "step").observe(start - oldest)
         try:
             outcomes = self._step(batch)
         except NonFiniteOutputError as e:
