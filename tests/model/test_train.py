@@ -208,6 +208,7 @@ def test_a_resumed_run_equals_one_uninterrupted_run(tmp_path: Path) -> None:
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["value"] == whole["value"] and resumed["steps"] == whole["steps"] == 15
+
     def numbers(history: list[dict]) -> list[dict]:  # the labels say "epoch 1/2" in part one
         return [{k: v for k, v in h.items() if k not in ("phase", "elapsed_s")} for h in history]
 

@@ -195,6 +195,38 @@ def test_the_gpu_variant_asks_for_a_gpu_and_runs_on_cuda():
     assert container["image"] == "tcnserve-cuda"
 
 
+def test_tagged_images_are_pulled_at_every_start():
+    """The images are tags, which move: each start asks the registry what the tag names now."""
+    for pod in pod_specs():
+        for container in pod["containers"]:
+            assert container["imagePullPolicy"] == "Always", container["name"]
+
+
+def static_checks_section() -> str:
+    readme = (DEPLOY / "README.md").read_text()
+    return readme.split("\n## Static checks\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_checkov_skip_gives_its_reason_here_and_in_the_readme():
+    skipped = set()
+    for doc in manifests().values():
+        for key, value in doc["metadata"].get("annotations", {}).items():
+            if key.startswith("checkov.io/skip"):
+                # checkov splits the value on "=": one check id, then a reason with no "=".
+                assert re.fullmatch(r"CKV2?_K8S_\d+=[^=]{20,}", value), value
+                skipped.add(value.split("=")[0])
+    listed = re.findall(r"^\| `(CKV2?_K8S_\d+)`", static_checks_section(), re.M)
+    assert skipped and sorted(skipped) == sorted(listed)
+
+
+def test_ci_runs_checkov_offline_over_the_rendered_manifests():
+    script = (ROOT / "scripts" / "checkov.sh").read_text()
+    assert "bash scripts/checkov.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "--skip-download" in script and "kubectl kustomize" in script
+    version = re.search(r"^CHECKOV_VERSION=(\S+)$", script, re.M).group(1)
+    assert f"checkov {version}" in static_checks_section()  # the counts there are its
+
+
 def test_dockerfile_installs_cpu_torch_from_pytorchs_index():
     dockerfile = (ROOT / "Dockerfile").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
