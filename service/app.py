@@ -47,9 +47,18 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        grpc_edge = None
         try:
+            if runtime.settings.grpc_port is not None:  # the OIP over gRPC (docs/grpc.md)
+                from service.grpc.server import GrpcEdge
+
+                grpc_edge = GrpcEdge(runtime, app.state.oip)
+                await grpc_edge.start()
+                app.state.grpc = grpc_edge
             yield
         finally:
+            if grpc_edge is not None:
+                await grpc_edge.stop()  # calls in progress finish first
             await runtime.stop()
 
     # FastAPIOffline: /docs and /redoc serve Swagger UI and ReDoc from the package, not a CDN,

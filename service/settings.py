@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         description="WebSocket streams one API key may hold open at once (unset: no cap with "
         "zero or one key; with several keys, 3/4 of max_connections)",
     )
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="port of the Open Inference Protocol's gRPC service (Triton's is 8001; "
+        "unset: no gRPC), on host, beside HTTP (docs/grpc.md)",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="time a connection has to deliver a whole request (headers+body)"
     )
@@ -178,12 +185,28 @@ class Settings(BaseSettings):
         for name, directory in self.models.items():
             if not MODEL_NAME_RE.match(name):
                 problems.append(f"models: invalid model name {name!r} (use [A-Za-z0-9_.-])")
+            checkpoint = Path(directory)
             try:
-                found = (Path(directory) / "config.json").is_file()
+                found = (checkpoint / "config.json").is_file()
+                # With --workers the engine process reads these after the fork, where a file
+                # this user may not read (mode 0600, another owner) ends in its traceback.
+                # (model/checkpoint.py's CONFIG_FILE and WEIGHTS_FILE: not imported, no torch.)
+                unreadable = [
+                    f
+                    for f in ("config.json", "model.safetensors")
+                    if (checkpoint / f).is_file() and not os.access(checkpoint / f, os.R_OK)
+                ]
             except OSError as e:  # e.g. a directory this user may not enter (mode 0700)
                 problems.append(
                     f"models: {name}={directory} cannot be read by this user ({e.strerror}): "
                     "make the checkpoint readable (a mounted model needs r-x on its directory)"
+                )
+                continue
+            if unreadable:
+                problems.append(
+                    f"models: {name}={directory} cannot be read by this user (Permission "
+                    f"denied: {', '.join(unreadable)}): make the checkpoint readable (a mounted "
+                    "model needs r on its files)"
                 )
                 continue
             if not found:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WEB = ("fastapi", "starlette", "uvicorn", "httptools", "h11", "websockets")
+WEB = ("fastapi", "starlette", "uvicorn", "httptools", "h11", "websockets", "grpc")
 
 
 def imports(path: Path) -> set[str]:
@@ -72,12 +72,12 @@ LAYERS = (
     ("sessions", ("service.sessions",)),
     ("store", ("service.store",)),
     ("engine", ("service.engine",)),
-    ("edges", ("service.http", "service.ws", "service.oip")),
+    ("edges", ("service.http", "service.ws", "service.oip", "service.grpc")),
     ("top", ("service.app", "service.commands", "service.cli")),
 )
 CLIENT = ("service.client",)  # beside the layers: it may import service.protocol only
 TOP = len(LAYERS) - 1
-EDGES = LAYERS.index(("edges", ("service.http", "service.ws", "service.oip")))
+EDGES = LAYERS.index(("edges", ("service.http", "service.ws", "service.oip", "service.grpc")))
 
 
 def module_name(path: Path) -> str:
@@ -168,7 +168,8 @@ def test_the_engine_process_loads_no_web_framework():
     assert not sorted(
         n
         for n in loaded
-        if under(n, WEB) or under(n, ("service.http", "service.ws", "service.oip", "service.app"))
+        if under(n, WEB)
+        or under(n, ("service.http", "service.ws", "service.oip", "service.grpc", "service.app"))
     )
 
 

@@ -26,6 +26,7 @@ from service.ws.protocol import ReleasingWebSocketProtocol
 FLAGS: dict[str, tuple[type, str]] = {
     "host": (str, "address to bind (default 127.0.0.1)"),
     "port": (int, "port (default 8000)"),
+    "grpc_port": (int, "port of the OIP gRPC service, e.g. 8001 (default: no gRPC)"),
     "max_sessions": (int, "stream slots per model (default 256)"),
     "session_ttl_s": (float, "idle seconds before a session expires (default 600)"),
     "max_batch_size": (int, "most streams per batched step (default: all, within 10 ms)"),
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     busy = port_in_use(settings.host, settings.port)
+    if not busy and settings.grpc_port is not None:
+        busy = port_in_use(settings.host, settings.grpc_port, "--grpc-port")
     if busy:  # before the models load, not seconds later
         print(f"tcnserve serve: refusing to start: {busy}", file=sys.stderr)
         return 2
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     return serve(app, settings, host=settings.host, port=settings.port)
 
 
-def port_in_use(host: str, port: int) -> str | None:
+def port_in_use(host: str, port: int, flag: str = "--port") -> str | None:
     """Why `host:port` cannot be served (another process listens there), or None."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -112,7 +115,7 @@ def port_in_use(host: str, port: int) -> str | None:
         except OSError as e:
             return (
                 f"cannot listen on {host}:{port} ({e.strerror}): is another server there? "
-                "pass another --port"
+                f"pass another {flag}"
             )
     return None
 

@@ -154,7 +154,7 @@ def decode_body(
     try:
         return _envelope(kind).decode(data)
     except msgspec.ValidationError as e:
-        raise InvalidInput(_where(str(e), what)) from None
+        raise InvalidInput(located(str(e), what)) from None
     except msgspec.DecodeError as e:
         raise InvalidInput(_malformed(e, data, what)) from None
 
@@ -243,7 +243,7 @@ def _decode_rows(raw: msgspec.Raw, spec: InputSpec, what: str, nested: bool) -> 
     try:
         return _rows_decoder(spec.width, spec.vocab_size is not None, nested).decode(raw)
     except msgspec.ValidationError as e:
-        raise InvalidInput(_where(str(e), what, _row_hint(spec))) from None
+        raise InvalidInput(located(str(e), what, _row_hint(spec))) from None
     except msgspec.DecodeError as e:
         raise InvalidInput(_malformed(e, raw, what)) from None
 
@@ -311,7 +311,7 @@ def _row_hint(spec: InputSpec) -> str:
     return f"each row is {spec.width} numbers"
 
 
-def _where(message: str, what: str, hint: str = "") -> str:
+def located(message: str, what: str, hint: str = "") -> str:
     """msgspec's 'Problem - at `$.a[0]`' -> 'what.a[0]: Problem', plus a hint for rows."""
     text, sep, path = message.rpartition(" - at `")
     if not sep:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -221,6 +222,27 @@ def decode_request(
     else:
         envelope, binary = view, view[:0]
     request = inputs.decode_body(envelope, InferBody)
+    has_header = header_length is not None
+
+    def values(tensor: TensorIn, dtype: np.dtype, count: int) -> np.ndarray:
+        return _tensor_values(tensor, binary, dtype, count, has_header)
+
+    return checked_request(request, values, spec, limits, model)
+
+
+# A tensor's `count` values of `dtype`, from wherever its protocol carries them.
+TensorValues = Callable[[TensorIn, np.dtype, int], np.ndarray]
+
+
+def checked_request(
+    request: InferBody,
+    values: TensorValues,
+    spec: inputs.InputSpec,
+    limits: RequestLimits,
+    model: str,
+) -> InferRequest:
+    """Every check of an infer request whatever its transport (HTTP here, gRPC in
+    service/grpc/codec.py): InvalidInput names the first problem."""
     if request.model_name not in (None, model):
         raise InvalidInput(
             f"model_name {request.model_name!r} in the body differs from the path's {model!r}"
@@ -230,7 +252,7 @@ def decode_request(
             f"model_version {request.model_version!r}: model {model!r} has version {VERSION!r}"
         )
     sequence, binary_output = _request_parameters(request.parameters)
-    x = _input_tensor(request.inputs, binary, spec, limits, header_length is not None)
+    x = _input_tensor(request.inputs, values, spec, limits)
     if sequence is not None and x.shape[0] != 1:
         raise InvalidInput(
             f"input: a sequence request carries one sequence, shape [1, T, ...]; got batch "
@@ -277,11 +299,7 @@ def _request_parameters(parameters: RequestParameters) -> tuple[Sequence | None,
 
 
 def _input_tensor(
-    tensors: list[TensorIn],
-    binary: memoryview,
-    spec: inputs.InputSpec,
-    limits: RequestLimits,
-    has_header: bool,
+    tensors: list[TensorIn], values: TensorValues, spec: inputs.InputSpec, limits: RequestLimits
 ) -> np.ndarray:
     if len(tensors) != 1 or tensors[0].name != INPUT:
         names = ", ".join(repr(t.name) for t in tensors) or "none"
@@ -309,17 +327,17 @@ def _input_tensor(
             "request (max_timesteps_per_request): split it into several requests"
         )
     count = math.prod(shape)
-    values = _tensor_values(tensor, binary, DTYPES[datatype], count, has_header)
+    flat = values(tensor, DTYPES[datatype], count)
     if tokens:
-        bad = (values < 0) | (values >= spec.vocab_size)
+        bad = (flat < 0) | (flat >= spec.vocab_size)
         if bad.any():
             i = int(np.argmax(bad))
             raise InvalidInput(
-                f"input: value {i}: token id {values[i]} is outside [0, {spec.vocab_size})"
+                f"input: value {i}: token id {flat[i]} is outside [0, {spec.vocab_size})"
             )
-        return values.reshape(batch, time)  # (B, T)
-    _check_range(values, spec)
-    return values.astype(spec.dtype, copy=False).reshape(batch, time, spec.width)  # (B, T, C)
+        return flat.reshape(batch, time)  # (B, T)
+    _check_range(flat, spec)
+    return flat.astype(spec.dtype, copy=False).reshape(batch, time, spec.width)  # (B, T, C)
 
 
 def _check_range(values: np.ndarray, spec: inputs.InputSpec) -> None:

@@ -44,6 +44,36 @@ OIP_STATUS: dict[str, int] = {
     "session_expired": 400,  # an expired sequence (the message says which)
 }
 
+# gRPC (service/grpc/, docs/grpc.md): the status of each code, by grpc.StatusCode name. A
+# ModelStreamInfer request's error is an error_message on the stream instead, which goes on.
+GRPC_STATUS: dict[str, str] = {
+    "bad_request": "INVALID_ARGUMENT",
+    "unauthorized": "UNAUTHENTICATED",
+    "model_not_found": "NOT_FOUND",
+    "session_not_found": "NOT_FOUND",
+    "not_found": "NOT_FOUND",
+    "method_not_allowed": "UNIMPLEMENTED",
+    "request_timeout": "DEADLINE_EXCEEDED",
+    "session_exists": "ALREADY_EXISTS",
+    "offset_conflict": "ABORTED",
+    "session_expired": "NOT_FOUND",
+    "body_too_large": "RESOURCE_EXHAUSTED",
+    "too_many_timesteps": "RESOURCE_EXHAUSTED",
+    "too_many_sequences": "RESOURCE_EXHAUSTED",
+    "headers_too_large": "RESOURCE_EXHAUSTED",
+    "invalid_input": "INVALID_ARGUMENT",
+    "invalid_query": "INVALID_ARGUMENT",
+    "non_finite_output": "INVALID_ARGUMENT",
+    "capacity_exceeded": "RESOURCE_EXHAUSTED",
+    "key_quota_exceeded": "RESOURCE_EXHAUSTED",
+    "not_ready": "UNAVAILABLE",
+    "draining": "UNAVAILABLE",
+    "overloaded": "UNAVAILABLE",
+    "durability_unavailable": "UNAVAILABLE",
+    "engine_unavailable": "UNAVAILABLE",
+    "internal": "INTERNAL",
+}
+
 # Errors that end a WebSocket stream close it with these codes (docs/streaming.md); any other
 # error is answered as an error message and the socket stays open.
 CLOSE: dict[str, int] = {

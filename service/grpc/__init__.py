@@ -1,0 +1,1 @@
+"""The Open Inference Protocol over gRPC, beside HTTP (docs/grpc.md)."""

@@ -1,0 +1,296 @@
+"""The Open Inference Protocol over gRPC: NVIDIA's tritonclient.grpc, unmodified, against a real
+server (uvicorn with the gRPC edge beside it), and KServe's InferenceGRPCClient in a process of
+its own (its messages and tritonclient's both claim the `inference.*` names in protobuf's
+process-wide registry, so no process can hold both)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from service.app import create_app
+from service.grpc import oip_pb2 as pb
+from service.grpc.server import SERVICE
+from tests.service.conftest import assert_rows_close, free_port, random_rows, uvicorn_thread
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY, OTHER_KEY = "grpc-client-key-0123456789", "grpc-other-key-0123456789"
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def served(make_settings):
+    """(tritonclient.grpc client, gRPC address, HTTP url) of a keyed server."""
+    port = free_port()
+    settings = make_settings(api_keys=[KEY, OTHER_KEY], grpc_port=port, max_body_bytes=64 * 1024)
+    with uvicorn_thread(create_app(settings)) as (url, _):
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            yield client, f"127.0.0.1:{port}", url
+        finally:
+            client.close()
+
+
+def inputs_of(x: np.ndarray) -> list:
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return [tensor]
+
+
+def rows(length: int, seed: int) -> np.ndarray:
+    return np.asarray(random_rows(length, seed), dtype=np.float32)
+
+
+def predicted(url: str, x: np.ndarray) -> list:
+    r = httpx.post(f"{url}/v1/models/tiny/predict", json={"inputs": x.tolist()}, headers=auth())
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"]
+
+
+def status_of(raised: pytest.ExceptionInfo) -> str:
+    return str(raised.value.status())
+
+
+def test_the_generated_messages_are_current(tmp_path):
+    from grpc_tools import protoc
+
+    source = ROOT / "service" / "grpc"
+    assert (
+        protoc.main(["", f"-I{source}", f"--python_out={tmp_path}", str(source / "oip.proto")]) == 0
+    )
+    assert (tmp_path / "oip_pb2.py").read_text() == (source / "oip_pb2.py").read_text(), (
+        "service/grpc/oip_pb2.py is stale: regenerate it (the command is in oip.proto)"
+    )
+
+
+def test_health_metadata_config_and_statistics(served):
+    client, _, _ = served
+    assert client.is_server_live() and client.is_server_ready()  # the probes need no key
+    assert client.is_model_ready("tiny", headers=auth())
+    assert client.is_model_ready("tiny", "1", headers=auth())
+    meta = client.get_server_metadata(headers=auth(), as_json=True)
+    assert meta["name"] == "tcnserve" and "sequence" in meta["extensions"]
+    model = client.get_model_metadata("tiny", headers=auth(), as_json=True)
+    assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "-1", "2"]}]
+    config = client.get_model_config("tiny", headers=auth(), as_json=True)["config"]
+    assert config["input"][0]["data_type"] == "TYPE_FP32" and "sequence_batching" in config
+    index = client.get_model_repository_index(headers=auth(), as_json=True)
+    assert index["models"] == [{"name": "tiny", "version": "1", "state": "READY"}]
+    stats = client.get_inference_statistics("tiny", headers=auth(), as_json=True)
+    assert stats["model_stats"][0]["name"] == "tiny"
+
+
+def test_infer_and_async_infer_equal_v1_predict(served):
+    client, _, url = served
+    x = np.stack([rows(9, 1), rows(9, 2)])
+    want = predicted(url, x)
+    got = client.infer("tiny", inputs_of(x), headers=auth(), request_id="r-1")
+    assert got.get_response().id == "r-1"
+    assert_rows_close(got.as_numpy("output").tolist(), want)
+    answers: queue.Queue = queue.Queue()
+    client.async_infer(
+        "tiny", inputs_of(x), lambda result, error: answers.put((result, error)), headers=auth()
+    )
+    result, error = answers.get(timeout=30)
+    assert error is None
+    assert_rows_close(result.as_numpy("output").tolist(), want)
+
+
+def test_typed_contents_are_read_as_raw_bytes_are(served):
+    """tritonclient sends raw bytes; other clients send the protocol's typed lists."""
+    _, address, url = served
+    x = rows(6, 3)[None]
+    request = pb.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE}/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        response = call(request, metadata=tuple(auth().items()))
+        y = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(response.outputs[0].shape)
+        assert_rows_close(y.tolist(), predicted(url, x))
+        request.inputs[0].contents.fp32_contents.pop()
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request, metadata=tuple(auth().items()))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "fp32_contents has 11 values; shape [1, 6, 2] takes 12" in raised.value.details()
+
+
+def test_refusals_have_the_matching_status_and_change_nothing(served):
+    client, _, _ = served
+    x = rows(4, 5)[None]
+    cases = [
+        (lambda: client.infer("tiny", inputs_of(x)), "StatusCode.UNAUTHENTICATED"),
+        (lambda: client.infer("nope", inputs_of(x), headers=auth()), "StatusCode.NOT_FOUND"),
+        (
+            lambda: client.infer("tiny", inputs_of(x), model_version="2", headers=auth()),
+            "StatusCode.NOT_FOUND",
+        ),
+        (
+            lambda: client.infer(
+                "tiny", inputs_of(np.zeros((1, 4, 3), np.float32)), headers=auth()
+            ),
+            "StatusCode.INVALID_ARGUMENT",
+        ),
+        (
+            lambda: client.infer("tiny", inputs_of(x), sequence_id=7, headers=auth()),
+            "StatusCode.NOT_FOUND",  # an unknown sequence: open it with sequence_start
+        ),
+        (
+            lambda: client.infer(
+                "tiny", inputs_of(np.zeros((1, 9000, 2), np.float32)), headers=auth()
+            ),
+            "StatusCode.RESOURCE_EXHAUSTED",  # over max_body_bytes: refused before any work
+        ),
+        (
+            lambda: client.infer(
+                "tiny", inputs_of(np.full((1, 2, 2), np.nan, np.float32)), headers=auth()
+            ),
+            "StatusCode.INVALID_ARGUMENT",
+        ),
+    ]
+    for call, status in cases:
+        with pytest.raises(InferenceServerException) as raised:
+            call()
+        assert status_of(raised) == status, raised.value.message()
+    assert (
+        client.get_inference_statistics("tiny", headers=auth(), as_json=True)["model_stats"][0].get(
+            "inference_count", "0"
+        )
+        == "0"
+    )  # nothing ran
+
+
+def test_a_sequence_over_one_stream_equals_predict_and_errors_leave_it_open(served):
+    client, _, url = served
+    x = rows(40, 6)
+    bounds = [0, 1, 3, 10, 11, 27, 40]
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(lambda result, error: answers.put((result, error)), headers=auth())
+    try:
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            if i == 2:  # a bad request in the middle: an error on the stream, which goes on
+                client.async_stream_infer(
+                    "tiny", inputs_of(np.zeros((1, 2, 3), np.float32)), request_id="bad",
+                    sequence_id=99, sequence_start=False,
+                )  # fmt: skip
+            client.async_stream_infer(
+                "tiny", inputs_of(x[None, a:b]), request_id=str(i), sequence_id=99,
+                sequence_start=i == 0, sequence_end=b == len(x),
+            )  # fmt: skip
+        got, errors = {}, []
+        for _ in range(len(bounds)):  # every chunk, and the bad request's error
+            result, error = answers.get(timeout=30)
+            if error is not None:
+                errors.append(error.message())
+            else:
+                got[result.get_response().id] = result.as_numpy("output")[0]
+    finally:
+        client.stop_stream()
+    assert errors == ["input: shape must be [batch, time, 2], got [1, 2, 3]"]
+    outputs = np.concatenate([got[str(i)] for i in range(len(bounds) - 1)])
+    assert_rows_close(outputs.tolist(), predicted(url, x[None])[0])
+
+
+def test_sequences_interleaved_on_one_stream_keep_their_order(served):
+    client, _, url = served
+    xs = {seq: rows(30, seed) for seq, seed in ((1, 7), ("sensor 7/b", 8), (3, 9))}
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(lambda result, error: answers.put((result, error)), headers=auth())
+    try:
+        for t in range(0, 30, 3):
+            for seq, x in xs.items():
+                client.async_stream_infer(
+                    "tiny", inputs_of(x[None, t : t + 3]), request_id=f"{seq}@{t}",
+                    sequence_id=seq, sequence_start=t == 0, sequence_end=t == 27,
+                )  # fmt: skip
+        got = {}
+        for _ in range(30):
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            response = result.get_response()
+            got[response.id] = (result.as_numpy("output")[0], response.parameters)
+    finally:
+        client.stop_stream()
+    for seq, x in xs.items():
+        outputs = np.concatenate([got[f"{seq}@{t}"][0] for t in range(0, 30, 3)])
+        assert_rows_close(outputs.tolist(), predicted(url, x[None])[0])
+        assert got[f"{seq}@27"][1]["sequence_position"].int64_param == 30
+
+
+def test_a_retry_with_its_offset_is_answered_again_and_keys_are_isolated(served):
+    client, _, _ = served
+    x = rows(8, 10)
+    first = client.infer("tiny", inputs_of(x[None, :4]), sequence_id=5, sequence_start=True,
+                         headers=auth())  # fmt: skip
+    second = client.infer("tiny", inputs_of(x[None, 4:]), sequence_id=5,
+                          parameters={"sequence_offset": 4}, headers=auth())  # fmt: skip
+    again = client.infer("tiny", inputs_of(x[None, 4:]), sequence_id=5,
+                         parameters={"sequence_offset": 4}, headers=auth())  # fmt: skip
+    assert np.array_equal(second.as_numpy("output"), again.as_numpy("output"))  # exactly once
+    with pytest.raises(InferenceServerException) as raised:  # another key's sequence 5
+        client.infer("tiny", inputs_of(x[None, 4:]), sequence_id=5, headers=auth(OTHER_KEY))
+    assert status_of(raised) == "StatusCode.NOT_FOUND"
+    other = client.infer("tiny", inputs_of(x[None, :4]), sequence_id=5, sequence_start=True,
+                         headers=auth(OTHER_KEY))  # fmt: skip
+    assert np.array_equal(other.as_numpy("output"), first.as_numpy("output"))
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("tiny", inputs_of(x[None, 4:]), sequence_id=5,
+                     parameters={"sequence_offset": 3}, headers=auth())  # fmt: skip
+    assert status_of(raised) == "StatusCode.ABORTED"  # an offset conflict
+
+
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main(address, key, x):
+    headers = (("authorization", f"Bearer {key}"),)
+    client = InferenceGRPCClient(address, timeout=30, retries=0)
+    live = await client.is_server_live()
+    ready = await client.is_server_ready()
+    model_ready = await client.is_model_ready("tiny", headers=headers)
+    tensor = InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    response = await client.infer(InferRequest("tiny", [tensor], request_id="k"), headers=headers)
+    out = response.outputs[0].as_numpy()
+    await client.close()
+    print(json.dumps({"flags": [live, ready, model_ready], "id": response.id,
+                      "outputs": out.tolist()}))
+
+x = np.asarray(json.loads(sys.argv[3]), dtype=np.float32)
+asyncio.run(main(sys.argv[1], sys.argv[2], x))
+"""
+
+
+def test_kserve_grpc_client(served):
+    _, address, url = served
+    x = rows(7, 11)[None]
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KSERVE_CLIENT), address, KEY, str(x.tolist())],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["flags"] == [True, True, True] and answer["id"] == "k"
+    assert_rows_close(answer["outputs"], predicted(url, x))
