@@ -34,6 +34,12 @@ class Metrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "tcnserve_grpc_requests",
+            "gRPC requests by method and status code (on ModelStreamInfer, each request)",
+            ["method", "code"],
+            registry=r,
+        )
         self.request_latency = Histogram(
             "tcnserve_request_duration_seconds",
             "HTTP request latency",

@@ -83,9 +83,10 @@ class GrpcEdge:
             "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest),
             "ModelInfer": (self.model_infer, pb.ModelInferRequest),
         }
+        counted = self.runtime.metrics.grpc_requests
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(
-                _answering_errors(fn),
+                _answering_errors(fn, name, counted),
                 request_deserializer=kind.FromString,
                 response_serializer=_serialize,
             )
@@ -219,16 +220,22 @@ class GrpcEdge:
         latest: dict[tuple[str, Any], asyncio.Task] = {}  # a sequence's last request
         tasks: set[asyncio.Task] = set()
 
+        counted = self.runtime.metrics.grpc_requests
+        ok = counted.labels("ModelStreamInfer", "OK")
+
         async def answer(message: pb.ModelInferRequest, before: asyncio.Task | None) -> None:
             try:
                 if before is not None:  # a sequence's requests run in their order
                     await asyncio.wait([before])
                 item = pb.ModelStreamInferResponse(infer_response=await self._infer(owner, message))
+                ok.inc()
             except ServiceError as e:
                 item = _stream_error(message, e.message)
+                counted.labels("ModelStreamInfer", _status(e).name).inc()
             except Exception:
                 logger.exception("ModelStreamInfer: a request failed")
                 item = _stream_error(message, "internal error")
+                counted.labels("ModelStreamInfer", "INTERNAL").inc()
             finally:
                 room.release()
             answers.put_nowait(item)
@@ -286,22 +293,35 @@ def _parsed(value: dict, kind: type, wrapper: type | None = None, field: str = "
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
     """The one mapping of domain errors to gRPC statuses (error_codes.GRPC_STATUS)."""
-    status = getattr(grpc.StatusCode, error_codes.GRPC_STATUS.get(error.code, "INTERNAL"))
+    status = _status(error)
     retry_after = getattr(error, "retry_after_s", None)  # busy, not refused: as Retry-After
     trailers = () if retry_after is None else (("retry-after", str(retry_after)),)
     await context.abort(status, error.message, trailers)
 
 
-def _answering_errors(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _status(error: ServiceError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error_codes.GRPC_STATUS.get(error.code, "INTERNAL"))
+
+
+def _answering_errors(
+    fn: Callable[..., Awaitable[Any]], method: str, counted: Any
+) -> Callable[..., Awaitable[Any]]:
+    """A unary handler whose domain errors become statuses, every call counted by `method`."""
+    ok = counted.labels(method, "OK")
+
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await fn(request, context)
+            answer = await fn(request, context)
         except ServiceError as e:
+            counted.labels(method, _status(e).name).inc()
             await _abort(context, e)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("gRPC %s failed", fn.__name__)
+            logger.exception("gRPC %s failed", method)
+            counted.labels(method, "INTERNAL").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        ok.inc()
+        return answer
 
     return handler

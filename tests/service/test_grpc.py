@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,14 @@ from tritonclient.utils import InferenceServerException
 from service.app import create_app
 from service.grpc import oip_pb2 as pb
 from service.grpc.server import SERVICE
-from tests.service.conftest import assert_rows_close, free_port, random_rows, uvicorn_thread
+from tests.service.conftest import (
+    assert_rows_close,
+    free_port,
+    random_rows,
+    serve_process,
+    uvicorn_thread,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY, OTHER_KEY = "grpc-client-key-0123456789", "grpc-other-key-0123456789"
@@ -136,7 +144,7 @@ def test_typed_contents_are_read_as_raw_bytes_are(served):
 
 
 def test_refusals_have_the_matching_status_and_change_nothing(served):
-    client, _, _ = served
+    client, _, url = served
     x = rows(4, 5)[None]
     cases = [
         (lambda: client.infer("tiny", inputs_of(x)), "StatusCode.UNAUTHENTICATED"),
@@ -172,12 +180,15 @@ def test_refusals_have_the_matching_status_and_change_nothing(served):
         with pytest.raises(InferenceServerException) as raised:
             call()
         assert status_of(raised) == status, raised.value.message()
-    assert (
-        client.get_inference_statistics("tiny", headers=auth(), as_json=True)["model_stats"][0].get(
-            "inference_count", "0"
-        )
-        == "0"
-    )  # nothing ran
+    (stats,) = client.get_inference_statistics("tiny", headers=auth(), as_json=True)["model_stats"]
+    assert stats.get("inference_count", "0") == "0"  # nothing ran
+    page = httpx.get(f"{url}/metrics").text
+    for line in (
+        'tcnserve_grpc_requests_total{code="UNAUTHENTICATED",method="ModelInfer"} 1.0',
+        'tcnserve_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 2.0',
+        'tcnserve_grpc_requests_total{code="NOT_FOUND",method="ModelInfer"} 3.0',
+    ):
+        assert line in page, line
 
 
 def test_a_sequence_over_one_stream_equals_predict_and_errors_leave_it_open(served):
@@ -294,3 +305,48 @@ def test_kserve_grpc_client(served):
     answer = json.loads(run.stdout.strip().splitlines()[-1])
     assert answer["flags"] == [True, True, True] and answer["id"] == "k"
     assert_rows_close(answer["outputs"], predicted(url, x))
+
+
+@pytest.mark.slow
+def test_every_edge_process_serves_grpc_and_sigterm_ends_the_streams(tiny_dir, tmp_path):
+    """`tcnserve serve --workers 2 --grpc-port`: each edge binds the port (SO_REUSEPORT), any
+    connection continues any sequence, and SIGTERM ends an open stream instead of hanging."""
+    port = free_port()
+    args = ["--model", f"tiny={tiny_dir}", "--device", "cpu", "--workers", "2"]
+    env = {"TCNSERVE_API_KEYS": KEY, "TCNSERVE_GRPC_PORT": str(port)}
+    with serve_process(args, tmp_path / "server.log", env) as (url, process):
+        x = rows(24, 12)
+        got = []
+        for i, t in enumerate(range(0, 24, 3)):  # a new connection for every request
+            with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+                wait_until(lambda c=client: c.is_server_ready(), "this edge's gRPC ready")
+                result = client.infer(
+                    "tiny", inputs_of(x[None, t : t + 3]), sequence_id="across edges",
+                    sequence_start=i == 0, headers=auth(),
+                )  # fmt: skip
+                got.append(result.as_numpy("output")[0])
+        assert_rows_close(np.concatenate(got).tolist(), predicted(url, x[None])[0])
+        answers: queue.Queue = queue.Queue()
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        client.start_stream(lambda result, error: answers.put((result, error)), headers=auth())
+        client.async_stream_infer("tiny", inputs_of(x[None, :2]), sequence_id=8,
+                                  sequence_start=True)  # fmt: skip
+        assert answers.get(timeout=30)[1] is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0  # an open stream does not hold the server up
+        client.stop_stream()
+        client.close()
+
+
+def test_every_error_code_has_a_grpc_status():
+    from service.protocol import error_codes
+
+    assert error_codes.GRPC_STATUS.keys() == error_codes.STATUS.keys()
+    assert all(hasattr(grpc.StatusCode, name) for name in error_codes.GRPC_STATUS.values())
+
+
+def test_a_deadline_shorter_than_the_call_ends_it(served):
+    client, _, _ = served
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("tiny", inputs_of(rows(2000, 13)[None]), headers=auth(), client_timeout=1e-4)
+    assert status_of(raised) == "StatusCode.DEADLINE_EXCEEDED"
