@@ -24,3 +24,25 @@ def test_the_docs_give_how_long_the_server_waits_for_its_session_store():
     ) in durability
     service = (ROOT / "docs" / "service.md").read_text()
     assert f"did not answer within {STORE_CONNECT_TIMEOUT_S:g} s of the start" in service
+
+
+def test_the_training_docs_worked_example_prints_what_the_shipped_weights_give():
+    import re
+
+    import torch
+
+    from model import load_model
+    from model.tasks import adding_problem
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    shown = {
+        int(t): float(v)
+        for t, v in re.findall(r"^t=\s*(\d+) marker=\d output=(-?[\d.]+)$", text, re.MULTILINE)
+    }
+    target = float(re.search(r"^target (-?[\d.]+)$", text, re.MULTILINE).group(1))
+    x, y = adding_problem(1, 600, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = load_model(ROOT / "service" / "default_model").eval()(x)[0, 0]
+    assert len(shown) == 12 and round(y.item(), 4) == target
+    far = {t: (v, out[t - 1].item()) for t, v in shown.items() if abs(out[t - 1] - v) > 6e-5}
+    assert not far, far  # shown to 4 decimals

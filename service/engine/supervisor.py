@@ -110,6 +110,10 @@ class Supervisor:
             [sys.executable, "-m", "service.engine.process", slot.kind, str(self._socket),
              str(os.getpid())],
             stdin=subprocess.PIPE,
+            # Ctrl-C reaches the whole foreground group: a child still importing must not die
+            # of it with a traceback. An ignored signal stays ignored across exec; the child
+            # keeps it so (service/engine/process.py), and the supervisor stops it in order.
+            preexec_fn=_ignore_ctrl_c,
         )  # fmt: skip
         assert process.stdin is not None
         with contextlib.suppress(BrokenPipeError):
@@ -172,6 +176,10 @@ class Supervisor:
         _stop(edges, self.settings.drain_s + EDGE_STOP_S)
         if self._engine.process is not None:
             _stop([self._engine.process], ENGINE_STOP_S)
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _stop(processes: list[subprocess.Popen], timeout_s: float) -> None:

@@ -151,3 +151,23 @@ def test_once_the_models_load_the_collector_freezes_them_and_collects_less_often
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_s", [0.3, 1.0, 1.6])
+def test_ctrl_c_while_starting_stops_every_process_without_a_traceback(tiny_dir, after_s):
+    """Ctrl-C goes to the terminal's whole process group: the supervisor, and children that may
+    still be importing. None of them prints a traceback."""
+    import os
+    import time
+
+    process = subprocess.Popen(
+        [*serve_command(), "--model", f"tiny={tiny_dir}", "--workers", "2",
+         "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    time.sleep(after_s)  # the moment a user's Ctrl-C comes, not a wait for a condition
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode in (0, 130), out.decode()
+    assert b"Traceback" not in out and b"KeyboardInterrupt" not in out, out.decode()
