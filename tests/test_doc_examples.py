@@ -2,10 +2,10 @@
 
 Each ```bash block's `curl` commands run in order against one fresh server per file (so a
 session opened by one example is there for the next); `$URL` and `localhost:8000` are that
-server, `$ID` the session the file last opened (`$ID2` the one before), and a `python3 -c "..." | curl ... -d @-` pipe
-sends what the Python prints. A command followed by a `# {...}` (or `# -> {...}`) comment must
-answer 2xx with that JSON: `…` / `...` stand for any value, and numbers must agree to the digits
-shown. A drifted output fails here.
+server, `$ID` the session the file last opened (`$ID2` the one before), and a `python3 -c "..."
+| curl ... -d @-` pipe sends what the Python prints. A command followed by a `# {...}` (or `# ->
+{...}`) comment must answer 2xx with that JSON: `…` / `...` stand for any value, and numbers
+must agree to the digits shown. A drifted output fails here.
 """
 
 from __future__ import annotations
