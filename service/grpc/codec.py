@@ -36,6 +36,8 @@ def _value(parameter: pb.InferParameter) -> Any:
 
 
 def _convert(values: dict[str, Any], kind: type, what: str) -> Any:
+    if not values:
+        return kind()  # the common case: no parameters
     try:
         return msgspec.convert(values, kind)
     except msgspec.ValidationError as e:
@@ -67,6 +69,7 @@ def decode(
         )
 
     def values(tensor: oip.TensorIn, dtype: np.dtype, count: int) -> np.ndarray:
+        tensor.parameters.refuse_shared_memory("input.parameters")
         contents = message.inputs[0].contents
         typed = getattr(contents, CONTENTS[tensor.datatype])
         if raw:

@@ -36,6 +36,19 @@ logger = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 STREAM_INFLIGHT = 64  # requests of one ModelStreamInfer call being answered at once
 STOP_GRACE_S = 5.0  # at shutdown, calls in progress have this long to finish
+# The unary RPCs served: name -> (GrpcEdge method, request message); and ModelStreamInfer.
+UNARY = {
+    "ServerLive": ("server_live", pb.ServerLiveRequest),
+    "ServerReady": ("server_ready", pb.ServerReadyRequest),
+    "ModelReady": ("model_ready", pb.ModelReadyRequest),
+    "ServerMetadata": ("server_metadata", pb.ServerMetadataRequest),
+    "ModelMetadata": ("model_metadata", pb.ModelMetadataRequest),
+    "ModelConfig": ("model_config", pb.ModelConfigRequest),
+    "ModelStatistics": ("model_statistics", pb.ModelStatisticsRequest),
+    "RepositoryIndex": ("repository_index", pb.RepositoryIndexRequest),
+    "ModelInfer": ("model_infer", pb.ModelInferRequest),
+}
+STREAMING = "ModelStreamInfer"
 KEEPALIVE_MS = 20_000  # pings on idle connections find dead peers (and their streams)
 
 
@@ -72,17 +85,7 @@ class GrpcEdge:
             await self.server.stop(grace_s)
 
     def _handlers(self) -> grpc.GenericRpcHandler:
-        unary = {
-            "ServerLive": (self.server_live, pb.ServerLiveRequest),
-            "ServerReady": (self.server_ready, pb.ServerReadyRequest),
-            "ModelReady": (self.model_ready, pb.ModelReadyRequest),
-            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest),
-            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest),
-            "ModelConfig": (self.model_config, pb.ModelConfigRequest),
-            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest),
-            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest),
-            "ModelInfer": (self.model_infer, pb.ModelInferRequest),
-        }
+        unary = {name: (getattr(self, method), kind) for name, (method, kind) in UNARY.items()}
         counted = self.runtime.metrics.grpc_requests
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -92,7 +95,7 @@ class GrpcEdge:
             )
             for name, (fn, kind) in unary.items()
         }
-        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        handlers[STREAMING] = grpc.stream_stream_rpc_method_handler(
             self.model_stream_infer,
             request_deserializer=pb.ModelInferRequest.FromString,
             response_serializer=_serialize,

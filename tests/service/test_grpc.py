@@ -285,6 +285,10 @@ async def main(address, key, x):
     tensor.set_data_from_numpy(x, binary_data=True)
     response = await client.infer(InferRequest("tiny", [tensor], request_id="k"), headers=headers)
     out = response.outputs[0].as_numpy()
+    typed = InferInput("input", list(x.shape), "FP32")
+    typed.set_data_from_numpy(x, binary_data=False)  # KServe's default: fp32_contents
+    again = await client.infer(InferRequest("tiny", [typed]), headers=headers)
+    assert np.array_equal(again.outputs[0].as_numpy(), out)
     await client.close()
     print(json.dumps({"flags": [live, ready, model_ready], "id": response.id,
                       "outputs": out.tolist()}))
@@ -350,3 +354,17 @@ def test_a_deadline_shorter_than_the_call_ends_it(served):
     with pytest.raises(InferenceServerException) as raised:
         client.infer("tiny", inputs_of(rows(2000, 13)[None]), headers=auth(), client_timeout=1e-4)
     assert status_of(raised) == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def test_the_docs_list_every_rpc_and_the_numbers_the_server_uses():
+    import re
+
+    from service.grpc import server
+
+    text = (ROOT / "docs" / "grpc.md").read_text()
+    table = text[text.index("## RPCs") : text.index("Keys travel")]
+    assert re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE) == [*server.UNARY, server.STREAMING]
+    prose = " ".join(text.split())
+    assert f"At most {server.STREAM_INFLIGHT} requests of one call are in progress" in prose
+    assert f"gives the calls in progress {server.STOP_GRACE_S:g} s to finish" in prose
+    assert f"Idle connections are pinged every {server.KEEPALIVE_MS // 1000} s" in prose
