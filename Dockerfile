@@ -31,16 +31,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin tcnserve
 WORKDIR /app
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY model ./model
 COPY service ./service
 
-# The README's install steps: torch pinned first, from TORCH_INDEX_URL (the CPU build by
-# default), then the project, whose torch requirement that build already satisfies.
-RUN python -m pip install --upgrade pip \
- && python -m pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
- && python -m pip install --no-cache-dir . \
- && rm -rf /app/model /app/service /app/build /app/*.egg-info
+# The README's install steps, every version pinned by constraints.txt (the lock; refresh it with
+# scripts/lock_image_deps.sh): torch first, from TORCH_INDEX_URL (the CPU build by default)
+# without its dependencies, then the project and the rest from PyPI, torch already satisfied.
+# An index for TORCH_INDEX_URL needs to hold only torch (scripts/torch_cpu_index.sh writes one).
+# Then /app is emptied: what was copied, and the build/ and egg-info the build left there.
+RUN python -m pip install --upgrade -c constraints.txt pip \
+ && python -m pip install --no-deps -c constraints.txt \
+      --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && python -m pip install -c constraints.txt . \
+ && rm -rf /app/*
 
 USER tcnserve
 EXPOSE 8000

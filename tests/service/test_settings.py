@@ -30,6 +30,20 @@ def test_a_model_directory_this_user_cannot_enter_is_refused_by_name(tmp_path, m
         Settings(models={"m": tmp_path})
 
 
+def test_a_checkpoint_file_this_user_cannot_read_is_refused_by_name(tiny_dir, monkeypatch):
+    import os
+
+    readable = os.access
+
+    def no_read(path, mode, *args, **kwargs):
+        return not str(path).endswith("model.safetensors") and readable(path, mode)
+
+    monkeypatch.setattr(os, "access", no_read)  # root may read any mode-0600 file
+    match = r"cannot be read by this user \(Permission denied: model.safetensors\)"
+    with pytest.raises(ValueError, match=match):
+        Settings(models={"m": tiny_dir})
+
+
 def test_builtin_names_the_shipped_model_beside_your_own(tiny_dir):
     settings = Settings(models=["default=builtin", f"mine={tiny_dir}"])
     assert settings.models == {"default": default_model_dir(), "mine": tiny_dir}
