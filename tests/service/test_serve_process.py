@@ -147,7 +147,8 @@ def test_once_the_models_load_the_collector_freezes_them_and_collects_less_often
             gc.set_threshold(*before)
             _ = [[] for _ in range(100)]  # objects a second freeze would take
             asyncio.run(server.on_tick(3))  # once only: no second freeze, no second setting
-            assert gc.get_freeze_count() == frozen and gc.get_threshold() == before
+            # (a frozen object another thread lets go of leaves the count: it may only shrink)
+            assert gc.get_freeze_count() <= frozen and gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
