@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from model.config import ACTIVATIONS
 
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU()'s default negative slope
+KERAS_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu's (Keras 3), keras-tcn's "leaky_relu"
 ELU_ALPHA = 1.0
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -39,6 +40,7 @@ _BOUNDS = {
     "gelu": (1.0, 0.0),
     "selu": (SELU_SCALE, SELU_SCALE * SELU_ALPHA),
     "sigmoid": (0.0, 1.0),
+    "keras_leaky_relu": (1.0, 0.0),
 }
 
 # addmm with the ReLU fused in (cuBLASLt epilogue on CUDA, one dispatch on CPU).
@@ -125,6 +127,7 @@ _FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "selu": F.selu,
     "sigmoid": torch.sigmoid,
+    "keras_leaky_relu": functools.partial(F.leaky_relu, negative_slope=KERAS_LEAKY_SLOPE),
 }
 _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu_,
@@ -134,6 +137,7 @@ _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": _gelu_,
     "selu": torch.selu_,
     "sigmoid": torch.sigmoid_,
+    "keras_leaky_relu": lambda x: F.leaky_relu_(x, KERAS_LEAKY_SLOPE),
 }
 
 

@@ -6,11 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-# A block's activation (computed by model/activations.py): pytorch-tcn's and keras-tcn's names.
-ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "gelu", "selu", "sigmoid")
+# A block's activation (computed by model/activations.py): pytorch-tcn's and keras-tcn's names;
+# keras_leaky_relu is Keras 3's leaky_relu, whose negative slope is 0.2 (torch's is 0.01).
+ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "gelu", "selu", "sigmoid", "keras_leaky_relu")
 # After the head: none, one of the above per value, or a softmax over the channels.
 OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "softmax", "log_softmax", "relu", "leaky_relu",
-                      "elu", "gelu", "selu")  # fmt: skip
+                      "elu", "gelu", "selu", "keras_leaky_relu")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from model.activations import ELU_ALPHA, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
+from model.activations import ELU_ALPHA, KERAS_LEAKY_SLOPE, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE
 
 try:  # an optional accelerator: everything works without it, only slower for small N
     import numba
@@ -73,6 +73,10 @@ FUSED_NARROW_MACS = 8_192
 
 # The activations' constants as globals of this module, which numba compiles in.
 _LEAKY_SLOPE, _ELU_ALPHA, _SELU_ALPHA, _SELU_SCALE = LEAKY_SLOPE, ELU_ALPHA, SELU_ALPHA, SELU_SCALE
+_KERAS_LEAKY_SLOPE = KERAS_LEAKY_SLOPE
+# `_act`'s branches, by code; an activation added to model/config.py needs its branch here.
+FUSED_ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "gelu", "selu", "sigmoid",
+                     "keras_leaky_relu")  # fmt: skip
 _SQRT_HALF = math.sqrt(0.5)
 
 # Reassociation (vectorised sums) and contraction (FMA) only: no "nnan"/"ninf", see above.
@@ -202,7 +206,11 @@ def _act(v, code, zero):
         return 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
     if code == 5:  # selu
         return _SELU_SCALE * (v if not v < zero else _SELU_ALPHA * math.expm1(v))
-    return 1.0 / (1.0 + math.exp(-v))  # sigmoid
+    if code == 6:  # sigmoid
+        return 1.0 / (1.0 + math.exp(-v))
+    if code == 7:  # keras_leaky_relu
+        return v if not v < zero else v * _KERAS_LEAKY_SLOPE
+    return math.nan  # a code with no branch: refused as a non-finite output, never guessed
 
 
 @_jit

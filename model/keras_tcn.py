@@ -9,10 +9,15 @@ keras-tcn's residual block is not pytorch-tcn's: the second conv's output goes t
 activation twice (its Act_Conv1D_1, then Act_Conv_Blocks), and skip connections sum every
 block's second-conv output (the last block's included) in place of the last block's output,
 with no activation after; the converted config says so (`keras_tcn`). Batch norms are folded
-into the convs with Keras' epsilon (1e-3). What tcnserve cannot compute exactly is refused by
-name: `padding="same"` (not causal), `leaky_relu` (Keras' slope 0.2, not torch's 0.01), other
-activations, `go_backwards`, layers other than one Dense head. Layer norms keep Keras' epsilon
-(1e-3).
+into the convs with Keras' epsilon (1e-3). Layer norms keep Keras' epsilon (1e-3).
+
+An activation is converted only where tcnserve computes what Keras 3 computes for it: the
+names in `ACTIVATIONS` (Keras' defaults: gelu exact, elu's alpha 1), `"leaky_relu"` (Keras'
+slope 0.2: tcnserve's `keras_leaky_relu`) and a saved `keras.layers.LeakyReLU(negative_slope=
+0.01)` (torch's slope). Everything else is refused by name: swish/silu, softplus, linear,
+any other name, a saved function (its file records only a name, which an unregistered
+function of that name shares), other layers. So are `padding="same"` (not causal),
+`go_backwards`, dtype policies other than float32, and layers other than one Dense head.
 
 `return_sequences=False` models answer only their last timestep; served, they answer every
 timestep, the last of which is the source model's output.
@@ -30,13 +35,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.activations import LEAKY_SLOPE
 from model.tcn import TCN, TCNConfig
 
-# keras-tcn activation names tcnserve computes identically (Keras' gelu is the exact one).
+# Keras activation names whose Keras 3 function tcnserve's activation of that name computes
+# (keras.activations.gelu's approximate=False is torch's exact GELU; elu's alpha is 1).
 ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "selu", "sigmoid")
-# A Dense head's activation -> tcnserve's output activation (Keras' softmax is over the last
-# axis: the channels, as tcnserve's).
-HEAD_ACTIVATIONS = {"linear": "none", "softmax": "softmax", **{a: a for a in ACTIVATIONS}}
+# Keras names whose function tcnserve computes under another name.
+RENAMED = {"leaky_relu": "keras_leaky_relu"}  # negative slope 0.2
+# Keras names that users pass and tcnserve does not compute, with what Keras computes.
+UNSERVED = {
+    "swish": "Keras' swish (silu: x * sigmoid(x)) is not one of tcnserve's activations",
+    "silu": "Keras' silu (x * sigmoid(x)) is not one of tcnserve's activations",
+    "softplus": "Keras' softplus (log(1 + exp(x))) is not one of tcnserve's activations",
+    "linear": "no activation (the identity) is not one of tcnserve's block activations",
+}
+# The Dense head's own: Keras' softmax and log_softmax are over the last axis, the channels;
+# activation=None is Keras' linear.
+HEAD_ONLY = {"linear": "none", "softmax": "softmax", "log_softmax": "log_softmax", None: "none"}
+SERVED = (
+    f"{', '.join((*ACTIVATIONS, *RENAMED))} or keras.layers.LeakyReLU(negative_slope={LEAKY_SLOPE})"
+)
 KERAS_BATCH_NORM_EPS = 1e-3  # keras.layers.BatchNormalization's default, keras-tcn's
 KERAS_LAYER_NORM_EPS = 1e-3  # keras.layers.LayerNormalization's
 OPTIONS_READ = (
@@ -85,13 +104,7 @@ def _refusals(options: dict[str, Any]) -> list[str]:
             f"padding={options.get('padding')!r}: each output would depend on later inputs; "
             "only padding='causal' streams"
         )
-    activation = options.get("activation")
-    if activation == "leaky_relu":
-        problems.append(
-            "activation='leaky_relu': Keras' negative slope is 0.2, tcnserve computes torch's 0.01"
-        )
-    elif activation not in ACTIVATIONS:
-        problems.append(f"activation={activation!r}: tcnserve serves {', '.join(ACTIVATIONS)}")
+    problems += _dtype_problems("the TCN layer", options)
     if options.get("use_weight_norm"):
         problems.append("use_weight_norm=True: not served yet")
     if options.get("go_backwards"):
@@ -101,15 +114,71 @@ def _refusals(options: dict[str, Any]) -> list[str]:
     return problems
 
 
+def block_activation(identifier: Any) -> tuple[str | None, str | None]:
+    """A saved Keras activation -> (tcnserve's activation that computes it, None) or (None,
+    why not, naming it)."""
+    if isinstance(identifier, str):
+        if identifier in ACTIVATIONS:
+            return identifier, None
+        if identifier in RENAMED:
+            return RENAMED[identifier], None
+        why = UNSERVED.get(identifier, "not one of the Keras activations tcnserve computes")
+        return None, f"activation={identifier!r}: {why} (served: {SERVED})"
+    if not isinstance(identifier, dict):
+        if identifier is None:
+            return None, f"activation=None (linear): {UNSERVED['linear']} (served: {SERVED})"
+        return None, f"activation={identifier!r}: not a saved Keras activation"
+    kind, config = identifier.get("class_name"), identifier.get("config")
+    if kind == "function":
+        return None, (
+            f"activation=<function {config!r}>: a saved function records only its name, which "
+            f"an unregistered function of that name shares; build the TCN with the activation's "
+            f"name (activation='relu', ...) (served: {SERVED})"
+        )
+    if not isinstance(config, dict) or identifier.get("module") != "keras.layers":
+        return None, f"activation={kind}: not a Keras layer that tcnserve computes ({SERVED})"
+    slope = config.get("negative_slope")
+    if kind == "LeakyReLU" and identifier.get("registered_name") is None:
+        dtype = _dtype_problems(f"activation={kind}", config)
+        if dtype:
+            return None, dtype[0]
+        if slope == LEAKY_SLOPE:
+            return "leaky_relu", None
+        return None, (
+            f"activation=LeakyReLU(negative_slope={slope!r}): tcnserve computes a leaky ReLU "
+            f"only with torch's negative slope, {LEAKY_SLOPE}"
+        )
+    return None, f"activation={kind} (a Keras layer): not one that tcnserve computes ({SERVED})"
+
+
+def _dtype_problems(what: str, config: dict[str, Any]) -> list[str]:
+    """Keras computes a layer in its dtype policy's compute dtype; tcnserve in float32."""
+    policy = config.get("dtype")
+    name = policy.get("config", {}).get("name") if isinstance(policy, dict) else policy
+    if name in (None, "float32"):
+        return []
+    return [f"{what}'s dtype policy {name!r}: only float32 models convert exactly"]
+
+
+def _head_activation(identifier: Any) -> tuple[str | None, str | None]:
+    if (identifier is None or isinstance(identifier, str)) and identifier in HEAD_ONLY:
+        return HEAD_ONLY[identifier], None
+    name, problem = block_activation(identifier)
+    if problem is None:
+        return name, None
+    also = ", ".join(str(name) for name in HEAD_ONLY)
+    return None, f"the Dense head's {problem}; a head's may also be {also}"
+
+
 def _build(options: dict, in_channels: int, dense: dict | None, h5: Any) -> TCN:
     problems = _refusals(options)
+    activation, problem = block_activation(options.get("activation", "relu"))
+    problems += [problem] if problem else []
     head_activation = "none"
     if dense is not None:
-        act = dense["config"].get("activation", "linear")
-        if act not in HEAD_ACTIVATIONS:
-            problems.append(f"the Dense head's activation={act!r} is not served")
-        else:
-            head_activation = HEAD_ACTIVATIONS[act]
+        head_activation, problem = _head_activation(dense["config"].get("activation", "linear"))
+        problems += [problem] if problem else []
+        problems += _dtype_problems("the Dense head", dense["config"])
         if not dense["config"].get("use_bias", True):
             problems.append("a Dense head without bias is not served yet")
     if problems:
@@ -124,8 +193,8 @@ def _build(options: dict, in_channels: int, dense: dict | None, h5: Any) -> TCN:
         kernel_size=int(options["kernel_size"]),
         dilations=dilations,
         out_channels=None if dense is None else int(dense["config"]["units"]),
-        output_activation=head_activation,
-        activation=str(options["activation"]),
+        output_activation=str(head_activation),
+        activation=str(activation),
         skip_connections=bool(options.get("use_skip_connections", True)),
         keras_tcn=True,
         layer_norm=bool(options.get("use_layer_norm")) and not options.get("use_batch_norm"),

@@ -222,3 +222,12 @@ def test_a_narrow_models_every_advance_takes_the_fused_kernel() -> None:
     torch.testing.assert_close(got, reference.advance(ref_slots, x, lengths), atol=1e-5, rtol=1e-5)
     for y, seq, n in zip(torch.split(got, lengths), seqs, lengths, strict=True):
         torch.testing.assert_close(y, full_forward(net, seq[:, :n]), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_kernel_has_a_branch_for_every_activation():
+    """`_act` branches on an activation's position in model/config.py's ACTIVATIONS; a name
+    added there without its branch would compute NaN (refused), so the lists must agree."""
+    from model.config import ACTIVATIONS
+    from model.fused_step import FUSED_ACTIVATIONS
+
+    assert FUSED_ACTIVATIONS == ACTIVATIONS

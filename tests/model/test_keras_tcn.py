@@ -34,7 +34,9 @@ def last_or_all(y: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 def test_there_are_fixtures_of_every_kind():
     kinds = {"skips_relu", "noskips_tanh_stacks", "skips_gelu_batchnorm_last", "widths_elu"}
-    assert kinds | {"skips_tanh_layernorm"} <= set(CASES)
+    kinds |= {"skips_tanh_layernorm", "noskips_sigmoid", "skips_selu_logsoftmax"}
+    assert kinds | {"skips_leakyrelu_layer"} <= set(CASES)
+    assert "skips_leaky_relu" in CASES
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -59,10 +61,18 @@ def test_streaming_the_converted_model_equals_keras_tcns(name, kernel):
     np.testing.assert_allclose(last_or_all(y, want), want, **TOL)
 
 
-def test_tcnserve_convert_writes_a_checkpoint_that_serves_the_same(tmp_path):
-    path, x, want = fixture("skips_relu")
+@pytest.mark.parametrize(
+    ("name", "activation"),
+    [
+        ("skips_relu", "relu"),
+        ("skips_leakyrelu_layer", "leaky_relu"),
+        ("skips_leaky_relu", "keras_leaky_relu"),
+    ],
+)
+def test_tcnserve_convert_writes_a_checkpoint_that_serves_the_same(tmp_path, name, activation):
+    path, x, want = fixture(name)
     config = convert_file(path, tmp_path / "ckpt")
-    assert config.keras_tcn and config.skip_connections
+    assert config.keras_tcn and config.skip_connections and config.activation == activation
     net = load_model(tmp_path / "ckpt")
     with torch.inference_mode():
         y = net(torch.from_numpy(x).transpose(1, 2)).transpose(1, 2).numpy()
@@ -71,10 +81,23 @@ def test_tcnserve_convert_writes_a_checkpoint_that_serves_the_same(tmp_path):
         convert_file(path, tmp_path / "other", dilations=[1, 2, 4])
 
 
-def edited(tmp_path: Path, name: str, edit) -> Path:
+def test_a_leaky_relu_keras_model_streams_the_same_through_advance_and_long_pushes():
+    net, _ = convert_keras_file(fixture("skips_leakyrelu_layer")[0])
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 400, 3)).astype("float32"))
+    with torch.inference_mode():
+        want = net(x.transpose(1, 2)).transpose(1, 2)  # (B, T, out); equals Keras' (above)
+    pool = StreamPool(net, 2)
+    a, b = pool.open(), pool.open()
+    ys = pool.advance([a, b], torch.cat([x[0, :3], x[1, :5]]), [3, 5])
+    torch.testing.assert_close(ys, torch.cat([want[0, :3], want[1, :5]]), **TOL)
+    torch.testing.assert_close(pool.push(a, x[0, 3:]), want[0, 3:], **TOL)  # one long chunk
+    torch.testing.assert_close(pool.push(b, x[1, 5:]), want[1, 5:], **TOL)
+
+
+def edited(tmp_path: Path, name: str | Path, edit) -> Path:
     """A copy of a fixture whose config.json `edit` changed (the weights as they were)."""
-    src, _, _ = fixture(name)
-    out = tmp_path / f"{name}-edited.keras"
+    src = name if isinstance(name, Path) else fixture(name)[0]
+    out = tmp_path / f"{src.stem}-edited.keras"
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w") as zout:
         for item in zin.namelist():
             data = zin.read(item)
@@ -96,10 +119,12 @@ def tcn_options(config: dict) -> dict:
     ("edit", "message"),
     [
         (lambda c: tcn_options(c).update(padding="same"), "padding='same'"),
-        (lambda c: tcn_options(c).update(activation="leaky_relu"), "slope is 0.2"),
-        (lambda c: tcn_options(c).update(activation="swish"), "activation='swish'"),
         (lambda c: tcn_options(c).update(use_layer_norm=True), "a layer norm, the weights"),
         (lambda c: tcn_options(c).update(go_backwards=True), "go_backwards=True"),
+        (
+            lambda c: tcn_options(c)["dtype"]["config"].update(name="mixed_float16"),
+            "the TCN layer's dtype policy 'mixed_float16'",
+        ),
         (
             lambda c: c["config"]["layers"].append({"class_name": "LSTM", "config": {}}),
             "only one Dense layer",
@@ -113,6 +138,97 @@ def test_what_cannot_be_served_exactly_is_refused_by_name(tmp_path, edit, messag
     with pytest.raises(ValueError, match=message):
         convert_file(path, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def keras_layer(class_name: str, **config) -> dict:
+    """A Keras layer as `.keras` files save it (keras.layers.LeakyReLU(0.3), ...)."""
+    dtype = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}}
+    config = {"name": class_name.lower(), "trainable": True, "dtype": dtype, **config}
+    return {"module": "keras.layers", "class_name": class_name, "config": config,
+            "registered_name": None}  # fmt: skip
+
+
+def keras_function(name: str) -> dict:
+    """A function as `.keras` files save it: keras.activations.relu, or any `def relu`."""
+    return {"module": "builtins", "class_name": "function", "config": name,
+            "registered_name": "function"}  # fmt: skip
+
+
+NOT_OURS = "not one of the Keras activations tcnserve computes"
+UNSERVED_ACTIVATIONS = [
+    ("swish", r"activation='swish': Keras' swish \(silu: x \* sigmoid\(x\)\) is not one of"),
+    ("silu", r"activation='silu': Keras' silu \(x \* sigmoid\(x\)\) is not one of"),
+    ("softplus", r"activation='softplus': Keras' softplus \(log\(1 \+ exp\(x\)\)\) is not"),
+    ("linear", r"activation='linear': no activation \(the identity\) is not one of"),
+    (None, r"activation=None \(linear\): no activation"),
+    ("relu6", f"activation='relu6': {NOT_OURS}"),
+    ("softsign", f"activation='softsign': {NOT_OURS}"),
+    ("mish", f"activation='mish': {NOT_OURS}"),
+    ("hard_sigmoid", f"activation='hard_sigmoid': {NOT_OURS}"),
+    ("exponential", f"activation='exponential': {NOT_OURS}"),
+    ("softmax", f"activation='softmax': {NOT_OURS}"),
+    (keras_function("relu"), r"activation=<function 'relu'>: a saved function records only"),
+    (keras_function("Custom>mine"), r"activation=<function 'Custom>mine'>"),
+    (
+        keras_layer("LeakyReLU", negative_slope=0.3),
+        r"activation=LeakyReLU\(negative_slope=0.3\): tcnserve computes a leaky ReLU only with "
+        "torch's negative slope, 0.01",
+    ),
+    (
+        keras_layer("ReLU", max_value=None, negative_slope=0.0, threshold=0.0),
+        r"activation=ReLU \(a Keras layer\): not one that tcnserve computes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("activation", "message"), UNSERVED_ACTIVATIONS)
+def test_every_keras_activation_tcnserve_does_not_compute_is_refused_by_name(
+    tmp_path, activation, message
+):
+    path = edited(tmp_path, "skips_relu", lambda c: tcn_options(c).update(activation=activation))
+    with pytest.raises(ValueError, match=message):
+        convert_keras_file(path)
+    with pytest.raises(ValueError, match=message):
+        convert_file(path, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def dense_options(config: dict) -> dict:
+    return next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")[
+        "config"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("activation", "message"),
+    [
+        *[(a, m) for a, m in UNSERVED_ACTIVATIONS if a not in ("linear", None, "softmax")],
+        (
+            keras_layer("LeakyReLU", negative_slope=0.01, dtype="float16"),
+            "activation=LeakyReLU's dtype policy 'float16'",
+        ),
+    ],
+)
+def test_a_dense_heads_activation_is_refused_by_name_too(tmp_path, activation, message):
+    path = edited(tmp_path, "skips_relu", lambda c: dense_options(c).update(activation=activation))
+    with pytest.raises(ValueError, match=f"the Dense head's {message}"):
+        convert_keras_file(path)
+
+
+@pytest.mark.parametrize(
+    ("activation", "served"),
+    [
+        *[("linear", "none"), (None, "none"), ("softmax", "softmax"), ("gelu", "gelu")],
+        *[
+            ("log_softmax", "log_softmax"),
+            (keras_layer("LeakyReLU", negative_slope=0.01), "leaky_relu"),
+        ],
+    ],
+)
+def test_a_dense_heads_activation_is_served_as_keras_computes_it(tmp_path, activation, served):
+    path = edited(tmp_path, "skips_relu", lambda c: dense_options(c).update(activation=activation))
+    net, _ = convert_keras_file(path)
+    assert net.config.output_activation == served
 
 
 @pytest.mark.skipif(

@@ -99,6 +99,7 @@ REFERENCE_ACTIVATIONS = {
     "gelu": torch.nn.GELU(),
     "selu": torch.nn.SELU(),
     "sigmoid": torch.nn.Sigmoid(),
+    "keras_leaky_relu": torch.nn.LeakyReLU(0.2),  # Keras 3's leaky_relu
 }
 
 
