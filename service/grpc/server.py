@@ -15,7 +15,6 @@ error is an `error_message` on the stream, which goes on; a refused key ends the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -212,63 +211,52 @@ class GrpcEdge:
 
     async def model_stream_infer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> None:
         try:
             owner = self._caller(context)
         except ServiceError as e:
             await _abort(context, e)
             return
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         room = asyncio.Semaphore(STREAM_INFLIGHT)
+        writing = asyncio.Lock()  # one write at a time on the call, from whichever task answers
         latest: dict[tuple[str, Any], asyncio.Task] = {}  # a sequence's last request
         tasks: set[asyncio.Task] = set()
-
         counted = self.runtime.metrics.grpc_requests
-        ok = counted.labels("ModelStreamInfer", "OK")
+        ok = counted.labels(STREAMING, "OK")
 
         async def answer(message: pb.ModelInferRequest, before: asyncio.Task | None) -> None:
             try:
-                if before is not None:  # a sequence's requests run in their order
+                if before is not None and not before.done():  # a sequence's requests in order
                     await asyncio.wait([before])
                 item = pb.ModelStreamInferResponse(infer_response=await self._infer(owner, message))
                 ok.inc()
             except ServiceError as e:
                 item = _stream_error(message, e.message)
-                counted.labels("ModelStreamInfer", _status(e).name).inc()
+                counted.labels(STREAMING, _status(e).name).inc()
             except Exception:
                 logger.exception("ModelStreamInfer: a request failed")
                 item = _stream_error(message, "internal error")
-                counted.labels("ModelStreamInfer", "INTERNAL").inc()
+                counted.labels(STREAMING, "INTERNAL").inc()
             finally:
                 room.release()
-            answers.put_nowait(item)
+            async with writing:
+                await context.write(item)
 
-        async def read() -> None:
-            try:
-                async for message in requests:
-                    await room.acquire()
-                    key = (message.model_name, codec.sequence_of(message))
-                    task = asyncio.create_task(answer(message, latest.get(key)))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    if key[1] is not None:
-                        latest[key] = task
-                        task.add_done_callback(lambda t, k=key: _forget(latest, k, t))
-                while tasks:
-                    await asyncio.wait(set(tasks))
-            finally:
-                answers.put_nowait(None)  # the writer stops once what was answered is out
-
-        reader = asyncio.create_task(read())
         try:
-            while (item := await answers.get()) is not None:
-                yield item
+            async for message in requests:
+                await room.acquire()
+                key = (message.model_name, codec.sequence_of(message))
+                task = asyncio.create_task(answer(message, latest.get(key)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                if key[1] is not None:
+                    latest[key] = task
+                    task.add_done_callback(lambda t, k=key: _forget(latest, k, t))
+            while tasks:  # the client is done sending: answer what it sent, then end the call
+                await asyncio.wait(set(tasks))
         finally:
-            reader.cancel()
-            for task in list(tasks):
+            for task in list(tasks):  # the call ended first (the client left, or a deadline)
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
 
 
 def _forget(latest: dict, key: Any, task: asyncio.Task) -> None:
