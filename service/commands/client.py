@@ -81,7 +81,7 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
     try:
         outputs = client.predict(args.model, [rows], outputs="last" if args.last else "all")[0]
     except ServerError as e:
-        if e.code == "too_many_timesteps":
+        if e.code in ("too_many_timesteps", "body_too_large"):
             e.args = (f"{e.args[0]} (stream a sequence this long with `tcnserve stream`)",)
         raise
     _write(outputs)

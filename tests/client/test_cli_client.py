@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -201,3 +202,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("tcnserve")
+
+
+def test_a_sequence_too_long_to_predict_points_at_stream(live, tmp_path, capsys):
+    path = tmp_path / "long.csv"
+    path.write_text(csv_text(rows_of(6000, seed=29)))  # a body over the server's 64 KiB
+    assert main(["predict", "--url", live.url, "--api-key", KEY, "--model", "tiny", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "413" in err and "(stream a sequence this long with `tcnserve stream`)" in err
+
+
+def test_rows_from_a_terminal_are_asked_for(live, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(csv_text(rows_of(4, seed=30))))
+    assert main(["predict", "--url", live.url, "--api-key", KEY, "--model", "tiny"]) == 0
+    err = capsys.readouterr().err
+    assert "reading rows from standard input, one comma-separated timestep per line" in err

@@ -488,3 +488,19 @@ def test_decoding_costs_a_small_multiple_of_the_body(body, header, factor):
     finally:
         tracemalloc.stop()
     assert peak < factor * len(body), peak / len(body)
+
+
+def test_one_string_sequence_id_is_a_sequence_of_each_key_never_shared(make_settings):
+    other = "oip-other-key-0123456789"
+    x = rows(5, 13)
+    with serving(create_app(make_settings(api_keys=[KEY, other]))) as client:
+        mine, theirs = ({"X-API-Key": k} for k in (KEY, other))
+        client.headers.update(mine)
+        assert step(client, "shared name", x[:3], sequence_start=True).status_code == 200
+        client.headers.update(theirs)
+        r = step(client, "shared name", x[3:])
+        assert r.status_code == 400 and "unknown sequence 'shared name'" in r.json()["error"]
+        assert step(client, "shared name", x[:1], sequence_start=True).status_code == 200
+        client.headers.update(mine)
+        got = outputs_of(step(client, "shared name", x[3:]))[0]  # the first key's, at 3
+        assert_rows_close(got.tolist(), predict(client, [x.tolist()])[0][3:])
