@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import random
 import re
 import shutil
 import signal
@@ -217,10 +218,21 @@ def serve_command() -> list[str]:
     return [sys.executable, "-m", "service.commands.serve"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(addresses: tuple[str, ...] = ("127.0.0.1",)) -> int:
+    """A TCP port free on `addresses` now, below the kernel's ephemeral range: a port from
+    that range can become some connection's source port before the server started later binds
+    it (a proxy failed so once: "cannot bind socket (Address already in use)")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        try:
+            for address in addresses:
+                with socket.socket() as s:
+                    s.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no free port below {low} on {addresses}")
 
 
 def wait_ready(url: str, process: subprocess.Popen, limit_s: float = 90.0) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from tests.service.conftest import (
     HAPROXY,
     ROOT,
     assert_rows_close,
+    free_port,
     random_rows,
     serve_command,
     stop_process,
@@ -155,18 +155,7 @@ class Cluster:
 
 def shared_free_port() -> int:
     """A TCP port free on every replica address."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((ADDRESSES[0], 0))
-            port = s.getsockname()[1]
-        try:
-            for address in [*ADDRESSES[1:], SPARE, ADDED]:
-                with socket.socket() as s:
-                    s.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no port free on every loopback address")
+    return free_port((*ADDRESSES, SPARE, ADDED))
 
 
 @contextlib.contextmanager
