@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,11 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
-        args = build_parser(command).parse_args(argv)
+        with _quiet_ctrl_c_while_importing():
+            args = build_parser(command).parse_args(argv)  # imports the command's modules
         return int(args._run(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, as shells expect (128 + SIGINT)
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _quiet_ctrl_c_while_importing() -> Iterator[None]:
+    """Ctrl-C while the command's modules import ends the process at once with 130: raised
+    inside an import, KeyboardInterrupt can come out as another error (pydantic's schema
+    builder wraps it), a traceback instead of a quiet exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
