@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +28,7 @@ from tests.service.conftest import (
     serve_process,
     serving,
     wait_ready,
+    wait_until,
 )
 
 KEY = "process-test-key-0123456789"
@@ -154,21 +159,59 @@ def test_once_the_models_load_the_collector_freezes_them_and_collects_less_often
         gc.unfreeze()
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # a process that just ended
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("after_s", [0.3, 1.0, 1.6])
-def test_ctrl_c_while_starting_stops_every_process_without_a_traceback(tiny_dir, after_s):
+@pytest.mark.parametrize("moment", ["the children are importing", "serving"])
+def test_ctrl_c_while_starting_stops_every_process_without_a_traceback(tiny_dir, moment):
     """Ctrl-C goes to the terminal's whole process group: the supervisor, and children that may
     still be importing. None of them prints a traceback."""
-    import os
-    import time
-
+    port = free_port()
     process = subprocess.Popen(
-        [*serve_command(), "--model", f"tiny={tiny_dir}", "--workers", "2",
-         "--port", str(free_port())],
+        [*serve_command(), "--model", f"tiny={tiny_dir}", "--workers", "2", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    time.sleep(after_s)  # the moment a user's Ctrl-C comes, not a wait for a condition
-    os.killpg(process.pid, signal.SIGINT)
-    out, _ = process.communicate(timeout=60)
+    try:
+        if moment == "serving":
+            wait_ready(f"http://127.0.0.1:{port}", process)
+        else:  # the moment the first child exists: it has its modules still to import
+            wait_until(lambda: children_of(process.pid) or process.poll() is not None, "a child")
+        os.killpg(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
     assert process.returncode in (0, 130), out.decode()
     assert b"Traceback" not in out and b"KeyboardInterrupt" not in out, out.decode()
+
+
+def test_ctrl_c_while_a_command_imports_ends_quietly_with_130():
+    """Raised inside an import, Ctrl-C's KeyboardInterrupt can come out as another error
+    (pydantic's schema builder wraps it: seen in CI); `tcnserve` still exits 130 quietly."""
+    script = (
+        "import os, signal, sys\n"
+        "import service.cli as cli\n"
+        "def importing(name, module):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        module = module.upper()  # Python runs the signal's handler here\n"
+        "    except KeyboardInterrupt as e:\n"
+        "        raise RuntimeError('a schema error') from e\n"
+        "cli._import_command = importing\n"
+        "sys.exit(cli.main(['serve']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (run.returncode, run.stderr) == (130, "interrupted\n")
