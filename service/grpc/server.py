@@ -28,7 +28,7 @@ from service.oip import decode as oip
 from service.oip import stats
 from service.oip.inference import OipInference
 from service.protocol import error_codes
-from service.protocol.errors import ModelNotFound, ServiceError
+from service.protocol.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +114,7 @@ class GrpcEdge:
         return owner
 
     def _entry(self, name: str, version: str) -> Any:
-        entry = self.runtime.registry.get(name)
-        if version not in ("", oip.VERSION):
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}"
-            )
-        return entry
+        return oip.model_entry(self.runtime.registry, name, version)
 
     # ----- health and metadata -----------------------------------------------------------------
 
@@ -182,16 +177,11 @@ class GrpcEdge:
 
     async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> Any:
         self._caller(context)
-        draining = self.runtime.draining
-        models = [
-            pb.RepositoryIndexResponse.ModelIndex(
-                name=entry.name, version=oip.VERSION,
-                state="READY" if entry.ready and not draining else "UNAVAILABLE",
-            )
-            for entry in self.runtime.registry.entries()
-            if entry.ready or not request.ready
-        ]  # fmt: skip
-        return pb.RepositoryIndexResponse(models=models)
+        index = oip.repository_index(self.runtime.registry, self.runtime.draining)
+        models = [m for m in index if m["state"] == "READY" or not request.ready]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models]
+        )
 
     # ----- inference ---------------------------------------------------------------------------
 

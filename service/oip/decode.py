@@ -25,15 +25,18 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import numpy as np
 
 from model import MAX_POSITION
 from service.models import inputs
-from service.protocol.errors import InvalidInput, TooManySequences, TooManyTimesteps
+from service.protocol.errors import InvalidInput, ModelNotFound, TooManySequences, TooManyTimesteps
 from service.protocol.limits import RequestLimits, header_int
+
+if TYPE_CHECKING:
+    from service.models.registry import ModelEntry, ModelRegistry
 
 INPUT = "input"
 OUTPUT = "output"
@@ -159,6 +162,32 @@ class InferRequest:
 
 
 # ----- metadata ----------------------------------------------------------------------------------
+
+
+def model_entry(registry: ModelRegistry, name: str, version: str) -> ModelEntry:
+    """The served model `name` at `version` (unnamed, "", or the one version); ModelNotFound
+    for an unknown model whatever the version, or another version."""
+    entry = registry.get(name)
+    if version not in ("", VERSION):
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
+    return entry
+
+
+def model_index(registry: ModelRegistry, draining: bool) -> list[dict[str, Any]]:
+    """`GET /v2/models`: every served model, ready unless loading or draining."""
+    return [
+        {"name": entry.name, "versions": [VERSION], "platform": PLATFORM,
+         "ready": entry.ready and not draining}
+        for entry in registry.entries()
+    ]  # fmt: skip
+
+
+def repository_index(registry: ModelRegistry, draining: bool) -> list[dict[str, str]]:
+    """Triton's repository index: each model's version and state."""
+    return [
+        {"name": m["name"], "version": VERSION, "state": "READY" if m["ready"] else "UNAVAILABLE"}
+        for m in model_index(registry, draining)
+    ]
 
 
 def model_metadata(name: str, spec: inputs.InputSpec, out_channels: int) -> dict[str, Any]:

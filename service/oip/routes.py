@@ -9,7 +9,6 @@ service/oip/inference.py on the same sessions and workers as /v1. Errors are the
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
@@ -22,10 +21,7 @@ from service.oip import decode as oip
 from service.oip import stats
 from service.oip.inference import OipInference
 from service.oip.schemas import InferRequestDoc, InferResponseDoc, ModelMetadata, ServerMetadata
-from service.protocol.errors import InvalidInput, ModelNotFound
-
-if TYPE_CHECKING:
-    from service.models.registry import ModelRegistry
+from service.protocol.errors import InvalidInput
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 # The infer routes carry the traffic: LeanRoutes (service/http/routes/lean.py), registered flat.
@@ -87,7 +83,7 @@ async def infer(name: str, request: Request, caller: CallerDep) -> Response:
     "/models/{name}/versions/{version}/infer", summary="Inference of a version", **INFER
 )
 async def version_infer(name: str, version: str, request: Request, caller: CallerDep) -> Response:
-    _check_version(caller.registry, name, version)
+    oip.model_entry(caller.registry, name, version)
     return await infer(name, request, caller)
 
 
@@ -107,12 +103,6 @@ async def live() -> Response:
 async def ready(runtime: RuntimeDep) -> Response:
     ready = runtime.ready
     return json_response({"ready": ready}, 200 if ready else 400)
-
-
-def _check_version(registry: ModelRegistry, name: str, version: str) -> None:
-    registry.get(name)  # an unknown model is a 404 whatever the version
-    if version != oip.VERSION:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}")
 
 
 @router.get("/models/stats", summary="Statistics of every model (Triton's extension)",
@@ -136,7 +126,7 @@ async def model_stats(name: str, caller: CallerDep) -> Response:
     responses=V2_METADATA,
 )  # fmt: skip
 async def version_stats(name: str, version: str, caller: CallerDep) -> Response:
-    _check_version(caller.registry, name, version)
+    oip.model_entry(caller.registry, name, version)
     return await _stats(caller.runtime, [name])
 
 
@@ -163,7 +153,7 @@ async def model_metadata(name: str, caller: CallerDep) -> Response:
     responses=V2_METADATA,
 )
 async def version_metadata(name: str, version: str, caller: CallerDep) -> Response:
-    _check_version(caller.registry, name, version)
+    oip.model_entry(caller.registry, name, version)
     return await model_metadata(name, caller)
 
 
@@ -176,7 +166,7 @@ async def model_ready(name: str, runtime: RuntimeDep) -> Response:
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness", **MODEL_READY)
 async def version_ready(name: str, version: str, runtime: RuntimeDep) -> Response:
-    _check_version(runtime.registry, name, version)
+    oip.model_entry(runtime.registry, name, version)
     return await model_ready(name, runtime)
 
 
@@ -205,7 +195,7 @@ async def model_config(name: str, caller: CallerDep) -> Response:
     responses=V2_METADATA,
 )
 async def version_config(name: str, version: str, caller: CallerDep) -> Response:
-    _check_version(caller.registry, name, version)
+    oip.model_entry(caller.registry, name, version)
     return await model_config(name, caller)
 
 
@@ -213,27 +203,9 @@ async def version_config(name: str, version: str, caller: CallerDep) -> Response
     "/models", summary="The served models (name, versions, platform, readiness)", responses=V2_INDEX
 )
 async def list_models(caller: CallerDep) -> Response:
-    return json_response({"models": _index(caller.registry, caller.runtime.draining)})
+    return json_response({"models": oip.model_index(caller.registry, caller.runtime.draining)})
 
 
 @router.post("/repository/index", summary="Triton's model repository index", responses=V2_INDEX)
 async def repository_index(caller: CallerDep) -> Response:
-    return json_response(
-        [
-            {"name": m["name"], "version": oip.VERSION, "state": "READY" if m["ready"] else
-             "UNAVAILABLE"}
-            for m in _index(caller.registry, caller.runtime.draining)
-        ]
-    )  # fmt: skip
-
-
-def _index(registry: ModelRegistry, draining: bool) -> list[dict]:
-    return [
-        {
-            "name": entry.name,
-            "versions": [oip.VERSION],
-            "platform": oip.PLATFORM,
-            "ready": entry.ready and not draining,
-        }
-        for entry in registry.entries()
-    ]
+    return json_response(oip.repository_index(caller.registry, caller.runtime.draining))
