@@ -1,6 +1,6 @@
 """The OpenAPI document: each route lists only the errors it can answer
-(service/http/route_errors.py),
-and the API routes declare the API-key schemes that ApiKeyMiddleware checks.
+(service/http/route_errors.py), the API routes declare the API-key schemes that ApiKeyMiddleware
+checks, and every path parameter has the example "Try it out" fills in.
 
 FastAPI adds a 422 "Validation Error" to every route with a parameter; ours take only strings
 (paths, optional headers) and decode their bodies themselves, so that response cannot happen.
@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.http.middleware import is_api_path
+from service.http.schemas import CreateSessionRequest
+from service.oip.decode import VERSION
 
 FRAMEWORK_422 = "Validation Error"
 # The keys ApiKeyMiddleware accepts: checked there, once, not by a dependency per route.
@@ -25,6 +27,14 @@ SECURITY_SCHEMES = {
         "name": "X-API-Key",
         "description": "API key",
     },
+}
+
+# What "Try it out" fills in for each path parameter: the session the create example opens, on
+# the model it names (tests/service/test_openapi_examples.py sends every route so filled in).
+PATH_EXAMPLES = {
+    "name": CreateSessionRequest.EXAMPLE["model"],
+    "version": VERSION,
+    "session_id": CreateSessionRequest.EXAMPLE["session_id"],
 }
 
 
@@ -45,6 +55,9 @@ def install(app: FastAPI) -> None:
                         del responses["422"]
                     if is_api_path(path):
                         operation["security"] = requirement
+                    for parameter in operation.get("parameters", []):
+                        if parameter["in"] == "path" and parameter["name"] in PATH_EXAMPLES:
+                            parameter["example"] = PATH_EXAMPLES[parameter["name"]]
             schemas = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)

@@ -1,4 +1,5 @@
-"""Every request body /docs fills in for "Try it out" is accepted by the server as it is."""
+"""Every route of the OpenAPI document, sent as /docs' "Try it out" fills it in (the request
+body's example, each path parameter's example), is answered 2xx by the server as it is."""
 
 from __future__ import annotations
 
@@ -6,30 +7,35 @@ from service.app import create_app
 from service.settings import Settings
 from tests.service.conftest import serving
 
-# The order a user would try them in: the push and /v1/steps examples name the session the
-# create example opens.
-ORDER = [
-    ("post", "/v1/sessions"),
-    ("post", "/v1/sessions/{session_id}/steps"),
-    ("post", "/v1/steps"),
-    ("post", "/v1/models/{name}/predict"),
-    ("post", "/v2/models/{name}/infer"),
-]
+
+def operations(paths: dict) -> list[tuple[str, str, dict]]:
+    """(method, path, operation) in the order a user would try them: the create example first
+    (the others name the session it opens), then the rest, deleting that session, and closing
+    every session last."""
+    found = [(m, p, op) for p, item in paths.items() for m, op in item.items()]
+
+    def order(item: tuple[str, str, dict]) -> int:
+        method, path, _ = item
+        if (method, path) == ("post", "/v1/sessions"):
+            return 0
+        return {"delete": 3 if path == "/v1/sessions" else 2}.get(method, 1)
+
+    return sorted(found, key=order)
 
 
-def test_every_documented_request_example_is_accepted_as_filled_in():
+def test_every_route_answers_its_documented_example_as_filled_in():
     with serving(create_app(Settings(max_sessions=8))) as c:
-        paths = c.get("/openapi.json").json()["paths"]
-        documented = {
-            (method, path): op["requestBody"]["content"]["application/json"]
-            for path, item in paths.items()
-            for method, op in item.items()
-            if "requestBody" in op and "application/json" in op["requestBody"]["content"]
-        }
-        assert set(ORDER) <= set(documented), sorted(documented)
-        for method, path in ORDER:
-            example = documented[(method, path)].get("example")
-            assert example is not None, f"{method} {path} has no example"
-            url = path.format(session_id=example.get("session_id", "sensor-0042"), name="default")
-            r = c.request(method.upper(), url, json=example)
-            assert 200 <= r.status_code < 300, (path, r.status_code, r.text)
+        ops = operations(c.get("/openapi.json").json()["paths"])
+        assert len(ops) >= 30
+        for method, path, op in ops:
+            url = path
+            for parameter in op.get("parameters", []):
+                if parameter["in"] == "path":
+                    assert "example" in parameter, f"{method} {path}: {parameter['name']}"
+                    url = url.replace(f"{{{parameter['name']}}}", str(parameter["example"]))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None:
+                assert body.get("example") is not None, f"{method} {path} has no example"
+            kwargs = {"json": body["example"]} if body is not None else {}
+            r = c.request(method.upper(), url, **kwargs)
+            assert 200 <= r.status_code < 300, (method, path, r.status_code, r.text)
