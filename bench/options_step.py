@@ -1,6 +1,8 @@
 """The cost of each model option: the R1 step (in 4, 8 x 64, kernel 7, out 3) of N streams with
-every block activation tcnserve serves, with skip connections, with gates too, and with layer
-norms too, side by side in one run, as a ratio to the plain ReLU model's.
+every block activation tcnserve serves, with skip connections, with gates too, with layer
+norms too, and with a per-stream embedding (16 values, added, or concatenated: folded into the
+first conv, or after a layer norm one more matmul per block), side by side in one run, as a
+ratio to the plain ReLU model's.
 
 One torch thread; N = 1 (the fused kernel), 16 (fused), 256 ("blas": compiled gathers, torch's
 GEMM); best of `--repeats`. (Batch-normed pytorch-tcn models are folded into their convs at
@@ -36,17 +38,22 @@ def main() -> None:
     print(f"{'option':<20}" + "".join(f"{f'N={n}':>22}" for n in sizes))
     results, relu = [], {}
     rng = np.random.default_rng(0)
-    options = [*((a, False, False, False) for a in ACTIVATIONS), ("relu", True, False, False)]
-    options += [("relu", True, True, False), ("relu", True, True, True)]
-    for act, skips, gate, norm in options:
+    options = [*((a, False, False, False, None) for a in ACTIVATIONS)]
+    options += [("relu", True, False, False, None), ("relu", True, True, False, None)]
+    options += [("relu", True, True, True, None), ("relu", False, False, False, "add")]
+    options += [("relu", False, False, False, "concat"), ("relu", False, False, True, "concat")]
+    for act, skips, gate, norm, embedding in options:
         torch.manual_seed(0)
         config = TCNConfig(
             4, [64] * 8, kernel_size=7, out_channels=3, activation=act, skip_connections=skips,
-            gate=gate, layer_norm=norm,
+            gate=gate, layer_norm=norm, embedding_dims=[16] if embedding else None,
+            embedding_mode=embedding or "add",
         )  # fmt: skip
         pool = StreamPool(TCN(config).eval(), max(sizes))
-        slots = np.array([pool.open() for _ in range(max(sizes))])
-        row = {"activation": act, "skip_connections": skips, "gate": gate, "layer_norm": norm}
+        e = rng.standard_normal(16).astype(np.float32) if embedding else None
+        slots = np.array([pool.open(embedding=e) for _ in range(max(sizes))])
+        row = {"activation": act, "skip_connections": skips, "gate": gate, "layer_norm": norm,
+               "embedding": embedding}  # fmt: skip
         cells = []
         for n in sizes:
             x = rng.standard_normal((n, 4)).astype(np.float32)
@@ -58,7 +65,7 @@ def main() -> None:
         results.append(row)
         name = (
             act + ("+skips" if skips else "") + ("+gate" if gate else "") + ("+ln" if norm else "")
-        )
+        ) + (f"+emb:{embedding}" if embedding else "")
         print(f"{name:<20}" + "".join(f"{c:>22}" for c in cells))
     if args.json:
         write_results(args.json, "options_step", results)

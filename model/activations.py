@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,24 +84,52 @@ class Activation:
         return self.inplace(y) if self.keras else y
 
     def first(
-        self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, norm: Norm = None
+        self,
+        bias: torch.Tensor,
+        a: torch.Tensor,
+        w: torch.Tensor,
+        norm: Norm = None,
+        cond: Conditioning = None,
     ) -> torch.Tensor:
-        """A block's first conv as one matmul: (rows, 2C) gated to (rows, C), or `addmm`."""
-        if not self.gated:
+        """A block's first conv as one matmul: (rows, 2C) gated to (rows, C), or `addmm`; with
+        `cond`, each row's stream embedding term added before the gate or activation."""
+        if cond is None and not self.gated:
             return self.addmm(bias, a, w, norm)
-        return glu(layer_norm(torch.addmm(bias, a, w), norm, -1), dim=-1)
+        y = layer_norm(torch.addmm(bias, a, w), norm, -1)
+        if cond is not None:
+            y = conditioned(y, cond, -1)
+        return glu(y, dim=-1) if self.gated else self.inplace(y)
 
-    def of(self, y: torch.Tensor, dim: int, norm: Norm = None, first: bool = False):
-        """A conv's computed output `y` (channels along `dim`): normed, then gated (a first
-        conv's, with a gate) or activated."""
+    def of(
+        self,
+        y: torch.Tensor,
+        dim: int,
+        norm: Norm = None,
+        first: bool = False,
+        cond: Conditioning = None,
+    ):
+        """A conv's computed output `y` (channels along `dim`): normed, then (a first conv's)
+        conditioned and gated or activated."""
         y = layer_norm(y, norm, dim)
         if first:
+            if cond is not None:
+                y = conditioned(y, cond, dim)
             return glu(y, dim) if self.gated else self.inplace(y)
         y = self.inplace(y)
         return self.inplace(y) if self.keras else y
 
-    def numpy_of(self, a: np.ndarray, norm: Norm = None, first: bool = False) -> np.ndarray:
-        """`of` for (rows, C) numpy rows, in place where it can be."""
+    def numpy_of(
+        self, a: np.ndarray, norm: Norm = None, first: bool = False, cond: Any = None
+    ) -> np.ndarray:
+        """`of` for (rows, C) numpy rows, in place where it can be (`cond` as numpy arrays)."""
+        if cond is not None:  # normed first, then the streams' rows added (after W2a)
+            if norm is not None:
+                norm = (torch.from_numpy(norm[0]), torch.from_numpy(norm[1]), norm[2])
+                a = layer_norm(torch.from_numpy(a), norm, -1).numpy()
+                norm = None
+            if cond[1] is not None:
+                a = a @ cond[1]
+            a += cond[0]
         if norm is None and not (first and self.gated):
             a = self.numpy_inplace(a)
             return self.numpy_inplace(a) if self.keras and not first else a
@@ -143,6 +172,20 @@ _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 # A conv's layer norm (per timestep over the channels): its (weight, bias, eps), or None.
 Norm = tuple[torch.Tensor, torch.Tensor, float] | None
+# A conditioned block's term after its first conv (model/streaming/conditioning.py): the rows
+# (rows, C) of the streams advanced, or one stream's (C,) row, and "concat"'s (C, C) matmul
+# after a layer norm (None when it is folded into the conv); None for a plain model.
+Conditioning = tuple[torch.Tensor, torch.Tensor | None] | None
+
+
+def conditioned(y: torch.Tensor, cond: Conditioning, dim: int) -> torch.Tensor:
+    """A first conv's (normed) output y with channels along `dim` (the last: one row per
+    stream; 0: one stream's (C, T)) plus its embedding term, after the mix if any."""
+    bias, mix = cond
+    if dim in (-1, y.dim() - 1):
+        return y.add_(bias) if mix is None else torch.addmm(bias, y, mix)
+    column = bias[:, None]  # (C, 1): the same term at every timestep
+    return y.add_(column) if mix is None else torch.addmm(column, mix.T, y)
 
 
 def layer_norm(y: torch.Tensor, norm: Norm, dim: int) -> torch.Tensor:

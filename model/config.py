@@ -12,6 +12,9 @@ ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "gelu", "selu", "sigmoid", "
 # After the head: none, one of the above per value, or a softmax over the channels.
 OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "softmax", "log_softmax", "relu", "leaky_relu",
                       "elu", "gelu", "selu", "keras_leaky_relu")  # fmt: skip
+# How a block takes a sequence's embedding (pytorch-tcn's embedding_mode): added to its first
+# conv's output, or concatenated with it and 1x1 conv'd back to its width.
+EMBEDDING_MODES = ("add", "concat")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ class TCNConfig:
     # Act_Conv_Blocks), and skip connections sum every block's second-conv output, the last
     # block's included, in place of the last block's output, with no activation after.
     keras_tcn: bool = False
+    # pytorch-tcn's embedding_shapes of (dim,) tuples: each sequence (each stream) is conditioned
+    # on static vectors of these widths, concatenated (sum(embedding_dims) values), which every
+    # block projects (1x1) to its first conv's width and applies after that conv (and its norm),
+    # before the activation or gate, as `embedding_mode` says.
+    embedding_dims: tuple[int, ...] | None = None
+    embedding_mode: str = "add"
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and immutable.
@@ -95,6 +104,24 @@ class TCNConfig:
             raise ValueError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}"
             )
+        if self.embedding_dims is not None:
+            dims = _int_tuple("embedding_dims", self.embedding_dims)
+            if not dims or any(d < 1 for d in dims):
+                raise ValueError(
+                    "embedding_dims must list the width (>= 1) of each per-sequence embedding, "
+                    f"e.g. [16]; got {list(dims)}"
+                )
+            object.__setattr__(self, "embedding_dims", dims)
+        if self.embedding_mode not in EMBEDDING_MODES:
+            raise ValueError(
+                f"embedding_mode must be one of {', '.join(EMBEDDING_MODES)}; "
+                f"got {self.embedding_mode!r}"
+            )
+        if self.embedding_mode != "add" and self.embedding_dims is None:
+            raise ValueError(
+                f"embedding_mode={self.embedding_mode!r} needs embedding_dims: a model without "
+                "embeddings has nothing to concatenate"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -106,6 +133,11 @@ class TCNConfig:
         return self.out_channels if self.out_channels is not None else self.channels[-1]
 
     @property
+    def embedding_width(self) -> int:
+        """Values of one sequence's embedding (all of embedding_dims together); 0 without."""
+        return sum(self.embedding_dims) if self.embedding_dims is not None else 0
+
+    @property
     def receptive_field(self) -> int:
         """Inputs that influence one output: 1 + 2 (k - 1) * sum(dilations)."""
         return 1 + 2 * (self.kernel_size - 1) * sum(self.dilations)
@@ -114,6 +146,8 @@ class TCNConfig:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
         d["dilations"] = list(self.dilations)
+        if self.embedding_dims is not None:
+            d["embedding_dims"] = list(self.embedding_dims)
         return d
 
     @classmethod

@@ -6,12 +6,13 @@ A state_dict holds weights, not hyperparameters. What it cannot tell is stated, 
   none, the paper's linear heads).
 - pytorch-tcn 1.2.x: the keyword arguments the model was built with (`pytorch_tcn_kwargs`,
   `{}` for the defaults), or the live module (`convert_pytorch_tcn`): its activation, causal,
-  use_skip_connections, output_activation and input_shape change the forward and a state_dict
-  does not show them (model/pytorch_tcn_options.py). Options tcnserve cannot serve exactly are
-  refused by name. Where pytorch-tcn is importable, the source model is rebuilt and both
-  forwards are compared before anything is written. input_shape='NLC' only transposes: the
-  converted model takes (B, C, T). Dilations are read from the streaming padding buffers,
-  (k - 1) * dilation steps wide.
+  use_skip_connections, output_activation, input_shape, embedding_shapes and embedding_mode
+  change the forward and a state_dict does not show them (model/pytorch_tcn_options.py).
+  Options tcnserve cannot serve exactly are refused by name (e.g. time-varying embeddings).
+  Where pytorch-tcn is importable, the source model is rebuilt and both forwards are compared
+  (on random embeddings too, where it takes them) before anything is written.
+  input_shape='NLC' only transposes: the converted model takes (B, C, T). Dilations are read
+  from the streaming padding buffers, (k - 1) * dilation steps wide.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ _LOCUSLAB_ALIASES = {"conv1": "net.0", "conv2": "net.4"}
 # The paper's wrappers: `linear` (most tasks) or `decoder` (language models) beside `tcn`.
 _LOCUSLAB_HEADS = ("linear", "decoder")
 _LOCUSLAB_EMBEDDING = "encoder"
-# Key fragments that only pytorch-tcn's non-default options create, and the option to name.
-_PYTORCH_TCN_OPTION_KEYS = (("embedding_projection_", "embedding_shapes (embeddings)"),)
+# pytorch-tcn's embedding projections in a block, and their tcnserve names (model/tcn.py).
+_EMBEDDING_KEYS = {
+    "embedding_projection_1": "embedding_projection",
+    "embedding_projection_2": "concat_projection",
+}
 # nn.BatchNorm1d's default eps, which pytorch-tcn builds its batch norms with (not in a state_dict).
 BATCH_NORM_EPS = 1e-5
 
@@ -108,7 +112,8 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 PYTORCH_TCN_OPTIONS_NEEDED = (
     "a pytorch-tcn state_dict does not record the options that change its forward "
-    "(activation, causal, use_skip_connections, output_activation, input_shape): state the "
+    "(activation, causal, use_skip_connections, output_activation, input_shape, "
+    "embedding_shapes, embedding_mode): state the "
     "keyword arguments you built pytorch_tcn.TCN with, e.g. --pytorch-tcn-kwargs "
     '\'{"activation": "relu", "output_activation": null}\' (\'{}\' if you used the defaults), '
     "or convert the live module with model.convert.convert_pytorch_tcn(module)"
@@ -198,7 +203,6 @@ def _convert(
                 "for pytorch-tcn, state the output activation among its options "
                 '(pytorch_tcn_kwargs {"output_activation": ...}), as the model was built'
             )
-        _refuse_pytorch_tcn_options(state)
         options = pytorch_tcn_options.parse(pytorch_tcn_kwargs)
         output_activation = options.output_activation
     elif pytorch_tcn_kwargs is not None:
@@ -244,9 +248,12 @@ def _convert(
             "the stated pytorch-tcn options contradict the weights: use_skip_connections=False "
             "(the weights hold downsample_skip_connection convs)"
         )
+    embedding_dims = options.embedding_dims if options is not None else None
+    _check_embeddings(convs, embedding_dims)
     net = _build(
         convs, head, embedding, dilations, output_activation, activation,
-        skips if skip_connections else None, gate,
+        skips if skip_connections else None, gate, embedding_dims,
+        options.embedding_mode if options is not None else "add",
     )  # fmt: skip
     checked: dict[str, Any] = {}
     if options is not None:
@@ -364,6 +371,10 @@ def _pytorch_tcn_block(i: int, block: Tensors) -> tuple[Tensors, int | None]:
             out[f"{norm}.bias"] = _take(block, f"{norm}.bias", where)
         buffer = block.pop(f"{conv}.padder.buffer", None)  # streaming state: only its width
         pads.append(None if buffer is None else buffer.shape[-1])
+    for theirs, ours in _EMBEDDING_KEYS.items():  # checked against the options in `_build`
+        for part in ("weight", "bias"):
+            if f"{theirs}.{part}" in block:
+                out[f"{ours}.{part}"] = block.pop(f"{theirs}.{part}")
     k = out["conv1.weight"].shape[-1]
     # The buffers hold (k - 1) * dilation past steps; with k = 1 they say nothing.
     widths = {p for p in pads if p is not None}
@@ -394,10 +405,23 @@ def _norm_shown(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _refuse_pytorch_tcn_options(state: Mapping[str, torch.Tensor]) -> None:
-    found = [opt for frag, opt in _PYTORCH_TCN_OPTION_KEYS if any(frag in k for k in state)]
-    if found:
-        raise ValueError(f"unsupported pytorch-tcn option {', '.join(found)}: only the defaults")
+def _check_embeddings(convs: list[Tensors], dims: tuple[int, ...] | None) -> None:
+    """The stated embedding_shapes against the blocks' embedding projections."""
+    shown = [c["embedding_projection.weight"].shape[1] for c in convs if
+             "embedding_projection.weight" in c]  # fmt: skip
+    if dims is None and shown:
+        raise ValueError(
+            "the stated pytorch-tcn options contradict the weights: embedding_shapes=None (the "
+            f"blocks hold embedding_projection_1 convs of {shown[0]} input channels: state the "
+            "embedding_shapes and embedding_mode the model was built with)"
+        )
+    if dims is not None and (len(shown) != len(convs) or set(shown) != {sum(dims)}):
+        found = f"of {sorted(set(shown))} input channels" if shown else "none"
+        raise ValueError(
+            f"the stated pytorch-tcn options contradict the weights: embedding_shapes "
+            f"{[(d,) for d in dims]} ({sum(dims)} values in all), but the blocks' "
+            f"embedding_projection_1 convs are {found}"
+        )
 
 
 def _pytorch_tcn_skips(prefix: str, rest: Tensors) -> dict[int, Tensors]:
@@ -444,6 +468,8 @@ def _build(
     activation: str = "relu",
     skips: dict[int, Tensors] | None = None,  # skip connections: their 1x1 convs by block
     gate: bool = False,
+    embedding_dims: tuple[int, ...] | None = None,
+    embedding_mode: str = "add",
 ) -> TCN:
     """Infer the config from tensor shapes, check every shape, and load the weights."""
     layer_norm = "norm1.weight" in convs[0]
@@ -466,6 +492,8 @@ def _build(
         skip_connections=skips is not None,
         gate=gate,
         layer_norm=layer_norm,
+        embedding_dims=embedding_dims,
+        embedding_mode=embedding_mode,
     )
     state: dict[str, Any] = {}
     last = config.channels[-1]
@@ -494,6 +522,15 @@ def _build(
         if layer_norm:
             want |= {"norm1.weight": (first,), "norm1.bias": (first,)}
             want |= {"norm2.weight": (c_out,), "norm2.bias": (c_out,)}
+        if embedding_dims is not None:
+            width = config.embedding_width
+            want |= {"embedding_projection.weight": (first, width, 1),
+                     "embedding_projection.bias": (first,)}  # fmt: skip
+            if embedding_mode == "concat":
+                want |= {"concat_projection.weight": (first, 2 * first, 1),
+                         "concat_projection.bias": (first,)}  # fmt: skip
+            else:  # pytorch-tcn builds embedding_projection_2 in either mode; "add" never uses it
+                block = {k: v for k, v in block.items() if not k.startswith("concat_projection.")}
         state |= _checked(f"network.{i}", block, want, f"blocks.{i}.")
     if head is not None:
         if head_w is not None and head_w.dim() == 3:  # pytorch-tcn's 1x1 conv is a Linear

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.step_kernels import add_skip, finish_skips
+from model.step_kernels import add_skip, finish_skips, slot_rows
 
 
 def buckets_for(capacity: int) -> tuple[int, ...]:
@@ -106,9 +106,13 @@ class GraphedStep:
         finite = torch.ones(rows, dtype=torch.bool, device=h.device)
         check_rings = not pool.overflow_safe
         act, skips, total = pool._act, pool._skips, None
-        for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(pool._step_plan):
+        for i, block in enumerate(pool._step_plan):
+            ring1, w1, b1, ring2, w2, b2, downsample, n1, n2, cond = block
             ring1.index_copy_(0, writes[i], h)
-            a = act.first(b1, F.embedding(taps[i], ring1).view(rows, -1), w1, n1)
+            # a conditioned model's table rows: the padding rows read the spare slot's zeros
+            a = act.first(
+                b1, F.embedding(taps[i], ring1).view(rows, -1), w1, n1, slot_rows(cond, slots)
+            )
             ring2.index_copy_(0, writes[i], a)
             if check_rings:
                 finite &= torch.isfinite(h).all(dim=1) & torch.isfinite(a).all(dim=1)

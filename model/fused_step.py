@@ -278,6 +278,24 @@ def _norm_act(buf, n, width, weight, bias, act, zero, eps):
 
 
 @_jit
+def _condition(src, dst, n, width, table, slots, mix_t, act, zero):
+    """dst[:n, :width] = act(src's row (times mix_t's W2a where it has one) + the row of each
+    stream's slot in `table`): a conditioned block's first conv, after its norm. In place
+    (src is dst) only without a mix."""
+    mixed = mix_t.shape[0] > 0
+    for s in range(n):
+        row = slots[s]
+        for o in range(width):
+            if mixed:
+                acc = table[row, o]
+                for i in range(width):
+                    acc += mix_t[o, i] * src[s, i]
+            else:
+                acc = src[s, o] + table[row, o]
+            dst[s, o] = _act(acc, act, zero)
+
+
+@_jit
 def _affine(weight_t, bias, inp, c_in, out, n):
     """out[:n, :C_out] = inp[:n, :c_in] @ W + b, with weight_t (C_out, c_in)."""
     for o in range(weight_t.shape[0]):
@@ -315,12 +333,16 @@ def _step(
     norms,
     keras,
     norm_eps,
+    cond_tables,
+    cond_mix,
 ):
     """The whole step; returns False when a ring write or an output is not finite. With
     `commit`, a finite step also records x in the input history and moves the positions on.
     `skip_modes` per block: 0 no skip connection, 1 its conv output added as it is, 2 through
     its 1x1 conv (`skip_w`); with any, the sum is added to the last block's output and the
-    activation taken again (pytorch-tcn's use_skip_connections)."""
+    activation taken again (pytorch-tcn's use_skip_connections). `cond_tables` per block: a
+    conditioned model's (slots, first width) table of per-stream terms, or (0, 0) (`cond_mix`:
+    W2a transposed where it is not folded into the conv, else (0, 0); `_condition`)."""
     h, a, o, r, taps, sk = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5]
     n, c = x.shape[0], x.shape[1]
     for s in range(n):
@@ -336,7 +358,26 @@ def _step(
         w1, w2 = weights_t[2 * b], weights_t[2 * b + 1]
         mid, c_out = w2.shape[1] // k, w2.shape[0]
         normed = norms[4 * b].shape[0] > 0  # layer norms after both convs
-        if gate:  # the conv's 2 * mid outputs into r, then a = first half x sigmoid(second)
+        table, mix_t = cond_tables[b], cond_mix[b]
+        if table.shape[0] > 0:  # conditioned: conv, norm, the streams' terms, then act or gate
+            width = 2 * mid if gate else mid
+            mixed = mix_t.shape[0] > 0
+            pre = r if mixed or gate else a  # the conv's output; o is free until conv2
+            finite &= _conv(
+                rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
+                h, c, pre, taps, zero, -1,
+            )  # fmt: skip
+            if normed:
+                _norm_act(pre, n, width, norms[4 * b], norms[4 * b + 1], -1, zero, norm_eps)
+            if gate:
+                post = o if mixed else r
+                _condition(pre, post, n, width, table, slots, mix_t, -1, zero)
+                for s in range(n):
+                    for i in range(mid):
+                        a[s, i] = post[s, i] / (1.0 + math.exp(-post[s, mid + i]))
+            else:
+                _condition(pre, a, n, width, table, slots, mix_t, act, zero)
+        elif gate:  # the conv's 2 * mid outputs into r, then a = first half x sigmoid(second)
             finite &= _conv(
                 rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
                 h, c, r, taps, zero, -1,
@@ -435,6 +476,8 @@ class FusedPlan:
     norms: Any  # typed list: per block norm1's and norm2's weight and bias (C,), or (0,)s
     keras: bool  # keras-tcn's block (model/activations.py `Activation.keras`)
     norm_eps: float  # the layer norms' epsilon
+    cond_tables: Any  # typed list: per block its (slots, W) table of stream terms, or (0, 0)
+    cond_mix: Any  # typed list: per block W2a^T (W, W) applied before the term, or (0, 0)
     no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
     no_positions: np.ndarray  # (0,) int64
 
@@ -452,6 +495,7 @@ def fused_plan(
     gate: bool = False,
     norms: list | None = None,  # per block (norm1, norm2), each (weight, bias) or None
     keras: bool = False,
+    conds: list | None = None,  # per block (table, mix (W, W) or None) or None (conditioning.py)
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
@@ -466,6 +510,7 @@ def fused_plan(
             out.append(arr)
         return out
 
+    n_blocks = len(dilations)
     widths = [in_width] + [w.shape[1] for _, w, _, _ in layers]
     c_max = max(widths)
     ds: list[np.ndarray] = []
@@ -522,6 +567,14 @@ def fused_plan(
         ),
         no_history=np.zeros((0, in_width), dtype=dtype),
         no_positions=np.zeros(0, dtype=np.int64),
+        # views of the pool's tables (open() writes them), so one plan serves every stream
+        cond_tables=typed([empty if c is None else c[0] for c in conds or [None] * n_blocks]),
+        cond_mix=typed(
+            [
+                empty if c is None or c[1] is None else np.ascontiguousarray(c[1].T)
+                for c in conds or [None] * n_blocks
+            ]
+        ),
     )
 
 
@@ -570,5 +623,7 @@ def fused_step(
         plan.norms,
         plan.keras,
         plan.norm_eps,
+        plan.cond_tables,
+        plan.cond_mix,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)

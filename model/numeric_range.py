@@ -12,6 +12,9 @@ the biases and (p, q); a conv's sum before its activation is bounded first:
     block:  |h'|  <= p (|out| + |residual|) + q (residual = h, or the 1x1 downsample of h)
     norm:   |LN(v)| <= sqrt(C - 1) |weight| + |bias| whatever v; its variance squares v, so
             |v| stays within sqrt(limit / C)
+    embedding (a conditioned model: its stream embeddings e are held to |e| <= M as well):
+            |c| <= |P| M + |p| is added to conv1's (normed) output, or for "concat" the 1x1
+            conv gives |W2a| |a| + |W2b| |c| + |b2|
     skips:  |s|   <= sum over blocks but the last of |out_i| (|Ws_i| |out_i| + |bs_i| if 1x1)
             and the output p (|h_last| + |s|) + q
     head:   |y|   <= |Wh| |h| + |bh|
@@ -55,6 +58,23 @@ def _normed(bound: tuple[float, float], norm: torch.nn.LayerNorm | None) -> tupl
     return 0.0, math.sqrt(max(c - 1, 1)) * _bias(norm.weight) + _bias(norm.bias)
 
 
+def _conditioned(
+    a_sum: tuple[float, float], block: torch.nn.Module, bounds: list[tuple[float, float]]
+) -> tuple[float, float]:
+    """A conditioned block's first conv output plus its embedding term, |e| <= M."""
+    proj = block.embedding_projection
+    term = (_norm(proj.weight), _bias(proj.bias))  # c = P e + p
+    bounds.append(term)
+    if block.concat_projection is not None:
+        w = block.concat_projection.weight.detach()
+        width = w.shape[0]
+        na, nb = _norm(w[:, :width]), _norm(w[:, width:])
+        term = (nb * term[0], nb * term[1] + _bias(block.concat_projection.bias))
+        a_sum = (na * a_sum[0], na * a_sum[1])  # W2a a: folded into conv1 where no norm is
+        bounds += [term, a_sum]
+    return a_sum[0] + term[0], a_sum[1] + term[1]
+
+
 @torch.no_grad()
 def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
     """The largest |x| whose every intermediate stays under half of dtype's range, or None
@@ -74,6 +94,8 @@ def safe_input_bound(net: TCN, dtype: torch.dtype) -> float | None:
         n1, n2 = _norm(block.conv1.weight), _norm(block.conv2.weight)
         conv1 = (n1 * g, n1 * c + _bias(block.conv1.bias))  # before its norm, if any
         a_sum = _normed(conv1, block.norm1)
+        if block.embedding_projection is not None:
+            a_sum = _conditioned(a_sum, block, bounds)
         a = a_sum if net.config.gate else act(a_sum)  # |glu(u, v)| = |u| sigmoid(v) <= |u|
         conv2 = (n2 * a[0], n2 * a[1] + _bias(block.conv2.bias))
         out_sum = _normed(conv2, block.norm2)

@@ -3,15 +3,18 @@ the library's own forward.
 
 A pytorch-tcn state_dict shows its widths, kernel size, dilations (the padding buffers), the
 norm (weight-norm keys or plain weights, batch-norm statistics, layer-norm weights), gates,
-embeddings and skip connections between blocks of different widths. It does not show
-`activation`, `causal`, `use_skip_connections` when every block has one width,
-`output_activation`, `input_shape` or `lookahead`: each changes the forward, so the keyword
-arguments the model was built with must be given (`{}`: it was built with the defaults), or the
-options are read from the live module (`options_of`).
+that it takes embeddings (and their total width) and skip connections between blocks of
+different widths. It does not show `activation`, `causal`, `use_skip_connections` when every
+block has one width, `output_activation`, `input_shape`, `lookahead`, the `embedding_shapes`
+one by one (static (dim,) or time-varying (dim, time_steps)) or `embedding_mode` (both modes
+hold the same projections): each changes the forward, so the keyword arguments the model was
+built with must be given (`{}`: it was built with the defaults), or the options are read from
+the live module (`options_of`).
 
 `verify` rebuilds the source model from those options when pytorch-tcn is importable, loads the
 same state_dict, and refuses a conversion whose outputs differ from the library's on random
-input by more than `ATOL + RTOL * max|output|`.
+input (and random embeddings, for a model that takes them) by more than
+`ATOL + RTOL * max|output|`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from model.config import EMBEDDING_MODES
 from model.tcn import TCN
 
 # pytorch-tcn 1.2.3's TCN(...) keyword arguments and their defaults.
@@ -66,6 +70,8 @@ class PytorchTcnOptions:
     activation: str  # tcnserve's name, of every block
     output_activation: str  # tcnserve's name
     input_shape: str
+    embedding_dims: tuple[int, ...] | None = None  # the static embeddings' widths
+    embedding_mode: str = "add"
 
     def get(self, name: str) -> Any:
         return self.kwargs.get(name, DEFAULTS.get(name))
@@ -105,8 +111,12 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
         problems.append("use_gate: true or false")
     if options["use_norm"] not in ("weight_norm", "batch_norm", "layer_norm", None):
         problems.append(f"use_norm={options['use_norm']!r}: pytorch-tcn has no such norm")
-    if options["embedding_shapes"] is not None:
-        problems.append("embedding_shapes: embeddings are not served yet")
+    embedding_dims = _embedding_dims(options["embedding_shapes"], problems)
+    if options["embedding_mode"] not in EMBEDDING_MODES:
+        problems.append(
+            f"embedding_mode={options['embedding_mode']!r}: pytorch-tcn takes "
+            f"{' or '.join(EMBEDDING_MODES)}"
+        )
     if options["lookahead"] != 0:
         problems.append("lookahead != 0: not causal (pytorch-tcn itself refuses it)")
     if options["input_shape"] not in ("NCL", "NLC"):
@@ -127,7 +137,40 @@ def parse(kwargs: Mapping[str, Any]) -> PytorchTcnOptions:
         str(options["activation"]),
         OUTPUT_ACTIVATIONS[activation],
         str(options["input_shape"]),
+        embedding_dims,
+        str(options["embedding_mode"]) if embedding_dims is not None else "add",
     )
+
+
+def _embedding_dims(shapes: Any, problems: list[str]) -> tuple[int, ...] | None:
+    """embedding_shapes' widths where every shape is a static (dim,); else a problem each."""
+    if shapes is None:
+        return None
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, (list, tuple)) or not shapes:
+        problems.append(f"embedding_shapes={shapes!r}: a list of (dim,) shapes")
+        return None
+    dims = []
+    for shape in shapes:
+        entries = list(shape) if isinstance(shape, (list, tuple)) else None
+        if entries is None or not all(_is_int(d) and d >= 1 for d in entries):
+            problems.append(f"embedding_shapes entry {shape!r}: a (dim,) shape of integers >= 1")
+        elif len(entries) == 2:
+            problems.append(
+                f"embedding_shapes entry {tuple(entries)!r}: a (dim, time_steps) shape is a "
+                "time-varying embedding, one conditioning vector per timestep of a sequence of "
+                "exactly time_steps steps; a stream has no fixed length and its later steps do "
+                "not exist yet, so it cannot be served one timestep at a time (tcnserve serves "
+                "static (dim,) embeddings)"
+            )
+        elif len(entries) != 1:
+            problems.append(f"embedding_shapes entry {shape!r}: (dim,) or (dim, time_steps)")
+        else:
+            dims.append(int(entries[0]))
+    return tuple(dims) if len(dims) == len(shapes) else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_against_weights(options: PytorchTcnOptions, net: TCN, norm_shown: str | None) -> None:
@@ -189,10 +232,13 @@ def verify(net: TCN, source: torch.nn.Module, input_shape: str) -> float:
     """Max |difference| of the two forwards on random input; ValueError past the tolerance."""
     config = net.config
     steps = max(VERIFY_STEPS, min(2 * config.receptive_field, 4096))
-    x = torch.randn(2, config.in_channels, steps, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, steps, generator=gen)
+    # one static vector per sequence and embedding_shapes entry, as pytorch-tcn takes them
+    embeddings = [torch.randn(2, d, generator=gen) for d in config.embedding_dims or ()] or None
     with torch.inference_mode():
-        ours = net(x)
-        theirs = source(x.transpose(1, 2) if input_shape == "NLC" else x)
+        ours = net(x, embeddings=embeddings)
+        theirs = source(x.transpose(1, 2) if input_shape == "NLC" else x, embeddings=embeddings)
         if input_shape == "NLC":
             theirs = theirs.transpose(1, 2)
     if theirs.shape != ours.shape:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.activations import Activation
-from model.step_kernels import add_skip, finish_skips
+from model.step_kernels import add_skip, finish_skips, slot_rows
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class RaggedPlan:
     kept_at: list[torch.Tensor]  # per block: ring rows they go to
     history_kept: torch.Tensor  # rows of this call the input history keeps
     history_at: torch.Tensor  # input-history rows they go to
+    slots: torch.Tensor | None = None  # (n,) each row's slot: a conditioned model's table rows
 
 
 def ragged_plan(
@@ -55,6 +56,7 @@ def ragged_plan(
     scratch_at: np.ndarray,  # (blocks, 1, 1) each block's first scratch row: capacity * L
     history_len: int,
     device: torch.device,
+    with_slots: bool = False,  # also each row's slot (a conditioned model)
 ) -> RaggedPlan:
     n = int(lengths.sum())
     stream = np.repeat(np.arange(lengths.size), lengths)  # (n,) which stream each row is
@@ -87,6 +89,7 @@ def ragged_plan(
         kept_at=list(moved[2].split(splits)),
         history_kept=moved_history[0],
         history_at=moved_history[1],
+        slots=torch.from_numpy(slot).to(device, non_blocking=True) if with_slots else None,
     )
 
 
@@ -103,18 +106,16 @@ def ragged_forward(
     n = plan.n
     writes = []
 
-    def conv(
-        i: int, ring: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, f, norm
-    ):
+    def taps(i: int, ring: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ring[scratch_at[i] : scratch_at[i] + n] = x  # scratch: nothing reads it between calls
-        taps = F.embedding(plan.taps[i], ring).view(n, -1)  # (n, k * C_in), oldest tap first
         writes.append((ring, plan.kept_at[i], x[plan.kept[i]]))
-        return f(b, taps, w, norm)  # (n, k * C_in) x (k * C_in, C_out)
+        return F.embedding(plan.taps[i], ring).view(n, -1)  # (n, k * C_in), oldest tap first
 
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(blocks):
-        a = conv(i, ring1, w1, b1, h, act.first, n1)
-        out = conv(i, ring2, w2, b2, a, act.second, n2)
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2, cond) in enumerate(blocks):
+        # each conv one (n, k * C_in) x (k * C_in, C_out) matmul
+        a = act.first(b1, taps(i, ring1, h), w1, n1, slot_rows(cond, plan.slots))
+        out = act.second(b2, taps(i, ring2, a), w2, n2)
         if skips is not None and i < len(skips):
             total = add_skip(total, out, skips[i])
         residual = h if downsample is None else torch.addmm(downsample[1], h, downsample[0])

@@ -64,9 +64,21 @@ def finish_skips_np(h: np.ndarray, total: np.ndarray | None, act: Activation) ->
     return act.numpy_inplace(h)
 
 
-# A block's operands: (ring1, w1, b1, ring2, w2, b2, downsample (w, b) or None), where a ring is
-# (capacity * L, C_in), w is (k * C_in, C_out) with taps oldest first, b is (C_out,).
+# A block's operands: (ring1, w1, b1, ring2, w2, b2, downsample (w, b) or None, norm1, norm2,
+# cond), where a ring is (capacity * L, C_in), w is (k * C_in, C_out) with taps oldest first, b
+# is (C_out,), a norm is a layer norm's (weight, bias, eps) or None, and cond is a conditioned
+# model's (per-slot table (slots, C_first), mix or None) (model/streaming/conditioning.py).
 Block = tuple[Any, ...]
+
+
+def slot_rows(cond: Any, slots: Any) -> Any:
+    """A block's `cond` for the streams at `slots`: (their table rows, mix); None stays None."""
+    if cond is None:
+        return None
+    table, mix = cond
+    if isinstance(table, np.ndarray):
+        return table.take(slots, axis=0), mix
+    return table.index_select(0, slots), mix
 
 
 def step_torch(
@@ -76,13 +88,15 @@ def step_torch(
     taps: tuple[torch.Tensor, ...],  # per block (N, k): ring rows of the taps, oldest first
     act: Activation,
     skips: tuple | None = None,  # StreamPool._skips
+    slots: torch.Tensor | None = None,  # (N,) on the plan's device: for a conditioned model
 ) -> torch.Tensor:  # (N, C_last)
     """A block's two convs have the same dilation and ring length, so the same ring rows."""
     n = h.shape[0]
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(plan):
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2, cond) in enumerate(plan):
         ring1.index_copy_(0, writes[i], h)
-        a = act.first(b1, F.embedding(taps[i], ring1).view(n, -1), w1, n1)
+        rows = F.embedding(taps[i], ring1).view(n, -1)
+        a = act.first(b1, rows, w1, n1, slot_rows(cond, slots))
         ring2.index_copy_(0, writes[i], a)
         a = act.second(b2, F.embedding(taps[i], ring2).view(n, -1), w2, n2)
         if skips is not None and i < len(skips):
@@ -92,8 +106,8 @@ def step_torch(
     return h if skips is None else finish_skips(h, total, act)
 
 
-# A block's operands for `step_blas`: (ring1, w1, b1, ring2, w2, b2, downsample, L, d), where
-# ring1 and ring2 are numpy views of the rings, the rest as in `Block`.
+# A block's operands for `step_blas`: (ring1, w1, b1, ring2, w2, b2, downsample, L, d, norm1,
+# norm2, cond), where ring1 and ring2 are numpy views of the rings, the rest as in `Block`.
 BlasBlock = tuple[Any, ...]
 
 
@@ -112,10 +126,12 @@ def step_blas(
     h = h.contiguous()
     finite = True
     total = None
+    slots_t = torch.from_numpy(slots) if plan[0][-1] is not None else None  # conditioned
     for i, block in enumerate(plan):
-        ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation, n1, n2 = block
+        ring1, w1, b1, ring2, w2, b2, downsample, ring_len, dilation, n1, n2, cond = block
         conv = (ring_len, dilation, slots, positions, operand, act)
-        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv, first=True, norm=n1)
+        rows = slot_rows(cond, slots_t)
+        a, ok1 = _gathered_conv(ring1, w1, b1, h, *conv, first=True, norm=n1, cond=rows)
         a, ok2 = _gathered_conv(ring2, w2, b2, a, *conv, norm=n2)
         finite = finite and ok1 and ok2
         if skips is not None and i < len(skips):
@@ -138,13 +154,15 @@ def _gathered_conv(
     act: Activation,
     first: bool = False,
     norm: Any = None,
+    cond: Any = None,
 ) -> tuple[torch.Tensor, bool]:
     n, c = inp.shape
     taps = operand[: n * weight.shape[0]].reshape(n, -1)  # (N, k * C_in)
     k = weight.shape[0] // c
     ok = write_and_gather(ring, ring_len, dilation, k, slots, positions, inp.numpy(), c, taps)
-    conv = act.first if first else act.second
-    return conv(bias, torch.from_numpy(taps), weight, norm), ok
+    if first:
+        return act.first(bias, torch.from_numpy(taps), weight, norm, cond), ok
+    return act.second(bias, torch.from_numpy(taps), weight, norm), ok
 
 
 def step_numpy(
@@ -154,14 +172,15 @@ def step_numpy(
     taps: np.ndarray,  # (layers, N, k)
     act: Activation,
     skips: tuple | None = None,  # StreamPool._skips, as numpy views
+    slots: np.ndarray | None = None,  # (N,): for a conditioned model
 ) -> np.ndarray:  # (N, C_last)
     n = h.shape[0]
     total = None
-    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2) in enumerate(plan):
+    for i, (ring1, w1, b1, ring2, w2, b2, downsample, n1, n2, cond) in enumerate(plan):
         ring1[writes[2 * i]] = h
         a = ring1.take(taps[2 * i], axis=0).reshape(n, -1) @ w1
         a += b1
-        a = act.numpy_of(a, n1, first=True)
+        a = act.numpy_of(a, n1, first=True, cond=slot_rows(cond, slots))
         ring2[writes[2 * i + 1]] = a
         out = ring2.take(taps[2 * i + 1], axis=0).reshape(n, -1) @ w2
         out += b2

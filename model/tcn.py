@@ -39,6 +39,8 @@ class TemporalBlock(nn.Module):
         layer_norm: bool = False,
         keras: bool = False,
         layer_norm_eps: float = 1e-5,
+        embedding_width: int = 0,
+        embedding_mode: str = "add",
     ):
         super().__init__()
         self.act = activation_of(act)
@@ -55,17 +57,39 @@ class TemporalBlock(nn.Module):
         self.downsample = (
             nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else None
         )
+        # pytorch-tcn's embedding_projection_1 and (embedding_mode="concat") _2: a sequence's
+        # embedding 1x1 conv'd to the first conv's width, then added to its (normed) output,
+        # or concatenated with it and 1x1 conv'd back to that width.
+        self.embedding_projection = (
+            nn.Conv1d(embedding_width, first_width, 1) if embedding_width else None
+        )
+        self.concat_projection = (
+            nn.Conv1d(2 * first_width, first_width, 1)
+            if embedding_width and embedding_mode == "concat"
+            else None
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
-        return self.forward_with_skip(x)[0]
+    def forward(
+        self, x: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
+        return self.forward_with_skip(x, embedding)[0]
 
     @staticmethod
     def _normed(h: torch.Tensor, norm: nn.LayerNorm | None) -> torch.Tensor:
         return h if norm is None else norm(h.transpose(1, 2)).transpose(1, 2)
 
-    def forward_with_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the block's output, its second conv's activated output: the skip connection's)."""
-        h = self._normed(self.conv1(x), self.norm1)
+    def forward_with_skip(
+        self, x: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block's output, its second conv's activated output: the skip connection's);
+        `embedding` (B, E): each sequence's static embedding, where the block takes one."""
+        h = self._normed(self.conv1(x), self.norm1)  # (B, C_first, T)
+        if self.embedding_projection is not None:
+            e = self.embedding_projection(embedding[:, :, None])  # (B, E, 1) -> (B, C_first, 1)
+            if self.concat_projection is None:
+                h = h + e  # the same vector at every timestep
+            else:  # (B, 2 C_first, T) -> (B, C_first, T)
+                h = self.concat_projection(torch.cat([h, e.expand_as(h)], dim=1))
         h = self.dropout(F.glu(h, dim=1) if self.gate else self.act(h))
         h = self.dropout(self.act(self._normed(self.conv2(h), self.norm2)))
         if self.keras:  # keras-tcn's Act_Conv_Blocks
@@ -98,6 +122,8 @@ class TCN(nn.Module):
                 config.layer_norm,
                 config.keras_tcn,
                 config.layer_norm_eps,
+                config.embedding_width,
+                config.embedding_mode,
             )
             for i in range(config.num_blocks)
         )
@@ -174,16 +200,66 @@ class TCN(nn.Module):
             raise TypeError(f"expected a floating-point input, got {x.dtype}")
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, T) floats or (B, T) token ids -> (B, output_size, T)."""
+    def sequence_embedding(
+        self, embeddings: torch.Tensor | list[torch.Tensor] | tuple | None, batch: int
+    ) -> torch.Tensor | None:
+        """Check each sequence's static embedding and return it as (B, embedding_width): one
+        (B, sum(embedding_dims)) tensor, or a list of (B, dim) tensors, one per embedding_dims
+        entry (pytorch-tcn's forward(x, embeddings=...)); None for a model without them."""
+        dims = self.config.embedding_dims
+        if dims is None:
+            if embeddings is not None:
+                raise ValueError(
+                    "this model takes no embeddings (its config has no embedding_dims); "
+                    "call it without embeddings="
+                )
+            return None
+        width = self.config.embedding_width
+        if embeddings is None:
+            raise ValueError(
+                f"this model is conditioned on per-sequence embeddings of widths {list(dims)}: "
+                f"pass embeddings=(B, {width}) (or a list of (B, dim) tensors); they are never "
+                "taken as zeros"
+            )
+        parts = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
+        if len(parts) > 1 and len(parts) != len(dims):
+            raise ValueError(
+                f"expected {len(dims)} embeddings (widths {list(dims)}), got {len(parts)}"
+            )
+        wanted = [width] if len(parts) == 1 else list(dims)
+        for part, dim in zip(parts, wanted, strict=True):
+            if not isinstance(part, torch.Tensor) or not part.is_floating_point():
+                got = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__
+                raise TypeError(f"embeddings must be floating-point tensors, got {got}")
+            if part.dim() == 3:
+                raise ValueError(
+                    f"embeddings of shape {tuple(part.shape)} vary over time; this model takes "
+                    "one static vector per sequence, (B, dim)"
+                )
+            if part.shape != (batch, dim):
+                raise ValueError(
+                    f"expected an embedding of shape ({batch}, {dim}), got {tuple(part.shape)}"
+                )
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, E)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        embeddings: torch.Tensor | list[torch.Tensor] | tuple | None = None,
+    ) -> torch.Tensor:
+        """(B, in_channels, T) floats or (B, T) token ids -> (B, output_size, T); a model with
+        embedding_dims also takes each sequence's embedding (`sequence_embedding`)."""
         h = self.embed(x)
+        e = self.sequence_embedding(embeddings, h.shape[0])
+        if e is not None:
+            e = e.to(h.dtype)
         if self.skips is None:
             for block in self.blocks:
-                h = block(h)
+                h = block(h, e)
         else:
             total = None
             for i, block in enumerate(self.blocks):
-                h, out = block.forward_with_skip(h)
+                h, out = block.forward_with_skip(h, e)
                 if i < len(self.skips):
                     skip = out if self.skips[i] is None else self.skips[i](out)
                     total = skip if total is None else total + skip

@@ -10,6 +10,7 @@ A package, one concern a file (StreamPool itself is in pool.py, built from the o
 - rings.py: the ring buffers: their layout, building them from a TCN, their row arithmetic;
 - steps.py: the paths that advance streams and update the rings: step, advance, push;
 - state.py: export and import of one stream's state;
+- conditioning.py: a conditioned model's per-stream embeddings, as per-slot bias rows;
 - pool.py: StreamPool, which ties them together.
 
 Every public name is importable from here (and from `model`); the pool's on first use.

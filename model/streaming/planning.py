@@ -64,8 +64,8 @@ class KernelPlanning:
         if auto_numba or step_kernel == "blas":
             self._blas_plan = tuple(
                 (r1.numpy(), w1, b1, r2.numpy(), w2, b2, ds, b.conv1.ring_len, b.conv1.dilation,
-                 n1, n2)
-                for (r1, w1, b1, r2, w2, b2, ds, n1, n2), b in zip(
+                 n1, n2, cond)
+                for (r1, w1, b1, r2, w2, b2, ds, n1, n2, cond), b in zip(
                     self._step_plan, self._blocks, strict=True
                 )
             )  # fmt: skip
@@ -107,6 +107,7 @@ class KernelPlanning:
                 self.config.gate,
                 [numpy_view((block.norm1, block.norm2)) for block in self._blocks],
                 self.config.keras_tcn,
+                [numpy_view(block.cond) for block in self._blocks],
             )
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)

@@ -8,7 +8,8 @@ own file of this package, as a mixin StreamPool inherits:
 - planning.py (`KernelPlanning`): which kernel runs a step of how many streams;
 - rings.py (`RingBuffers`): the ring buffers' layout, building them, their row arithmetic;
 - steps.py (`StepPaths`): step, advance and push, which update the rings;
-- state.py (`StateTransfer`): export and import of one stream's state.
+- state.py (`StateTransfer`): export and import of one stream's state;
+- conditioning.py (`StreamEmbeddings`): a conditioned model's per-stream embeddings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from model.activations import activation
 from model.cuda_graphs import GraphedStep
 from model.numeric_range import safe_input_bound
+from model.streaming.conditioning import StreamEmbeddings
 from model.streaming.planning import STEP_KERNELS, KernelPlanning
 from model.streaming.rings import RingBuffers
 from model.streaming.slots import SlotBookkeeping
@@ -29,7 +31,13 @@ from model.tcn import TCN
 
 
 class StreamPool(
-    SlotBookkeeping, InputValidation, KernelPlanning, RingBuffers, StepPaths, StateTransfer
+    SlotBookkeeping,
+    InputValidation,
+    KernelPlanning,
+    RingBuffers,
+    StepPaths,
+    StateTransfer,
+    StreamEmbeddings,
 ):
     """A fixed number of stream slots of one model on one device.
 
@@ -82,6 +90,9 @@ class StreamPool(
         self.overflow_safe = bound is not None and (
             net.embedding is None or float(net.embedding.weight.detach().abs().max()) <= bound
         )
+        # A conditioned model's stream embeddings are held to the same bound (open refuses
+        # larger values), which model/numeric_range.py takes for them too.
+        self.max_embedding_abs = bound
         self._open = np.zeros(capacity, dtype=bool)
         self._positions = np.zeros(capacity, dtype=np.int64)
         self._free = list(range(capacity - 1, -1, -1))  # a stack: open() pops the lowest slot

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.streaming.conditioning import folded_mix
 from model.tcn import TCN
 
 
@@ -47,6 +48,9 @@ class _Block:
     downsample: tuple[torch.Tensor, torch.Tensor] | None  # (C_in, C_out) weight, bias
     norm1: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (weight, bias, eps)
     norm2: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    # A conditioned model's per-stream term after norm1 (conditioning.py): the (slots, W) table
+    # and, for "concat" after a layer norm, the (W, W) matmul before it; None for a plain model.
+    cond: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class RingBuffers:
@@ -56,16 +60,21 @@ class RingBuffers:
         cfg, dev, dt = self.config, self.device, self.dtype
         k = cfg.kernel_size
 
-        def layer(conv: torch.nn.Conv1d, dilation: int) -> _CausalLayer:
-            w = conv.weight.detach().to(
-                dev, dt, copy=True
-            )  # (C_out, C_in, k); folds weight norm if present
+        def layer(
+            conv: torch.nn.Conv1d, dilation: int, mix: torch.Tensor | None = None
+        ) -> _CausalLayer:
+            w = conv.weight.detach()  # (C_out, C_in, k); folds weight norm if present
+            b = conv.bias.detach()
+            if mix is not None:  # "concat" with nothing between: W2a (W1 x + b1), one conv
+                w = torch.einsum("om,mik->oik", mix, w.double())
+                b = mix @ b.double()
+            w = w.to(dev, dt, copy=True)
             c_out, c_in, _ = w.shape
             ring_len = (k - 1) * dilation + 1
             return _CausalLayer(
                 conv_weight=w.contiguous(),
                 step_weight=w.permute(2, 1, 0).reshape(k * c_in, c_out).contiguous(),
-                bias=conv.bias.detach().to(dev, dt, copy=True).contiguous(),
+                bias=b.to(dev, dt, copy=True).contiguous(),
                 dilation=dilation,
                 # capacity * L ring rows, then the scratch rows of `advance` (model/ragged.py)
                 ring=torch.zeros(
@@ -75,8 +84,9 @@ class RingBuffers:
                 past_offsets=torch.arange(1 - ring_len, 0, device=dev),
             )
 
+        self._build_embeddings(net)
         blocks = []
-        for block, dilation in zip(net.blocks, cfg.dilations, strict=True):
+        for i, (block, dilation) in enumerate(zip(net.blocks, cfg.dilations, strict=True)):
             ds = None
             if block.downsample is not None:
                 ds = (
@@ -93,9 +103,11 @@ class RingBuffers:
                 )
                 for norm in (block.norm1, block.norm2)
             ]
-            blocks.append(
-                _Block(layer(block.conv1, dilation), layer(block.conv2, dilation), ds, *norms)
-            )
+            cond = None
+            if self._block_embeddings is not None:
+                cond = (self._block_embeddings[i].table, self._block_embeddings[i].mix)
+            conv1 = layer(block.conv1, dilation, folded_mix(block))
+            blocks.append(_Block(conv1, layer(block.conv2, dilation), ds, *norms, cond))
         self._blocks: tuple[_Block, ...] = tuple(blocks)
         self._layers = tuple(layer for b in blocks for layer in (b.conv1, b.conv2))
         # Per layer: how far back each tap reaches (oldest first), and the ring length.
@@ -119,6 +131,7 @@ class RingBuffers:
                 b.downsample,
                 b.norm1,
                 b.norm2,
+                b.cond,
             )
             for b in self._blocks
         )
@@ -161,6 +174,7 @@ class RingBuffers:
         mats = [layer.step_weight for layer in self._layers]
         mats += [b.downsample[0] for b in self._blocks if b.downsample is not None]
         mats += [s[0] for s in self._skips or () if s is not None]
+        mats += [b.cond[1] for b in self._blocks if b.cond is not None and b.cond[1] is not None]
         return mats + ([self._head[0]] if self._head is not None else [])
 
     @property

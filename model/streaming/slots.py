@@ -27,20 +27,28 @@ class SlotBookkeeping:
     def free(self) -> int:
         return len(self._free)
 
-    def open(self, position: int = 0) -> int:
+    def open(self, position: int = 0, embedding: object = None) -> int:
         """A fresh slot: a stream at `position` whose whole past is the zero left padding.
 
         With position > 0 this is the start of a restore: push the last inputs of the stream
         being rebuilt (see `history`) and the state equals the original's.
+        `embedding`: the stream's static embedding, required by (and only by) a model with
+        embedding_dims: one vector of sum(embedding_dims) floats, or one per entry
+        (conditioning.py); kept until the stream closes.
         """
         if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
             raise ValueError(f"position must be an integer >= 0, got {position!r}")
         if not 0 <= position <= MAX_POSITION:  # checked before a slot is taken
             raise ValueError(f"position must be in [0, {MAX_POSITION}], got {position}")
+        conditioned = self._block_embeddings is not None
+        if conditioned or embedding is not None:
+            e, rows = self._embedding_rows(embedding)  # checked before a slot is taken too
         if not self._free:
             raise PoolFullError(f"all {self.capacity} stream slots are in use")
         slot = self._free.pop()
         self._clear(slot)
+        if conditioned:
+            self._set_embedding(slot, e, rows)
         self._positions[slot] = position
         self._open[slot] = True
         return slot
@@ -48,10 +56,12 @@ class SlotBookkeeping:
     def close(self, slot: int) -> None:
         self._check_slot(slot)
         self._open[slot] = False
+        if self._block_embeddings is not None:
+            self._clear_embedding(slot)
         self._free.append(slot)
 
     def reset(self, slot: int) -> None:
-        """Back to position 0, as if just opened."""
+        """Back to position 0, as if just opened (with the same embedding, if any)."""
         self._check_slot(slot)
         self._clear(slot)
 
@@ -79,8 +89,9 @@ class SlotBookkeeping:
         """The stream's last min(position, R - 1) inputs, oldest first, on the CPU.
 
         A TCN's output at t depends on inputs t - R + 1 .. t only, so every future output of
-        this stream is a function of these rows: `open(position - len(rows))` followed by
-        `push(rows)` rebuilds the stream exactly, in any pool of the same model.
+        this stream is a function of these rows (and of its embedding, if the model takes one):
+        `open(position - len(rows), embedding=embedding_of(slot))` followed by `push(rows)`
+        rebuilds the stream exactly, in any pool of the same model.
         """
         self._check_slot(slot)
         pos, size = int(self._positions[slot]), self.history_len

@@ -18,9 +18,10 @@ class StateTransfer:
 
     @torch.no_grad()
     def export_state(self, slot: int) -> dict:
-        """A self-contained copy of one stream's state (CPU tensors plus its position)."""
+        """A self-contained copy of one stream's state (CPU tensors plus its position; with
+        the stream's embedding, for a model that takes one)."""
         self._check_slot(slot)
-        return {
+        state = {
             "format": STATE_FORMAT,
             "fingerprint": self.fingerprint,
             "position": int(self._positions[slot]),
@@ -32,6 +33,9 @@ class StateTransfer:
             .cpu()
             .clone(),
         }
+        if self._stream_embeddings is not None:
+            state["embedding"] = self._stream_embeddings[slot].clone()
+        return state
 
     @torch.no_grad()
     def import_state(self, state: dict) -> int:
@@ -55,7 +59,18 @@ class StateTransfer:
         expected = tuple(self._history[: self.history_len].shape)
         if not isinstance(history, torch.Tensor) or tuple(history.shape) != expected:
             raise StateMismatchError(f"input history shape differs from {expected}")
-        slot = self.open(position)
+        embedding = state.get("embedding")
+        if self._stream_embeddings is None:
+            if embedding is not None:
+                raise StateMismatchError("this state has an embedding; this model takes none")
+        else:
+            width = self.config.embedding_width
+            if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (width,):
+                raise StateMismatchError(f"expected the stream's embedding, ({width},) values")
+        try:
+            slot = self.open(position, embedding=embedding)
+        except (TypeError, ValueError) as e:  # e.g. a non-finite embedding
+            raise StateMismatchError(f"invalid state: {e}") from None
         for ring, layer in zip(rings, self._layers, strict=True):
             layer.ring[slot * layer.ring_len : (slot + 1) * layer.ring_len].copy_(ring)
         self._history[slot * self.history_len : (slot + 1) * self.history_len].copy_(history)
@@ -69,8 +84,9 @@ def _fingerprint(net: TCN) -> str:
         tensors = [net.embedding.weight] if net.embedding is not None else []
         for block in net.blocks:
             tensors += [block.conv1.weight, block.conv1.bias, block.conv2.weight, block.conv2.bias]
-            if block.downsample is not None:
-                tensors += [block.downsample.weight, block.downsample.bias]
+            for conv in (block.downsample, block.embedding_projection, block.concat_projection):
+                if conv is not None:
+                    tensors += [conv.weight, conv.bias]
         for conv in net.skips or ():
             if conv is not None:
                 tensors += [conv.weight, conv.bias]

@@ -143,6 +143,9 @@ class StepPaths:
             writes, taps = map(torch.from_numpy, self._ring_rows(slot_np, per_block=True))
         else:
             writes, taps = self._device_ring_rows(slot_np, per_block=True)
+        slots = None  # a conditioned model's table rows are the slots'
+        if self._block_embeddings is not None:
+            slots = torch.from_numpy(slot_np).to(self.device, non_blocking=True)
         return step_torch(
             self._step_plan,
             self._embed(x),
@@ -150,12 +153,13 @@ class StepPaths:
             taps.unbind(0),
             self._act,
             self._skips,
+            slots,
         )
 
     def _step_numpy(self, slot_np: np.ndarray, x: np.ndarray) -> np.ndarray:
         writes, taps = self._ring_rows(slot_np)
         h = self._embedding_np[x] if self._embedding is not None else x
-        h = step_numpy(self._numpy_plan, h, writes, taps, self._act, self._skips_np)
+        h = step_numpy(self._numpy_plan, h, writes, taps, self._act, self._skips_np, slot_np)
         if self._head is not None:
             h = h @ self._head_np[0]
             h += self._head_np[1]
@@ -208,6 +212,7 @@ class StepPaths:
             self._scratch_at_np[::2],
             self.history_len,
             self.device,
+            with_slots=self._block_embeddings is not None,
         )
         h, writes = ragged_forward(
             plan, self._step_plan, self._scratch_at[::2], self._embed(x), self._act, self._skips
@@ -301,7 +306,9 @@ class StepPaths:
             writes.append((self._history, rows, x[steps - kept :]))
         h = self._embed(x).T  # (C, T)
 
-        def conv(layer: _CausalLayer, inp: torch.Tensor, first: bool, norm) -> torch.Tensor:
+        def conv(
+            layer: _CausalLayer, inp: torch.Tensor, first: bool, norm, cond=None
+        ) -> torch.Tensor:
             base = slot * layer.ring_len
             past = layer.ring[base + torch.remainder(t0 + layer.past_offsets, layer.ring_len)]
             seq = torch.cat([past.T, inp], dim=1)  # (C_in, L - 1 + T), oldest first
@@ -310,11 +317,13 @@ class StepPaths:
             when = torch.remainder(t0 + steps + layer.past_offsets, layer.ring_len)
             writes.append((layer.ring, base + when, newest))
             y = F.conv1d(seq[None], layer.conv_weight, layer.bias, dilation=layer.dilation)[0]
-            return act.of(y, 0, norm, first)  # (C_out, T)
+            return act.of(y, 0, norm, first, cond)  # (C_out, T)
 
         act, skips, total = self._act, self._skips, None
         for i, block in enumerate(self._blocks):
-            out = conv(block.conv2, conv(block.conv1, h, True, block.norm1), False, block.norm2)
+            cond = None if block.cond is None else (block.cond[0][slot], block.cond[1])
+            a = conv(block.conv1, h, True, block.norm1, cond)
+            out = conv(block.conv2, a, False, block.norm2)
             if skips is not None and i < len(skips):
                 total = add_skip(total, out.T, skips[i])  # (T, C_last)
             if block.downsample is None:

@@ -56,9 +56,11 @@ class AsyncClient(p.ClientBase):
     async def model(self, name: str) -> dict:
         return (await self.run(p.request(p.Call("GET", f"/v1/models/{name}"), self.retry))).body
 
-    async def predict(self, model: str, sequences: Iterable[Any], outputs: str = "all") -> list:
+    async def predict(
+        self, model: str, sequences: Iterable[Any], outputs: str = "all", embeddings: Any = None
+    ) -> list:
         shape = await self._shape(model)
-        body = {"inputs": [shape.rows(s).tolist() for s in sequences], "outputs": outputs}
+        body = p.predict_body(shape, sequences, outputs, embeddings)
         call = p.Call("POST", f"/v1/models/{model}/predict", body)
         reply = await self.run(p.request(call, self.retry))
         return [np.asarray(o, dtype=np.float32) for o in reply.body["outputs"]]
@@ -69,10 +71,12 @@ class AsyncClient(p.ClientBase):
         prefix: Any = None,
         session_id: str | None = None,
         ttl_s: float | None = None,
+        embedding: Any = None,
     ) -> AsyncSession:
         shape = await self._shape(model)
         rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
-        flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
+        keep = shape.receptive_field - 1
+        flow = p.open_session(model, rows, session_id, ttl_s, keep, self.retry, embedding)
         ref, outputs = await self.run(flow)
         session = AsyncSession(self, ref, shape, outputs)
         self._opened[session.id] = session

@@ -152,6 +152,7 @@ class SessionRef:
     model: str
     tracker: Tracker
     ttl_s: float | None = None
+    embedding: list[float] | None = None  # a conditioned model's: sent again on a restore
 
 
 def request(call: Call, policy: RetryPolicy, ok: tuple[int, ...] = (200,)) -> Flow:
@@ -173,6 +174,28 @@ def request(call: Call, policy: RetryPolicy, ok: tuple[int, ...] = (200,)) -> Fl
     raise RetriesExhausted(f"{call.method} {call.path}", policy.attempts, last)
 
 
+def embedding_values(embedding: Any) -> list[float] | None:
+    """A session's (or a sequence's) embedding as the JSON list the server takes: one vector,
+    or one per embedding_dims entry, concatenated."""
+    if embedding is None:
+        return None
+    if isinstance(embedding, (list, tuple)) and any(np.ndim(part) for part in embedding):
+        embedding = np.concatenate([np.ravel(part) for part in embedding])
+    return np.asarray(embedding, dtype=np.float64).ravel().tolist()
+
+
+def predict_body(
+    shape: ModelShape, sequences: Iterable[Any], outputs: str, embeddings: Any
+) -> dict[str, Any]:
+    """POST /v1/models/{m}/predict's body; `embeddings`: one per sequence (a conditioned
+    model's)."""
+    body: dict[str, Any] = {"inputs": [shape.rows(s).tolist() for s in sequences]}
+    body["outputs"] = outputs
+    if embeddings is not None:
+        body["embeddings"] = [embedding_values(e) for e in embeddings]
+    return body
+
+
 def open_session(
     model: str,
     prefix: np.ndarray | None,
@@ -180,13 +203,17 @@ def open_session(
     ttl_s: float | None,
     keep: int,
     policy: RetryPolicy,
+    embedding: Any = None,
 ) -> Flow:
     """Create a session (with its own id, so a retry after a lost reply is recognised)."""
     chosen = session_id is not None
-    ref = SessionRef(session_id or new_session_id(), model, Tracker(keep), ttl_s)
+    vector = embedding_values(embedding)
+    ref = SessionRef(session_id or new_session_id(), model, Tracker(keep), ttl_s, vector)
     body: dict[str, Any] = {"model": model, "session_id": ref.id}
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
+    if vector is not None:
+        body["embedding"] = vector
     if prefix is not None and len(prefix):
         body["prefix"] = prefix.tolist()
     last = None
@@ -225,6 +252,8 @@ def restore(ref: SessionRef, policy: RetryPolicy) -> Flow:
     }
     if ref.ttl_s is not None:
         body["ttl_s"] = ref.ttl_s
+    if ref.embedding is not None:
+        body["embedding"] = ref.embedding
     reply = yield from request(Call("POST", "/v1/sessions", body, ref.id), policy, ok=(201, 409))
     if reply.status == 409:  # it exists again (a concurrent restore): make sure it matches us
         yield from resync(ref, 0, policy)

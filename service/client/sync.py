@@ -58,10 +58,13 @@ class Client(p.ClientBase):
     def model(self, name: str) -> dict:
         return self.run(p.request(p.Call("GET", f"/v1/models/{name}"), self.retry)).body
 
-    def predict(self, model: str, sequences: Iterable[Any], outputs: str = "all") -> list:
-        """Whole sequences in, one (T, out) array per sequence out (or (1, out) for "last")."""
+    def predict(
+        self, model: str, sequences: Iterable[Any], outputs: str = "all", embeddings: Any = None
+    ) -> list:
+        """Whole sequences in, one (T, out) array per sequence out (or (1, out) for "last");
+        a conditioned model's sequences each with its embedding (`embeddings`, in order)."""
         shape = self._shape(model)
-        body = {"inputs": [shape.rows(s).tolist() for s in sequences], "outputs": outputs}
+        body = p.predict_body(shape, sequences, outputs, embeddings)
         call = p.Call("POST", f"/v1/models/{model}/predict", body)
         reply = self.run(p.request(call, self.retry))
         return [np.asarray(o, dtype=np.float32) for o in reply.body["outputs"]]
@@ -72,11 +75,15 @@ class Client(p.ClientBase):
         prefix: Any = None,
         session_id: str | None = None,
         ttl_s: float | None = None,
+        embedding: Any = None,
     ) -> Session:
-        """A new session, optionally warmed with `prefix` rows (outputs in `.prefix_outputs`)."""
+        """A new session, optionally warmed with `prefix` rows (outputs in `.prefix_outputs`);
+        a conditioned model's (embedding_dims) with the `embedding` it is conditioned on, which
+        the client also sends when it restores the session."""
         shape = self._shape(model)
         rows = shape.rows(prefix) if prefix is not None and len(prefix) else None
-        flow = p.open_session(model, rows, session_id, ttl_s, shape.receptive_field - 1, self.retry)
+        keep = shape.receptive_field - 1
+        flow = p.open_session(model, rows, session_id, ttl_s, keep, self.retry, embedding)
         ref, outputs = self.run(flow)
         session = Session(self, ref, shape, outputs)
         self._opened[session.id] = session

@@ -266,11 +266,14 @@ class RemoteModel:
     def info(self) -> dict[str, Any]:
         return {**self.view.info, "ready": self.ready}
 
-    async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
-        answer = await self._client.call(
-            m.Predict(0, self.name, [m.Rows.of(np.ascontiguousarray(s)) for s in sequences],
-                      last_only)
-        )  # fmt: skip
+    async def predict(
+        self,
+        sequences: list[np.ndarray],
+        last_only: bool,
+        embeddings: list[list[float]] | None = None,
+    ) -> list[np.ndarray]:
+        rows = [m.Rows.of(np.ascontiguousarray(s)) for s in sequences]
+        answer = await self._client.call(m.Predict(0, self.name, rows, last_only, embeddings))
         return [rows.array() for rows in answer.outputs]
 
 
@@ -331,6 +334,7 @@ class RemoteSessions:
         snapshot: tuple[int, np.ndarray] | None = None,
         *,
         bound: bool = False,
+        embedding: list[float] | None = None,
     ) -> tuple[m.SessionView, np.ndarray]:
         answer = await self._client.call(
             m.Create(
@@ -343,6 +347,7 @@ class RemoteSessions:
                 None if snapshot is None else snapshot[0],
                 None if snapshot is None else m.Rows.of(snapshot[1]),
                 bound,
+                embedding,
             )
         )
         return answer.session, answer.outputs.array()

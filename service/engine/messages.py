@@ -56,6 +56,7 @@ class Create(_Request):
     snapshot_position: int | None
     snapshot: Rows | None
     bound: bool  # closed by the engine if this connection ends first (WS /v1/stream)
+    embedding: list[float] | None = None  # a conditioned model's (service/models/inputs.py)
 
 
 class Push(_Request):
@@ -127,6 +128,7 @@ class Predict(_Request):
     model: str
     sequences: list[Rows]
     last_only: bool
+    embeddings: list[list[float]] | None = None  # one per sequence, for a conditioned model
 
 
 class StreamOpen(_Request):
@@ -178,6 +180,7 @@ class SessionView(msgspec.Struct, array_like=True):
     last_used_at: float
     position: int
     serial: int
+    embedding: list[float] | None = None  # what a conditioned model's session is conditioned on
 
     @property
     def expires_at(self) -> float:

@@ -43,6 +43,7 @@ def view(session: Session) -> m.SessionView:
         session.last_used_at,
         session.position,
         session.serial,
+        None if session.embedding is None else session.embedding.tolist(),
     )
 
 
@@ -283,6 +284,7 @@ class _Connection(asyncio.Protocol):
             r.ttl_s,
             r.prefix.array() if r.prefix is not None else None,
             snapshot,
+            embedding=r.embedding,
         )
         if r.bound:
             self._bound[(session.owner, session.id)] = session.serial
@@ -361,7 +363,8 @@ class _Connection(asyncio.Protocol):
     async def _predict(self, r: m.Predict) -> m.Answer:
         self.runtime.check_ready()
         entry = self.runtime.registry.get(r.model)
-        outputs = await entry.predict([rows.array() for rows in r.sequences], r.last_only)
+        sequences = [rows.array() for rows in r.sequences]
+        outputs = await entry.predict(sequences, r.last_only, r.embeddings)
         return m.Predicted(r.id, [m.Rows.of(np.ascontiguousarray(y)) for y in outputs])
 
     async def _stream_open(self, r: m.StreamOpen) -> m.Answer:

@@ -41,6 +41,11 @@ class PredictRequest(_Request):
     outputs: Literal["all", "last"] = Field(
         "all", description="'all': one output row per input row; 'last': only the last row"
     )
+    embeddings: list[list[float]] | None = Field(
+        None,
+        description="one embedding per sequence, sum(embedding_dims) values each: required by "
+        "a conditioned model (GET /v1/models/{name}: embedding_dims), refused by others",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -57,6 +62,9 @@ class SnapshotIn(_Request):
     # and model come from the request, and a snapshot of another model is refused.
     session_id: str | None = None
     model: str | None = None
+    embedding: list[float] | None = Field(
+        None, description="the session's embedding (a conditioned model's), as GET gave it"
+    )
 
 
 class Snapshot(BaseModel):
@@ -64,6 +72,9 @@ class Snapshot(BaseModel):
     model: str
     position: int
     inputs: Rows = Field(description="the last min(position, receptive_field - 1) input rows")
+    embedding: list[float] | None = Field(
+        None, description="a conditioned model's session's embedding (absent for other models)"
+    )
 
 
 class CreateSessionRequest(_Request):
@@ -77,6 +88,11 @@ class CreateSessionRequest(_Request):
     prefix: Rows | None = Field(None, description="history rows that warm the state")
     snapshot: SnapshotIn | None = Field(
         None, description="rebuild a session at a position from its last inputs (not with prefix)"
+    )
+    embedding: list[float] | None = Field(
+        None,
+        description="what the session is conditioned on, sum(embedding_dims) values: required "
+        "by a conditioned model (GET /v1/models/{name}: embedding_dims), refused by others",
     )
 
     @model_validator(mode="after")
@@ -181,6 +197,14 @@ class ModelInfo(BaseModel):
     )
     activation: str = Field(description="every block's activation (relu in the paper)")
     output_activation: str
+    embedding_dims: list[int] | None = Field(
+        None,
+        description="a conditioned model's embedding widths (pytorch-tcn's embedding_shapes): "
+        "each session and /predict sequence takes an embedding of their sum; null: none",
+    )
+    embedding_mode: Literal["add", "concat"] | None = Field(
+        None, description="how each block takes the embedding (null: no embedding)"
+    )
     device: str
     dtype: str
     max_sessions: int = Field(description="stream slots (preallocated)")

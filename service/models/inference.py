@@ -32,9 +32,15 @@ def group_by_length(lengths: list[int]) -> list[list[int]]:
 
 @torch.inference_mode()
 def forward_sequences(
-    net: TCN, sequences: list[np.ndarray], device: torch.device, dtype: torch.dtype, last_only: bool
+    net: TCN,
+    sequences: list[np.ndarray],
+    device: torch.device,
+    dtype: torch.dtype,
+    last_only: bool,
+    embeddings: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Per sequence: its (T, out) float32 output rows, or only the last row with `last_only`."""
+    """Per sequence: its (T, out) float32 output rows, or only the last row with `last_only`;
+    `embeddings` (B, E): a conditioned model's, one row per sequence."""
     tokens = net.config.vocab_size is not None
     outputs: list[np.ndarray] = [np.zeros(0) for _ in sequences]
     lengths = [len(s) for s in sequences]
@@ -51,7 +57,11 @@ def forward_sequences(
             for b, i in enumerate(group):
                 x[b, : lengths[i]] = torch.from_numpy(sequences[i])
             x = x.to(device, dtype).transpose(1, 2)  # (B, T, C) -> (B, C, T)
-        y = net(x).transpose(1, 2).float().cpu().numpy()  # (B, out, T) -> (B, T, out)
+        e = None
+        if embeddings is not None:  # (B, E): this group's rows
+            e = torch.from_numpy(embeddings[group]).to(device, dtype)
+        y = net(x, embeddings=e).transpose(1, 2)  # (B, out, T) -> (B, T, out)
+        y = y.float().cpu().numpy()
         for b, i in enumerate(group):
             outputs[i] = y[b, lengths[i] - 1 : lengths[i]] if last_only else y[b, : lengths[i]]
     return outputs

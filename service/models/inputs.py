@@ -41,12 +41,15 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
 class PredictBody(_Body):
     inputs: msgspec.Raw
     outputs: Literal["all", "last"] = "all"
+    embeddings: list[list[float]] | None = None  # one per sequence, for a conditioned model
 
     @staticmethod
     def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
-        # {"inputs": [[row, ...], ...]}: sequences at depth 3, their rows at depth 4
+        # {"inputs": [[row, ...], ...]}: sequences at depth 3, their rows at depth 4; the
+        # embeddings (one per sequence) are depth-3 containers too, hence twice the sequences
+        # here (the route counts the sequences themselves once decoded)
         return (
-            json_bounds.Count(3, limits.max_sequences, SEQUENCES),
+            json_bounds.Count(3, 2 * limits.max_sequences, SEQUENCES, limits.max_sequences),
             json_bounds.Count(4, limits.max_timesteps, TIMESTEPS),
         )
 
@@ -56,6 +59,7 @@ class SnapshotBody(_Body):
     inputs: msgspec.Raw
     session_id: str | None = None  # present when a GET .../snapshot body is posted back
     model: str | None = None
+    embedding: list[float] | None = None  # a conditioned model's session's
 
 
 class CreateBody(_Body):
@@ -64,6 +68,7 @@ class CreateBody(_Body):
     ttl_s: float | None = None
     prefix: msgspec.Raw = msgspec.Raw()  # empty when absent; see `given`
     snapshot: SnapshotBody | None = None
+    embedding: list[float] | None = None  # what a conditioned model's session is conditioned on
 
     @staticmethod
     def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
@@ -114,6 +119,36 @@ def check_offset(offset: int | None, what: str = "offset") -> int | None:
     if offset is not None and not 0 <= offset <= MAX_POSITION:
         raise InvalidInput(f"{what} must be in [0, {MAX_POSITION}], got {offset}")
     return offset
+
+
+def embedding(
+    values: list[float] | None, dims: tuple[int, ...] | None, what: str = "embedding"
+) -> np.ndarray | None:
+    """A session's (or a /predict sequence's) embedding -> (E,) float64, or None for a model
+    without embeddings; InvalidInput when a conditioned model gets none, an unconditioned one
+    gets one, or it is not sum(embedding_dims) finite values. (The pool also bounds its
+    magnitude for the model's dtype.)"""
+    if dims is None:
+        if values is not None:
+            raise InvalidInput(f"{what}: this model takes no embedding (embedding_dims null)")
+        return None
+    width = sum(dims)
+    if values is None:
+        raise InvalidInput(
+            f"{what}: this model is conditioned on an embedding of {width} values per stream "
+            f'(embedding_dims {list(dims)}), never taken as zeros: give "embedding" when a '
+            "session opens (POST /v1/sessions; a WebSocket then attaches with "
+            '/v1/sessions/{id}/stream) and "embeddings" in POST /v1/models/{name}/predict; '
+            "/v2 and gRPC requests carry none"
+        )
+    e = np.asarray(values, dtype=np.float64)
+    if e.shape != (width,):
+        raise InvalidInput(
+            f"{what}: expected {width} values (embedding_dims {list(dims)}), got {len(values)}"
+        )
+    if not np.isfinite(e).all():
+        raise InvalidInput(f"{what}: values must be finite (no NaN or Inf)")
+    return e
 
 
 def given(raw: msgspec.Raw) -> bool:
@@ -185,7 +220,7 @@ def check_shape(
     if exceeded.count is None:
         raise InvalidInput(_too_deep(what))
     error, things, setting = _REFUSALS[exceeded.count.what]
-    limit = exceeded.count.limit
+    limit = exceeded.count.shown or exceeded.count.limit
     raise error(
         f"the request has more than {limit} {things}; at most {limit} per request ({setting}): "
         "split it into several requests"

@@ -23,6 +23,7 @@ from model import (
 from service.metrics import Metrics
 from service.models.inference import forward_sequences
 from service.models.inputs import InputSpec
+from service.models.inputs import embedding as checked_embedding
 from service.models.worker import ModelWorker
 from service.protocol.errors import (
     InternalError,
@@ -100,6 +101,10 @@ class ModelEntry:
             "input": "token_ids" if c.vocab_size is not None else "floats",
             "activation": c.activation,
             "output_activation": c.output_activation,
+            # a conditioned model's sessions and /predict sequences each take an embedding of
+            # sum(embedding_dims) values (null: the model takes none)
+            "embedding_dims": list(c.embedding_dims) if c.embedding_dims else None,
+            "embedding_mode": c.embedding_mode if c.embedding_dims else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_sessions": self.capacity,
@@ -140,8 +145,9 @@ class ModelEntry:
             x = np.zeros(length, dtype=np.int64)
         else:
             x = np.zeros((length, c.in_channels), dtype=self.input_dtype)
+        e = np.zeros((1, c.embedding_width)) if c.embedding_dims else None  # conditioned
         await self.worker.call(
-            lambda: forward_sequences(self.net, [x], self.device, self.dtype, last_only=False),
+            lambda: forward_sequences(self.net, [x], self.device, self.dtype, False, e),
             op="warmup",
         )
         await self.worker.warm(x)
@@ -156,9 +162,10 @@ class ModelEntry:
             self.state_bytes_per_stream / 1024,
         )
 
-    async def open_stream(self, position: int = 0) -> int:
-        """A fresh pool slot at `position` (PoolFullError when none is free)."""
-        return await self.worker.open(position)
+    async def open_stream(self, position: int = 0, embedding: np.ndarray | None = None) -> int:
+        """A fresh pool slot at `position` (PoolFullError when none is free), conditioned on
+        `embedding` where the model takes one (ValueError names what is wrong with it)."""
+        return await self.worker.open(position, embedding)
 
     async def stream_history(self, slot: int) -> np.ndarray:
         """The stream's last min(position, R - 1) inputs, oldest first: its snapshot."""
@@ -205,12 +212,35 @@ class ModelEntry:
 
         self.worker.submit(slot, x, settled)
 
-    async def predict(self, sequences: list[np.ndarray], last_only: bool) -> list[np.ndarray]:
-        """Per sequence, its (T, out) float32 outputs (or its last row with last_only)."""
-        outputs = await self.worker.call(
-            lambda: forward_sequences(self.net, sequences, self.device, self.dtype, last_only),
-            op="forward",
-        )
+    async def predict(
+        self,
+        sequences: list[np.ndarray],
+        last_only: bool,
+        embeddings: list[list[float]] | None = None,
+    ) -> list[np.ndarray]:
+        """Per sequence, its (T, out) float32 outputs (or its last row with last_only); a
+        conditioned model's sequences each with its embedding (service/models/inputs.py)."""
+        dims, vectors = self.config.embedding_dims, None
+        if dims is None or embeddings is None:  # refused if given to a model taking none, or
+            checked_embedding(embeddings, dims, "embeddings")  # missing for one that needs them
+        else:
+            if len(embeddings) != len(sequences):
+                raise InvalidInput(
+                    f"embeddings: give one per sequence ({len(sequences)}), got {len(embeddings)}"
+                )
+            vectors = np.stack(
+                [checked_embedding(e, dims, f"embeddings[{i}]") for i, e in enumerate(embeddings)]
+            )  # (B, E)
+
+        def forward() -> list[np.ndarray]:
+            return forward_sequences(
+                self.net, sequences, self.device, self.dtype, last_only, vectors
+            )
+
+        try:
+            outputs = await self.worker.call(forward, op="forward")
+        except ValueError as error:  # the model refused the embeddings (their magnitude)
+            raise InvalidInput(str(error)) from None
         if not all(np.isfinite(y).all() for y in outputs):
             raise NonFiniteOutput(
                 "the model's outputs for these inputs would be NaN or Inf (inputs this large "

@@ -147,7 +147,7 @@ class ModelWorker:
         many scratch streams."""
 
         def warm() -> None:
-            slot = self.pool.open()
+            slot = self._scratch_stream()
             try:
                 self.pool.step([slot], rows[:1])
                 self.pool.advance([slot], rows[:3], [3])
@@ -169,7 +169,7 @@ class ModelWorker:
 
     def _time_step(self, width: int, rows: np.ndarray, repeats: int = 1) -> float:
         """Seconds one step of `width` scratch streams takes (the best of `repeats`)."""
-        slots = [self.pool.open() for _ in range(width)]
+        slots = [self._scratch_stream() for _ in range(width)]
         try:
             x = np.repeat(rows[:1], width, axis=0)
             best = float("inf")
@@ -193,9 +193,15 @@ class ModelWorker:
         logger.info("model %s: at most %d streams per step call", self.name, width)
         return width
 
-    async def open(self, position: int = 0) -> int:
-        """A fresh stream slot at `position` (the pool's PoolFullError when none is free)."""
-        return await self.call(lambda: self.pool.open(position), op="open")
+    def _scratch_stream(self) -> int:
+        """A stream for warming and timing (a conditioned model's with a zero embedding)."""
+        width = self.pool.config.embedding_width
+        return self.pool.open(embedding=np.zeros(width) if width else None)
+
+    async def open(self, position: int = 0, embedding: np.ndarray | None = None) -> int:
+        """A fresh stream slot at `position`, conditioned on `embedding` where the model takes
+        one (the pool's PoolFullError when none is free; ValueError for a bad embedding)."""
+        return await self.call(lambda: self.pool.open(position, embedding=embedding), op="open")
 
     async def close(self, slot: int) -> None:
         await self.call(lambda: self.pool.close(slot), op="close")

@@ -39,11 +39,13 @@ _CLOSE_ARRAY, _CLOSE_OBJECT = ord("]"), ord("}")
 
 @dataclass(frozen=True)
 class Count:
-    """At most `limit` containers at `depth`; `what` names them in the refusal."""
+    """At most `limit` containers at `depth`; `what` names them in the refusal, which states
+    `shown` as the limit (the setting's value, where one thing takes several containers)."""
 
     depth: int
     limit: int
     what: str
+    shown: int | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 
 from model import MAX_POSITION, PoolFullError
 from service.metrics import Metrics
+from service.models import inputs
 from service.protocol.errors import (
     CapacityExceeded,
     InternalError,
@@ -101,6 +102,7 @@ class SessionManager:
         snapshot: tuple[int, np.ndarray] | None = None,
         *,
         bound: bool = False,
+        embedding: list[float] | np.ndarray | None = None,
     ) -> tuple[Session, np.ndarray]:
         """Open a session, optionally warmed by `prefix` rows; returns it and their outputs.
 
@@ -110,9 +112,12 @@ class SessionManager:
 
         Rows are arrays already decoded for the model (service/models/inputs.py). With `snapshot` =
         (position, rows), the session is rebuilt at `position` from the last
-        min(position, R - 1) inputs of another session (see `snapshot`), exactly.
+        min(position, R - 1) inputs of another session (see `snapshot`), exactly. A model with
+        embedding_dims conditions every session on an `embedding` given here (kept with the
+        session, its snapshots and its record), and refuses a session without one.
         """
         entry = self._registry.get(model)
+        embedding = inputs.embedding(embedding, entry.config.embedding_dims)
         ttl = self._default_ttl if ttl_s is None else float(ttl_s)
         if not 0 < ttl <= self._max_ttl:
             raise InvalidInput(f"ttl_s must be in (0, {self._max_ttl}], got {ttl_s}")
@@ -149,7 +154,7 @@ class SessionManager:
             )
         now = self._clock()
         session = Session(session_id, owner, model, ttl, created_at=now, last_used_at=now)
-        session.position = start
+        session.position, session.embedding = start, embedding
         self._reserve(session)  # the id and the key's quota, before the first await
         self._expired.discard(key)
         # Held from here, before any other task can run: a push racing the creation waits for
@@ -564,7 +569,7 @@ class SessionManager:
         self, session: Session, entry: ModelEntry, x: np.ndarray, restoring: bool
     ) -> tuple[Session, np.ndarray]:
         try:  # the caller holds the session's lock
-            session.slot = await entry.open_stream(session.position)
+            session.slot = await entry.open_stream(session.position, session.embedding)
         except PoolFullError:
             self._release(session)  # closed, for any push that queued on the lock meanwhile
             raise CapacityExceeded(

@@ -3,7 +3,8 @@
 A TCN's state after position p is a function of its last min(p, R - 1) inputs (R = receptive
 field), so the record is that input tail (`SessionManager.snapshot`, `create(snapshot=...)`),
 the session's model, owner and TTL, and its last applied push (offset, length, digest, outputs),
-so that a retry of that push is answered again after a move rather than refused.
+so that a retry of that push is answered again after a move rather than refused, and, for a
+model with embedding_dims, the embedding the session is conditioned on (float64, exact).
 
 Layout: a little-endian uint32 header length, a JSON header, the input rows as raw
 little-endian bytes (float32/float64, int64 token ids), then the last push's float32 outputs.
@@ -38,6 +39,7 @@ class _Header(msgspec.Struct, frozen=True):
     shape: list[int]
     last: list[int] | None = None  # [offset, length, outputs rows, outputs columns]
     digest: str | None = None  # hex of the last push's blake2b digest
+    embedding: list[float] | None = None  # a conditioned model's session's (absent: none)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class SessionRecord:
     position: int
     rows: np.ndarray  # the last min(position, R - 1) inputs, oldest first
     last_push: AppliedPush | None = None
+    embedding: np.ndarray | None = None  # (E,) float64: a conditioned model's session's
 
     def encode(self) -> bytes:
         dtype = self.rows.dtype.name
@@ -69,6 +72,7 @@ class SessionRecord:
                 list(self.rows.shape),
                 last,
                 digest,
+                None if self.embedding is None else [float(v) for v in self.embedding],
             )
         )
         rows = np.ascontiguousarray(self.rows, dtype=_DTYPES[dtype]).tobytes()
@@ -99,4 +103,5 @@ class SessionRecord:
             last_push = AppliedPush(
                 offset, pushed, bytes.fromhex(header.digest), outputs.reshape(n, m).copy()
             )
-        return cls(header.model, header.ttl_s, header.position, rows, last_push)
+        embedding = None if header.embedding is None else np.array(header.embedding, np.float64)
+        return cls(header.model, header.ttl_s, header.position, rows, last_push, embedding)

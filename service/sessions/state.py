@@ -38,6 +38,7 @@ class Session:
     last_push: AppliedPush | None = None
     closed: bool = False
     moved: bool = False  # closed here because another replica took it (a session store's)
+    embedding: np.ndarray | None = None  # (E,) float64: a conditioned model's, fixed at open
     # Tells this session from a later one under the same id (an edge closes "this very one").
     serial: int = field(default_factory=_SERIALS.__next__)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -231,7 +231,9 @@ class SessionDurability:
         # The session's lock is held and its prefix or snapshot rows applied: its record is
         # exact from the start.
         (rows,) = await self._registry.get(session.model).stream_histories([session.slot])
-        record = SessionRecord(session.model, session.ttl_s, session.position, rows)
+        record = SessionRecord(
+            session.model, session.ttl_s, session.position, rows, embedding=session.embedding
+        )
         if not await self._register(key, record, session.ttl_s):
             raise SessionExists(f"session {session.id!r} already exists")
         self._saved[key] = (session.position, session.last_used_at)
@@ -299,6 +301,7 @@ class SessionDurability:
                 session_id,
                 record.ttl_s,
                 snapshot=(record.position, record.rows),
+                embedding=record.embedding,
             )
         except ServiceError:  # e.g. no free slot here: leave it in the store for another try
             epoch = self._epochs.pop(key)
@@ -464,7 +467,7 @@ class SessionDurability:
             for i, tail in zip(indices, rows, strict=True):
                 tails[i] = tail
         return [
-            SessionRecord(s.model, s.ttl_s, s.position, rows, s.last_push)
+            SessionRecord(s.model, s.ttl_s, s.position, rows, s.last_push, s.embedding)
             for s, rows in zip(sessions, tails, strict=True)
         ]
 

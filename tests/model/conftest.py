@@ -11,7 +11,7 @@ import torch
 from hypothesis import strategies as st
 
 from model import TCN, StreamPool, TCNConfig
-from model.config import ACTIVATIONS, OUTPUT_ACTIVATIONS
+from model.config import ACTIVATIONS, EMBEDDING_MODES, OUTPUT_ACTIVATIONS
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,13 @@ def random_net(config: TCNConfig, seed: int, std: float = 0.4, fold: bool = True
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, std)
+        for block in net.blocks:
+            # "concat"'s 1x1 conv over [h; c] would grow each block's outputs ~ std sqrt(2W)
+            # times; at unit gain the nets keep a plain one's scale, where float32 rounding
+            # of the reference stays under the tests' tolerance.
+            if block.concat_projection is not None:
+                fan_in = block.concat_projection.in_channels
+                block.concat_projection.weight.mul_(1.0 / (std * fan_in**0.5))
     return net.eval()
 
 
@@ -57,9 +64,23 @@ def random_sequence(config: TCNConfig, length: int, seed: int) -> torch.Tensor:
     return torch.randn(config.in_channels, length, generator=gen)
 
 
+def random_embedding(config: TCNConfig, seed: int) -> torch.Tensor | None:
+    """One stream's embedding, (sum(embedding_dims),) float32, or None for a plain model."""
+    if config.embedding_dims is None:
+        return None
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randn(config.embedding_width, generator=gen)
+
+
 @torch.no_grad()
-def full_forward(net: TCN, seq: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`net` over one whole sequence (as returned by random_sequence), as (T, out) rows.
+def full_forward(
+    net: TCN,
+    seq: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    embedding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`net` over one whole sequence (as returned by random_sequence), as (T, out) rows; a
+    conditioned net takes the stream's `embedding` (random_embedding).
 
     With `dtype`, runs a copy of the net in that dtype (e.g. a float64 reference).
     """
@@ -67,7 +88,10 @@ def full_forward(net: TCN, seq: torch.Tensor, dtype: torch.dtype | None = None) 
         net = copy.deepcopy(net).to(dtype)
         if seq.is_floating_point():
             seq = seq.to(dtype)
-    return net(seq[None])[0].T  # (1, out, T) -> (T, out)
+        if embedding is not None:
+            embedding = embedding.to(dtype)
+    embeddings = None if embedding is None else embedding[None]  # (1, E)
+    return net(seq[None], embeddings=embeddings)[0].T  # (1, out, T) -> (T, out)
 
 
 def chunk(seq: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -89,9 +113,11 @@ def tcn_configs(
     max_width: int = 8,
     max_kernel: int = 4,
     vocab: bool | None = None,
+    embeddings: bool = False,
 ) -> TCNConfig:
     """Small but varied TCNConfigs: widths may differ (1x1 residuals), any block activation,
-    any output activation."""
+    any output activation; with `embeddings`, per-stream embeddings (any widths, either mode)
+    half of the time."""
     blocks = draw(st.integers(1, max_blocks))
     channels = draw(st.lists(st.integers(1, max_width), min_size=blocks, max_size=blocks))
     dilations = draw(st.none() | st.lists(st.integers(1, 5), min_size=blocks, max_size=blocks))
@@ -99,6 +125,9 @@ def tcn_configs(
     skips, keras = draw(st.booleans()), draw(st.booleans())
     if skips and keras:  # keras-tcn's skip connections: every block of one width
         channels = [channels[0]] * blocks
+    dims = None
+    if embeddings:
+        dims = draw(st.none() | st.lists(st.integers(1, 3), min_size=1, max_size=3))
     return TCNConfig(
         in_channels=draw(st.integers(1, 4)),
         channels=channels,
@@ -112,6 +141,8 @@ def tcn_configs(
         keras_tcn=keras,
         gate=draw(st.booleans()),
         layer_norm=draw(st.booleans()),
+        embedding_dims=dims,
+        embedding_mode=draw(st.sampled_from(EMBEDDING_MODES)) if dims is not None else "add",
     )
 
 

@@ -29,6 +29,15 @@ CONFIGS = [
         output_activation="log_softmax",
     ),
     TCNConfig(in_channels=2, channels=[3], kernel_size=1, output_activation="sigmoid"),
+    TCNConfig(
+        in_channels=3,
+        channels=[4, 4],
+        kernel_size=3,
+        gate=True,
+        layer_norm=True,
+        embedding_dims=[2, 1],
+        embedding_mode="concat",
+    ),
 ]
 
 
@@ -39,13 +48,18 @@ def _input(config: TCNConfig, length: int = 13) -> torch.Tensor:
     return torch.randn(2, config.in_channels, length, generator=gen)
 
 
+def _embeddings(config: TCNConfig) -> torch.Tensor | None:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2, config.embedding_width, generator=gen) if config.embedding_dims else None
+
+
 @pytest.mark.parametrize("fold", [False, True], ids=["weight-normed", "folded"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["head", "tokens", "k1"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["head", "tokens", "k1", "embeddings"])
 def test_round_trip(tmp_path: Path, config: TCNConfig, fold: bool) -> None:
     net = random_net(config, seed=1, fold=fold)
-    x = _input(config)
+    x, e = _input(config), _embeddings(config)
     with torch.no_grad():
-        expected = net(x)
+        expected = net(x, embeddings=e)
     assert save_model(net, tmp_path / "ckpt") == tmp_path / "ckpt"
     assert net.weight_norm_folded == fold  # saving folds a copy, never the caller's module
     loaded = load_model(tmp_path / "ckpt")
@@ -54,7 +68,7 @@ def test_round_trip(tmp_path: Path, config: TCNConfig, fold: bool) -> None:
     assert loaded.weight_norm_folded
     assert not any(p.requires_grad for p in loaded.parameters())
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.parameters())
-    torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loaded(x, embeddings=e), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_load_as_float64_on_cpu(tmp_path: Path) -> None:

@@ -94,6 +94,20 @@ def test_old_configs_load_with_the_papers_relu_and_new_ones_keep_their_activatio
         TCNConfig(in_channels=2, channels=[3], activation="swish")
 
 
+def test_old_configs_load_without_embeddings_and_new_ones_keep_theirs() -> None:
+    old = TCNConfig(in_channels=2, channels=[3]).to_dict()
+    del old["embedding_dims"], old["embedding_mode"]  # written before the options existed
+    plain = TCNConfig.from_dict(old)
+    assert (plain.embedding_dims, plain.embedding_mode, plain.embedding_width) == (None, "add", 0)
+    conditioned = TCNConfig(
+        in_channels=2, channels=[3], embedding_dims=[4, 2], embedding_mode="concat"
+    )
+    assert conditioned.embedding_dims == (4, 2) and conditioned.embedding_width == 6
+    d = json.loads(json.dumps(conditioned.to_dict()))
+    assert d["embedding_dims"] == [4, 2]
+    assert TCNConfig.from_dict(d) == conditioned
+
+
 def test_from_dict_validates_values() -> None:
     d = TCNConfig(in_channels=2, channels=[3]).to_dict()
     d["kernel_size"] = 0
@@ -148,6 +162,13 @@ VALID = {"in_channels": 2, "channels": [4, 4]}
         ({"output_activation": None}, r"output_activation must be one of"),
         ({"vocab_size": 0}, r"vocab_size must be an integer >= 1, got 0"),
         ({"vocab_size": 10.0}, r"vocab_size must be an integer >= 1"),
+        ({"embedding_dims": []}, r"embedding_dims must list the width \(>= 1\) of each"),
+        ({"embedding_dims": [3, 0]}, r"embedding_dims must list the width .*got \[3, 0\]"),
+        ({"embedding_dims": 3}, r"embedding_dims must be a list of integers"),
+        ({"embedding_dims": [[3, 100]]}, r"embedding_dims must be a list of integers"),
+        ({"embedding_dims": [2.0]}, r"embedding_dims must be a list of integers"),
+        ({"embedding_dims": [3], "embedding_mode": "mul"}, r"embedding_mode must be one of add"),
+        ({"embedding_mode": "concat"}, r"embedding_mode='concat' needs embedding_dims"),
     ],
 )
 def test_invalid_values_raise_helpful_errors(changes: dict, message: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import pytorch_tcn_options
+from model import StreamPool, pytorch_tcn_options
 from model.checkpoint import load_model, read_checkpoint_info
 from model.convert import convert_file, convert_pytorch_tcn, convert_state_dict, detect_format
 from service import cli
@@ -421,3 +421,127 @@ def test_cli_refuses_to_replace_a_checkpoint_unless_told(tmp_path, capsys, conve
     assert cli.main(argv) == 2
     assert "already holds a checkpoint: pass --overwrite" in capsys.readouterr().err
     assert cli.main([*argv, "--overwrite"]) == 0
+
+
+# --- pytorch-tcn: embedding_shapes of (dim,) tuples, each sequence's static conditioning ------
+
+EMBEDDING_NORMS = ["weight_norm", "batch_norm", "layer_norm", None]
+
+
+def _embeddings(seed: int, dims=(3, 2)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, d, generator=gen) for d in dims]
+
+
+def _trained_batch_norms(net: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # trained statistics, far from the initial (0, 1)
+        for name, buf in net.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen))
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) * 3 + 0.1)
+
+
+@pytest.mark.parametrize("skips", [False, True], ids=["", "skips"])
+@pytest.mark.parametrize("norm", EMBEDDING_NORMS, ids=str)
+@pytest.mark.parametrize("gate", [False, True], ids=["", "gate"])
+@pytest.mark.parametrize("mode", ["add", "concat"])
+def test_static_embeddings_convert_exactly_and_stream(tmp_path, mode, gate, norm, skips):
+    kwargs = {
+        "embedding_shapes": [[3], [2]],
+        "embedding_mode": mode,
+        "use_gate": gate,
+        "use_norm": norm,
+        "use_skip_connections": skips,
+        "output_projection": 2,
+    }
+    theirs = their_tcn(50, 3, [6, 8, 8], kernel_size=3, **kwargs).eval()
+    if norm == "batch_norm":
+        _trained_batch_norms(theirs, 51)
+    x, embeddings = inputs(3, seed=52), _embeddings(53)
+    with torch.no_grad():
+        expected = theirs(x, embeddings=embeddings)
+    live = convert_pytorch_tcn(theirs)
+    assert live.config.embedding_dims == (3, 2) and live.config.embedding_mode == mode
+    torch.testing.assert_close(live(x, embeddings=embeddings), expected, **TOL)
+    ours = converted(tmp_path, theirs.state_dict(), pytorch_tcn_kwargs=kwargs)
+    torch.testing.assert_close(ours(x, embeddings=embeddings), expected, **TOL)
+    _, metadata = read_checkpoint_info(tmp_path / "ckpt")
+    assert metadata["verified_against"] == "pytorch-tcn 1.2.3"
+    assert metadata["max_abs_difference"] <= 1e-5
+    # and streamed: one stream per sequence, each opened with its embedding
+    pool = StreamPool(ours, 2)
+    for i in range(2):
+        slot = pool.open(embedding=[e[i] for e in embeddings])
+        y = torch.cat([pool.push(slot, x[i, :, :20].T), pool.push(slot, x[i, :, 20:].T)])
+        torch.testing.assert_close(y, expected[i].T, **TOL)
+
+
+def test_one_static_embedding_converts_through_the_cli(tmp_path, convert_only_cli):
+    theirs = their_tcn(54, 2, [4, 4], kernel_size=3, embedding_shapes=[(5,)],
+                       embedding_mode="concat", use_norm="layer_norm")  # fmt: skip
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    argv = ["convert", str(tmp_path / "theirs.pt"), str(tmp_path / "ckpt"), "--pytorch-tcn-kwargs"]
+    options = '{"embedding_shapes": [[5]], "embedding_mode": "concat", "use_norm": "layer_norm"}'
+    assert cli.main([*argv, options]) == 0
+    x, (e,) = inputs(2, seed=55), _embeddings(56, dims=(5,))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ckpt")(x, e), theirs(x, e), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ([(3, 48)], r"embedding_shapes entry \(3, 48\): a \(dim, time_steps\) shape is a "
+                    r"time-varying embedding.*cannot be served one timestep at a time"),
+        ([(3,), (2, 48)], r"embedding_shapes entry \(2, 48\).*time-varying"),
+    ],
+    ids=["time-varying", "one of two time-varying"],
+)  # fmt: skip
+def test_time_varying_embeddings_are_refused_by_name(shapes, message):
+    theirs = their_tcn(57, 3, [4, 4], kernel_size=3, embedding_shapes=shapes)
+    with pytest.raises(ValueError, match=message):
+        convert_pytorch_tcn(theirs)
+    listed = [list(shape) for shape in shapes]  # as --pytorch-tcn-kwargs JSON gives them
+    with pytest.raises(ValueError, match=message):
+        convert_state_dict(theirs.state_dict(), pytorch_tcn_kwargs={"embedding_shapes": listed})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, r"embedding_shapes=None \(the blocks hold embedding_projection_1 convs of 5 input"),
+        ({"embedding_shapes": [[4]]}, r"embedding_shapes \[\(4,\)\] \(4 values in all\), but"),
+        ({"embedding_shapes": [[5]], "embedding_mode": "mul"}, r"embedding_mode='mul'"),
+        ({"embedding_shapes": [5]}, r"embedding_shapes entry 5: a \(dim,\) shape"),
+        ({"embedding_shapes": "5"}, r"embedding_shapes='5': a list of \(dim,\) shapes"),
+    ],
+    ids=["unstated", "other width", "unknown mode", "not a shape", "a string"],
+)
+def test_embedding_options_that_contradict_the_weights_are_refused(kwargs, message):
+    state = their_tcn(58, 3, [4, 4], kernel_size=3, embedding_shapes=[(2,), (3,)]).state_dict()
+    with pytest.raises(ValueError, match=message):
+        convert_state_dict(state, pytorch_tcn_kwargs=kwargs)
+    plain = their_tcn(59, 3, [4, 4], kernel_size=3).state_dict()
+    with pytest.raises(ValueError, match=r"embedding_projection_1 convs are none"):
+        convert_state_dict(plain, pytorch_tcn_kwargs={"embedding_shapes": [[5]]})
+
+
+def test_the_check_against_pytorch_tcn_feeds_embeddings(tmp_path, monkeypatch):
+    """A conversion that is wrong only where the embeddings enter is not written."""
+    theirs = their_tcn(60, 2, [4, 4], kernel_size=3, embedding_shapes=[(3,)])
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    rebuild = pytorch_tcn_options.rebuild
+
+    def drifted(*args):
+        source = rebuild(*args)
+        with torch.no_grad():
+            source.network[1].embedding_projection_1.weight.add_(1e-3)
+        return source
+
+    monkeypatch.setattr(pytorch_tcn_options, "rebuild", drifted)
+    kwargs = {"embedding_shapes": [[3]]}
+    with pytest.raises(ValueError, match="differs from pytorch-tcn's own forward by"):
+        convert_file(tmp_path / "theirs.pt", tmp_path / "ckpt", pytorch_tcn_kwargs=kwargs)
+    assert not (tmp_path / "ckpt").exists()

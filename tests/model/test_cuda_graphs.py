@@ -19,6 +19,7 @@ from tests.model.conftest import (
     chunk,
     drive,
     full_forward,
+    random_embedding,
     random_net,
     random_sequence,
     tcn_configs,
@@ -34,7 +35,9 @@ def test_buckets() -> None:
         bucket_for(101, buckets_for(100))
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_graphed_step_streams_equal_full_forward(
     config: TCNConfig, seed: int, data: st.DataObject
@@ -43,14 +46,16 @@ def test_graphed_step_streams_equal_full_forward(
     n = data.draw(st.integers(1, 5), label="streams")
     lengths = data.draw(st.lists(st.integers(1, 30), min_size=n, max_size=n), label="lengths")
     seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
+    embeddings = [random_embedding(config, seed + i) for i in range(n)]
     pool = StreamPool(
         net, capacity=n + data.draw(st.integers(0, 2), label="spare"), cuda_graphs=True
     )
     assert pool._graphs is not None and pool.fused_max_rows == 0
-    slots = [pool.open() for _ in range(n)]
+    slots = [pool.open(embedding=e) for e in embeddings]
     got = drive(data, pool, slots, seqs)  # steps go through the buckets, push/advance do not
-    for g, seq in zip(got, seqs, strict=True):
-        torch.testing.assert_close(g, full_forward(net, seq), atol=1e-5, rtol=1e-5)
+    for g, seq, e in zip(got, seqs, embeddings, strict=True):
+        want = full_forward(net, seq, embedding=e)
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
     for slot, seq in zip(slots, seqs, strict=True):  # the history was written after each check
         length = seq.shape[-1]
         keep = min(length, config.receptive_field - 1)

@@ -10,11 +10,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model import StreamPool, TCNConfig, fused_step
-from tests.model.conftest import full_forward, random_net, random_sequence, row, tcn_configs
+from tests.model.conftest import (
+    full_forward,
+    random_embedding,
+    random_net,
+    random_sequence,
+    row,
+    tcn_configs,
+)
 
 
 @pytest.mark.parametrize("compiled", ["fused", "blas"])
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_compiled_steps_equal_the_full_forward_and_the_torch_kernel(
     compiled: str, config: TCNConfig, seed: int, data: st.DataObject
@@ -23,9 +32,10 @@ def test_compiled_steps_equal_the_full_forward_and_the_torch_kernel(
     n = data.draw(st.integers(1, 4), label="streams")
     length = data.draw(st.integers(1, config.receptive_field + 6), label="steps")
     seqs = [random_sequence(config, length, seed + i) for i in range(n)]
+    embeddings = [random_embedding(config, seed + i) for i in range(n)]
     pools = {kernel: StreamPool(net, n + 1, step_kernel=kernel) for kernel in (compiled, "torch")}
     assert all(pools[compiled].kernel_for(rows) == compiled for rows in range(1, n + 2))
-    slots = {kernel: [pool.open() for _ in range(n)] for kernel, pool in pools.items()}
+    slots = {kernel: [pool.open(embedding=e) for e in embeddings] for kernel, pool in pools.items()}
     outputs = {kernel: [] for kernel in pools}
     for t in range(length):
         active = data.draw(st.permutations(range(n)), label="order")[: 1 + t % n]
@@ -44,7 +54,7 @@ def test_compiled_steps_equal_the_full_forward_and_the_torch_kernel(
         for j, i in enumerate(active):
             per_stream[i].append(y[j])
     for i in range(n):
-        want = full_forward(net, seqs[i])
+        want = full_forward(net, seqs[i], embedding=embeddings[i])
         torch.testing.assert_close(torch.stack(per_stream[i]), want, atol=1e-5, rtol=1e-5)
 
 

@@ -32,6 +32,26 @@ def test_the_bound_holds_for_inputs_just_inside_it():
     assert torch.isfinite(pool.push(slot, torch.full((4, 3), bound * 0.999))).all()
 
 
+@pytest.mark.parametrize("mode", ["add", "concat"])
+def test_the_bound_holds_for_embeddings_just_inside_it_too(mode: str):
+    """A stream's embedding is held to the same bound as its inputs (model/numeric_range.py
+    counts its projection in), and an embedding beyond it is refused when the stream opens."""
+    config = TCNConfig(**{**CONFIG.to_dict(), "embedding_dims": [2], "embedding_mode": mode})
+    net = random_net(config, seed=3, std=0.5)
+    bound = safe_input_bound(net, torch.float32)
+    assert bound is not None and 1e4 < bound < 3.4e38
+    x = torch.full((1, 3, 200), bound * 0.999) * torch.tensor([1.0, -1.0, 1.0])[None, :, None]
+    e = torch.tensor([[bound * 0.999, -bound * 0.999]])
+    assert torch.isfinite(net(x, embeddings=e)).all()
+    pool = StreamPool(net, 2)
+    assert pool.max_embedding_abs == bound
+    with pytest.raises(ValueError, match="embedding's values must be within"):
+        pool.open(embedding=e[0] * 1.02)
+    assert pool.free == 2
+    slot = pool.open(embedding=e[0])
+    assert torch.isfinite(pool.push(slot, torch.full((4, 3), bound * 0.999))).all()
+
+
 def test_float16_has_no_useful_bound():
     net = random_net(CONFIG, seed=3, std=0.5)
     assert safe_input_bound(net, torch.float16) is None

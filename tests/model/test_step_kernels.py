@@ -10,21 +10,39 @@ from model import TCN, StreamPool, TCNConfig, fused_step
 from model.step_kernels import NUMPY_MAX_MACS
 
 
-def _net(kernel_size: int = 3, channels=(6, 4, 4), vocab_size=None) -> TCN:
+def _net(kernel_size: int = 3, channels=(6, 4, 4), vocab_size=None, **options) -> TCN:
     torch.manual_seed(1)
-    net = TCN(TCNConfig(3, channels, kernel_size, out_channels=2, vocab_size=vocab_size)).eval()
+    config = TCNConfig(3, channels, kernel_size, out_channels=2, vocab_size=vocab_size, **options)
+    net = TCN(config).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, 0.4)
     return net.fold_weight_norm()
 
 
+# Per-stream embeddings, each way a block takes them (model/streaming/conditioning.py).
+EMBEDDED = {
+    "plain": {},
+    "add": {"embedding_dims": (2, 3)},
+    "concat": {"embedding_dims": (4,), "embedding_mode": "concat", "gate": True},
+    "concat after layer norm": {
+        "embedding_dims": (2,),
+        "embedding_mode": "concat",
+        "layer_norm": True,
+    },
+}
+
+
+@pytest.mark.parametrize("embedded", sorted(EMBEDDED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("vocab_size", [None, 5])
-def test_numpy_blas_and_torch_kernels_agree_step_by_step(vocab_size, dtype):
-    net = _net(vocab_size=vocab_size)
+def test_numpy_blas_and_torch_kernels_agree_step_by_step(vocab_size, dtype, embedded):
+    net = _net(vocab_size=vocab_size, **EMBEDDED[embedded])
+    width = net.config.embedding_width
+    gen = torch.Generator().manual_seed(7)
+    embeddings = [torch.randn(width, generator=gen) if width else None for _ in range(6)]
     pools = {k: StreamPool(net, 6, dtype=dtype, step_kernel=k) for k in ("numpy", "blas", "torch")}
-    slots = {k: [p.open() for _ in range(6)] for k, p in pools.items()}
+    slots = {k: [p.open(embedding=e) for e in embeddings] for k, p in pools.items()}
     gen = torch.Generator().manual_seed(0)
     for t in range(40):
         active = torch.randperm(6, generator=gen)[: 1 + t % 6].tolist()

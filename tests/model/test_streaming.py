@@ -28,6 +28,7 @@ from tests.model.conftest import (
     chunk,
     drive,
     full_forward,
+    random_embedding,
     random_net,
     random_sequence,
     ring_bytes_per_stream,
@@ -45,13 +46,30 @@ PROPERTY = settings(
 )
 
 
-def open_streams(pool: StreamPool, count: int, data: st.DataObject) -> list[int]:
-    """Open `count` streams after some open/close churn, so slot ids are not just 0..count-1."""
-    decoys = [pool.open() for _ in range(data.draw(st.integers(0, pool.free - count)))]
-    slots = [pool.open() for _ in range(count)]
+def open_streams(
+    pool: StreamPool, count: int, data: st.DataObject, embeddings: list | None = None
+) -> list[int]:
+    """Open `count` streams (with their `embeddings`, for a conditioned model) after some
+    open/close churn, so slot ids are not just 0..count-1: the decoys had embeddings of their
+    own, which the streams must not see."""
+    config = pool.config
+    decoys = [
+        pool.open(embedding=random_embedding(config, 500 + i))
+        for i in range(data.draw(st.integers(0, pool.free - count)))
+    ]
+    embeddings = embeddings or [random_embedding(config, 0)] * count
+    slots = [pool.open(embedding=e) for e in embeddings]
     for slot in data.draw(st.permutations(decoys), label="close order"):
         pool.close(slot)
     return slots
+
+
+def stream_inputs(
+    config: TCNConfig, lengths: list[int], seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each stream's sequence and embedding (None for a plain model)."""
+    seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
+    return seqs, [random_embedding(config, seed + i) for i in range(len(lengths))]
 
 
 # Every host kernel a pool can be told to use (CUDA graphs: tests/model/test_streaming_cuda.py).
@@ -59,69 +77,75 @@ HOST_KERNELS = ["auto", "fused", "blas", "numpy", "torch"]
 
 
 @pytest.mark.parametrize("kernel", HOST_KERNELS)
-@given(config=tcn_configs(), seed=st.integers(0, 2**16), data=st.data())
+@given(config=tcn_configs(embeddings=True), seed=st.integers(0, 2**16), data=st.data())
 @settings(PROPERTY, max_examples=40)
 def test_interleaved_streams_equal_full_forward(
     kernel: str, config: TCNConfig, seed: int, data: st.DataObject
 ) -> None:
     """Random configs (every option: activation, skip connections, gate, layer norm, the
-    keras-tcn block, heads, token inputs) through each kernel, random chunkings and orders."""
+    keras-tcn block, heads, token inputs, per-stream embeddings added or concatenated) through
+    each kernel, random chunkings and orders; each stream has an embedding of its own."""
     net = random_net(config, seed, std=data.draw(st.floats(0.3, 0.5), label="std"))
     n = data.draw(st.integers(2, 5), label="streams")
     lengths = data.draw(st.lists(st.integers(1, 24), min_size=n, max_size=n), label="lengths")
-    seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
-    expected = [full_forward(net, s) for s in seqs]
+    seqs, embeddings = stream_inputs(config, lengths, seed)
+    expected = [full_forward(net, s, embedding=e) for s, e in zip(seqs, embeddings, strict=True)]
     spare = data.draw(st.integers(0, 3), label="spare")
     pool = StreamPool(net, capacity=n + spare, step_kernel=kernel)
-    slots = open_streams(pool, n, data)
+    slots = open_streams(pool, n, data, embeddings)
     got = drive(data, pool, slots, seqs)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, e, **TOL32, msg=lambda m, i=i: f"stream {i}: {m}")
 
 
-@given(config=tcn_configs(), seed=st.integers(0, 2**16), data=st.data())
+@given(config=tcn_configs(embeddings=True), seed=st.integers(0, 2**16), data=st.data())
 @settings(PROPERTY, max_examples=25)
 def test_float64_pool_of_float32_net(config: TCNConfig, seed: int, data: st.DataObject) -> None:
     net = random_net(config, seed)
     n = data.draw(st.integers(1, 3), label="streams")
     lengths = data.draw(st.lists(st.integers(1, 20), min_size=n, max_size=n), label="lengths")
-    seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
-    expected = [full_forward(net, s, dtype=torch.float64) for s in seqs]
+    seqs, embeddings = stream_inputs(config, lengths, seed)
+    expected = [
+        full_forward(net, s, dtype=torch.float64, embedding=e)
+        for s, e in zip(seqs, embeddings, strict=True)
+    ]
     pool = StreamPool(net, capacity=n, dtype=torch.float64)
     assert pool.dtype == torch.float64
-    got = drive(data, pool, [pool.open() for _ in range(n)], seqs)
+    got = drive(data, pool, [pool.open(embedding=e) for e in embeddings], seqs)
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, e, **TOL64)
 
 
-@given(config=tcn_configs(), seed=st.integers(0, 2**16), data=st.data())
+@given(config=tcn_configs(embeddings=True), seed=st.integers(0, 2**16), data=st.data())
 @settings(PROPERTY, max_examples=10)
 def test_weight_normed_net_streams_like_its_folded_self(
     config: TCNConfig, seed: int, data: st.DataObject
 ) -> None:
     """A pool built from an unfolded (training-form) net folds the weights itself."""
     net = random_net(config, seed, fold=False)
-    seqs = [random_sequence(config, 15, seed), random_sequence(config, 9, seed + 1)]
-    expected = [full_forward(net, s) for s in seqs]
+    seqs, embeddings = stream_inputs(config, [15, 9], seed)
+    expected = [full_forward(net, s, embedding=e) for s, e in zip(seqs, embeddings, strict=True)]
     pool = StreamPool(net, capacity=2)
-    got = drive(data, pool, [pool.open(), pool.open()], seqs)
+    got = drive(data, pool, [pool.open(embedding=e) for e in embeddings], seqs)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, **TOL32)
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(PROPERTY, max_examples=15)
 def test_long_streams_wrap_the_rings(config: TCNConfig, seed: int, data: st.DataObject) -> None:
     """Sequences of 2-3 receptive fields: every ring buffer wraps many times, by push and step."""
     net = random_net(config, seed)
     r = config.receptive_field
     lengths = [2 * r + data.draw(st.integers(1, r + 8), label=f"extra {i}") for i in range(2)]
-    seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
-    expected = [full_forward(net, s) for s in seqs]
+    seqs, embeddings = stream_inputs(config, lengths, seed)
+    expected = [full_forward(net, s, embedding=e) for s, e in zip(seqs, embeddings, strict=True)]
     pool = StreamPool(net, capacity=3)
-    slots = open_streams(pool, 2, data)
+    slots = open_streams(pool, 2, data, embeddings)
     # Chunks up to R/2 keep the draw count low while both paths cross every wrap point.
     got = drive(data, pool, slots, seqs, max_push=max(1, r // 2))
     for g, e in zip(got, expected, strict=True):
@@ -143,7 +167,9 @@ def test_fixed_chunking_of_a_long_stream(chunk_size: int) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 def test_pushes_of_every_length_equal_the_full_forward(config, seed, data) -> None:
     """`push` takes a step for one row, a ragged advance up to CHUNKED_PUSH_ROWS rows and a
     chunked conv beyond: any mix of the three, on two interleaved streams, equals the forward."""
@@ -153,15 +179,16 @@ def test_pushes_of_every_length_equal_the_full_forward(config, seed, data) -> No
     plan = data.draw(st.lists(st.tuples(st.integers(0, 1), sizes), min_size=1, max_size=5))
     net = random_net(config, seed)
     totals = [sum(size for s, size in plan if s == stream) for stream in (0, 1)]
-    seqs = [random_sequence(config, max(total, 1), seed + i) for i, total in enumerate(totals)]
+    seqs, embeddings = stream_inputs(config, [max(total, 1) for total in totals], seed)
     pool = StreamPool(net, capacity=2)
-    slots, at, got = [pool.open(), pool.open()], [0, 0], [[], []]
+    slots, at, got = [pool.open(embedding=e) for e in embeddings], [0, 0], [[], []]
     for s, size in plan:
         got[s].append(pool.push(slots[s], chunk(seqs[s], at[s], at[s] + size)))
         at[s] += size
     for s in (0, 1):
         if got[s]:
-            torch.testing.assert_close(torch.cat(got[s]), full_forward(net, seqs[s]), **TOL32)
+            want = full_forward(net, seqs[s], embedding=embeddings[s])
+            torch.testing.assert_close(torch.cat(got[s]), want, **TOL32)
 
 
 def test_one_step_call_advances_many_streams_at_different_positions() -> None:
@@ -185,14 +212,17 @@ def test_one_step_call_advances_many_streams_at_different_positions() -> None:
     assert [pool.position(s) for s in slots] == [2, 4, 6, 8]
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(PROPERTY, max_examples=15)
 def test_reset_then_replay(config: TCNConfig, seed: int, data: st.DataObject) -> None:
+    """A reset stream starts over from zeros, with the embedding it was opened with."""
     net = random_net(config, seed)
-    seqs = [random_sequence(config, 20, seed), random_sequence(config, 14, seed + 1)]
-    expected = [full_forward(net, s) for s in seqs]
+    seqs, embeddings = stream_inputs(config, [20, 14], seed)
+    expected = [full_forward(net, s, embedding=e) for s, e in zip(seqs, embeddings, strict=True)]
     pool = StreamPool(net, capacity=2)
-    slots = [pool.open(), pool.open()]
+    slots = [pool.open(embedding=e) for e in embeddings]
     first = drive(data, pool, slots, seqs)
     pool.reset(slots[0])
     assert pool.position(slots[0]) == 0
@@ -204,19 +234,26 @@ def test_reset_then_replay(config: TCNConfig, seed: int, data: st.DataObject) ->
     again = drive(data, pool, slots, [seqs[0], both], starts=[0, 14])
     torch.testing.assert_close(again[0], first[0], **TOL32)
     torch.testing.assert_close(again[0], expected[0], **TOL32)
-    torch.testing.assert_close(again[1], full_forward(net, both)[14:], **TOL32)
+    want = full_forward(net, both, embedding=embeddings[1])[14:]
+    torch.testing.assert_close(again[1], want, **TOL32)
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(PROPERTY, max_examples=15)
 def test_close_then_open_starts_from_zeros(
     config: TCNConfig, seed: int, data: st.DataObject
 ) -> None:
-    """A reused slot must not leak the previous stream's history into the new one."""
+    """A reused slot must not leak the previous stream's history (or embedding) into the new
+    one."""
     net = random_net(config, seed)
     pool = StreamPool(net, capacity=2)
-    bystander = pool.open()
-    slot = pool.open()
+    side_embedding, old_embedding, new_embedding = (
+        random_embedding(config, seed + i) for i in range(3)
+    )
+    bystander = pool.open(embedding=side_embedding)
+    slot = pool.open(embedding=old_embedding)
     old = random_sequence(config, config.receptive_field + 5, seed)
     side = random_sequence(config, 30, seed + 1)
     drive(data, pool, [slot, bystander], [old, side[..., :10]])
@@ -226,31 +263,36 @@ def test_close_then_open_starts_from_zeros(
     assert not pool.is_open(slot)
     with pytest.raises(SlotError):
         pool.position(slot)
-    assert pool.open() == slot  # the only free slot: it must be reused
+    assert pool.open(embedding=new_embedding) == slot  # the only free slot: it must be reused
     assert pool.position(slot) == 0
     new = random_sequence(config, data.draw(st.integers(1, 12), label="new length"), seed + 2)
     got = drive(data, pool, [slot, bystander], [new, side], starts=[0, 10])
-    torch.testing.assert_close(got[0], full_forward(net, new), **TOL32)
-    torch.testing.assert_close(got[1], full_forward(net, side)[10:], **TOL32)
+    torch.testing.assert_close(got[0], full_forward(net, new, embedding=new_embedding), **TOL32)
+    want = full_forward(net, side, embedding=side_embedding)[10:]
+    torch.testing.assert_close(got[1], want, **TOL32)
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(PROPERTY, max_examples=20)
 def test_export_import_continues_exactly(config: TCNConfig, seed: int, data: st.DataObject) -> None:
+    """The exported state (the stream's embedding included) continues in another pool."""
     net = random_net(config, seed)
     length = data.draw(st.integers(2, 2 * config.receptive_field + 4), label="length")
     split = data.draw(st.integers(1, length - 1), label="split")
-    seq = random_sequence(config, length, seed)
-    expected = full_forward(net, seq)
+    seq, embedding = random_sequence(config, length, seed), random_embedding(config, seed)
+    expected = full_forward(net, seq, embedding=embedding)
     source = StreamPool(net, capacity=2)
-    slot = source.open()
+    slot = source.open(embedding=embedding)
     (head,) = drive(data, source, [slot], [seq[..., :split]])
     state = source.export_state(slot)
     assert state["position"] == split
 
     # Another pool of the same model, with other streams open so the slot index differs.
     target = StreamPool(net, capacity=4)
-    others = [target.open() for _ in range(data.draw(st.integers(0, 3), label="occupied"))]
+    occupied = data.draw(st.integers(0, 3), label="occupied")
+    others = [target.open(embedding=random_embedding(config, 99 + i)) for i in range(occupied)]
     moved = target.import_state(state)
     assert moved not in others
     assert target.position(moved) == split
@@ -262,37 +304,41 @@ def test_export_import_continues_exactly(config: TCNConfig, seed: int, data: st.
     # changing it, and importing it back into the source continues from the split again.
     drive(data, source, [slot], [seq], starts=[split])
     source.close(slot)
-    reuse = source.open()
+    reuse = source.open(embedding=random_embedding(config, seed + 9))
     source.push(reuse, chunk(random_sequence(config, 7, seed + 9), 0, 7))
     back = source.import_state(state)
     (tail_again,) = drive(data, source, [back], [seq], starts=[split])
     torch.testing.assert_close(tail_again, tail, **TOL32)
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(PROPERTY, max_examples=20)
 def test_history_rebuilds_a_stream(config: TCNConfig, seed: int, data: st.DataObject) -> None:
-    """open(position - len(rows)) + push(history rows) continues exactly like the original.
+    """open(position - len(rows), embedding_of) + push(history rows) continues exactly like
+    the original.
 
-    The last R - 1 inputs are all a TCN's future outputs depend on; the rebuilt rings start
-    from zeros, so any ring row the restore got wrong shows up in the continuation.
+    The last R - 1 inputs (and the embedding) are all a TCN's future outputs depend on; the
+    rebuilt rings start from zeros, so any ring row the restore got wrong shows up in the
+    continuation.
     """
     net = random_net(config, seed)
     r = config.receptive_field
     length = data.draw(st.integers(1, 2 * r + 6), label="length")
     split = data.draw(st.integers(1, length), label="split")
-    seq = random_sequence(config, length, seed)
-    expected = full_forward(net, seq)
+    seq, embedding = random_sequence(config, length, seed), random_embedding(config, seed)
+    expected = full_forward(net, seq, embedding=embedding)
     source = StreamPool(net, capacity=1)
-    slot = source.open()
+    slot = source.open(embedding=embedding)
     drive(data, source, [slot], [seq[..., :split]])
     rows = source.history(slot)
     assert rows.shape[0] == min(split, r - 1)
     torch.testing.assert_close(rows, chunk(seq, split - rows.shape[0], split), atol=0, rtol=0)
 
     target = StreamPool(net, capacity=3)
-    target.open()
-    rebuilt = target.open(split - rows.shape[0])
+    target.open(embedding=random_embedding(config, seed + 1))
+    rebuilt = target.open(split - rows.shape[0], embedding=source.embedding_of(slot))
     if rows.shape[0]:
         target.push(rebuilt, rows)
     assert target.position(rebuilt) == split

@@ -14,6 +14,7 @@ from model import StreamPool, TCNConfig
 from tests.model.conftest import (
     drive,
     full_forward,
+    random_embedding,
     random_net,
     random_sequence,
     row,
@@ -37,7 +38,9 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(
     max_examples=15,
     deadline=None,
@@ -53,10 +56,14 @@ def test_cuda_streams_equal_cpu_float64_forward(
         label="lengths",
     )
     seqs = [random_sequence(config, length, seed + i) for i, length in enumerate(lengths)]
-    expected = [full_forward(net, s, dtype=torch.float64) for s in seqs]
+    embeddings = [random_embedding(config, seed + i) for i in range(n)]
+    expected = [
+        full_forward(net, s, dtype=torch.float64, embedding=e)
+        for s, e in zip(seqs, embeddings, strict=True)
+    ]
     pool = StreamPool(net, capacity=n + 1, device="cuda")
     assert pool.device.type == "cuda"
-    slots = [pool.open() for _ in range(n)]
+    slots = [pool.open(embedding=e) for e in embeddings]
     input_device = data.draw(st.sampled_from(["cpu", "cuda"]), label="inputs on")
     got = drive(data, pool, slots, seqs, input_device=input_device)
     for g, e in zip(got, expected, strict=True):
@@ -64,14 +71,20 @@ def test_cuda_streams_equal_cpu_float64_forward(
         torch.testing.assert_close(g.cpu().double(), e, **TOL)
 
 
-def test_cuda_state_moves_to_a_cpu_pool_and_back() -> None:
-    config = TCNConfig(in_channels=3, channels=[8, 8, 4], kernel_size=3, out_channels=2)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"embedding_dims": (3, 2)}, {"embedding_dims": (4,), "embedding_mode": "concat",
+                                     "layer_norm": True}],
+    ids=["plain", "embedding added", "embedding concatenated after a layer norm"],
+)  # fmt: skip
+def test_cuda_state_moves_to_a_cpu_pool_and_back(options: dict) -> None:
+    config = TCNConfig(in_channels=3, channels=[8, 8, 4], kernel_size=3, out_channels=2, **options)
     net = random_net(config, seed=0)
-    seq = random_sequence(config, 40, seed=0)
-    expected = full_forward(net, seq, dtype=torch.float64)
+    seq, embedding = random_sequence(config, 40, seed=0), random_embedding(config, seed=0)
+    expected = full_forward(net, seq, dtype=torch.float64, embedding=embedding)
     gpu = StreamPool(net, capacity=2, device="cuda")
     cpu = StreamPool(net, capacity=2)
-    slot = gpu.open()
+    slot = gpu.open(embedding=embedding)
     head = gpu.push(slot, seq[:, :15].T.cuda()).cpu()
     state = gpu.export_state(slot)
     moved = cpu.import_state(state)
@@ -87,7 +100,9 @@ def test_cuda_state_moves_to_a_cpu_pool_and_back() -> None:
 BF16_SCALE_TOL = 0.03
 
 
-@given(config=tcn_configs(max_blocks=3), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    config=tcn_configs(max_blocks=3, embeddings=True), seed=st.integers(0, 2**16), data=st.data()
+)
 @settings(
     max_examples=10,
     deadline=None,
@@ -100,12 +115,13 @@ def test_cuda_graph_steps_equal_eager_steps_and_the_full_forward(
     n = data.draw(st.integers(1, 6), label="streams")
     length = data.draw(st.integers(1, config.receptive_field + 8), label="steps")
     seqs = [random_sequence(config, length, seed + i) for i in range(n)]
+    embeddings = [random_embedding(config, seed + i) for i in range(n)]
     capacity = n + data.draw(st.integers(0, 3), label="spare")
     graphed = StreamPool(net, capacity, device="cuda", cuda_graphs=True)
     eager = StreamPool(net, capacity, device="cuda")
     assert graphed._graphs.capture  # real captures and replays, not the CPU form
-    slots = [graphed.open() for _ in range(n)]
-    assert slots == [eager.open() for _ in range(n)]
+    slots = [graphed.open(embedding=e) for e in embeddings]
+    assert slots == [eager.open(embedding=e) for e in embeddings]
     fed, got = [0] * n, [[] for _ in range(n)]
     while min(fed) < length:
         live = [i for i in range(n) if fed[i] < length]
@@ -119,8 +135,8 @@ def test_cuda_graph_steps_equal_eager_steps_and_the_full_forward(
         for j, i in enumerate(chosen):
             got[i].append(y_graph[j])
             fed[i] += 1
-    for parts, seq in zip(got, seqs, strict=True):
-        want = full_forward(net, seq, dtype=torch.float64)
+    for parts, seq, e in zip(got, seqs, embeddings, strict=True):
+        want = full_forward(net, seq, dtype=torch.float64, embedding=e)
         torch.testing.assert_close(torch.stack(parts).double(), want, **TOL)
 
 

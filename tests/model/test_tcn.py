@@ -303,3 +303,80 @@ def test_init_is_what_the_reference_trains_with() -> None:
     assert 0.005 < net.blocks[0].downsample.weight.std() < 0.02
     assert net.head is not None
     assert 0.005 < net.head.weight.std() < 0.02
+
+
+# ----- per-sequence embeddings (pytorch-tcn's embedding_shapes of (dim,) tuples) ----------
+
+EMBEDDED = TCNConfig(
+    in_channels=3, channels=[4, 6], kernel_size=3, out_channels=2, embedding_dims=[2, 3]
+)
+
+
+def test_embeddings_as_one_tensor_or_one_per_entry_are_the_same() -> None:
+    net = random_net(EMBEDDED, seed=0)
+    x, e = torch.randn(2, 3, 9), torch.randn(2, 5)
+    with torch.no_grad():
+        whole = net(x, embeddings=e)
+        torch.testing.assert_close(net(x, embeddings=[e[:, :2], e[:, 2:]]), whole, atol=0, rtol=0)
+        torch.testing.assert_close(net(x, embeddings=(e,)), whole, atol=0, rtol=0)
+        # each sequence is conditioned on its own row only
+        torch.testing.assert_close(net(x[1:], embeddings=e[1:]), whole[1:])
+        assert not torch.allclose(net(x, embeddings=e.flip(0)), whole)
+
+
+def test_an_added_embedding_is_a_per_sequence_bias_of_each_first_conv() -> None:
+    """Mode "add": c = P e + p joins conv1's output before the activation, at every timestep."""
+    net = random_net(EMBEDDED, seed=1)
+    plain = TCN(TCNConfig(**{**EMBEDDED.to_dict(), "embedding_dims": None})).fold_weight_norm()
+    plain.load_state_dict(
+        {k: v for k, v in net.state_dict().items() if "embedding_projection" not in k}
+    )
+    x, e = torch.randn(1, 3, 12), torch.randn(1, 5)
+    with torch.no_grad():
+        for block, shifted in zip(net.blocks, plain.blocks, strict=True):
+            proj = block.embedding_projection
+            shifted.conv1.bias.add_(proj.weight[:, :, 0] @ e[0] + proj.bias)
+        torch.testing.assert_close(net(x, embeddings=e), plain.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "error", "message"),
+    [
+        (None, ValueError, r"conditioned on per-sequence embeddings of widths \[2, 3\]"),
+        (torch.randn(2, 4), ValueError, r"expected an embedding of shape \(2, 5\), got \(2, 4\)"),
+        (torch.randn(1, 5), ValueError, r"shape \(2, 5\)"),
+        ([torch.randn(2, 3), torch.randn(2, 2)], ValueError, r"shape \(2, 2\), got \(2, 3\)"),
+        ([torch.randn(2, 2)] * 3, ValueError, r"expected 2 embeddings \(widths \[2, 3\]\)"),
+        (torch.randn(2, 5, 9), ValueError, r"vary over time; this model takes one static"),
+        (torch.ones(2, 5, dtype=torch.int64), TypeError, r"floating-point tensors, got torch"),
+        ([[0.0] * 5] * 2, TypeError, r"floating-point tensors, got list"),
+    ],
+    ids=["missing", "too narrow", "batch", "entries swapped", "three", "per timestep", "ints",
+         "lists"],
+)  # fmt: skip
+def test_a_conditioned_model_refuses_missing_or_misshapen_embeddings(
+    embeddings, error: type, message: str
+) -> None:
+    net = random_net(EMBEDDED, seed=0)
+    with pytest.raises(error, match=message):
+        net(torch.randn(2, 3, 9), embeddings=embeddings)
+
+
+def test_a_plain_model_refuses_embeddings() -> None:
+    net = random_net(TCNConfig(in_channels=3, channels=[4]), seed=0)
+    with pytest.raises(ValueError, match="this model takes no embeddings"):
+        net(torch.randn(2, 3, 9), embeddings=torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("mode", ["add", "concat"])
+def test_embedding_projections_are_saved_and_fold_with_weight_norm(mode: str) -> None:
+    config = TCNConfig(**{**EMBEDDED.to_dict(), "embedding_mode": mode, "gate": True})
+    net = random_net(config, seed=2, fold=False)
+    names = {k.split(".")[2] for k in net.folded_state_dict() if k.startswith("blocks.")}
+    assert "embedding_projection" in names
+    assert ("concat_projection" in names) == (mode == "concat")
+    other = TCN(config).fold_weight_norm().eval()
+    other.load_state_dict(net.folded_state_dict())
+    x, e = torch.randn(2, 3, 9), torch.randn(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, embeddings=e), net(x, embeddings=e))

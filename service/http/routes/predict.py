@@ -40,5 +40,5 @@ async def predict(name: str, request: Request, caller: CallerDep) -> Response:
             f"{settings.max_sequences_per_request} per request (max_sequences_per_request)"
         )
     check_timesteps(sum(len(s) for s in sequences), settings.max_timesteps_per_request)
-    outputs = await entry.predict(sequences, last_only=body.outputs == "last")
+    outputs = await entry.predict(sequences, body.outputs == "last", body.embeddings)
     return json_response({"model": name, "outputs": [y.tolist() for y in outputs]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from service.http import route_errors
@@ -92,8 +93,19 @@ async def create_session(
         return prefix, (snapshot.position, rows)
 
     prefix, restore = await caller.runtime.decode(len(data), decode_rows)
+    embedding = body.embedding
+    if snapshot is not None and snapshot.embedding is not None:
+        if embedding is not None and embedding != snapshot.embedding:
+            raise InvalidInput("embedding differs from the snapshot's: give one of them")
+        embedding = snapshot.embedding
     session, outputs = await caller.sessions.create(
-        caller.owner, body.model, body.session_id or x_session_id, body.ttl_s, prefix, restore
+        caller.owner,
+        body.model,
+        body.session_id or x_session_id,
+        body.ttl_s,
+        prefix,
+        restore,
+        embedding=embedding,
     )
     created = {
         "session_id": session.id,
@@ -174,14 +186,20 @@ async def get_session(session_id: str, caller: CallerDep) -> SessionInfo:
 @router.get(
     "/{session_id}/snapshot",
     response_model=Snapshot,
+    response_model_exclude_none=True,  # `embedding` only for a conditioned model's session
     summary="The position and last inputs that rebuild this session anywhere",
     responses=route_errors.SESSION_OPERATION,
 )
 async def get_snapshot(session_id: str, caller: CallerDep) -> Snapshot:
     session, rows = await caller.sessions.snapshot(caller.owner, session_id)
     inputs = rows[:, None].tolist() if rows.ndim == 1 else rows.tolist()  # token ids: [[id]]
+    embedding = session.embedding
     return Snapshot(
-        session_id=session.id, model=session.model, position=session.position, inputs=inputs
+        session_id=session.id,
+        model=session.model,
+        position=session.position,
+        inputs=inputs,
+        embedding=embedding.tolist() if isinstance(embedding, np.ndarray) else embedding,
     )
 
 
