@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -78,8 +79,12 @@ class StateTransfer:
 
 
 def _fingerprint(net: TCN) -> str:
-    """Identifies a model by config and effective weights, so states stay with their model."""
-    digest = hashlib.sha256(repr(sorted(net.config.to_dict().items())).encode())
+    """Identifies a model by config and effective weights, so states stay with their model.
+    Options at their defaults are left out, so that adding an option to TCNConfig does not
+    change the fingerprint of every model that does not use it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(net.config)}
+    options = {k: v for k, v in net.config.to_dict().items() if v != defaults.get(k, ...)}
+    digest = hashlib.sha256(repr(sorted(options.items())).encode())
     with torch.no_grad():
         tensors = [net.embedding.weight] if net.embedding is not None else []
         for block in net.blocks:

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--skip-header", action="store_true", help="ignore the CSV file's first line"
     )
+    parser.add_argument(
+        "--embedding",
+        type=_floats,
+        metavar="V,V,...",
+        help="a conditioned model's embedding of the sequence (embedding_dims in /v1/models)",
+    )
     if name == "predict":
         parser.add_argument("--last", action="store_true", help="print only the last output")
         parser.set_defaults(_action=_predict)
@@ -46,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--json", action="store_true", help="JSON text frames, not binary")
         parser.add_argument("--session-id", help="choose the session id (8-128 [A-Za-z0-9_-])")
         parser.set_defaults(_action=_stream)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        message = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +93,10 @@ def _check_reachable(url: str) -> None:
 def _predict(client: Client, args: argparse.Namespace) -> None:
     rows = np.asarray(list(_read_rows(args.file, args.skip_header)))
     try:
-        outputs = client.predict(args.model, [rows], outputs="last" if args.last else "all")[0]
+        embeddings = None if args.embedding is None else [args.embedding]
+        outputs = client.predict(
+            args.model, [rows], outputs="last" if args.last else "all", embeddings=embeddings
+        )[0]
     except ServerError as e:
         if e.code in ("too_many_timesteps", "body_too_large"):
             e.args = (f"{e.args[0]} (stream a sequence this long with `tcnserve stream`)",)
@@ -89,7 +106,8 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
 
 def _stream(client: Client, args: argparse.Namespace) -> None:
     total = _count_rows(args.file)
-    with client.open_session(args.model, session_id=args.session_id) as session:
+    opened = client.open_session(args.model, session_id=args.session_id, embedding=args.embedding)
+    with opened as session:
         rows = tqdm(
             _read_rows(args.file, args.skip_header),
             total=total,

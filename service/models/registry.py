@@ -62,6 +62,7 @@ class ModelEntry:
     net: Any = None
     state_bytes_per_stream: int = 0
     max_input_abs: float | None = None  # set at load, from the weights
+    max_embedding_abs: float | None = None  # a conditioned model's bound on its embeddings
     ready: bool = False
     cuda_graphs: bool = False  # StreamPool's CUDA-graph step (settings.cuda_graphs)
 
@@ -133,6 +134,7 @@ class ModelEntry:
         )
         self.state_bytes_per_stream = pool.state_bytes_per_stream
         self.max_input_abs = pool.max_input_abs
+        self.max_embedding_abs = pool.max_embedding_abs
         return pool
 
     async def load(self) -> None:
@@ -231,16 +233,19 @@ class ModelEntry:
             vectors = np.stack(
                 [checked_embedding(e, dims, f"embeddings[{i}]") for i, e in enumerate(embeddings)]
             )  # (B, E)
+            limit = self.max_embedding_abs  # the bound a stream's embedding is held to at open
+            if limit is not None and float(np.abs(vectors).max()) > limit:
+                raise InvalidInput(
+                    f"embeddings: a value beyond +-{limit:.3g}, the largest magnitude this "
+                    "model takes without overflowing"
+                )
 
         def forward() -> list[np.ndarray]:
             return forward_sequences(
                 self.net, sequences, self.device, self.dtype, last_only, vectors
             )
 
-        try:
-            outputs = await self.worker.call(forward, op="forward")
-        except ValueError as error:  # the model refused the embeddings (their magnitude)
-            raise InvalidInput(str(error)) from None
+        outputs = await self.worker.call(forward, op="forward")
         if not all(np.isfinite(y).all() for y in outputs):
             raise NonFiniteOutput(
                 "the model's outputs for these inputs would be NaN or Inf (inputs this large "

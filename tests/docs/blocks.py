@@ -147,6 +147,16 @@ def _decimals(value: object, text: str, found: dict[int, int]) -> None:
             _decimals(v, text, found)
 
 
+def conditioned_model(directory: Path) -> Path:
+    """`sensors`, the conditioned model the examples of conditioned models name: the built-in
+    model's two inputs, one output, an embedding of 4 values per stream."""
+    from model import TCNConfig
+    from tests.service.conftest import write_model
+
+    config = TCNConfig(2, [8, 8], kernel_size=3, out_channels=1, embedding_dims=(4,))
+    return write_model(directory / "sensors", config, seed=0)
+
+
 NUMBER = re.compile(r"-?\d+\.\d+")
 
 

@@ -7,8 +7,9 @@ here, checked) as written.
   arguments it states, a locuslab/TCN state_dict for `--format locuslab`/`auto`, a keras-tcn
   model saved by real keras-tcn for `.keras`); rows files for `predict` and `stream`.
 - `serve` must become ready and exit 0 on SIGTERM; `predict`/`stream` must answer from a live
-  server; `convert` must write a checkpoint; `train` runs with its budget cut to seconds
-  (`--max-minutes`, `--val-size`, `--test-size` appended: argparse takes the last).
+  server (the built-in model, and `sensors`: tests/docs/blocks.py `conditioned_model`);
+  `convert` must write a checkpoint; `train` runs with its budget cut to seconds (`--max-minutes`,
+  `--val-size`, `--test-size` appended: argparse takes the last).
 - Addresses are made the test's own: `--port`/`--grpc-port` appended, a `redis://` store and
   `--url` pointed at servers the test starts, `TCNSERVE_URL` for a command with no `--url`.
 - `--device cuda` runs only where CUDA is; `python bench/...` benchmarks (minutes each) are
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.docs.blocks import ROOT, blocks, commands, local_addresses
+from tests.docs.blocks import ROOT, blocks, commands, conditioned_model, local_addresses
 
 ELSEWHERE = {  # command prefix -> what runs it
     "python3 -m venv .venv &&": ".ci/run",  # the README's two setup commands
@@ -118,7 +119,9 @@ def test_every_tcnserve_command_parses(where, command):
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from tests.service.conftest import serve_process
 
-    with serve_process([], tmp_path_factory.mktemp("cli-examples") / "serve.log") as (url, _):
+    directory = tmp_path_factory.mktemp("cli-examples")
+    args = ["--model", "default=builtin", "--model", f"sensors={conditioned_model(directory)}"]
+    with serve_process(args, directory / "serve.log") as (url, _):
         yield url
 
 

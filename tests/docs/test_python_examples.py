@@ -4,7 +4,7 @@ against one live `tcnserve serve --grpc-port ...` (built-in model) in an empty d
 What an example leaves to the reader is given (`GIVEN`, defined only where a block uses the name
 without defining it): `rows` and `history`, rows of the built-in model's two inputs;
 `readings`, one array of rows per session; `module`, a live `pytorch_tcn.TCN`. The server also
-serves `sensors`, a conditioned model (embedding_dims [16]) of the built-in model's inputs, for
+serves `sensors`, a conditioned model (embedding_dims [4]) of the built-in model's inputs, for
 the examples of conditioned models. Where a block is
 followed by a ```text block, it must print that text (numbers to the digits shown); a line
 `print(...)  # 3061 ...` must print the number its comment shows.
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.docs.blocks import ROOT, Block, blocks, local_addresses, same_text
+from tests.docs.blocks import ROOT, Block, blocks, conditioned_model, local_addresses, same_text
 
 GIVEN = {
     "rows": "import numpy as np\nrows = np.random.default_rng(0).random((20, 2)).round(3)",
@@ -45,13 +45,11 @@ def given_for(code: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
-    from model import TCNConfig
-    from tests.service.conftest import free_port, serve_process, write_model
+    from tests.service.conftest import free_port, serve_process
 
     grpc_port = free_port()
     directory = tmp_path_factory.mktemp("python-examples")
-    config = TCNConfig(2, [8, 8], kernel_size=3, out_channels=1, embedding_dims=(16,))
-    sensors = write_model(directory / "sensors", config, seed=0)
+    sensors = conditioned_model(directory)
     args = ["--grpc-port", str(grpc_port), "--model", "default=builtin"]
     args += ["--model", f"sensors={sensors}"]
     with serve_process(args, directory / "serve.log") as (url, _):

@@ -143,12 +143,34 @@ def test_the_exported_state_holds_the_embedding_and_is_checked_on_import() -> No
         plain.import_state(state)
 
 
-def test_the_same_weights_without_embeddings_are_another_model() -> None:
-    """The fingerprint covers the embedding options and projections."""
+def test_the_fingerprint_covers_the_embedding_options_and_projections() -> None:
     a = StreamPool(random_net(ADD, seed=7), 1).fingerprint
     b = StreamPool(random_net(CONCAT, seed=7), 1).fingerprint
     c = StreamPool(random_net(PLAIN, seed=7), 1).fingerprint
     assert len({a, b, c}) == 3
+    # The same config, one projection weight moved: another model, whose pool refuses the state.
+    source = StreamPool(random_net(CONCAT, seed=7), 1)
+    state = source.export_state(source.open(embedding=embedding(0)))
+    for projection in ("embedding_projection", "concat_projection"):
+        net = random_net(CONCAT, seed=7)
+        with torch.no_grad():
+            getattr(net.blocks[1], projection).weight[0, 0] += 1e-3
+        moved = StreamPool(net, 1)
+        assert moved.fingerprint != source.fingerprint, projection
+        with pytest.raises(StateMismatchError, match="different model"):
+            moved.import_state(state)
+
+
+PINNED_FINGERPRINT = "ece65450e054524eab7298285795c7f0"  # see the test below
+
+
+def test_options_at_their_defaults_leave_the_fingerprint_as_it_was() -> None:
+    """A model's fingerprint does not move when TCNConfig gains an option it does not use:
+    pinned, so that a new option with a default that changes it fails here."""
+    from model.streaming.state import _fingerprint
+
+    net = random_net(TCNConfig(in_channels=2, channels=(3,), kernel_size=2), seed=0)
+    assert _fingerprint(net) == PINNED_FINGERPRINT
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

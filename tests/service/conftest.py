@@ -399,6 +399,12 @@ def redis_server(directory: Path) -> Iterator[str]:
             stop_process(process)
 
 
+@pytest.fixture(params=["memory", "redis"])
+def store(request) -> str:
+    """A session store for `replicas` (tests/service/test_durability.py): in-process, or Redis."""
+    return "memory" if request.param == "memory" else request.getfixturevalue("redis_url")
+
+
 @pytest.fixture
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if REDIS_SERVER is None:

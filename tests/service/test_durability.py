@@ -58,11 +58,6 @@ async def replicas(
         yield clients
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request) -> str:
-    return "memory" if request.param == "memory" else request.getfixturevalue("redis_url")
-
-
 async def until(condition, what: str, limit_s: float = 30.0) -> None:
     """Let the event loop run until `condition` holds (another task gets there): each turn
     yields to the loop, which also polls the store's sockets; the limit only bounds a bug."""

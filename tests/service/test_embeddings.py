@@ -6,6 +6,8 @@ store records, and a conditioned model refuses a session or a sequence without o
 
 from __future__ import annotations
 
+import functools
+
 import httpx
 import numpy as np
 import pytest
@@ -116,7 +118,12 @@ def test_a_missing_or_wrong_embedding_is_refused_and_changes_nothing(settings):
             assert r.json()["error"]["code"] == "invalid_input" and says in r.text, r.text
         assert c.get("/v1/sessions").json()["sessions"] == []
         too_large = {"model": "add", "embedding": [1e38] * 5}
-        assert c.post("/v1/sessions", json=too_large).status_code == 422
+        r = c.post("/v1/sessions", json=too_large)
+        assert r.status_code == 422 and "largest magnitude" in r.text, r.text
+        assert c.get("/v1/sessions").json()["sessions"] == []  # no session, no slot taken
+        body = {"inputs": [rows], "embeddings": [[1e38] * 5]}
+        r = c.post("/v1/models/add/predict", json=body)  # held to the same bound as at open
+        assert r.status_code == 422 and "largest magnitude" in r.text, r.text
         r = c.post("/v1/models/add/predict", json={"inputs": [rows]})
         assert r.status_code == 422 and "conditioned on an embedding" in r.text
         r = c.post("/v1/models/add/predict", json={"inputs": [rows], "embeddings": []})
@@ -200,3 +207,28 @@ def test_conditioned_sessions_across_edge_processes(model_dirs, tmp_path):
         assert_rows_close(
             r.json()["outputs"][0], full_forward(model_dirs["concat"], rows, e).tolist()
         )
+
+
+@pytest.mark.asyncio
+async def test_a_conditioned_session_moves_between_replicas_with_its_embedding(
+    make_settings, store, model_dirs, tiny_dir
+):
+    """Through the session store (in-process and Redis): the record carries the embedding, so
+    the replica that takes the session over continues it exactly."""
+    from tests.service.test_durability import replicas
+
+    rows = random_rows(30, seed=12)
+    e = [0.7, -0.1, 0.4, 0.0, 1.2]
+    settings = functools.partial(make_settings, models={"tiny": tiny_dir, **model_dirs})
+    async with replicas(settings, store) as (a, b):
+        body = {"model": "add", "embedding": e, "prefix": rows[:5]}
+        r = await a.post("/v1/sessions", json=body)
+        sid, outputs = r.json()["session_id"], r.json()["outputs"]
+        for client, start, stop in ((a, 5, 12), (b, 12, 20), (a, 20, 30)):  # handed off twice
+            r = await client.post(
+                f"/v1/sessions/{sid}/steps", json={"inputs": rows[start:stop], "offset": start}
+            )
+            assert r.status_code == 200, r.text
+            outputs += r.json()["outputs"]
+        assert_rows_close(outputs, full_forward(model_dirs["add"], rows, e).tolist())
+        assert (await b.get(f"/v1/sessions/{sid}/snapshot")).json()["embedding"] == e

@@ -199,7 +199,8 @@ async def get_snapshot(session_id: str, caller: CallerDep) -> Snapshot:
         model=session.model,
         position=session.position,
         inputs=inputs,
-        embedding=embedding.tolist() if isinstance(embedding, np.ndarray) else embedding,
+        # an array in-process, a list across the engine boundary: one JSON list either way
+        embedding=None if embedding is None else np.asarray(embedding, np.float64).tolist(),
     )
 
 
