@@ -254,8 +254,9 @@ class RemoteModel:
         self.config = ModelShape(
             info["in_channels"], info["out_channels"], view.receptive_field, info["vocab_size"]
         )
+        dims = info.get("embedding_dims") or ()
         self.inputs = InputSpec(
-            view.width, view.vocab_size, np.dtype(view.input_dtype), view.max_abs
+            view.width, view.vocab_size, np.dtype(view.input_dtype), view.max_abs, sum(dims)
         )
         self.capacity: int = info["max_sessions"]
 

@@ -41,7 +41,7 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
 class PredictBody(_Body):
     inputs: msgspec.Raw
     outputs: Literal["all", "last"] = "all"
-    embeddings: list[list[float]] | None = None  # one per sequence, for a conditioned model
+    embeddings: msgspec.Raw = msgspec.Raw()  # one per sequence, for a conditioned model
 
     @staticmethod
     def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
@@ -59,7 +59,7 @@ class SnapshotBody(_Body):
     inputs: msgspec.Raw
     session_id: str | None = None  # present when a GET .../snapshot body is posted back
     model: str | None = None
-    embedding: list[float] | None = None  # a conditioned model's session's
+    embedding: msgspec.Raw = msgspec.Raw()  # a conditioned model's session's; see `embeddings`
 
 
 class CreateBody(_Body):
@@ -68,7 +68,7 @@ class CreateBody(_Body):
     ttl_s: float | None = None
     prefix: msgspec.Raw = msgspec.Raw()  # empty when absent; see `given`
     snapshot: SnapshotBody | None = None
-    embedding: list[float] | None = None  # what a conditioned model's session is conditioned on
+    embedding: msgspec.Raw = msgspec.Raw()  # a conditioned model's session's; see `embeddings`
 
     @staticmethod
     def counts(limits: RequestLimits) -> tuple[json_bounds.Count, ...]:
@@ -121,6 +121,34 @@ def check_offset(offset: int | None, what: str = "offset") -> int | None:
     return offset
 
 
+def embeddings(raw: msgspec.Raw, spec: InputSpec, what: str, one: bool) -> list | None:
+    """A body's raw `embedding` (`one`) or `embeddings` (one per sequence) -> lists of floats,
+    decoded against the model's width, so a wrong length fails at its value past the width
+    (the body's counts bound how many); None when absent. Whether the model needs one is
+    `embedding`'s to say."""
+    if not given(raw):
+        return None
+    if not spec.embedding_width:
+        raise _no_embedding(what)
+    try:
+        return _embedding_decoder(spec.embedding_width, one).decode(raw)
+    except msgspec.ValidationError as e:
+        hint = f"an embedding is {spec.embedding_width} numbers"
+        raise InvalidInput(located(str(e), what, hint)) from None
+    except msgspec.DecodeError as e:
+        raise InvalidInput(_malformed(e, raw, what)) from None
+
+
+def _no_embedding(what: str) -> InvalidInput:
+    return InvalidInput(f"{what}: this model takes no embedding (embedding_dims null)")
+
+
+@functools.cache
+def _embedding_decoder(width: int, one: bool) -> msgspec.json.Decoder:
+    vector: Any = tuple[(float,) * width]  # type: ignore[misc]
+    return msgspec.json.Decoder(vector if one else list[vector])  # type: ignore[valid-type]
+
+
 def embedding(
     values: list[float] | None, dims: tuple[int, ...] | None, what: str = "embedding"
 ) -> np.ndarray | None:
@@ -130,7 +158,7 @@ def embedding(
     magnitude for the model's dtype.)"""
     if dims is None:
         if values is not None:
-            raise InvalidInput(f"{what}: this model takes no embedding (embedding_dims null)")
+            raise _no_embedding(what)
         return None
     width = sum(dims)
     if values is None:
@@ -164,6 +192,7 @@ class InputSpec:
     vocab_size: int | None
     dtype: np.dtype  # of float rows: the served dtype's numpy counterpart
     max_abs: float  # larger magnitudes could overflow inside the model (model/numeric_range.py)
+    embedding_width: int = 0  # a conditioned model's values per embedding; 0: it takes none
 
 
 @functools.cache

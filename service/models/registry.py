@@ -82,7 +82,8 @@ class ModelEntry:
         limit = self.max_input_abs
         if limit is None:
             limit = float(torch.finfo(self.dtype).max)
-        spec = InputSpec(self.config.in_channels, self.config.vocab_size, self.input_dtype, limit)
+        c = self.config
+        spec = InputSpec(c.in_channels, c.vocab_size, self.input_dtype, limit, c.embedding_width)
         if self.ready:
             self._inputs = spec
         return spec

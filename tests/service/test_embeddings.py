@@ -108,7 +108,9 @@ def test_a_missing_or_wrong_embedding_is_refused_and_changes_nothing(settings):
     with serving(create_app(settings)) as c:
         cases = [
             ("add", None, "conditioned on an embedding of 5 values"),
-            ("add", [1.0, 2.0], "expected 5 values"),
+            ("add", [1.0, 2.0], "an embedding is 5 numbers"),
+            ("add", [0.5] * 100_000, "an embedding is 5 numbers"),  # refused at its 6th value
+            ("add", [1.0, 2.0, 3.0, 4.0, "5"], "Expected `float`"),
             ("tiny", [1.0], "takes no embedding"),
         ]
         for model, embedding, says in cases:

@@ -29,16 +29,17 @@ async def predict(name: str, request: Request, caller: CallerDep) -> Response:
     data = await body_bytes(request)
     spec = entry.inputs
 
-    def decode() -> tuple[inputs.PredictBody, list]:
+    def decode() -> tuple[inputs.PredictBody, list, list | None]:
         body = inputs.decode_body(data, inputs.PredictBody, limits=caller.runtime.limits)
-        return body, inputs.sequences(body.inputs, spec, "inputs")
+        embeddings = inputs.embeddings(body.embeddings, spec, "embeddings", one=False)
+        return body, inputs.sequences(body.inputs, spec, "inputs"), embeddings
 
-    body, sequences = await caller.runtime.decode(len(data), decode)
+    body, sequences, embeddings = await caller.runtime.decode(len(data), decode)
     if len(sequences) > settings.max_sequences_per_request:
         raise TooManySequences(
             f"the request has {len(sequences)} sequences; at most "
             f"{settings.max_sequences_per_request} per request (max_sequences_per_request)"
         )
     check_timesteps(sum(len(s) for s in sequences), settings.max_timesteps_per_request)
-    outputs = await entry.predict(sequences, body.outputs == "last", body.embeddings)
+    outputs = await entry.predict(sequences, body.outputs == "last", embeddings)
     return json_response({"model": name, "outputs": [y.tolist() for y in outputs]})

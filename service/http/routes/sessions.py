@@ -85,19 +85,18 @@ async def create_session(
 
     def decode_rows() -> tuple:
         prefix = None
+        embedding = inputs.embeddings(body.embedding, spec, "embedding", one=True)
         if inputs.given(body.prefix):
             prefix = inputs.rows(body.prefix, spec, "prefix", allow_empty=True)
         if snapshot is None:
-            return prefix, None
+            return prefix, None, embedding
         rows = inputs.rows(snapshot.inputs, spec, "snapshot.inputs", allow_empty=True)
-        return prefix, (snapshot.position, rows)
-
-    prefix, restore = await caller.runtime.decode(len(data), decode_rows)
-    embedding = body.embedding
-    if snapshot is not None and snapshot.embedding is not None:
-        if embedding is not None and embedding != snapshot.embedding:
+        kept = inputs.embeddings(snapshot.embedding, spec, "snapshot.embedding", one=True)
+        if embedding is not None and kept is not None and embedding != kept:
             raise InvalidInput("embedding differs from the snapshot's: give one of them")
-        embedding = snapshot.embedding
+        return prefix, (snapshot.position, rows), embedding if embedding is not None else kept
+
+    prefix, restore, embedding = await caller.runtime.decode(len(data), decode_rows)
     session, outputs = await caller.sessions.create(
         caller.owner,
         body.model,
