@@ -19,6 +19,7 @@ here, checked) as written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -212,7 +213,8 @@ def serves(where: str, env: dict[str, str], argv: list[str], cwd: Path) -> None:
     argv = [*argv, "--port", str(port)]
     if "--grpc-port" in argv:
         argv += ["--grpc-port", str(free_port())]
-    with redis_server(cwd) if any(w.startswith("redis://") for w in argv) else nullcontext() as r:
+    store = any(w.startswith("redis://") for w in argv)
+    with redis_server(cwd) if store else contextlib.nullcontext() as r:
         argv = [r if r and w.startswith("redis://") else w for w in argv]
         with (cwd / "serve.log").open("w") as log:
             process = subprocess.Popen(
@@ -224,12 +226,6 @@ def serves(where: str, env: dict[str, str], argv: list[str], cwd: Path) -> None:
                 assert process.wait(60) == 0, (where, (cwd / "serve.log").read_text()[-2000:])
             finally:
                 stop_process(process)
-
-
-def nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize(("where", "command"), BENCH, ids=[f"{w} {c}" for w, c in BENCH])

@@ -112,13 +112,7 @@ def test_pytorch_tcn_unsupported_options_are_refused(kwargs, option):
 def test_pytorch_tcn_batch_norm_is_folded_into_the_convs_exactly(tmp_path, activation):
     kwargs = {"use_norm": "batch_norm", "activation": activation, "output_projection": 2}
     theirs = their_tcn(30, 3, [6, 8, 8], kernel_size=3, **kwargs)
-    gen = torch.Generator().manual_seed(30)
-    with torch.no_grad():  # trained statistics, far from the initial (0, 1)
-        for name, buf in theirs.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=gen))
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) * 3 + 0.1)
+    _trained_batch_norms(theirs, 30)
     x = inputs(3, seed=31)
     expected = theirs(x)
     torch.testing.assert_close(convert_pytorch_tcn(theirs)(x), expected, **TOL)
