@@ -306,69 +306,70 @@ def _affine(weight_t, bias, inp, c_in, out, n):
             out[s, o] = acc
 
 
+# The fused step's operands, as one typed list of 2-D arrays (`ops`) and one int64 array of
+# sizes and flags (`meta`), so that a call unboxes two containers, not one per kind of operand:
+# numba types each typed list argument in Python, which costs ~0.7 us a list on every call and
+# more once the step has pushed the interpreter's data out of the cache. With B blocks, ops
+# holds, in order (a "row" is a (1, C) array; (0, 0) where a block has none):
+#   [0, 2B)    rings, one per conv         [2B, 4B)  weights (C_out, k * C_in), transposed
+#   [4B, 6B)   biases (rows)               [6B, 8B)  per block downsample weight, bias row
+#   [8B, 10B)  per block skip weight, row  [10B, 14B) per block norm1, norm2 weight and bias rows
+#   [14B, 15B) condition tables            [15B, 16B) condition mixes (W2a^T)
+#   16B, +1    head weight, bias row       16B+2 .. 16B+7: scratch h, a, o, r, taps, skip sum
+#   16B+8      y                           16B+9: the input history (rows, C_in), or (0, C_in)
+# and meta: k, activation code, gate, keras, skip connections, history length, B, then the
+# 2B ring lengths, the B dilations, the B skip modes, and max_rows of scratch (positions).
+_META_RING_LENS = 7
+
+
 @_jit
-def _step(
-    rings,
-    weights_t,
-    biases,
-    ring_lens,
-    dilations,
-    k,
-    downsample,
-    head,
-    slots,
-    pos,
-    x,
-    bufs,
-    y,
-    zero,
-    history,
-    history_len,
-    positions,
-    commit,
-    act,
-    skip_modes,
-    skip_w,
-    gate,
-    norms,
-    keras,
-    norm_eps,
-    cond_tables,
-    cond_mix,
-):
-    """The whole step; returns False when a ring write or an output is not finite. With
-    `commit`, a finite step also records x in the input history and moves the positions on.
-    `skip_modes` per block: 0 no skip connection, 1 its conv output added as it is, 2 through
-    its 1x1 conv (`skip_w`); with any, the sum is added to the last block's output and the
-    activation taken again (pytorch-tcn's use_skip_connections). `cond_tables` per block: a
-    conditioned model's (slots, first width) table of per-stream terms, or (0, 0) (`cond_mix`:
-    W2a transposed where it is not folded into the conv, else (0, 0); `_condition`)."""
-    h, a, o, r, taps, sk = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5]
-    n, c = x.shape[0], x.shape[1]
+def _run(ops, meta, slots, pos, by_slot, x, zero, norm_eps):
+    """The whole step of n = len(slots) streams, into ops' y; returns False when a ring write
+    or an output is not finite. Stream s is at position pos[slots[s]] (`by_slot`, a step: pos
+    is the pool's positions) or pos[s] (an advance's rows). Skip modes per block: 0 none, 1
+    its conv output added as it is, 2 through its 1x1 conv; with any, the sum is added to the
+    last block's output and the activation taken again (pytorch-tcn's use_skip_connections).
+    A conditioned block adds each stream's row of its table after the first conv and its norm
+    (times the block's mix first, where the mix is not folded into the conv; `_condition`)."""
+    k, act, gate, keras, use_skips, n_blocks = meta[0], meta[1], meta[2], meta[3], meta[4], meta[6]
+    at_dil = _META_RING_LENS + 2 * n_blocks
+    at_skip = at_dil + n_blocks
+    nb = n_blocks
+    base = 16 * nb
+    h, a, o, r = ops[base + 2], ops[base + 3], ops[base + 4], ops[base + 5]
+    taps, sk, y = ops[base + 6], ops[base + 7], ops[base + 8]
+    n, c = slots.shape[0], x.shape[1]
+    rows = meta[at_skip + n_blocks : at_skip + n_blocks + n]  # scratch: each stream's position
     for s in range(n):
+        rows[s] = pos[slots[s]] if by_slot else pos[s]
         for i in range(c):
             h[s, i] = x[s, i]
-    use_skips = skip_modes.shape[0] > 0
     if use_skips:
         for s in range(n):
             for i in range(sk.shape[1]):
                 sk[s, i] = zero
     finite = True
-    for b in range(dilations.shape[0]):
-        w1, w2 = weights_t[2 * b], weights_t[2 * b + 1]
+    for b in range(n_blocks):
+        dilation = meta[at_dil + b]
+        len1, len2 = meta[_META_RING_LENS + 2 * b], meta[_META_RING_LENS + 2 * b + 1]
+        ring1, ring2 = ops[2 * b], ops[2 * b + 1]
+        w1, w2 = ops[2 * nb + 2 * b], ops[2 * nb + 2 * b + 1]
+        b1, b2 = ops[4 * nb + 2 * b][0], ops[4 * nb + 2 * b + 1][0]
         mid, c_out = w2.shape[1] // k, w2.shape[0]
-        normed = norms[4 * b].shape[0] > 0  # layer norms after both convs
-        table, mix_t = cond_tables[b], cond_mix[b]
+        normed = ops[10 * nb + 4 * b].shape[0] > 0  # layer norms after both convs
+        table, mix_t = ops[14 * nb + b], ops[15 * nb + b]
         if table.shape[0] > 0:  # conditioned: conv, norm, the streams' terms, then act or gate
             width = 2 * mid if gate else mid
             mixed = mix_t.shape[0] > 0
             pre = r if mixed or gate else a  # the conv's output; o is free until conv2
             finite &= _conv(
-                rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
-                h, c, pre, taps, zero, -1,
+                ring1, w1, b1, len1, dilation, k, slots, rows, h, c, pre, taps, zero, -1
             )  # fmt: skip
             if normed:
-                _norm_act(pre, n, width, norms[4 * b], norms[4 * b + 1], -1, zero, norm_eps)
+                _norm_act(
+                    pre, n, width, ops[10 * nb + 4 * b][0], ops[10 * nb + 4 * b + 1][0], -1, zero,
+                    norm_eps,
+                )  # fmt: skip
             if gate:
                 post = o if mixed else r
                 _condition(pre, post, n, width, table, slots, mix_t, -1, zero)
@@ -378,45 +379,52 @@ def _step(
             else:
                 _condition(pre, a, n, width, table, slots, mix_t, act, zero)
         elif gate:  # the conv's 2 * mid outputs into r, then a = first half x sigmoid(second)
-            finite &= _conv(
-                rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
-                h, c, r, taps, zero, -1,
-            )  # fmt: skip
+            finite &= _conv(ring1, w1, b1, len1, dilation, k, slots, rows, h, c, r, taps, zero, -1)
             if normed:
-                _norm_act(r, n, 2 * mid, norms[4 * b], norms[4 * b + 1], -1, zero, norm_eps)
+                _norm_act(
+                    r, n, 2 * mid, ops[10 * nb + 4 * b][0], ops[10 * nb + 4 * b + 1][0], -1, zero,
+                    norm_eps,
+                )  # fmt: skip
             for s in range(n):
                 for i in range(mid):
                     a[s, i] = r[s, i] / (1.0 + math.exp(-r[s, mid + i]))
         else:
             finite &= _conv(
-                rings[2 * b], w1, biases[2 * b], ring_lens[2 * b], dilations[b], k, slots, pos,
-                h, c, a, taps, zero, -1 if normed else act,
+                ring1, w1, b1, len1, dilation, k, slots, rows, h, c, a, taps, zero,
+                -1 if normed else act,
             )  # fmt: skip
             if normed:
-                _norm_act(a, n, mid, norms[4 * b], norms[4 * b + 1], act, zero, norm_eps)
+                _norm_act(
+                    a, n, mid, ops[10 * nb + 4 * b][0], ops[10 * nb + 4 * b + 1][0], act, zero,
+                    norm_eps,
+                )  # fmt: skip
         finite &= _conv(
-            rings[2 * b + 1], w2, biases[2 * b + 1], ring_lens[2 * b + 1], dilations[b], k,
-            slots, pos, a, mid, o, taps, zero, -1 if normed else act,
+            ring2, w2, b2, len2, dilation, k, slots, rows, a, mid, o, taps, zero,
+            -1 if normed else act,
         )  # fmt: skip
         if normed:
-            _norm_act(o, n, c_out, norms[4 * b + 2], norms[4 * b + 3], act, zero, norm_eps)
+            _norm_act(
+                o, n, c_out, ops[10 * nb + 4 * b + 2][0], ops[10 * nb + 4 * b + 3][0], act, zero,
+                norm_eps,
+            )  # fmt: skip
         if keras:  # keras-tcn's Act_Conv_Blocks: the activation once more
             for s in range(n):
                 for i in range(c_out):
                     o[s, i] = _act(o[s, i], act, zero)
-        mode = skip_modes[b] if use_skips else 0
+        mode = meta[at_skip + b] if use_skips else 0
         if mode == 1:
             for s in range(n):
                 for i in range(c_out):
                     sk[s, i] += o[s, i]
         elif mode == 2:  # r is free until the residual below
-            _affine(skip_w[2 * b], skip_w[2 * b + 1][0], o, c_out, r, n)
+            skip_w = ops[8 * nb + 2 * b]
+            _affine(skip_w, ops[8 * nb + 2 * b + 1][0], o, c_out, r, n)
             for s in range(n):
-                for i in range(skip_w[2 * b].shape[0]):
+                for i in range(skip_w.shape[0]):
                     sk[s, i] += r[s, i]
         residual = h
-        if downsample[2 * b].shape[0] > 0:  # a 1x1 conv where the width changes
-            _affine(downsample[2 * b], downsample[2 * b + 1][0], h, c, r, n)
+        if ops[6 * nb + 2 * b].shape[0] > 0:  # a 1x1 conv where the width changes
+            _affine(ops[6 * nb + 2 * b], ops[6 * nb + 2 * b + 1][0], h, c, r, n)
             residual = r
         # Branches on `act` as statements, never one typed expression: mixing the dtype's ReLU
         # with `_act`'s float64 in one expression costs the ReLU path its vectorised stores.
@@ -434,8 +442,9 @@ def _step(
         for s in range(n):
             for i in range(c):
                 h[s, i] = sk[s, i] if keras else _act(h[s, i] + sk[s, i], act, zero)
-    if head[0].shape[0] > 0:
-        _affine(head[0], head[1][0], h, c, y, n)
+    head = ops[base]
+    if head.shape[0] > 0:
+        _affine(head, ops[base + 1][0], h, c, y, n)
     else:
         for s in range(n):
             for i in range(c):
@@ -443,43 +452,83 @@ def _step(
     for s in range(n):
         for i in range(y.shape[1]):
             finite &= np.isfinite(y[s, i])
-    if finite and commit:
-        for s in range(n):
-            if history_len > 0:
-                at = slots[s] * history_len + pos[s] % history_len
-                for i in range(x.shape[1]):
-                    history[at, i] = x[s, i]
-            positions[slots[s]] += 1
     return finite
+
+
+@_jit
+def _commit(ops, meta, slots, rows_at, by_slot, x, positions):
+    """After a finite step: x into each stream's input history, and its position on by one."""
+    history, history_len = ops[16 * meta[6] + 9], meta[5]
+    for s in range(slots.shape[0]):
+        if history_len > 0:
+            t = rows_at[slots[s]] if by_slot else rows_at[s]
+            at = slots[s] * history_len + t % history_len
+            for i in range(x.shape[1]):
+                history[at, i] = x[s, i]
+        positions[slots[s]] += 1
+
+
+@_jit
+def _step(ops, meta, slots, pos, x, zero, norm_eps, commit, positions):
+    """`fused_step`'s kernel: the step at positions pos[s]; with `commit`, a finite step also
+    records x in the history and moves `positions` on."""
+    finite = _run(ops, meta, slots, pos, False, x, zero, norm_eps)
+    if finite and commit:
+        _commit(ops, meta, slots, pos, False, x, positions)
+    return finite
+
+
+# `_step_checked`'s outcomes; every refusal but NONFINITE is found before anything is written.
+STEP_OK, STEP_NONFINITE, STEP_BAD_SLOT, STEP_BAD_INPUT, STEP_LAST_POSITION = 0, 1, 2, 3, 4
+
+
+@_jit
+def _step_checked(ops, meta, slots, positions, is_open, x, limit, last_position, zero, norm_eps):
+    """A pool's step with its checks inside the kernel: every slot open and named once, every
+    |input| <= limit (NaN fails), no position at `last_position`; then the step, and when it is
+    finite, the commit. Returns one of the STEP_ codes."""
+    n, capacity = slots.shape[0], is_open.shape[0]
+    for s in range(n):
+        slot = slots[s]
+        if slot < 0 or slot >= capacity or not is_open[slot]:
+            return STEP_BAD_SLOT
+        for q in range(s):
+            if slots[q] == slot:
+                return STEP_BAD_SLOT
+    for s in range(n):
+        for i in range(x.shape[1]):
+            if not abs(x[s, i]) <= limit:
+                return STEP_BAD_INPUT
+    for s in range(n):
+        if positions[slots[s]] >= last_position:
+            return STEP_LAST_POSITION
+    if not _run(ops, meta, slots, positions, True, x, zero, norm_eps):
+        return STEP_NONFINITE
+    _commit(ops, meta, slots, positions, True, x, positions)
+    return STEP_OK
 
 
 @dataclass(frozen=True)
 class FusedPlan:
-    """Everything the compiled step reads, as numpy views of the pool's CPU tensors."""
+    """Everything the compiled step reads: `ops` and `meta` (laid out as above), numpy views of
+    the pool's CPU tensors where the pool owns them (rings, condition tables, history)."""
 
-    rings: Any  # typed list of (slots * L + scratch, C_in) views, one per conv
-    weights_t: Any  # typed list of (C_out, k * C_in)
-    biases: Any  # typed list of (C_out,)
-    ring_lens: np.ndarray  # (convs,) int64
-    dilations: np.ndarray  # (blocks,) int64
-    kernel_size: int
-    downsample: Any  # typed list: per block (C_out, C_in) weight and (1, C_out) bias, or (0, 0)s
-    head: Any  # typed list: (out, C) weight and (1, out) bias, or (0, 0)s
-    bufs: Any  # typed list: h, a, o, residual (max_rows, C_max) and taps (max_rows, k * C_max)
-    y: np.ndarray  # (max_rows, output width)
+    ops: Any  # typed list of 2-D arrays of the pool's dtype
+    meta: np.ndarray  # int64
+    n_blocks: int
     max_rows: int
     zero: Any  # 0 in the pool's dtype, so the compiled code never widens to float64
-    act: int  # the block activation's code (model/activations.py)
-    skip_modes: np.ndarray  # (blocks,) int64 (see `_step`), or (0,) without skip connections
-    skip_w: Any  # typed list: per block its skip conv's (C_last, C_i) weight and (1, C_last) bias
-    gate: bool  # a GLU after each block's first conv (of twice the width) instead of `act`
-    norms: Any  # typed list: per block norm1's and norm2's weight and bias (C,), or (0,)s
-    keras: bool  # keras-tcn's block (model/activations.py `Activation.keras`)
     norm_eps: float  # the layer norms' epsilon
-    cond_tables: Any  # typed list: per block its (slots, W) table of stream terms, or (0, 0)
-    cond_mix: Any  # typed list: per block W2a^T (W, W) applied before the term, or (0, 0)
-    no_history: np.ndarray  # (0, C_in): stands in for the history when not committing
-    no_positions: np.ndarray  # (0,) int64
+    no_positions: np.ndarray  # (0,) int64: stands in for the positions when not committing
+
+    @property
+    def y(self) -> np.ndarray:
+        """The outputs of the last step, (max_rows, output width)."""
+        return self.ops[16 * self.n_blocks + 8]
+
+    @property
+    def cond_tables(self) -> list[np.ndarray]:
+        return [self.ops[14 * self.n_blocks + b] for b in range(self.n_blocks)]
 
 
 def fused_plan(
@@ -496,85 +545,80 @@ def fused_plan(
     norms: list | None = None,  # per block (norm1, norm2), each (weight, bias) or None
     keras: bool = False,
     conds: list | None = None,  # per block (table, mix (W, W) or None) or None (conditioning.py)
+    history: tuple[np.ndarray, int] | None = None,  # the pool's (slots * len, C_in), len
 ) -> FusedPlan:
     """Lay out a pool's operands for `fused_step` (weights transposed once, at load)."""
     if not AVAILABLE:
         raise RuntimeError("the fused step kernel needs numba (pip install numba)")
     dtype = layers[0][0].dtype
     empty = np.zeros((0, 0), dtype=dtype)
-    no_norm = np.zeros(0, dtype=dtype)
-
-    def typed(arrays: list[np.ndarray]) -> Any:
-        out = TypedList()
-        for arr in arrays:
-            out.append(arr)
-        return out
-
     n_blocks = len(dilations)
     widths = [in_width] + [w.shape[1] for _, w, _, _ in layers]
     c_max = max(widths)
-    ds: list[np.ndarray] = []
-    for pair in downsample:
+
+    def transposed(pair: tuple[np.ndarray, np.ndarray] | None) -> list[np.ndarray]:
+        """A (C_in, C_out) weight and its bias as the kernel reads them, or two empties."""
         if pair is None:
-            ds += [empty, empty]
-        else:
-            ds += [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
-    head_arrays = (
-        [empty, empty]
-        if head is None
-        else [np.ascontiguousarray(head[0].T), head[1].reshape(1, -1).copy()]
-    )
+            return [empty, empty]
+        return [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
+
+    def as_row(v: np.ndarray | None) -> np.ndarray:
+        return empty if v is None else np.ascontiguousarray(v.reshape(1, -1))
+
+    modes, skip_w = [], []
+    for pair in skips or ():
+        modes.append(1 if pair is None else 2)
+        skip_w += transposed(pair)
+    if skips is not None and len(modes) < n_blocks:
+        modes.append(0)  # the last block's output is the sum's other term
+    skip_w += [empty, empty] * (n_blocks - len(skip_w) // 2)
+    norm_rows = [
+        as_row(part)
+        for pair in (norms or [(None, None)] * n_blocks)
+        for norm in pair
+        for part in (norm[:2] if norm is not None else (None, None))
+    ]
     out_width = head[0].shape[1] if head is not None else widths[-1]
     bufs = [np.zeros((max_rows, c_max), dtype=dtype) for _ in range(4)]
     bufs.append(np.zeros((max_rows, kernel_size * c_max), dtype=dtype))
     bufs.append(np.zeros((max_rows, c_max), dtype=dtype))  # the skip connections' sum
-    modes, skip_w = [], []
-    for pair in skips or ():
-        modes.append(1 if pair is None else 2)
-        if pair is None:
-            skip_w += [empty, empty]
-        else:
-            skip_w += [np.ascontiguousarray(pair[0].T), pair[1].reshape(1, -1).copy()]
-    if skips is not None and len(modes) < len(dilations):
-        modes.append(0)  # the last block's output is the sum's other term
-    skip_w += [empty, empty]  # the last block's (none); and a typed list cannot be empty
+    conds = conds or [None] * n_blocks
+    arrays = (
+        [ring for ring, _, _, _ in layers]
+        + [np.ascontiguousarray(w.T) for _, w, _, _ in layers]
+        + [b.reshape(1, -1) for _, _, b, _ in layers]
+        + [a for pair in downsample for a in transposed(pair)]
+        + skip_w
+        + norm_rows
+        # views of the pool's tables (open() writes them), so one plan serves every stream
+        + [empty if c is None else c[0] for c in conds]
+        + [empty if c is None or c[1] is None else np.ascontiguousarray(c[1].T) for c in conds]
+        + transposed(head)
+        + bufs
+        + [np.zeros((max_rows, out_width), dtype=dtype)]
+        + [history[0] if history is not None else np.zeros((0, in_width), dtype=dtype)]
+    )
+    assert len(arrays) == 16 * n_blocks + 10, len(arrays)
+    ops = TypedList()
+    for arr in arrays:
+        assert arr.dtype == dtype and arr.ndim == 2 and arr.flags.c_contiguous, arr.shape
+        ops.append(arr)
+    meta = np.array(
+        [kernel_size, act, gate, keras, skips is not None, history[1] if history else 0, n_blocks]
+        + [length for _, _, _, length in layers]
+        + list(dilations)
+        + (modes or [0] * n_blocks)
+        + [0] * max_rows,
+        dtype=np.int64,
+    )
     return FusedPlan(
-        rings=typed([ring for ring, _, _, _ in layers]),
-        weights_t=typed([np.ascontiguousarray(w.T) for _, w, _, _ in layers]),
-        biases=typed([b for _, _, b, _ in layers]),
-        ring_lens=np.array([length for _, _, _, length in layers], dtype=np.int64),
-        dilations=np.array(dilations, dtype=np.int64),
-        kernel_size=kernel_size,
-        downsample=typed(ds),
-        head=typed(head_arrays),
-        bufs=typed(bufs),
-        y=np.zeros((max_rows, out_width), dtype=dtype),
+        ops=ops,
+        meta=meta,
+        n_blocks=n_blocks,
         max_rows=max_rows,
         zero=dtype.type(0),
-        act=act,
-        skip_modes=np.array(modes, dtype=np.int64),
-        skip_w=typed(skip_w),
-        gate=gate,
-        keras=keras,
         norm_eps=next((float(n[2]) for pair in norms or () for n in pair if n is not None), 1e-5),
-        norms=typed(
-            [
-                part
-                for pair in (norms or [(None, None)] * len(dilations))
-                for norm in pair
-                for part in (norm[:2] if norm is not None else (no_norm, no_norm))
-            ]
-        ),
-        no_history=np.zeros((0, in_width), dtype=dtype),
         no_positions=np.zeros(0, dtype=np.int64),
-        # views of the pool's tables (open() writes them), so one plan serves every stream
-        cond_tables=typed([empty if c is None else c[0] for c in conds or [None] * n_blocks]),
-        cond_mix=typed(
-            [
-                empty if c is None or c[1] is None else np.ascontiguousarray(c[1].T)
-                for c in conds or [None] * n_blocks
-            ]
-        ),
     )
 
 
@@ -583,14 +627,15 @@ def fused_step(
     slots: np.ndarray,
     positions: np.ndarray,
     x: np.ndarray,
-    commit: tuple[np.ndarray, int, np.ndarray] | None = None,
+    commit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """One step of n <= max_rows streams: x (n, C_in) -> (y (n, out) a fresh array, finite).
+    """One step of n <= max_rows rows at positions[s]: x (n, C_in) -> (y (n, out), finite),
+    y a fresh array. The rows of one stream may share a call, in time order (an advance).
 
     Writes time t's rows into the rings (harmless until the positions move on); `finite` is
-    False when an output or a ring write is NaN or Inf. `commit` = (history (rows, C_in),
-    history_len, the pool's positions): when the step is finite, x goes into each stream's
-    input history and its position moves on, inside the same call.
+    False when an output or a ring write is NaN or Inf. `commit`, the pool's positions: when
+    the step is finite, x goes into each stream's input history and its position moves on,
+    inside the same call.
     """
     if not 0 < x.shape[0] <= plan.max_rows or slots.shape != (x.shape[0],):
         # the compiled code does not check bounds
@@ -600,30 +645,32 @@ def fused_step(
         a if a.flags.c_contiguous and a.flags.writeable else a.copy() for a in (slots, positions, x)
     )
     finite = _step(
-        plan.rings,
-        plan.weights_t,
-        plan.biases,
-        plan.ring_lens,
-        plan.dilations,
-        plan.kernel_size,
-        plan.downsample,
-        plan.head,
+        plan.ops,
+        plan.meta,
         slots,
         positions,
         x,
-        plan.bufs,
-        plan.y,
         plan.zero,
-        *(commit if commit is not None else (plan.no_history, 0, plan.no_positions)),
-        commit is not None,
-        plan.act,
-        plan.skip_modes,
-        plan.skip_w,
-        plan.gate,
-        plan.norms,
-        plan.keras,
         plan.norm_eps,
-        plan.cond_tables,
-        plan.cond_mix,
+        commit is not None,
+        commit if commit is not None else plan.no_positions,
     )
     return plan.y[: x.shape[0]].copy(), bool(finite)
+
+
+def step_checked(
+    plan: FusedPlan,
+    slots: np.ndarray,
+    positions: np.ndarray,
+    is_open: np.ndarray,
+    x: np.ndarray,
+    limit: float,
+    last_position: int,
+) -> int:
+    """A pool's whole step in one call (`_step_checked`): slots (n,) int64 and x (n, C_in),
+    both C-contiguous and writable (the caller checks the layout; the kernel the values).
+    Returns a STEP_ code; the outputs of STEP_OK and STEP_NONFINITE are in plan.y[:n]."""
+    return _step_checked(
+        plan.ops, plan.meta, slots, positions, is_open, x, limit, last_position, plan.zero,
+        plan.norm_eps,
+    )  # fmt: skip

@@ -43,6 +43,7 @@ class KernelPlanning:
         self._numpy_plan = None
         self._skips_np = None
         self._fused_plan = None
+        self._fused_checked = False
         self._blas_plan = None  # set: steps above the lines below take `step_blas`
         self.numpy_max_rows = 0  # steps of at most this many streams go through numpy
         self.fused_max_rows = 0  # ... through the compiled fused kernel (before numpy)
@@ -108,7 +109,14 @@ class KernelPlanning:
                 [numpy_view((block.norm1, block.norm2)) for block in self._blocks],
                 self.config.keras_tcn,
                 [numpy_view(block.cond) for block in self._blocks],
+                None if self.config.vocab_size else (self._history_np, self.history_len),
             )
+            # A step of float inputs without an output activation is checked, run and
+            # committed in one compiled call (`StepPaths.step`).
+            self._fused_checked = (
+                self.config.vocab_size is None and self.config.output_activation == "none"
+            )
+            self._fused_limit = self.input_limit
         if step_kernel == "numpy" or (step_kernel == "auto" and not fused_step.AVAILABLE):
             self._numpy_plan = numpy_view(self._step_plan)
             self._skips_np = numpy_view(self._skips) if self._skips is not None else None

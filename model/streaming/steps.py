@@ -47,6 +47,10 @@ class StepPaths:
         self, slots: Sequence[int] | np.ndarray | torch.Tensor, x: torch.Tensor | np.ndarray
     ) -> torch.Tensor:
         """Advance N distinct streams by one timestep: x (N, in_channels) -> y (N, out)."""
+        if self._fused_checked:
+            y = self._step_fused_checked(slots, x)
+            if y is not None:
+                return y
         slot_np = self._slot_array(slots)
         n = slot_np.size
         kernel = self.kernel_for(n)
@@ -68,11 +72,7 @@ class StepPaths:
             commit = self._embedding is None and self.config.output_activation == "none"
             h = self._embedding_np[x_np] if self._embedding is not None else x_np
             y_np, finite = fused_step.fused_step(
-                self._fused_plan,
-                slot_np,
-                positions,
-                h,
-                (self._history_np, self.history_len, self._positions) if commit else None,
+                self._fused_plan, slot_np, positions, h, self._positions if commit else None
             )
             y = apply_output_activation(
                 torch.from_numpy(y_np), self.config.output_activation, dim=-1
@@ -119,6 +119,42 @@ class StepPaths:
                     self._history.index_copy_(0, rows, x)
         self._positions[slot_np] += 1
         return y
+
+    def _step_fused_checked(self, slots: Any, x: Any) -> torch.Tensor | None:
+        """`step` as one compiled call that checks, steps and commits (`_step_checked`), for
+        slots and rows already in the kernel's layout: int64 slots, C-contiguous writable rows
+        of the pool's dtype. None where they are not, or where a check fails: `step`'s own
+        path then converts them, or raises its error; nothing was written."""
+        if isinstance(x, torch.Tensor):
+            if not x.is_cpu or x.requires_grad:
+                return None
+            x = x.numpy()
+        if not (isinstance(slots, np.ndarray) and isinstance(x, np.ndarray)):
+            return None
+        n = slots.shape[0]
+        if (
+            slots.dtype != np.int64
+            or slots.ndim != 1
+            or not 0 < n <= self.fused_max_rows
+            or x.dtype != self._host_dtype
+            or x.shape != (n, self.config.in_channels)
+            or not (x.flags.c_contiguous and x.flags.writeable and slots.flags.c_contiguous)
+        ):
+            return None
+        plan = self._fused_plan
+        outcome = fused_step.step_checked(
+            plan, slots, self._positions, self._open, x, self._fused_limit, MAX_POSITION
+        )
+        if outcome == fused_step.STEP_OK:
+            return torch.from_numpy(plan.y[:n].copy())
+        if outcome != fused_step.STEP_NONFINITE:
+            return None
+        # Time t's ring rows were written (nothing reads them before the position passes t);
+        # the history and the positions were not.
+        bad = _nonfinite_rows(torch.from_numpy(plan.y[:n])) or self._nonfinite_ring_rows(slots)
+        raise NonFiniteOutputError(
+            f"the outputs of streams {bad} would not be finite; the step was refused", bad
+        )
 
     def _step_graphed(self, slot_np: np.ndarray, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """`step` through model/cuda_graphs.py: one copy each way, outputs on the CPU."""
@@ -264,7 +300,7 @@ class StepPaths:
             row_slots,
             row_positions,
             x,
-            (self._history_np, self.history_len, self._positions),
+            self._positions,
         )
         if not finite:  # cannot happen below the bound; the streams' rings are not trusted now
             raise RuntimeError(

@@ -149,7 +149,8 @@ class ModelWorker:
         def warm() -> None:
             slot = self._scratch_stream()
             try:
-                self.pool.step([slot], rows[:1])
+                # the worker's own layout (`_step`), so that the kernel it runs is compiled now
+                self.pool.step(np.array([slot], dtype=np.int64), np.ascontiguousarray(rows[:1]))
                 self.pool.advance([slot], rows[:3], [3])
                 self.pool.push(slot, rows[:4])
             finally:
@@ -169,7 +170,7 @@ class ModelWorker:
 
     def _time_step(self, width: int, rows: np.ndarray, repeats: int = 1) -> float:
         """Seconds one step of `width` scratch streams takes (the best of `repeats`)."""
-        slots = [self._scratch_stream() for _ in range(width)]
+        slots = np.array([self._scratch_stream() for _ in range(width)], dtype=np.int64)
         try:
             x = np.repeat(rows[:1], width, axis=0)
             best = float("inf")
@@ -179,7 +180,7 @@ class ModelWorker:
                 best = min(best, time.perf_counter() - start)
             return best
         finally:
-            for slot in reversed(slots):  # the pool hands out the lowest free slot
+            for slot in reversed(slots.tolist()):  # the pool hands out the lowest free slot
                 self.pool.close(slot)
 
     def _derive_max_batch(self, rows: np.ndarray) -> int:
@@ -370,7 +371,8 @@ class ModelWorker:
             _settle(loop, items)
 
     def _step(self, batch: list[_Step]) -> list[tuple]:
-        slots = [job.slot for job in batch]
+        # int64 slots and float rows of the pool's dtype: the fused step checks them in place.
+        slots = np.fromiter((job.slot for job in batch), np.int64, len(batch))
         lengths = [len(job.rows) for job in batch]
         x = np.concatenate([job.rows for job in batch])
         if lengths.count(1) == len(lengths):  # one row each: the step kernel

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import StreamPool, TCNConfig, fused_step
+from model import NonFiniteOutputError, StreamPool, TCNConfig, fused_step
 from tests.model.conftest import (
     full_forward,
     random_embedding,
@@ -126,6 +126,30 @@ def test_fused_relu_keeps_nan_like_torch() -> None:
     )
     assert not finite
     assert np.isnan(y).all()
+
+
+def test_a_non_finite_step_in_the_kernels_layout_is_refused_and_changes_nothing() -> None:
+    # int64 slots and float32 rows: the kernel checks and commits in one call
+    # (`_step_checked`); a step whose outputs are not finite moves nothing on.
+    config = TCNConfig(in_channels=2, channels=(3, 3), kernel_size=2, out_channels=1)
+    pool = StreamPool(random_net(config, seed=3), 3, step_kernel="fused")
+    a, b = pool.open(), pool.open()
+    slots = np.array([a, b], dtype=np.int64)
+    for _ in range(4):
+        pool.step(slots, np.ones((2, 2), dtype=np.float32))
+    history = [pool.history(a), pool.history(b)]
+    plan = pool._fused_plan
+    head_bias = plan.ops[16 * plan.n_blocks + 1]  # the kernel's copy of the head's bias
+    kept = head_bias.copy()
+    head_bias[0, 0] = np.nan
+    with pytest.raises(NonFiniteOutputError, match=r"streams \[0, 1\]"):
+        pool.step(slots, np.ones((2, 2), dtype=np.float32))
+    assert pool.position(a) == pool.position(b) == 4
+    for slot, before in zip((a, b), history, strict=True):
+        torch.testing.assert_close(pool.history(slot), before, atol=0, rtol=0)
+    head_bias[:] = kept
+    y = pool.step(slots, np.ones((2, 2), dtype=np.float32))
+    assert pool.position(a) == pool.position(b) == 5 and torch.isfinite(y).all()
 
 
 def test_read_only_and_strided_inputs_give_the_same_steps() -> None:

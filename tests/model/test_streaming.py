@@ -24,6 +24,7 @@ from model import (
     StreamPool,
     TCNConfig,
 )
+from model.streaming.errors import MAX_POSITION
 from tests.model.conftest import (
     chunk,
     drive,
@@ -602,6 +603,11 @@ BAD_FLOAT_CALLS = {
         ValueError,
         "finite",
     ),
+    "step above the input bound": (
+        lambda s: s.pool.step([s.a], torch.full((1, 3), s.pool.max_input_abs * 2)),
+        ValueError,
+        "within",
+    ),
     "step empty rows": (lambda s: s.pool.step([s.a], torch.empty(0, 3)), ValueError, "rows"),
     # push
     "push unknown slot": (lambda s: s.pool.push(s.unused, s.rows(2)), SlotError, "slot"),
@@ -711,6 +717,43 @@ def test_bad_call_on_float_model_changes_nothing(case: str) -> None:
     with pytest.raises(error, match=message):
         call(scene)
     scene.assert_untouched()
+
+
+def _in_the_kernels_layout(step):  # type: ignore[no-untyped-def]
+    """pool.step with int lists as int64 arrays and float tensors as numpy arrays: the layout
+    in which the fused kernel checks a step itself (StepPaths._step_fused_checked)."""
+
+    def wrapped(slots, x):  # type: ignore[no-untyped-def]
+        if isinstance(slots, list) and slots and all(type(v) is int for v in slots):
+            slots = np.array(slots, dtype=np.int64)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            x = x.numpy()
+        return step(slots, x)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("case", sorted(c for c in BAD_FLOAT_CALLS if c.startswith("step")))
+def test_bad_step_in_the_fused_kernels_layout_changes_nothing(case: str) -> None:
+    # The same refusals, where the compiled kernel does the checks before it writes anything.
+    call, error, message = BAD_FLOAT_CALLS[case]
+    scene = Scene(FLOAT_CONFIG)
+    assert scene.pool._fused_checked and scene.pool.kernel_for(3) == "fused"
+    scene.pool.step = _in_the_kernels_layout(scene.pool.step)
+    with pytest.raises(error, match=message):
+        call(scene)
+    del scene.pool.step
+    scene.assert_untouched()
+
+
+def test_a_step_at_the_last_position_is_refused_in_either_layout() -> None:
+    scene = Scene(FLOAT_CONFIG)
+    pool = scene.pool
+    pool._positions[scene.b] = MAX_POSITION
+    for slots in ([scene.a, scene.b], np.array([scene.a, scene.b], dtype=np.int64)):
+        with pytest.raises(ValueError, match="largest position"):
+            pool.step(slots, scene.rows(2).numpy())
+    assert pool.position(scene.a) == A_FED
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKEN_CALLS))
