@@ -520,11 +520,9 @@ class FusedPlan:
     zero: Any  # 0 in the pool's dtype, so the compiled code never widens to float64
     norm_eps: float  # the layer norms' epsilon
     no_positions: np.ndarray  # (0,) int64: stands in for the positions when not committing
-
-    @property
-    def y(self) -> np.ndarray:
-        """The outputs of the last step, (max_rows, output width)."""
-        return self.ops[16 * self.n_blocks + 8]
+    # The outputs of the last step, (max_rows, output width): the array at ops[16B + 8], held
+    # here too because reading a typed list from Python costs a compiled call (~10 us+).
+    y: np.ndarray
 
     @property
     def cond_tables(self) -> list[np.ndarray]:
@@ -583,6 +581,7 @@ def fused_plan(
     bufs.append(np.zeros((max_rows, kernel_size * c_max), dtype=dtype))
     bufs.append(np.zeros((max_rows, c_max), dtype=dtype))  # the skip connections' sum
     conds = conds or [None] * n_blocks
+    y = np.zeros((max_rows, out_width), dtype=dtype)
     arrays = (
         [ring for ring, _, _, _ in layers]
         + [np.ascontiguousarray(w.T) for _, w, _, _ in layers]
@@ -595,7 +594,7 @@ def fused_plan(
         + [empty if c is None or c[1] is None else np.ascontiguousarray(c[1].T) for c in conds]
         + transposed(head)
         + bufs
-        + [np.zeros((max_rows, out_width), dtype=dtype)]
+        + [y]
         + [history[0] if history is not None else np.zeros((0, in_width), dtype=dtype)]
     )
     assert len(arrays) == 16 * n_blocks + 10, len(arrays)
@@ -619,6 +618,7 @@ def fused_plan(
         zero=dtype.type(0),
         norm_eps=next((float(n[2]) for pair in norms or () for n in pair if n is not None), 1e-5),
         no_positions=np.zeros(0, dtype=np.int64),
+        y=y,
     )
 
 
