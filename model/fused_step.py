@@ -308,8 +308,8 @@ def _affine(weight_t, bias, inp, c_in, out, n):
 
 # The fused step's operands, as one typed list of 2-D arrays (`ops`) and one int64 array of
 # sizes and flags (`meta`), so that a call unboxes two containers, not one per kind of operand:
-# numba types each typed list argument in Python, which costs ~0.7 us a list on every call and
-# more once the step has pushed the interpreter's data out of the cache. With B blocks, ops
+# numba types each typed list argument in Python on every call (what that costs:
+# docs/benchmarks/results/model_step_r1_n1_checked.txt). With B blocks, ops
 # holds, in order (a "row" is a (1, C) array; (0, 0) where a block has none):
 #   [0, 2B)    rings, one per conv         [2B, 4B)  weights (C_out, k * C_in), transposed
 #   [4B, 6B)   biases (rows)               [6B, 8B)  per block downsample weight, bias row
@@ -331,15 +331,14 @@ def _run(ops, meta, slots, pos, by_slot, x, zero, norm_eps):
     last block's output and the activation taken again (pytorch-tcn's use_skip_connections).
     A conditioned block adds each stream's row of its table after the first conv and its norm
     (times the block's mix first, where the mix is not folded into the conv; `_condition`)."""
-    k, act, gate, keras, use_skips, n_blocks = meta[0], meta[1], meta[2], meta[3], meta[4], meta[6]
-    at_dil = _META_RING_LENS + 2 * n_blocks
-    at_skip = at_dil + n_blocks
-    nb = n_blocks
+    k, act, gate, keras, use_skips, nb = meta[0], meta[1], meta[2], meta[3], meta[4], meta[6]
+    at_dil = _META_RING_LENS + 2 * nb
+    at_skip = at_dil + nb
     base = 16 * nb
     h, a, o, r = ops[base + 2], ops[base + 3], ops[base + 4], ops[base + 5]
     taps, sk, y = ops[base + 6], ops[base + 7], ops[base + 8]
     n, c = slots.shape[0], x.shape[1]
-    rows = meta[at_skip + n_blocks : at_skip + n_blocks + n]  # scratch: each stream's position
+    rows = meta[at_skip + nb : at_skip + nb + n]  # scratch: each stream's position
     for s in range(n):
         rows[s] = pos[slots[s]] if by_slot else pos[s]
         for i in range(c):
@@ -349,7 +348,7 @@ def _run(ops, meta, slots, pos, by_slot, x, zero, norm_eps):
             for i in range(sk.shape[1]):
                 sk[s, i] = zero
     finite = True
-    for b in range(n_blocks):
+    for b in range(nb):
         dilation = meta[at_dil + b]
         len1, len2 = meta[_META_RING_LENS + 2 * b], meta[_META_RING_LENS + 2 * b + 1]
         ring1, ring2 = ops[2 * b], ops[2 * b + 1]
@@ -521,7 +520,7 @@ class FusedPlan:
     norm_eps: float  # the layer norms' epsilon
     no_positions: np.ndarray  # (0,) int64: stands in for the positions when not committing
     # The outputs of the last step, (max_rows, output width): the array at ops[16B + 8], held
-    # here too because reading a typed list from Python costs a compiled call (~10 us+).
+    # here too because reading an item of a typed list from Python is a compiled call.
     y: np.ndarray
 
     @property
