@@ -128,6 +128,95 @@ class FakeSocket:
         return await self.answer
 
 
+class FakeTransport(asyncio.Transport):
+    """What uvicorn's protocol writes to: `on_write` sees each write."""
+
+    def __init__(self, on_write: Callable[[bytes], None]):
+        super().__init__()
+        self.on_write = on_write
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.on_write(bytes(data))
+
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default=None):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+
+class ProtocolSocket:
+    """One WebSocket connection through uvicorn's own protocol, as `tcnserve serve` runs it
+    (service/ws/protocol.py, so tcnserve's streams take their direct path), fed client frames
+    by data_received and answered through a fake transport: the whole per-message path on the
+    event loop except the socket system calls."""
+
+    MASK = b"\x01\x02\x03\x04"
+
+    def __init__(self, config, path: str, query: str = ""):
+        from uvicorn.server import ServerState
+
+        self.answer: asyncio.Future | None = None
+        self.opened = asyncio.get_running_loop().create_future()
+        self.protocol = config.ws_protocol_class(config, ServerState(), {})
+        self.protocol.connection_made(FakeTransport(self._written))
+        target = path + (f"?{query}" if query else "")
+        self.protocol.data_received(
+            (
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                # lowercase, as uvicorn's HTTP protocol hands an upgrade on (httptools does)
+                f"Sec-WebSocket-Version: 13\r\nauthorization: Bearer {KEY}\r\n\r\n"
+            ).encode()
+        )
+
+    def _written(self, data: bytes) -> None:
+        if not self.opened.done():
+            self.opened.set_result(data)
+        elif self.answer is not None and not self.answer.done():
+            self.answer.set_result(data)
+
+    def frame(self, payload: bytes) -> bytes:
+        """A masked binary client frame (payloads under 126 bytes)."""
+        mask = self.MASK
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return bytes([0x82, 0x80 | len(payload)]) + mask + masked
+
+    async def push(self, frame: bytes) -> bytes:
+        self.answer = asyncio.get_running_loop().create_future()
+        self.protocol.data_received(frame)
+        return await self.answer
+
+
+def protocol_config(app):
+    """uvicorn's config as `tcnserve serve` builds it, for ProtocolSocket."""
+    import uvicorn
+
+    from service.ws.protocol import ReleasingWebSocketProtocol
+
+    config = uvicorn.Config(
+        app, ws=ReleasingWebSocketProtocol, ws_per_message_deflate=False, lifespan="off",
+        log_level="warning",
+    )  # fmt: skip
+    config.load()
+    return config
+
+
 def worker_cpu() -> float:
     """CPU seconds of this process's threads other than the calling one."""
     me = threading.get_native_id()
@@ -222,6 +311,27 @@ async def main(args: argparse.Namespace) -> None:
     async def ws_echo(i: int, _round: int) -> None:
         await echoes[i].push(encode_frame(frame_row, 0))
 
+    ours_config, echo_config = protocol_config(app), protocol_config(noop_app.app)
+    direct = [
+        ProtocolSocket(ours_config, f"/v1/sessions/{sid}/stream", "framing=offset")
+        for sid in ws_ids
+    ]
+    plain = [ProtocolSocket(echo_config, f"/v1/sessions/{sid}/stream") for sid in ws_ids]
+    for socket in direct + plain:
+        await socket.opened
+    await asyncio.sleep(0.1)  # the streams' handlers attach (and reach their receive)
+
+    async def ws_direct(i: int, _round: int) -> None:
+        sock = direct[i]
+        answer = await sock.push(sock.frame(encode_frame(frame_row, ws_positions[i])))
+        if answer[0] != 0x82:
+            raise SystemExit(f"the stream answered {answer[:200]!r}")
+        ws_positions[i] += 1
+
+    async def ws_plain_echo(i: int, _round: int) -> None:
+        sock = plain[i]
+        await sock.push(sock.frame(encode_frame(frame_row, 0)))
+
     cases = {
         "tcnserve push": push,
         "tcnserve GET session": describe,
@@ -229,6 +339,8 @@ async def main(args: argparse.Namespace) -> None:
         "/v1/steps, per item": many,
         "tcnserve WS binary": ws_push,
         "no-work WS echo": ws_echo,
+        "tcnserve WS, uvicorn": ws_direct,
+        "no-work echo, uvicorn": ws_plain_echo,
     }
     results: dict[str, list[tuple[float, float]]] = {case: [] for case in cases}
     for _ in range(args.repeats):
@@ -247,6 +359,11 @@ async def main(args: argparse.Namespace) -> None:
     print(f"tcnserve's own event-loop work per push: {extra:.1f} us")
     extra = medians["tcnserve WS binary"] - medians["no-work WS echo"]
     print(f"tcnserve's own event-loop work per WebSocket message: {extra:.1f} us")
+    ours_us, echo_us = medians["tcnserve WS, uvicorn"], medians["no-work echo, uvicorn"]
+    print(
+        f"through uvicorn's protocol (direct path): {ours_us:.1f} us per WebSocket message "
+        f"against the echo's {echo_us:.1f} ({ours_us / echo_us:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

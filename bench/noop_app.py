@@ -27,7 +27,7 @@ PUSH = struct.Struct("<qIH")  # offset, rows, width (after the session id)
 ROWS = struct.Struct("<IH")
 OUTPUT = struct.pack("<f", 0.123456789)
 # A row's float32 inputs: the built-in model's two, or argv[3] (bench/scaling.py --model).
-ROW_BYTES = 4 * (int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+ROW_BYTES = 4 * (int(sys.argv[3]) if __name__ == "__main__" and len(sys.argv) > 3 else 2)
 
 
 @app.post("/v1/sessions", status_code=201)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from service.engine import messages as m
 from service.models.inputs import InputSpec
 from service.protocol.errors import EngineUnavailable, ModelNotFound, ServiceError
+from service.sessions.manager import Reply
 from service.sessions.state import PushResult, SessionHandle
 
 logger = logging.getLogger(__name__)
@@ -390,6 +392,30 @@ class RemoteSessions:
         if type(answer) is m.Failed:
             raise answer.error()
         return PushResult(answer.outputs.array(), answer.position)
+
+    def start_push(
+        self, handle: SessionHandle, x: np.ndarray, offset: int | None, reply: Reply
+    ) -> bool:
+        """`push` answered by `reply(result, error)` from the callback that reads the engine's
+        answer (SessionManager.start_push's counterpart): no task waits for it."""
+        future = self._client.send(m.Push(0, handle.owner, handle.session_id, m.Rows.of(x), offset))
+        future.add_done_callback(functools.partial(self._replied, reply))
+        return True
+
+    def _replied(self, reply: Reply, future: asyncio.Future) -> None:
+        """A push's answer from the engine, to `reply`: its outputs, or its error."""
+        if future.cancelled():  # nothing cancels these; if something did, the outcome is unknown
+            reply(None, self._client.unavailable())
+            return
+        error = future.exception()
+        if error is not None:
+            reply(None, error)
+            return
+        answer = future.result()
+        if type(answer) is m.Failed:
+            reply(None, answer.error())
+        else:
+            reply(PushResult(answer.outputs.array(), answer.position), None)
 
     async def push_many(
         self, items: list[tuple[SessionHandle, np.ndarray, int | None]]

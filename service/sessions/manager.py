@@ -223,7 +223,24 @@ class SessionManager:
         unexpired and free; its outcome goes to `reply(result, error)` (see `_start`).
         False when it cannot (the caller awaits `push`, which waits for what is needed). The
         engine's fast path: no task and no future per push (service/engine/server.py)."""
-        session = self._sessions.get((owner, session_id))
+        return self._start_free(self._sessions.get((owner, session_id)), x, offset, reply)
+
+    def start_push(
+        self, handle: SessionHandle, x: np.ndarray, offset: int | None, reply: Reply
+    ) -> bool:
+        """`push_now` for a resolved handle (a WebSocket stream's direct path,
+        service/ws/stream.py): False when its session must be looked up again or waited for
+        (the caller awaits `push`). Raises, holding nothing, what `push` would raise at once."""
+        session = handle.session
+        return (
+            session is not None
+            and not session.closed
+            and self._start_free(session, x, offset, reply)
+        )
+
+    def _start_free(
+        self, session: Session | None, x: np.ndarray, offset: int | None, reply: Reply
+    ) -> bool:
         if (
             session is None
             or session.moved

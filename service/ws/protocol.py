@@ -9,19 +9,214 @@ idle server none may come for minutes (40 dropped sockets with one 16 MiB messag
 +657 MiB). Feeding EOF ends the parser at once, as a clean close does, and dropping the
 traceback of the exception it ends with lets reference counting free the frame when the
 connection ends.
+
+It also offers the app a direct path for binary messages (`DIRECT_BINARY`, a scope extension):
+a stream that attaches a handler gets each binary message in the callback that parsed it, and
+answers it by writing the answer frame itself, in the callback that has the answer. No ASGI
+receive, no task wake-up and no Starlette wrapper per message: that is what the same stack's
+echo spends most of its time on (docs/scaling.md). Messages are still handled one at a time and
+in order, whichever path each takes: a message goes direct only while the app's own receive
+loop is idle with nothing queued for it, and what arrives while one is being answered waits
+(reading is paused meanwhile, as for the app's queue).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
+
+logger = logging.getLogger(__name__)
+
+DIRECT_BINARY = "tcnserve.direct_binary"  # the scope extension: {"attach": attach(handler)}
+
+# What the direct path reads of uvicorn's protocol: without all of it (another uvicorn), the
+# extension is not offered and every message takes the ASGI path.
+_NEEDS_METHODS = ("send_receive_event_to_app", "receive", "handle_connect", "resume_writing")
+_NEEDS_STATE = (
+    "queue", "read_paused", "close_sent", "disconnected", "writable", "conn", "transport",
+    "curr_msg_data_type", "frames", "close_timer", "close_timeout",
+)  # fmt: skip
+
+
+class DirectLink(Protocol):
+    """What a direct handler answers through: exactly one of these per message it took (an
+    answer after the connection is gone or closing is dropped), and `detach` when the stream's
+    app is done with it."""
+
+    def send_bytes(self, data: bytes) -> None: ...
+    def send_text(self, text: str) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+    def detach(self) -> None: ...
+
+
+DirectHandler = Callable[[bytes], bool]  # True: taken, to be answered through the link
 
 
 class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
     """WebSocketsSansIOProtocol whose parser sees the end of the stream, however it ends, and
     keeps no frame's payload once the message has been handed on."""
+
+    _direct_supported = all(hasattr(WebSocketsSansIOProtocol, n) for n in _NEEDS_METHODS)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct: DirectHandler | None = None
+        self._direct_busy = False  # a message taken by the handler, not answered yet
+        self._draining = False
+        self._waiting: deque[tuple[str, bytes]] = deque()  # arrived while one was answered
+        self._app_receiving = False  # the app awaits receive() (its queue may hold messages)
+
+    # ----- the direct path ---------------------------------------------------------------------
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        supported = self._direct_supported and all(hasattr(self, n) for n in _NEEDS_STATE)
+        if scope is not None and supported:
+            scope["extensions"][DIRECT_BINARY] = {"attach": self._attach}
+
+    def _attach(self, handler: DirectHandler) -> DirectLink:
+        self._direct = handler
+        return self
+
+    def detach(self) -> None:
+        self._direct = None
+        self._release_waiting()
+
+    async def receive(self) -> Any:
+        self._app_receiving = True
+        try:
+            return await super().receive()
+        finally:
+            self._app_receiving = False
+
+    def send_receive_event_to_app(self) -> None:
+        if self._direct is None and not self._waiting:
+            super().send_receive_event_to_app()
+            return
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:  # as uvicorn: past the close, messages are dropped
+            return
+        self._waiting.append((self.curr_msg_data_type, data))
+        self._pause()
+        if not self._direct_busy:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Hand the waiting messages on in order: binary ones to the handler while the app's
+        loop is idle, the rest (and everything after one of them) to the app's queue."""
+        if self._draining:  # an answer given while the handler runs: its caller goes on
+            return
+        self._draining = True
+        try:
+            waiting = self._waiting
+            while waiting and not self._direct_busy:
+                kind, data = waiting.popleft()
+                if self.close_sent or self.disconnected:
+                    waiting.clear()
+                    break
+                if kind == "bytes" and self._direct_ready():
+                    self._direct_busy = True
+                    try:
+                        taken = self._direct(data)  # type: ignore[misc]
+                    except Exception:
+                        logger.exception("a direct WebSocket handler failed")
+                        taken = False
+                    if taken:
+                        continue  # answered already (a replay) or later
+                    self._direct_busy = False
+                self._to_app(kind, data)
+        finally:
+            self._draining = False
+        self._resume_if_idle()
+
+    def _direct_ready(self) -> bool:
+        return (
+            self._direct is not None
+            and self._app_receiving
+            and self.queue.empty()
+            and not self.close_sent
+            and not self.disconnected
+        )
+
+    def _to_app(self, kind: str, data: bytes) -> None:
+        self.curr_msg_data_type = kind  # type: ignore[assignment]
+        self.frames = [data]
+        super().send_receive_event_to_app()
+
+    def _answered(self) -> None:
+        self._direct_busy = False
+        if self._waiting:
+            # On the next turn: the answer comes before the push lets go of its session, so
+            # the next message now would find it busy.
+            self.loop.call_soon(self._drain)
+        else:
+            self._resume_if_idle()
+
+    def _pause(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_if_idle(self) -> None:
+        """Read on once nothing is being answered or waits, and the client reads its answers
+        (a client that does not read stops being read)."""
+        if (
+            self.read_paused
+            and not self._direct_busy
+            and not self._waiting
+            and self.queue.empty()
+            and self.writable.is_set()
+            and not self.disconnected
+        ):
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._resume_if_idle()
+
+    def _release_waiting(self) -> None:
+        """Detached: what waits goes to the app, in order."""
+        while self._waiting and not self._direct_busy:
+            kind, data = self._waiting.popleft()
+            if not (self.close_sent or self.disconnected):
+                self._to_app(kind, data)
+
+    def send_bytes(self, data: bytes) -> None:
+        self._write(lambda: self.conn.send_binary(data))
+
+    def send_text(self, text: str) -> None:
+        self._write(lambda: self.conn.send_text(text.encode()))
+
+    def _write(self, frame: Callable[[], None]) -> None:
+        if not (self.close_sent or self.disconnected or self.transport.is_closing()):
+            frame()
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        self._answered()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close as the app's `websocket.close` does: the app's loop sees the disconnect."""
+        if not (self.close_sent or self.disconnected or self.transport.is_closing()):
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.conn.send_close(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+        self._waiting.clear()
+        self._direct_busy = False
+        if self.read_paused and not self.disconnected:  # read the peer's close reply
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # ----- releasing -----------------------------------------------------------------------------
 
     # The parser generator keeps the last frame it read as a local until the next frame
     # arrives, so an idle connection held its last message (up to max_body_bytes) after the
@@ -43,6 +238,7 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._end_parser()
+        self._waiting.clear()  # nobody will answer them
         self.frames = []  # an unfinished fragmented message: nobody will complete it
 
     def _end_parser(self) -> None:

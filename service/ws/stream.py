@@ -6,6 +6,11 @@ Messages of one connection are handled one at a time: the next is read after the
 sent, so a client that does not read stops being read (uvicorn's sans-I/O protocol pauses
 reading after each message until it is taken), and a message being answered is held against
 the request bodies' shared budget, so server memory stays bounded.
+
+Under `tcnserve serve` a binary push to a free session takes the direct path
+(`_DirectPushes`, service/ws/protocol.py): started in the callback that parsed the message and
+answered in the callback that records it. Anything else (a text message, a session busy or
+gone, a bad frame, a full budget) takes the ASGI path below, which answers it the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from service.protocol.error_codes import CLOSE_BAD_REQUEST, CLOSE_INTERNAL_ERROR
 from service.protocol.errors import InvalidInput, InvalidQuery, Overloaded, ServiceError
 from service.protocol.limits import RequestLimits
 from service.protocol.wire import FrameError, decode_frame, encode_frame
-from service.sessions.state import Session
+from service.sessions.state import PushResult, Session, SessionHandle
+from service.ws.protocol import DIRECT_BINARY, DirectLink
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["streaming"])
@@ -172,7 +178,74 @@ async def _serve(
             body = {"outputs": result.outputs.tolist(), "position": result.position}
             await websocket.send_text(_encode(body).decode())
 
-    await answer_messages(websocket, runtime, answer, f"session {session_id}")
+    what = f"session {session_id}"
+    attach = websocket.scope.get("extensions", {}).get(DIRECT_BINARY)
+    direct = None if attach is None else _DirectPushes(runtime, handle, offsets, what)
+    if direct is not None:
+        direct.link = attach["attach"](direct)
+    try:
+        await answer_messages(websocket, runtime, answer, what)
+    finally:
+        if direct is not None:
+            direct.link.detach()
+
+
+class _DirectPushes:
+    """A stream's binary pushes on the protocol's direct path: decoded in the callback that
+    parsed the message, started on a free session (`start_push`) and answered from the callback
+    that records the push, with no task and no future. What it cannot start at once is declined
+    before anything changes (its session busy, moved or expired, a bad frame, the bodies'
+    budget full: the ASGI path then answers it, waiting or with its error); an error of a push
+    it started is answered here as that path would answer it."""
+
+    def __init__(self, runtime: Runtime, handle: SessionHandle, offsets: bool, what: str):
+        self.link: DirectLink  # set once attached
+        self._sessions = runtime.sessions
+        self._handle = handle
+        self._spec = handle.spec
+        self._offsets = offsets
+        self._budget = runtime.inflight
+        self._messages = runtime.metrics.websocket_messages
+        self._ok = self._messages.labels("binary", "ok")
+        self._what = what
+        self._held = 0  # the size of the message being answered, held against the budget
+        self._reply = self._replied  # one bound method for every push
+
+    def __call__(self, data: bytes) -> bool:
+        size = len(data)
+        if not self._budget.take(size):
+            return False
+        self._held = size  # before the start: a replay is answered within it
+        try:
+            offset, rows = _decode_binary(data, self._spec, self._offsets)
+            started = self._sessions.start_push(self._handle, rows, offset, self._reply)
+        except ServiceError:  # the ASGI path raises it again and answers it
+            started = False
+        except BaseException:
+            self._budget.release(size)
+            raise
+        if not started:
+            self._budget.release(size)
+        return started
+
+    def _replied(self, result: PushResult | None, error: BaseException | None) -> None:
+        self._budget.release(self._held)
+        try:
+            if result is not None:
+                header = result.position if self._offsets else None
+                self.link.send_bytes(encode_frame(result.outputs, header))
+                self._ok.inc()
+                return
+            raise error  # type: ignore[misc]
+        except ServiceError as e:
+            self._messages.labels("binary", e.code).inc()
+            if websocket_close_code(e) is not None:
+                self.link.close(*_close_args(e))
+            else:
+                self.link.send_text(_encode(error_message(e)).decode())
+        except Exception:
+            logger.exception("websocket stream of %s failed", self._what)
+            self.link.close(CLOSE_INTERNAL_ERROR, "internal server error")
 
 
 async def answer_messages(
@@ -293,8 +366,12 @@ def _decode_text(
 
 async def close_for_error(websocket: WebSocket, error: ServiceError) -> None:
     """Close a stream for an error: its close code (4400 if none), its message as reason."""
-    code = websocket_close_code(error) or CLOSE_BAD_REQUEST
-    # A close reason is at most 123 bytes.
-    reason = error.message.encode()[:120].decode(errors="ignore")
     with contextlib.suppress(RuntimeError):  # the client may be gone already
-        await websocket.close(code, reason)
+        await websocket.close(*_close_args(error))
+
+
+def _close_args(error: ServiceError) -> tuple[int, str]:
+    """An error's close code (4400 if none) and its message as the reason (at most 123
+    bytes)."""
+    code = websocket_close_code(error) or CLOSE_BAD_REQUEST
+    return code, error.message.encode()[:120].decode(errors="ignore")
