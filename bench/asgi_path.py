@@ -203,15 +203,17 @@ class ProtocolSocket:
         return await self.answer
 
 
-def protocol_config(app):
-    """uvicorn's config as `tcnserve serve` builds it, for ProtocolSocket."""
+def protocol_config(app, direct: bool = True):
+    """uvicorn's config as `tcnserve serve` builds it, for ProtocolSocket; `direct=False`: the
+    protocol it subclasses, which offers no direct path (every message takes the ASGI path)."""
     import uvicorn
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     from service.ws.protocol import ReleasingWebSocketProtocol
 
+    protocol = ReleasingWebSocketProtocol if direct else WebSocketsSansIOProtocol
     config = uvicorn.Config(
-        app, ws=ReleasingWebSocketProtocol, ws_per_message_deflate=False, lifespan="off",
-        log_level="warning",
+        app, ws=protocol, ws_per_message_deflate=False, lifespan="off", log_level="warning",
     )  # fmt: skip
     config.load()
     return config
@@ -316,17 +318,28 @@ async def main(args: argparse.Namespace) -> None:
         ProtocolSocket(ours_config, f"/v1/sessions/{sid}/stream", "framing=offset")
         for sid in ws_ids
     ]
+    asgi_config = protocol_config(app, direct=False)
+    asgi = [
+        ProtocolSocket(asgi_config, f"/v1/sessions/{sid}/stream", "framing=offset")
+        for sid in ws_ids
+    ]
     plain = [ProtocolSocket(echo_config, f"/v1/sessions/{sid}/stream") for sid in ws_ids]
-    for socket in direct + plain:
+    for socket in direct + asgi + plain:
         await socket.opened
     await asyncio.sleep(0.1)  # the streams' handlers attach (and reach their receive)
 
-    async def ws_direct(i: int, _round: int) -> None:
-        sock = direct[i]
+    async def ws_protocol_push(sockets: list[ProtocolSocket], i: int) -> None:
+        sock = sockets[i]
         answer = await sock.push(sock.frame(encode_frame(frame_row, ws_positions[i])))
         if answer[0] != 0x82:
             raise SystemExit(f"the stream answered {answer[:200]!r}")
         ws_positions[i] += 1
+
+    async def ws_direct(i: int, _round: int) -> None:
+        await ws_protocol_push(direct, i)
+
+    async def ws_asgi(i: int, _round: int) -> None:
+        await ws_protocol_push(asgi, i)
 
     async def ws_plain_echo(i: int, _round: int) -> None:
         sock = plain[i]
@@ -340,12 +353,16 @@ async def main(args: argparse.Namespace) -> None:
         "tcnserve WS binary": ws_push,
         "no-work WS echo": ws_echo,
         "tcnserve WS, uvicorn": ws_direct,
+        "  the same, ASGI path": ws_asgi,
         "no-work echo, uvicorn": ws_plain_echo,
     }
     results: dict[str, list[tuple[float, float]]] = {case: [] for case in cases}
     for _ in range(args.repeats):
         for case, fn in cases.items():
             results[case].append(await measure(fn, args.sessions, args.rounds))
+    for socket in direct + asgi + plain:  # the connections drop: their handlers end
+        socket.protocol.connection_lost(None)
+    await asyncio.sleep(0.1)
     await runtime.stop()
     print(f"{args.sessions} sessions, one row per push, {args.rounds} rounds x {args.repeats}")
     print(f"{'case':<22} {'loop us/req':>12} {'worker us/req':>14}")
@@ -360,9 +377,11 @@ async def main(args: argparse.Namespace) -> None:
     extra = medians["tcnserve WS binary"] - medians["no-work WS echo"]
     print(f"tcnserve's own event-loop work per WebSocket message: {extra:.1f} us")
     ours_us, echo_us = medians["tcnserve WS, uvicorn"], medians["no-work echo, uvicorn"]
+    asgi_us = medians["  the same, ASGI path"]
     print(
-        f"through uvicorn's protocol (direct path): {ours_us:.1f} us per WebSocket message "
-        f"against the echo's {echo_us:.1f} ({ours_us / echo_us:.2f}x)"
+        f"through uvicorn's protocol: {ours_us:.1f} us per WebSocket message on the direct path, "
+        f"{asgi_us:.1f} on the ASGI path ({ours_us / asgi_us:.2f}x), the echo's {echo_us:.1f} "
+        f"(direct / echo {ours_us / echo_us:.2f}x, ASGI / echo {asgi_us / echo_us:.2f}x)"
     )
 
 
