@@ -281,6 +281,9 @@ def test_an_engine_killed_with_a_store_brings_its_sessions_back(tiny_dir, tmp_pa
         )
         os.kill(engine, signal.SIGKILL)
         wait_until(lambda: engine not in children(process.pid), "the engine to die")
+        # A new engine first: until then an edge that has not yet seen the loss still reads
+        # ready from its last status, and a push sent then meets the dead engine (503).
+        wait_until(lambda: of_kind(process.pid, "engine"), "the supervisor to start a new engine")
         wait_until(lambda: every_edge_ready(c), "the engine to be back", 90)
         for t in range(8, 16):
             r = c.post(f"/v1/sessions/{sid}/steps", json={"inputs": [rows[t]], "offset": t})
