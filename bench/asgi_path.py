@@ -326,7 +326,8 @@ async def main(args: argparse.Namespace) -> None:
     plain = [ProtocolSocket(echo_config, f"/v1/sessions/{sid}/stream") for sid in ws_ids]
     for socket in direct + asgi + plain:
         await socket.opened
-    await asyncio.sleep(0.1)  # the streams' handlers attach (and reach their receive)
+    while not all(socket.protocol._direct for socket in direct):  # their handlers attach
+        await asyncio.sleep(0)
 
     async def ws_protocol_push(sockets: list[ProtocolSocket], i: int) -> None:
         sock = sockets[i]

@@ -87,7 +87,8 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def detach(self) -> None:
         self._direct = None
-        self._release_waiting()
+        if not self._direct_busy:  # what waits goes to the app, in order
+            self._drain()
 
     async def receive(self) -> Any:
         self._app_receiving = True
@@ -183,22 +184,15 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         super().resume_writing()
         self._resume_if_idle()
 
-    def _release_waiting(self) -> None:
-        """Detached: what waits goes to the app, in order."""
-        while self._waiting and not self._direct_busy:
-            kind, data = self._waiting.popleft()
-            if not (self.close_sent or self.disconnected):
-                self._to_app(kind, data)
-
     def send_bytes(self, data: bytes) -> None:
-        self._write(lambda: self.conn.send_binary(data))
+        self._write(self.conn.send_binary, data)
 
     def send_text(self, text: str) -> None:
-        self._write(lambda: self.conn.send_text(text.encode()))
+        self._write(self.conn.send_text, text.encode())
 
-    def _write(self, frame: Callable[[], None]) -> None:
+    def _write(self, send: Callable[[bytes], None], payload: bytes) -> None:
         if not (self.close_sent or self.disconnected or self.transport.is_closing()):
-            frame()
+            send(payload)
             self.transport.write(b"".join(self.conn.data_to_send()))
         self._answered()
 

@@ -241,7 +241,13 @@ async def test_a_bound_stream_dropped_mid_push_ends_its_session(make_settings, s
             await until_queued_from_elsewhere(worker, 1)
             assert started["started"] == 1
             s.transport.abort()  # the connection drops with the push in flight
-            await asyncio.sleep(0.05)
+            await asyncio.to_thread(  # the server has seen it: the stream's loop has ended
+                wait_until,
+                lambda: (
+                    runtime.metrics.registry.get_sample_value("tcnserve_websocket_connections") == 0
+                ),
+                "the server to see the drop",
+            )
             gate.set()
             await blocker
             await asyncio.to_thread(
