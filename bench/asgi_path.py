@@ -214,6 +214,7 @@ def protocol_config(app, direct: bool = True):
     protocol = ReleasingWebSocketProtocol if direct else WebSocketsSansIOProtocol
     config = uvicorn.Config(
         app, ws=protocol, ws_per_message_deflate=False, lifespan="off", log_level="warning",
+        ws_ping_interval=None,  # the fake client answers no keepalive ping
     )  # fmt: skip
     config.load()
     return config

@@ -3,7 +3,10 @@
 Starts its own `tcnserve serve` (the built-in model, torch threads 1) on loopback. For each
 number of concurrent sessions N (1, 64, 256) and each transport, opens N sessions and has each
 push one row per message in lockstep (send, await the answer, repeat) for `--seconds`:
-  * ws-binary: `WS /v1/sessions/{id}/stream?framing=offset`, int64 offset header + float32 row;
+  * ws-binary: `WS /v1/sessions/{id}/stream?framing=offset`, int64 offset header + float32 row,
+    from a client that frames its messages itself (RawWsPushers: an asyncio protocol per socket
+    that sends the next frame from the callback that read the answer), so the client is not
+    what limits the rate: the websockets library costs a client ~45 us of CPU per message;
   * ws-json: the same socket with text frames `{"inputs": [row], "offset": n}`;
   * http: `POST /v1/sessions/{id}/steps`, one keep-alive client per session (bench/_harness.py's
     HttpPushers, the code path of bench/service_http.py);
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import multiprocessing
+import os
 import sys
 import time
 import traceback
@@ -56,6 +61,7 @@ from _harness import (
     write_results,
 )
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.speedups import apply_mask
 
 from service.protocol.wire import HEADER, decode_answers, decode_frame, encode_frame, encode_pushes
 
@@ -154,6 +160,137 @@ class WsPushers:
                 await asyncio.gather(*(c.delete(f"/v1/sessions/{sid}") for sid in self.session_ids))
 
 
+class _RawSocket(asyncio.Protocol):
+    """One session's stream: the upgrade, then one masked binary frame per push, the next sent
+    from the callback that read the answer (lockstep, as WsPushers, without a task per push)."""
+
+    def __init__(self, request: bytes, pushers: RawWsPushers, k: int):
+        self.request = request
+        self.pushers, self.k = pushers, k
+        self.mask = os.urandom(4)
+        self.opened = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future | None = None
+        self.sent_at = 0.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        error = RuntimeError(f"the server closed a stream ({exc})")
+        for future in (self.opened, self.done):
+            if future is not None and not future.done():
+                future.set_exception(error)
+
+    def run(self, count: int | None, end: float, latencies: list[float] | None) -> asyncio.Future:
+        self.count, self.end, self.latencies, self.i = count, end, latencies, 0
+        self.done = asyncio.get_running_loop().create_future()
+        self._send()
+        return self.done
+
+    def _send(self) -> None:
+        p = self.pushers
+        payload = HEADER.pack(p.positions[self.k]) + p.payloads[self.i % 64]
+        self.sent_at = time.perf_counter()
+        self.transport.write(  # type: ignore[union-attr]
+            bytes((0x82, 0x80 | len(payload))) + self.mask + apply_mask(payload, self.mask)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        if not self.opened.done():
+            head, sep, buffer = buffer.partition(b"\r\n\r\n")
+            if not sep:
+                self.buffer = head
+                return
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(RuntimeError(f"upgrade refused: {head[:200]!r}"))
+                return
+            self.opened.set_result(None)
+        while len(buffer) >= 2:
+            n, head = buffer[1], 2  # server frames are unmasked
+            if n == 126:
+                n, head = int.from_bytes(buffer[2:4], "big"), 4
+            elif n == 127:
+                n, head = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < head + n:
+                break
+            opcode, answer, buffer = buffer[0] & 0x0F, buffer[head : head + n], buffer[head + n :]
+            self._answered(opcode, answer)
+        self.buffer = buffer
+
+    def _answered(self, opcode: int, answer: bytes) -> None:
+        done, p = self.done, self.pushers
+        if done is None or done.done():
+            return
+        if opcode != 0x2:
+            done.set_exception(RuntimeError(f"push refused: opcode {opcode}: {answer[:200]!r}"))
+            return
+        now = time.perf_counter()
+        if self.latencies is not None:
+            self.latencies.append(now - self.sent_at)
+        position = p.positions[self.k] + p.rows
+        if HEADER.unpack_from(answer)[0] != position:
+            done.set_exception(RuntimeError(f"answer at position {HEADER.unpack_from(answer)[0]}"))
+            return
+        p.positions[self.k] = position
+        self.i += 1
+        if self.i < self.count if self.count is not None else now < self.end:
+            self._send()
+        else:
+            done.set_result(self.i * p.rows)
+
+
+class RawWsPushers(WsPushers):
+    """WsPushers' binary pushes from a client that frames its messages itself (_RawSocket)."""
+
+    async def open(self) -> None:
+        await self.create_sessions()
+        host, port = self.url.removeprefix("http://").split(":")
+        loop = asyncio.get_running_loop()
+
+        async def one(k: int, sid: str) -> _RawSocket:
+            request = (
+                f"GET /v1/sessions/{sid}/stream?framing=offset HTTP/1.1\r\nHost: {host}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {os.urandom(16).hex()[:22]}==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+            _, socket = await loop.create_connection(
+                lambda: _RawSocket(request, self, k), host, int(port)
+            )
+            await asyncio.wait_for(socket.opened, 60)
+            return socket
+
+        self.raw = list(await asyncio.gather(*(one(k, s) for k, s in enumerate(self.session_ids))))
+
+    async def run(
+        self, count: int | None, end: float = 0.0, latencies: list[float] | None = None
+    ) -> int:
+        return sum(await asyncio.gather(*(s.run(count, end, latencies) for s in self.raw)))
+
+    async def close(self, delete: bool = True) -> None:
+        close = bytes((0x88, 0x82)) + b"\0\0\0\0" + (1000).to_bytes(2, "big")  # mask 0
+        for s in getattr(self, "raw", []):
+            if s.transport is not None and not s.transport.is_closing():
+                s.transport.write(close)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(s.closed for s in getattr(self, "raw", []))), 10
+            )
+        for s in getattr(self, "raw", []):
+            if s.transport is not None:
+                s.transport.close()
+        if delete:
+            async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
+                await asyncio.gather(*(c.delete(f"/v1/sessions/{sid}") for sid in self.session_ids))
+
+
 class MultiPushers(WsPushers):
     """The same sessions pushing over one multiplexed socket (`WS /v1/streams`): each message
     carries one push of `rows` rows for every session of this client, in lockstep."""
@@ -237,6 +374,8 @@ async def _client(
         pushers: HttpPushers | WsPushers = HttpPushers(url, sessions, in_channels, seed)
     elif transport == "ws-multi":
         pushers = MultiPushers(url, sessions, in_channels, seed, binary=True, rows=rows)
+    elif transport == "ws-binary" and rows == 1:
+        pushers = RawWsPushers(url, sessions, in_channels, seed, binary=True, rows=rows)
     else:
         binary = transport == "ws-binary"
         pushers = WsPushers(url, sessions, in_channels, seed, binary=binary, rows=rows)

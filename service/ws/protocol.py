@@ -18,18 +18,34 @@ echo spends most of its time on (docs/scaling.md). Messages are still handled on
 in order, whichever path each takes: a message goes direct only while the app's own receive
 loop is idle with nothing queued for it, and what arrives while one is being answered waits
 (reading is paused meanwhile, as for the app's queue).
+
+On such a stream the protocol also frames the common messages itself: a whole, unfragmented,
+client-masked binary frame that arrives while websockets' parser sits between frames with
+nothing buffered is unmasked and handed on here, and the answers are framed here (a server
+frame is a 2-10 byte header and the payload). Everything else (text, control frames,
+fragments, a frame split across reads, one over the size limit or malformed) goes to
+websockets' parser, which answers it as it always has; its pure-Python parser and serializer
+were an eighth of the event loop's time per message (docs/benchmarks/results/ws_direct_path.txt).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
+from websockets.protocol import OPEN
+from websockets.streams import StreamReader
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C extension
+    from websockets.utils import apply_mask
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +58,14 @@ _NEEDS_STATE = (
     "queue", "read_paused", "close_sent", "disconnected", "writable", "conn", "transport",
     "curr_msg_data_type", "frames", "close_timer", "close_timeout",
 )  # fmt: skip
+# What framing messages here reads of websockets' connection: without all of it, websockets
+# frames every message (and a test fails in CI).
+_NEEDS_CONN = (
+    "state", "extensions", "current_size", "debug", "reader", "parser", "max_message_size",
+    "max_fragment_size", "writes", "expect_continuation_frame",
+)  # fmt: skip
+_BETWEEN_FRAMES = StreamReader.at_eof.__code__  # where websockets' parser waits for a frame
+_BINARY, _TEXT = 0x82, 0x81  # a final frame's first byte (FIN, no RSV bits, the opcode)
 
 
 class DirectLink(Protocol):
@@ -71,6 +95,7 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         self._draining = False
         self._waiting: deque[tuple[str, bytes]] = deque()  # arrived while one was answered
         self._app_receiving = False  # the app awaits receive() (its queue may hold messages)
+        self._own_frames = False  # whether this protocol may frame messages (handle_connect)
 
     # ----- the direct path ---------------------------------------------------------------------
 
@@ -80,6 +105,10 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         supported = self._direct_supported and all(hasattr(self, n) for n in _NEEDS_STATE)
         if scope is not None and supported:
             scope["extensions"][DIRECT_BINARY] = {"attach": self._attach}
+            conn = self.conn
+            self._own_frames = all(hasattr(conn, n) for n in _NEEDS_CONN) and hasattr(
+                conn.parser, "gi_yieldfrom"
+            )
 
     def _attach(self, handler: DirectHandler) -> DirectLink:
         self._direct = handler
@@ -97,6 +126,61 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         finally:
             self._app_receiving = False
 
+    def data_received(self, data: bytes) -> None:
+        if self._direct is not None and self._own_frames and self._parser_between_frames():
+            data = self._take_frames(data)
+            if not data:
+                return
+        super().data_received(data)
+
+    def _parser_between_frames(self) -> bool:
+        """Whether websockets' parser may be passed by: the connection open with no extension
+        and no fragmented message, and the parser waiting for a next frame with no byte of it
+        read (suspended in its end-of-stream check with an empty buffer)."""
+        conn = self.conn
+        if (
+            conn.state is not OPEN
+            or conn.extensions
+            or conn.current_size is not None
+            or conn.debug
+            or conn.reader.buffer
+        ):
+            return False
+        parser = conn.parser
+        while (inner := parser.gi_yieldfrom) is not None:
+            parser = inner
+        return parser.gi_code is _BETWEEN_FRAMES
+
+    def _take_frames(self, data: bytes) -> bytes:
+        """Hand on each whole final client-masked binary frame at the start of `data`, as
+        websockets' parser and uvicorn would; return what is left from the first frame that is
+        anything else, or incomplete, for websockets' parser (b"" when nothing is)."""
+        conn = self.conn
+        limit = conn.max_message_size
+        if conn.max_fragment_size is not None:
+            limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
+        size = len(data)
+        at = 0
+        while at + 6 <= size and data[at] == _BINARY and conn.state is OPEN:
+            n = data[at + 1] ^ 0x80  # the mask bit set: the length; unset (unmasked): >= 128
+            head = at + 2
+            if n == 126:
+                n = int.from_bytes(data[head : head + 2], "big")
+                head += 2
+            elif n == 127:
+                n = int.from_bytes(data[head : head + 8], "big")
+                head += 8
+            elif n > 127:
+                break  # unmasked: websockets refuses it
+            end = head + 4 + n
+            if end > size or (limit is not None and n > limit):
+                break  # incomplete, or over the limit (websockets closes with 1009)
+            self.curr_msg_data_type = "bytes"
+            self.frames = [apply_mask(data[head + 4 : end], data[head : head + 4])]
+            at = end
+            self.send_receive_event_to_app()
+        return data[at:] if at else data
+
     def send_receive_event_to_app(self) -> None:
         if self._direct is None and not self._waiting:
             super().send_receive_event_to_app()
@@ -106,9 +190,13 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_sent:  # as uvicorn: past the close, messages are dropped
             return
         self._waiting.append((self.curr_msg_data_type, data))
-        self._pause()
         if not self._direct_busy:
             self._drain()
+        # Stop reading while a message waits, or the client does not read its answers; one
+        # being answered with nothing behind it leaves reading on (no pause and resume per
+        # message).
+        if self._waiting or not self.writable.is_set():
+            self._pause()
 
     def _drain(self) -> None:
         """Hand the waiting messages on in order: binary ones to the handler while the app's
@@ -185,15 +273,29 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         self._resume_if_idle()
 
     def send_bytes(self, data: bytes) -> None:
-        self._write(self.conn.send_binary, data)
+        self._write(_BINARY, data)
 
     def send_text(self, text: str) -> None:
-        self._write(self.conn.send_text, text.encode())
+        self._write(_TEXT, text.encode())
 
-    def _write(self, send: Callable[[bytes], None], payload: bytes) -> None:
-        if not (self.close_sent or self.disconnected or self.transport.is_closing()):
-            send(payload)
-            self.transport.write(b"".join(self.conn.data_to_send()))
+    def _write(self, first: int, payload: bytes) -> None:
+        """One final frame, framed here (a server frame is unmasked), unless websockets has
+        frames of its own to send first or the connection is not plainly open; an answer
+        after the close (ours or the client's) is dropped."""
+        conn = self.conn
+        if not (
+            self.close_sent
+            or self.disconnected
+            or self.transport.is_closing()
+            or conn.state is not OPEN
+        ):
+            if self._own_frames and not (
+                conn.writes or conn.extensions or conn.expect_continuation_frame or conn.debug
+            ):
+                self.transport.write(_frame_header(first, len(payload)) + payload)
+            else:
+                (conn.send_binary if first == _BINARY else conn.send_text)(payload)
+                self.transport.write(b"".join(conn.data_to_send()))
         self._answered()
 
     def close(self, code: int, reason: str) -> None:
@@ -243,3 +345,12 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         # message over the limit), whose traceback holds the parser's frame and its last frame.
         if self.conn.parser_exc is not None:
             self.conn.parser_exc.__traceback__ = None
+
+
+def _frame_header(first: int, n: int) -> bytes:
+    """The header of an unmasked frame of `n` payload bytes (RFC 6455 5.2)."""
+    if n < 126:
+        return bytes((first, n))
+    if n < 1 << 16:
+        return struct.pack("!BBH", first, 126, n)
+    return struct.pack("!BBQ", first, 127, n)
