@@ -225,6 +225,12 @@ class _RawSocket(asyncio.Protocol):
         self.buffer = buffer
 
     def _answered(self, opcode: int, answer: bytes) -> None:
+        if opcode == 0x9:  # the server's keepalive ping: pong it (a masked frame, as ours)
+            pong = bytes((0x8A, 0x80 | len(answer))) + self.mask + apply_mask(answer, self.mask)
+            self.transport.write(pong)  # type: ignore[union-attr]
+            return
+        if opcode == 0xA:
+            return
         done, p = self.done, self.pushers
         if done is None or done.done():
             return
