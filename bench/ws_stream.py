@@ -197,9 +197,12 @@ class _RawSocket(asyncio.Protocol):
         p = self.pushers
         payload = HEADER.pack(p.positions[self.k]) + p.payloads[self.i % 64]
         self.sent_at = time.perf_counter()
-        self.transport.write(  # type: ignore[union-attr]
-            bytes((0x82, 0x80 | len(payload))) + self.mask + apply_mask(payload, self.mask)
-        )
+        self._write(0x82, payload)
+
+    def _write(self, first: int, payload: bytes) -> None:
+        """One final masked client frame (payloads under 126 bytes)."""
+        frame = bytes((first, 0x80 | len(payload))) + self.mask + apply_mask(payload, self.mask)
+        self.transport.write(frame)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
@@ -225,9 +228,8 @@ class _RawSocket(asyncio.Protocol):
         self.buffer = buffer
 
     def _answered(self, opcode: int, answer: bytes) -> None:
-        if opcode == 0x9:  # the server's keepalive ping: pong it (a masked frame, as ours)
-            pong = bytes((0x8A, 0x80 | len(answer))) + self.mask + apply_mask(answer, self.mask)
-            self.transport.write(pong)  # type: ignore[union-attr]
+        if opcode == 0x9:  # the server's keepalive ping: pong it
+            self._write(0x8A, answer)
             return
         if opcode == 0xA:
             return
@@ -281,15 +283,13 @@ class RawWsPushers(WsPushers):
         return sum(await asyncio.gather(*(s.run(count, end, latencies) for s in self.raw)))
 
     async def close(self, delete: bool = True) -> None:
-        close = bytes((0x88, 0x82)) + b"\0\0\0\0" + (1000).to_bytes(2, "big")  # mask 0
-        for s in getattr(self, "raw", []):
+        raw: list[_RawSocket] = getattr(self, "raw", [])  # none if open() failed early
+        for s in raw:
             if s.transport is not None and not s.transport.is_closing():
-                s.transport.write(close)
+                s._write(0x88, (1000).to_bytes(2, "big"))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*(s.closed for s in getattr(self, "raw", []))), 10
-            )
-        for s in getattr(self, "raw", []):
+            await asyncio.wait_for(asyncio.gather(*(s.closed for s in raw)), 10)
+        for s in raw:
             if s.transport is not None:
                 s.transport.close()
         if delete:

@@ -96,6 +96,7 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         self._waiting: deque[tuple[str, bytes]] = deque()  # arrived while one was answered
         self._app_receiving = False  # the app awaits receive() (its queue may hold messages)
         self._own_frames = False  # whether this protocol may frame messages (handle_connect)
+        self._frame_limit: int | None = None  # the largest payload websockets' parser takes
 
     # ----- the direct path ---------------------------------------------------------------------
 
@@ -109,6 +110,9 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
             self._own_frames = all(hasattr(conn, n) for n in _NEEDS_CONN) and hasattr(
                 conn.parser, "gi_yieldfrom"
             )
+            if self._own_frames:  # a frame of a whole message: both limits apply
+                sizes = (conn.max_message_size, conn.max_fragment_size)
+                self._frame_limit = min((s for s in sizes if s is not None), default=None)
 
     def _attach(self, handler: DirectHandler) -> DirectLink:
         self._direct = handler
@@ -156,9 +160,7 @@ class ReleasingWebSocketProtocol(WebSocketsSansIOProtocol):
         websockets' parser and uvicorn would; return what is left from the first frame that is
         anything else, or incomplete, for websockets' parser (b"" when nothing is)."""
         conn = self.conn
-        limit = conn.max_message_size
-        if conn.max_fragment_size is not None:
-            limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
+        limit = self._frame_limit
         size = len(data)
         at = 0
         while at + 6 <= size and data[at] == _BINARY and conn.state is OPEN:
