@@ -5,12 +5,14 @@ bottleneck):
   * single-row push, POST /v1/sessions/{id}/steps, 64 sessions over 64 connections;
   * many sessions per request, POST /v1/steps, 1,000 sessions one row each per request;
 against bench/noop_app.py: FastAPI + uvicorn (httptools) reading the same bodies and answering
-a fixed body of the same shape. Ratios come from the same run. The server's CPU is that of all
-its processes (with `--workers N` a supervisor, an engine and N edges: bench/_harness.py's
-process tree, read at both ends of each case), in % of one core and in microseconds per
-request answered.
+a fixed body of the same shape, and against that app's WebSocket echo (one-row binary
+messages from `--echo-sessions` sessions, bench/ws_stream.py's client in its own process): the
+/v1/steps target is its steps/s over the echo's messages/s. Ratios come from the same run.
+The server's CPU is that of all its processes (with `--workers N` a supervisor, an engine and
+N edges: bench/_harness.py's process tree, read at both ends of each case), in % of one core
+and in microseconds per request answered.
 
-Run: python bench/edge_http.py [--duration 10] [--model DIR] [--workers N]
+Run: python bench/edge_http.py [--duration 10] [--model DIR] [--workers N] [--echo-sessions 256]
 """
 
 from __future__ import annotations
@@ -95,6 +97,12 @@ def main() -> None:
         help="`tcnserve serve --workers N` (0: one process; default: pass nothing, the "
         "server's own default)",
     )
+    parser.add_argument(
+        "--echo-sessions",
+        type=int,
+        default=256,
+        help="sessions of the WebSocket echo row (256, as bench/scaling.py; 0: skip it)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here (plot_service.py)")
     args = parser.parse_args()
     print(environment())
@@ -138,12 +146,26 @@ def main() -> None:
         results["many"] = measured(server, ["/v1/steps"], many, 2, args.duration)
 
     port = free_port()
-    noop = [sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port), str(args.many)]
+    noop = [
+        sys.executable, str(ROOT / "bench" / "noop_app.py"), str(port), str(args.many),
+        str(in_channels),
+    ]  # fmt: skip
     with Server(noop, port) as floor:
         fake = [f"/v1/sessions/{i:024d}/steps" for i in range(args.sessions)]
         wrk(floor.url, fake, single, args.sessions, 2)
         results["noop_push"] = measured(floor, fake, single, args.sessions, args.duration)
         results["noop_many"] = measured(floor, ["/v1/steps"], many, 2, args.duration)
+        if args.echo_sessions:
+            from ws_stream import WARMUP_PUSHES, run_case
+
+            echo = run_case(
+                floor, "ws-binary", args.echo_sessions, in_channels, args.duration,
+                max(1, (os.cpu_count() or 1) // 4), WARMUP_PUSHES,
+            )  # fmt: skip
+            results["ws_echo"] = {
+                "rate": echo.rate, "p99": echo.p99_ms, "client_cpu": echo.client_cpu,
+                "server_us": echo.server_us,
+            }  # fmt: skip
 
     if args.json:
         write_results(
@@ -187,6 +209,14 @@ def main() -> None:
         f"single-row requests/s in steps/s; {many_r['rps'] / noop_many['rps']:.0%} of the "
         "no-work endpoint reading the same body"
     )
+    if "ws_echo" in results:
+        echo = results["ws_echo"]
+        print(
+            f"/v1/steps: {many_r['rps'] * args.many / echo['rate']:.2f}x the WebSocket echo's "
+            f"messages/s ({echo['rate']:.0f} msgs/s, {args.echo_sessions} sessions x one-row "
+            f"binary messages, the client at {echo['client_cpu']:.0%} of a core, "
+            f"{echo['server_us']:.0f} us of server CPU per message)"
+        )
     print(
         "wrk CPU: wrk's share of one core over its run; server CPU: all server processes\n"
         "  (/proc, process tree by ppid, read at both ends of each case), % of one core\n"

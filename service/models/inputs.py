@@ -282,6 +282,50 @@ def rows(
     return _to_array(decoded, spec, what)
 
 
+def rows_many(
+    raws: list[msgspec.Raw], spec: InputSpec, what: str, max_rows: int | None = None
+) -> list[np.ndarray | ServiceError]:
+    """`rows` for the items of many pushes to one float model (POST /v1/steps): each its
+    array or the error `rows` would give it. The items are parsed together, and when they
+    carry as many rows each, they become one array with one range check; an item of a parse
+    or a check that fails is decoded again alone, for its own error."""
+    out: list[np.ndarray | ServiceError | None] = [None] * len(raws)
+    bound = (json_bounds.Count(2, max_rows, TIMESTEPS),) if max_rows is not None else ()
+    good: list[int] = []
+    for k, raw in enumerate(raws):
+        # Each row takes 2 bytes at least ("[]"): an item this short cannot hold too many.
+        if max_rows is not None and len(raw) > 2 * max_rows:
+            try:
+                check_shape(raw, bound, what)
+            except ServiceError as e:
+                out[k] = e
+                continue
+        good.append(k)
+    try:
+        decoded = _rows_decoder(spec.width, False, nested=True).decode(
+            b"[" + b",".join([raws[k] for k in good]) + b"]"
+        )
+    except msgspec.MsgspecError:  # some item is bad: each alone, for its own message
+        decoded = None
+    lengths = {len(d) for d in decoded} if decoded is not None else set()
+    if decoded is not None and len(lengths) == 1 and 0 not in lengths:
+        x = np.array(decoded, dtype=np.float64)  # (items, T, C)
+        if -spec.max_abs <= float(x.min()) and float(x.max()) <= spec.max_abs:
+            for k, part in zip(good, x.astype(spec.dtype, copy=False), strict=True):
+                out[k] = part
+            return out  # type: ignore[return-value]
+    for j, k in enumerate(good):
+        try:
+            out[k] = (
+                _to_array(decoded[j], spec, what)
+                if decoded is not None
+                else rows(raws[k], spec, what)
+            )
+        except ServiceError as e:
+            out[k] = e
+    return out  # type: ignore[return-value]
+
+
 def sequences(raw: msgspec.Raw, spec: InputSpec, what: str) -> list[np.ndarray]:
     """JSON list of sequences -> one array per sequence (see `rows`); at least one."""
     decoded = _decode_rows(raw, spec, what, nested=True)

@@ -203,17 +203,32 @@ class ModelEntry:
             if error is None:
                 counted.inc(len(x))
                 done(outputs, None)
-            elif isinstance(error, ServiceError):  # WorkerStopped: 503 draining
-                done(None, error)
-            elif isinstance(error, ValueError):  # the pool refused it and changed nothing
-                done(None, _refusal(error))
-            elif isinstance(error, Exception):  # e.g. out of memory: the pool changed nothing
-                logger.error("a push to model %s failed", self.name, exc_info=error)
-                done(None, InternalError("internal server error"))
             else:
-                done(None, error)  # type: ignore[arg-type]
+                done(None, self._push_error(error))
 
         self.worker.submit(slot, x, settled)
+
+    def submit_many(self, slots: list[int], xs: list[np.ndarray], done: ManyDone) -> None:
+        """`submit` for many distinct streams, answered by one call once every one of them is:
+        `done(outputs, errors)`, where outputs[k] is the k-th stream's (T, out) outputs, or
+        None where errors[k] holds the error refusing its push alone (POST /v1/steps: one
+        callback per request and model, not one per stream). Raises WorkerStopped, having
+        submitted none of them."""
+        if not slots:
+            done([], {})
+            return
+        self.worker.submit_many(slots, xs, _Answers(len(slots), self, xs, done).one)
+
+    def _push_error(self, error: BaseException) -> BaseException:
+        """A push's failure on the worker, as its caller sees it."""
+        if isinstance(error, ServiceError):  # WorkerStopped: 503 draining
+            return error
+        if isinstance(error, ValueError):  # the pool refused it and changed nothing
+            return _refusal(error)
+        if isinstance(error, Exception):  # e.g. out of memory: the pool changed nothing
+            logger.error("a push to model %s failed", self.name, exc_info=error)
+            return InternalError("internal server error")
+        return error
 
     async def predict(
         self,
@@ -254,6 +269,33 @@ class ModelEntry:
             )
         self.metrics.timesteps.labels(self.name, "predict").inc(sum(len(s) for s in sequences))
         return outputs
+
+
+# Called once with every stream's outputs (None where refused) and the refusals by index.
+ManyDone = Callable[[list[Any], dict[int, BaseException]], None]
+
+
+class _Answers:
+    """Collects the per-stream answers of `ModelEntry.submit_many`, then calls its `done`."""
+
+    __slots__ = ("done", "entry", "errors", "left", "outputs", "xs")
+
+    def __init__(self, n: int, entry: ModelEntry, xs: list[np.ndarray], done: ManyDone):
+        self.outputs: list[Any] = [None] * n
+        self.errors: dict[int, BaseException] = {}
+        self.left = n
+        self.entry, self.xs, self.done = entry, xs, done
+
+    def one(self, k: int, outputs: Any, error: BaseException | None) -> None:
+        if error is None:
+            self.outputs[k] = outputs
+        else:
+            self.errors[k] = self.entry._push_error(error)
+        self.left -= 1
+        if not self.left:
+            refused = sum(len(self.xs[k]) for k in self.errors)
+            self.entry._streamed.inc(sum(map(len, self.xs)) - refused)
+            self.done(self.outputs, self.errors)
 
 
 def _refusal(error: ValueError) -> ServiceError:

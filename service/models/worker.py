@@ -24,12 +24,13 @@ top of that, the worker never puts two steps of one stream into one call and kee
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -228,14 +229,33 @@ class ModelWorker:
     def submit(self, slot: int, rows: np.ndarray, done: Done) -> None:
         """Advance one stream by T rows, batched with other streams' pushes; `done` gets the
         (T, out) float32 outputs or the error, on this event loop. Raises WorkerStopped."""
+        self._submit(self._advance_job(asyncio.get_running_loop(), slot, rows, done))
+
+    def submit_many(
+        self, slots: list[int], rows: list[np.ndarray], done: Callable[[int, Any, Any], None]
+    ) -> None:
+        """`submit` for many distinct streams at once: the k-th's outcome goes to
+        `done(k, outputs, error)`. The jobs are the same as `submit`'s (batched, split and
+        isolated from each other's failures alike), delivered in one go. Raises WorkerStopped,
+        having taken none of them."""
         loop = asyncio.get_running_loop()
+        job = self._advance_job
+        self._submit_all(
+            loop,
+            [
+                job(loop, slot, x, functools.partial(done, k))
+                for k, (slot, x) in enumerate(zip(slots, rows, strict=True))
+            ],
+        )
+
+    def _advance_job(
+        self, loop: asyncio.AbstractEventLoop, slot: int, rows: np.ndarray, done: Done
+    ) -> _Job:
         if len(rows) > CHUNKED_PUSH_ROWS:
-            job: _Job = _Call(
+            return _Call(
                 loop, done, lambda: self.pool.push(slot, rows).float().cpu().numpy(), "push"
             )
-        else:
-            job = _Step(loop, done, slot, rows)
-        self._submit(job)
+        return _Step(loop, done, slot, rows)
 
     async def advance(self, slot: int, rows: np.ndarray) -> np.ndarray:
         """`submit`, awaited."""
@@ -244,14 +264,18 @@ class ModelWorker:
         return await future
 
     def _submit(self, job: _Job) -> None:
+        self._submit_all(job.loop, (job,))
+
+    def _submit_all(self, loop: asyncio.AbstractEventLoop, jobs: Sequence[_Job]) -> None:
         if self._stopped:
             raise WorkerStopped(f"model {self.name!r} is shutting down")
-        box = self._outboxes.get(job.loop)
+        box = self._outboxes.get(loop)
         if box is None:
-            box = self._outboxes[job.loop] = []
-        box.append(job)
-        if len(box) == 1:  # the first of this turn: deliver them all when the turn ends
-            job.loop.call_soon(self._flush, job.loop)
+            box = self._outboxes[loop] = []
+        first = not box
+        box.extend(jobs)
+        if first and box:  # the first of this turn: deliver them all when the turn ends
+            loop.call_soon(self._flush, loop)
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         jobs = self._outboxes.pop(loop, None)

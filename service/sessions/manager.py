@@ -231,24 +231,14 @@ class SessionManager:
         """`push_now` for a resolved handle (a WebSocket stream's direct path,
         service/ws/stream.py): False when its session must be looked up again or waited for
         (the caller awaits `push`). Raises, holding nothing, what `push` would raise at once."""
-        session = handle.session
-        return (
-            session is not None
-            and not session.closed
-            and self._start_free(session, x, offset, reply)
-        )
+        return self._start_free(handle.session, x, offset, reply)
 
     def _start_free(
         self, session: Session | None, x: np.ndarray, offset: int | None, reply: Reply
     ) -> bool:
-        if (
-            session is None
-            or session.moved
-            or session.lock.locked()
-            or self._clock() >= session.expires_at
-            or not _acquire_free(session.lock)
-        ):
+        if not self._take_free(session):
             return False
+        assert session is not None
         try:
             entry = self._registry.get(session.model)
             self._check_rows(x, entry)
@@ -265,15 +255,17 @@ class SessionManager:
         in order, each its result or its error. Their rows reach the model workers together,
         so each model advances them in one batched call.
 
-        A session that another operation holds (e.g. an overlapping request naming it too) is
-        left for a later round: never wait for a lock while holding others (two requests naming
-        the same sessions in another order would wait for each other forever). Each round
-        starts every push whose session is free and waits for them; a round that finds every
-        session busy waits for the first (holding nothing), then takes the others that came
-        free. So the free ones never wait for a busy one, and the busy ones still advance
-        together, not one model call each.
+        The pushes go in rounds. A round takes every session that is free, without suspending,
+        and hands each model's share to its worker as one batch, whose answers one callback
+        records (`_start_batch`): no task, future or callback per item. A session that another
+        operation holds (e.g. an overlapping request naming it too) is left for a later round:
+        never wait for a lock while holding others (two requests naming the same sessions in
+        another order would wait for each other forever). A round that finds every session
+        busy waits for the first (holding nothing), then takes the others that came free. So
+        the free ones never wait for a busy one, and the busy ones still advance together,
+        not one model call each.
         """
-        results: list[PushResult | ServiceError | None] = [None] * len(items)
+        results: list[PushResult | BaseException | None] = [None] * len(items)
         todo: list[int] = []
         seen: set[str] = set()
         for i, (handle, _, _) in enumerate(items):
@@ -283,73 +275,152 @@ class SessionManager:
             else:
                 seen.add(session_id)
                 todo.append(i)
+        answers: list[asyncio.Future[None]] = []
         moved: set[int] = set()
         while todo:
-            started, todo = await self._start_round(items, todo, results, moved)
-            outcomes = await asyncio.gather(
-                *(answer for _, answer in started), return_exceptions=True
-            )
-            for (i, _), outcome in zip(started, outcomes, strict=True):
-                if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
-                    raise outcome
-                results[i] = outcome
+            started, todo = await self._round(items, todo, results, moved)
+            answers += started
+        for answer in answers:
+            await answer
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ServiceError):
+                raise result
         return results  # type: ignore[return-value]
 
-    async def _start_round(
+    async def _round(
         self,
         items: list[tuple[SessionHandle, np.ndarray, int | None]],
         todo: list[int],
         results: list,
         moved: set[int],
-    ) -> tuple[list[tuple[int, asyncio.Future[PushResult]]], list[int]]:
+    ) -> tuple[list[asyncio.Future[None]], list[int]]:
         """One round of `push_many`: start the pushes of `todo` whose sessions are free; if
         none is, wait for the first busy one (holding no lock), then take the others that came
-        free meanwhile. -> (the pushes started, the items left for the next round). Errors go
-        into `results`; `moved` holds the items whose session has moved once already."""
-        started: list[tuple[int, asyncio.Future[PushResult]]] = []
-        busy: list[tuple[int, Session, ModelEntry]] = []
-
-        async def take(i: int, session: Session, entry: ModelEntry) -> None:
-            try:
+        free meanwhile. -> (futures set once each batch started is recorded, the items left
+        for the next round). Errors go into `results`; `moved` holds the items whose session
+        has moved once already."""
+        sessions: dict[int, Session] = {}
+        for i in todo:  # first the lookups (a session store's), holding nothing
+            session = self._live(items[i][0])
+            if session is None:
+                try:
+                    session = await self._held(items[i][0])
+                except ServiceError as e:
+                    results[i] = e
+                    continue
+            sessions[i] = session
+        batches: dict[str, _Batch] = {}  # by model: planned pushes, their sessions held
+        busy: list[tuple[int, Session]] = []
+        try:
+            for i, session in sessions.items():
+                if not session.lock.locked() and _acquire_free(session.lock):
+                    self._plan_into(batches, i, session, items[i], results)
+                else:
+                    busy.append((i, session))  # never wait while holding: later
+            if busy and not batches:  # every one busy: wait for the first, holding nothing
+                (i, session), *waiting = busy
+                busy = []
                 await session.lock.acquire()
                 if session.moved:  # handed to another replica: looked up again, once
                     session.lock.release()
                     if i in moved:
-                        self._check_open(session)  # moved twice: its error, as `push` gives
-                    moved.add(i)
-                    busy.append((i, session, entry))
-                    return
-                started.append((i, self._start_push(session, entry, items[i][1], items[i][2])))
-            except ServiceError as e:
-                results[i] = e
+                        results[i] = self._open_error(session)  # moved twice: `push`'s error
+                    else:
+                        moved.add(i)
+                        busy.append((i, session))
+                else:
+                    self._plan_into(batches, i, session, items[i], results)
+                for j, other in waiting:  # and take those that came free meanwhile
+                    if not other.lock.locked() and _acquire_free(other.lock):
+                        self._plan_into(batches, j, other, items[j], results)
+                    else:
+                        busy.append((j, other))
+        except BaseException:  # cancelled: nothing submitted; let go of every session taken
+            for batch in batches.values():
+                batch.release()
+            raise
+        started = [self._start_batch(batch, results) for batch in batches.values()]
+        return [answer for answer in started if answer is not None], [i for i, _ in busy]
+
+    def _plan_into(
+        self,
+        batches: dict[str, _Batch],
+        i: int,
+        session: Session,
+        item: tuple[SessionHandle, np.ndarray, int | None],
+        results: list,
+    ) -> None:
+        """Plan item i's push on its session, whose lock the caller has just taken: into its
+        model's batch, or answered now (a replay, or an error), releasing the lock."""
+        _, x, offset = item
+        try:
+            entry = self._registry.get(session.model)
+            self._check_rows(x, entry)
+            self._check_open(session)  # it may have been retired while the lock was awaited
+            planned = self._plan(session, x, offset)
+            if isinstance(planned, _Pending) and self.hooks is not None:
+                self.hooks.check_push(session)  # the store may refuse it (durability)
+        except BaseException as e:
+            session.lock.release()
+            if not isinstance(e, ServiceError):
+                raise
+            results[i] = e
+            return
+        if isinstance(planned, PushResult):  # a replay: nothing to compute
+            session.lock.release()
+            results[i] = planned
+            return
+        batch = batches.get(session.model)
+        if batch is None:
+            batch = batches[session.model] = _Batch(entry)
+        batch.add(i, session, planned, x)
+
+    def _take_free(self, session: Session | None) -> bool:
+        """Take the lock of a session held here, open, unmoved, unexpired and free, without
+        suspending; False (taking nothing) for any other."""
+        return not (
+            session is None
+            or session.closed
+            or session.moved
+            or session.lock.locked()
+            or self._clock() >= session.expires_at
+            or not _acquire_free(session.lock)
+        )
+
+    def _start_batch(self, batch: _Batch, results: list) -> asyncio.Future[None] | None:
+        """Hand a batch of planned pushes (their sessions' locks held) to their model's worker;
+        one callback records every outcome into `results` and releases the locks, whether or
+        not anyone still waits. -> a future set once they are recorded (None: refused whole)."""
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(outputs: list, errors: dict[int, BaseException]) -> None:
+            try:
+                for k, (i, session, planned) in enumerate(batch.pushes):
+                    error = errors.get(k) if errors else None
+                    if error is None:
+                        try:
+                            results[i] = self._commit(session, planned, outputs[k])
+                        except Exception as e:  # never leave the caller waiting
+                            logger.exception("recording a push failed")
+                            results[i] = InternalError("internal server error")
+                            results[i].__cause__ = e
+                    else:
+                        results[i] = error
+                if not answer.done():  # the caller first, before the next operation
+                    answer.set_result(None)
+            finally:
+                batch.release()
 
         try:
-            for i in todo:
-                try:
-                    session = await self._held(items[i][0])
-                    entry = self._registry.get(session.model)
-                    self._check_rows(items[i][1], entry)
-                except ServiceError as e:
-                    results[i] = e
-                    continue
-                if session.lock.locked():
-                    busy.append((i, session, entry))  # never wait while holding: later
-                else:
-                    await take(i, session, entry)  # free: taken at once
-            if busy and not started:  # every one busy: wait for the first, holding nothing
-                first, *waiting = busy
-                busy = []
-                await take(*first)
-                for waiter in waiting:  # and take those that came free meanwhile
-                    if waiter[1].lock.locked():
-                        busy.append(waiter)
-                    else:
-                        await take(*waiter)
-        except BaseException:  # cancelled: the pushes started are recorded; nobody awaits them
-            for _, answer in started:
-                answer.cancel()
-            raise
-        return started, [i for i, _, _ in busy]
+            batch.entry.submit_many(batch.slots, batch.rows, done)
+        except BaseException as e:
+            batch.release()
+            if not isinstance(e, ServiceError):
+                raise
+            for i, _, _ in batch.pushes:
+                results[i] = e
+            return None
+        return answer
 
     def _start_push(
         self,
@@ -440,9 +511,13 @@ class SessionManager:
     def _check_open(self, session: Session) -> None:
         """After the lock was taken: the session may have been retired while it waited."""
         if session.closed:
-            if (session.owner, session.id) in self._expired:
-                raise SessionExpired(f"session {session.id!r} expired after its TTL")
-            raise SessionNotFound(f"no session {session.id!r}")
+            raise self._open_error(session)
+
+    def _open_error(self, session: Session) -> ServiceError:
+        """What a push to a retired session is answered."""
+        if (session.owner, session.id) in self._expired:
+            return SessionExpired(f"session {session.id!r} expired after its TTL")
+        return SessionNotFound(f"no session {session.id!r}")
 
     async def snapshot(self, owner: str, session_id: str) -> tuple[Session, np.ndarray]:
         """The session and its last min(position, R - 1) input rows, oldest first."""
@@ -556,11 +631,19 @@ class SessionManager:
 
     async def _held(self, handle: SessionHandle) -> Session:
         """The handle's session while it is still open, unmoved and unexpired; else the id's."""
+        session = self._live(handle)
+        if session is None:  # an expired one is retired there: 410
+            return await self._find(handle.owner, handle.session_id)
+        return session
+
+    def _live(self, handle: SessionHandle) -> Session | None:
+        """The handle's session if it is open, unmoved and unexpired (or busy: its holder
+        may push it on), else None."""
         session = handle.session
         if session is None or session.closed or session.moved:
-            return await self._find(handle.owner, handle.session_id)
+            return None
         if self._clock() >= session.expires_at and not session.lock.locked():
-            return await self._find(handle.owner, handle.session_id)  # retires it: 410
+            return None
         return session
 
     async def _find(self, owner: str, session_id: str) -> Session:
@@ -708,6 +791,27 @@ class SessionManager:
         self._tasks.add(task)
         task.add_done_callback(_forget(self._tasks))
         return await asyncio.shield(task)
+
+
+class _Batch:
+    """The pushes of one `push_many` for one model: planned, their sessions' locks held."""
+
+    __slots__ = ("entry", "pushes", "rows", "slots")
+
+    def __init__(self, entry: ModelEntry):
+        self.entry = entry
+        self.pushes: list[tuple[int, Session, _Pending]] = []  # (item index, session, plan)
+        self.slots: list[int] = []
+        self.rows: list[np.ndarray] = []
+
+    def add(self, i: int, session: Session, planned: _Pending, x: np.ndarray) -> None:
+        self.pushes.append((i, session, planned))
+        self.slots.append(session.slot)
+        self.rows.append(x)
+
+    def release(self) -> None:
+        for _, session, _ in self.pushes:
+            session.lock.release()
 
 
 class _Pending(NamedTuple):

@@ -64,7 +64,7 @@ async def multiplexed_stream(websocket: WebSocket) -> None:
                     text, inputs.ManyStepsBody, "message", limits=runtime.limits
                 ),
             )
-            items = many_steps.json_items(body.steps, runtime.limits.max_timesteps)
+            items = many_steps.json_items(body.steps)
             outcomes = await many_steps.push_items(runtime, owner, items, len(text))
             results = {"results": [json_result(o) for o in outcomes]}
             await websocket.send_text(_encode(results).decode())
@@ -80,14 +80,7 @@ def _binary_items(data: bytes, limit: int) -> list[many_steps.Item]:
         pushes = decode_pushes(data, max_items=limit)
     except FrameError as e:
         raise InvalidInput(f"binary frame: {e}") from None
-    return [
-        many_steps.Item(
-            push.session_id,
-            lambda spec, rows=push.rows: inputs.check_array(rows, spec, "inputs"),
-            lambda offset=push.offset: inputs.check_offset(offset),
-        )
-        for push in pushes
-    ]
+    return [many_steps.Item(push.session_id, push.rows, push.offset) for push in pushes]
 
 
 def _frame(outcome: many_steps.Outcome) -> FrameAnswer:

@@ -232,3 +232,120 @@ async def test_a_busy_session_does_not_hold_back_the_free_ones(make_settings):
         await blocker
         results = await asyncio.wait_for(task, timeout=20)
         assert [r.position for r in results] == [1, 1, 1]
+
+
+@pytest.mark.asyncio
+async def test_items_of_two_models_advance_in_one_call_per_model_and_equal_predict(
+    make_settings, tmp_path
+):
+    # The free sessions of a request go to each model's worker as one batch: one model call
+    # per model, each session's outputs its model's own.
+    import numpy as np
+
+    from tests.service.conftest import TINY, async_serving, write_model
+
+    other = write_model(tmp_path, TINY, seed=7)
+    settings = make_settings()
+    app = create_app(make_settings(models={**settings.models, "other": str(other)}))
+    async with async_serving(app) as c:
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        opened = [
+            (await sessions.create("anonymous", model))[0]
+            for model in ("tiny", "other", "tiny", "other", "tiny")
+        ]
+        rows = [random_rows(3, seed=i) for i in range(len(opened))]
+        items = [
+            (sessions.handle(s), np.asarray(r, dtype=np.float32), None)
+            for s, r in zip(opened, rows, strict=True)
+        ]
+        before = runtime.metrics.render().decode()
+        results = await sessions.push_many(items)
+        after = runtime.metrics.render().decode()
+        for model, streams in (("tiny", 3), ("other", 2)):
+            calls = [
+                _series(page, f"tcnserve_step_batch_size_{part}", model)
+                for page in (before, after)
+                for part in ("count", "sum")
+            ]
+            assert (calls[2] - calls[0], calls[3] - calls[1]) == (1, streams), model
+        for session, r, result in zip(opened, rows, results, strict=True):
+            answer = await c.post(f"/v1/models/{session.model}/predict", json={"inputs": [r]})
+            assert result.position == 3
+            assert_rows_close(result.outputs.tolist(), answer.json()["outputs"][0])
+        assert all(not s.lock.locked() for s in opened)
+
+
+def _series(page: str, name: str, model: str) -> float:
+    import re
+
+    match = re.search(rf'^{name}{{model="{model}"}} (\S+)$', page, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_push_the_pool_refuses_fails_alone_in_its_batch(make_settings, monkeypatch):
+    # One stream of a batch is refused by the pool (which then changed nothing): the worker
+    # runs the others again without it; only that item fails, and its session stays as it was.
+    import numpy as np
+
+    from tests.service.conftest import async_serving
+
+    app = create_app(make_settings())
+    async with async_serving(app):
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(4)]
+        pool = runtime.registry.get("tiny").worker.pool
+        refused = opened[2].slot
+        step = pool.step
+
+        def refusing(slots, x):
+            if refused in np.asarray(slots).tolist():
+                raise ValueError("step: refused for the test")
+            return step(slots, x)
+
+        monkeypatch.setattr(pool, "step", refusing)
+        x = np.zeros((1, 2), dtype=np.float32)
+        results = await sessions.push_many([(sessions.handle(s), x, None) for s in opened])
+        assert [getattr(r, "position", None) for r in results] == [1, 1, None, 1]
+        assert results[2].code == "invalid_input" and "refused for the test" in str(results[2])
+        assert [s.position for s in opened] == [1, 1, 0, 1]
+        assert all(not s.lock.locked() for s in opened)
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_worker_answers_each_item_draining_and_holds_no_session(make_settings):
+    import numpy as np
+
+    from tests.service.conftest import async_serving
+
+    app = create_app(make_settings())
+    async with async_serving(app):
+        runtime = runtime_of(app)
+        sessions = runtime.sessions
+        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(3)]
+        await runtime.registry.get("tiny").worker.stop()
+        x = np.zeros((1, 2), dtype=np.float32)
+        results = await sessions.push_many([(sessions.handle(s), x, None) for s in opened])
+        assert [r.code for r in results] == ["draining"] * 3
+        assert [s.position for s in opened] == [0, 0, 0]
+        assert all(not s.lock.locked() for s in opened)
+
+
+def test_an_items_errors_are_those_of_a_single_push(client):
+    # Each item is judged as POST /v1/sessions/{id}/steps judges its body: the same error, on
+    # the same field, for the same rows and offset, the offset first.
+    sids = [open_session(client)["session_id"] for _ in range(3)]
+    bodies = [
+        {"inputs": [[0.5, 0.5, 0.5]], "offset": -1},  # both wrong: the offset is named
+        {"inputs": [[0.5, 0.5, 0.5]]},
+        {"inputs": [[0.5, 0.5]], "offset": "one"},
+    ]
+    results = many(client, [{"session_id": s, **b} for s, b in zip(sids, bodies, strict=True)])
+    for sid, body, result in zip(sids, bodies, results, strict=True):
+        single = client.post(f"/v1/sessions/{sid}/steps", json=body).json()
+        got, want = result["error"], single["error"]
+        assert got["code"] == want["code"], (body, got, want)
+        assert got["message"].split(":")[0] == want["message"].split(":")[0], (body, got, want)
+    assert "offset" in results[0]["error"]["message"]

@@ -37,7 +37,7 @@ async def push_many(request: Request, caller: CallerDep) -> Response:
         len(data),
         lambda: inputs.decode_body(data, inputs.ManyStepsBody, limits=caller.runtime.limits),
     )
-    items = many_steps.json_items(body.steps, caller.runtime.limits.max_timesteps)
+    items = many_steps.json_items(body.steps)
     outcomes = await push_items(caller.runtime, caller.owner, items, len(data))
     return json_response({"results": [json_result(o) for o in outcomes]})
 
