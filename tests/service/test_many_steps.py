@@ -6,6 +6,8 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.app import create_app
 from tests.service.conftest import (
@@ -349,3 +351,61 @@ def test_an_items_errors_are_those_of_a_single_push(client):
         assert got["code"] == want["code"], (body, got, want)
         assert got["message"].split(":")[0] == want["message"].split(":")[0], (body, got, want)
     assert "offset" in results[0]["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def steps_client(tmp_path_factory):
+    from service.settings import Settings
+    from tests.service.conftest import TINY, write_model
+
+    directory = write_model(tmp_path_factory.mktemp("steps"), TINY, seed=3)
+    app = create_app(Settings(models={"tiny": directory}, max_sessions=8, sweep_interval_s=3600))
+    with serving(app) as c:
+        yield c
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_grouping_of_chunks_into_requests_equals_predict(steps_client, data):
+    # Sessions advance by random chunks, grouped into /v1/steps requests at random (any subset
+    # of the sessions, in any item order), some items repeating their session's last push
+    # (answered from the replay record, not applied again): each session's outputs are the
+    # full forward's.
+    client = steps_client
+    lengths = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=5), label="lengths")
+    sequences = [random_rows(n, seed=n * 11 + i) for i, n in enumerate(lengths)]
+    sids = [open_session(client)["session_id"] for _ in lengths]
+    positions = [0] * len(lengths)
+    last: list[dict | None] = [None] * len(lengths)
+    outputs: list[list] = [[] for _ in lengths]
+    try:
+        while any(p < len(s) for p, s in zip(positions, sequences, strict=True)):
+            left = [i for i, s in enumerate(sequences) if positions[i] < len(s)]
+            chosen = data.draw(st.lists(st.sampled_from(left), min_size=1, unique=True))
+            steps, applied = [], []
+            for i in chosen:
+                if last[i] is not None and data.draw(st.booleans(), label="replay"):
+                    steps.append(last[i])
+                    applied.append((i, None))
+                    continue
+                size = data.draw(st.integers(1, 12), label="chunk")
+                chunk = sequences[i][positions[i] : positions[i] + size]
+                step = {"session_id": sids[i], "inputs": chunk, "offset": positions[i]}
+                steps.append(step)
+                applied.append((i, len(chunk)))
+            results = many(client, steps)
+            for step, (i, n), result in zip(steps, applied, results, strict=True):
+                assert "outputs" in result, result
+                if n is None:  # the replay: the stored answer, the position unchanged
+                    assert result["position"] == positions[i]
+                    assert result["outputs"] == outputs[i][-len(result["outputs"]) :]
+                    continue
+                outputs[i] += result["outputs"]
+                positions[i] += n
+                last[i] = step
+                assert result["position"] == positions[i]
+        for got, want in zip(outputs, predict(client, sequences), strict=True):
+            assert_rows_close(got, want)
+    finally:
+        for sid in sids:
+            client.delete(f"/v1/sessions/{sid}")
