@@ -3,7 +3,7 @@
 Every model call (StreamPool and TCN.forward alike) runs on the model's worker thread, so the
 pool, which is not thread-safe, has exactly one user and the event loop never runs model code.
 Other modules reach the pool only through the worker's typed operations (`open`, `close`,
-`reset`, `history`, `submit`), never directly.
+`reset`, `history`, `submit`, `submit_many`), never directly.
 
 Pushes of distinct streams are advanced together by one call, a batch's first push waiting at
 most `max_batch_delay_s` from its submission for others to join (a push that queued behind a
