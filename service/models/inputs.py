@@ -307,8 +307,7 @@ def rows_many(
         )
     except msgspec.MsgspecError:  # some item is bad: each alone, for its own message
         decoded = None
-    lengths = {len(d) for d in decoded} if decoded is not None else set()
-    if decoded is not None and len(lengths) == 1 and 0 not in lengths:
+    if decoded and decoded[0] and len({len(d) for d in decoded}) == 1:  # as many rows each
         x = np.array(decoded, dtype=np.float64)  # (items, T, C)
         if -spec.max_abs <= float(x.min()) and float(x.max()) <= spec.max_abs:
             for k, part in zip(good, x.astype(spec.dtype, copy=False), strict=True):

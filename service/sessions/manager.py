@@ -301,7 +301,7 @@ class SessionManager:
         has moved once already."""
         sessions: dict[int, Session] = {}
         for i in todo:  # first the lookups (a session store's), holding nothing
-            session = self._live(items[i][0])
+            session = self._live(items[i][0].session)
             if session is None:
                 try:
                     session = await self._held(items[i][0])
@@ -313,7 +313,7 @@ class SessionManager:
         busy: list[tuple[int, Session]] = []
         try:
             for i, session in sessions.items():
-                if not session.lock.locked() and _acquire_free(session.lock):
+                if _acquire_free(session.lock):
                     self._plan_into(batches, i, session, items[i], results)
                 else:
                     busy.append((i, session))  # never wait while holding: later
@@ -331,7 +331,7 @@ class SessionManager:
                 else:
                     self._plan_into(batches, i, session, items[i], results)
                 for j, other in waiting:  # and take those that came free meanwhile
-                    if not other.lock.locked() and _acquire_free(other.lock):
+                    if _acquire_free(other.lock):
                         self._plan_into(batches, j, other, items[j], results)
                     else:
                         busy.append((j, other))
@@ -378,14 +378,8 @@ class SessionManager:
     def _take_free(self, session: Session | None) -> bool:
         """Take the lock of a session held here, open, unmoved, unexpired and free, without
         suspending; False (taking nothing) for any other."""
-        return not (
-            session is None
-            or session.closed
-            or session.moved
-            or session.lock.locked()
-            or self._clock() >= session.expires_at
-            or not _acquire_free(session.lock)
-        )
+        live = self._live(session)  # a free one is live only unexpired
+        return live is not None and _acquire_free(live.lock)
 
     def _start_batch(self, batch: _Batch, results: list) -> asyncio.Future[None] | None:
         """Hand a batch of planned pushes (their sessions' locks held) to their model's worker;
@@ -631,15 +625,14 @@ class SessionManager:
 
     async def _held(self, handle: SessionHandle) -> Session:
         """The handle's session while it is still open, unmoved and unexpired; else the id's."""
-        session = self._live(handle)
+        session = self._live(handle.session)
         if session is None:  # an expired one is retired there: 410
             return await self._find(handle.owner, handle.session_id)
         return session
 
-    def _live(self, handle: SessionHandle) -> Session | None:
-        """The handle's session if it is open, unmoved and unexpired (or busy: its holder
-        may push it on), else None."""
-        session = handle.session
+    def _live(self, session: Session | None) -> Session | None:
+        """A handle's session if it is open, unmoved and unexpired (or busy: its holder may
+        push it on), else None."""
         if session is None or session.closed or session.moved:
             return None
         if self._clock() >= session.expires_at and not session.lock.locked():
@@ -825,6 +818,8 @@ class _Pending(NamedTuple):
 def _acquire_free(lock: asyncio.Lock) -> bool:
     """Take `lock` if that needs no wait (it is free and nobody queues for it): its acquire
     then completes without suspending. Otherwise take nothing and return False."""
+    if lock.locked():  # held: no need to join and leave its queue to know
+        return False
     acquiring = lock.acquire()
     try:
         acquiring.send(None)

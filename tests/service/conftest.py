@@ -105,6 +105,15 @@ def client(make_settings, clock: FakeClock) -> Iterator[TestClient]:
         yield c
 
 
+@pytest.fixture(scope="module")
+def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One served tiny model for a module's property tests (each test deletes its sessions)."""
+    directory = write_model(tmp_path_factory.mktemp("shared"), TINY, seed=1)
+    app = create_app(Settings(models={"tiny": directory}, max_sessions=8, sweep_interval_s=3600))
+    with serving(app) as c:
+        yield c
+
+
 @contextlib.asynccontextmanager
 async def async_serving(app: FastAPI, **client_kwargs) -> AsyncIterator[httpx.AsyncClient]:
     """An AsyncClient over ASGITransport, inside the app's lifespan, models loaded."""

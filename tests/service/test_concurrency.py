@@ -25,7 +25,6 @@ from tests.service.conftest import (
     held,
     random_rows,
     runtime_of,
-    serving,
     step_batches,
     until_queued,
 )
@@ -224,17 +223,6 @@ async def test_push_many_cancelled_mid_flight_records_every_push(make_settings):
             assert replay.position == 3
             assert_rows_close(replay.outputs.tolist(), want[0])
         assert all(not s.lock.locked() for s in h.opened)
-
-
-@pytest.fixture(scope="module")
-def shared_client(tmp_path_factory):
-    from service.settings import Settings
-    from tests.service.conftest import TINY, write_model
-
-    directory = write_model(tmp_path_factory.mktemp("prop"), TINY, seed=1)
-    app = create_app(Settings(models={"tiny": directory}, max_sessions=8, sweep_interval_s=3600))
-    with serving(app) as c:
-        yield c
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -285,19 +286,34 @@ def _series(page: str, name: str, model: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+@contextlib.asynccontextmanager
+async def _opened(make_settings, count: int):
+    """A served tiny model and `count` sessions opened on it: (runtime, the sessions)."""
+    from tests.service.conftest import async_serving
+
+    app = create_app(make_settings())
+    async with async_serving(app):
+        runtime = runtime_of(app)
+        create = runtime.sessions.create
+        yield runtime, [(await create("anonymous", "tiny"))[0] for _ in range(count)]
+
+
+async def _push_zeros(sessions, opened: list) -> list:
+    """One zero row pushed to each session, in one push_many."""
+    import numpy as np
+
+    x = np.zeros((1, 2), dtype=np.float32)
+    return await sessions.push_many([(sessions.handle(s), x, None) for s in opened])
+
+
 @pytest.mark.asyncio
 async def test_a_push_the_pool_refuses_fails_alone_in_its_batch(make_settings, monkeypatch):
     # One stream of a batch is refused by the pool (which then changed nothing): the worker
     # runs the others again without it; only that item fails, and its session stays as it was.
     import numpy as np
 
-    from tests.service.conftest import async_serving
-
-    app = create_app(make_settings())
-    async with async_serving(app):
-        runtime = runtime_of(app)
+    async with _opened(make_settings, 4) as (runtime, opened):
         sessions = runtime.sessions
-        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(4)]
         pool = runtime.registry.get("tiny").worker.pool
         refused = opened[2].slot
         step = pool.step
@@ -308,8 +324,7 @@ async def test_a_push_the_pool_refuses_fails_alone_in_its_batch(make_settings, m
             return step(slots, x)
 
         monkeypatch.setattr(pool, "step", refusing)
-        x = np.zeros((1, 2), dtype=np.float32)
-        results = await sessions.push_many([(sessions.handle(s), x, None) for s in opened])
+        results = await _push_zeros(sessions, opened)
         assert [getattr(r, "position", None) for r in results] == [1, 1, None, 1]
         assert results[2].code == "invalid_input" and "refused for the test" in str(results[2])
         assert [s.position for s in opened] == [1, 1, 0, 1]
@@ -318,18 +333,9 @@ async def test_a_push_the_pool_refuses_fails_alone_in_its_batch(make_settings, m
 
 @pytest.mark.asyncio
 async def test_a_stopped_worker_answers_each_item_draining_and_holds_no_session(make_settings):
-    import numpy as np
-
-    from tests.service.conftest import async_serving
-
-    app = create_app(make_settings())
-    async with async_serving(app):
-        runtime = runtime_of(app)
-        sessions = runtime.sessions
-        opened = [(await sessions.create("anonymous", "tiny"))[0] for _ in range(3)]
+    async with _opened(make_settings, 3) as (runtime, opened):
         await runtime.registry.get("tiny").worker.stop()
-        x = np.zeros((1, 2), dtype=np.float32)
-        results = await sessions.push_many([(sessions.handle(s), x, None) for s in opened])
+        results = await _push_zeros(runtime.sessions, opened)
         assert [r.code for r in results] == ["draining"] * 3
         assert [s.position for s in opened] == [0, 0, 0]
         assert all(not s.lock.locked() for s in opened)
@@ -353,25 +359,14 @@ def test_an_items_errors_are_those_of_a_single_push(client):
     assert "offset" in results[0]["error"]["message"]
 
 
-@pytest.fixture(scope="module")
-def steps_client(tmp_path_factory):
-    from service.settings import Settings
-    from tests.service.conftest import TINY, write_model
-
-    directory = write_model(tmp_path_factory.mktemp("steps"), TINY, seed=3)
-    app = create_app(Settings(models={"tiny": directory}, max_sessions=8, sweep_interval_s=3600))
-    with serving(app) as c:
-        yield c
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_any_grouping_of_chunks_into_requests_equals_predict(steps_client, data):
+def test_any_grouping_of_chunks_into_requests_equals_predict(shared_client, data):
     # Sessions advance by random chunks, grouped into /v1/steps requests at random (any subset
     # of the sessions, in any item order), some items repeating their session's last push
     # (answered from the replay record, not applied again): each session's outputs are the
     # full forward's.
-    client = steps_client
+    client = shared_client
     lengths = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=5), label="lengths")
     sequences = [random_rows(n, seed=n * 11 + i) for i, n in enumerate(lengths)]
     sids = [open_session(client)["session_id"] for _ in lengths]
